@@ -1,0 +1,41 @@
+# Two commands do all set-up: `make serve` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: serve test lint typecheck pytest bench bench-quick worker clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	# torch + torchvision are pinned in pyproject (2.14.1 / 0.29.1: the builds that lie on this disk)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/actprompt serve
+
+worker: $(STAMP)
+	$(VENV)/bin/actprompt worker
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check service workers tests bench migrations
+	$(VENV)/bin/ruff format --check service workers tests bench migrations
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+pytest: $(STAMP)
+	$(PY) -m pytest -q
+
+test: lint typecheck pytest
+
+bench: $(STAMP)
+	$(PY) -m bench.run_all
+
+bench-quick: $(STAMP)
+	$(PY) -m bench.run_all --quick
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+"""actprompt: activation-prompt adaptation and multi-tenant serving for frozen vision backbones."""
+
+__version__ = "0.1.0"
