@@ -1,0 +1,364 @@
+"""Frozen backbones: a spec (timm name + weights source + preprocessing) and the shared, staged model.
+
+A `Backbone` is built once per process and device and never changes: eval mode, no gradients, no
+parameter ever written. Prompts act on it only from the outside, through `run(..., layer_fn,
+norm_fn)`, which is what lets one backbone serve every tenant at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import timm
+import torch
+from torch import nn
+
+import service.engine.models  # noqa: F401  (registers the CIFAR models in timm's registry)
+from service.engine.errors import BackboneError, EngineError
+from service.engine.layers import (
+    Decomposition,
+    LayerInfo,
+    NormLayerInfo,
+    build_catalog,
+    decompose,
+    recommended_layer,
+)
+
+LayerFn = Callable[[int, torch.Tensor], torch.Tensor]
+NormFn = Callable[[str, torch.Tensor], torch.Tensor]
+
+#: Prefixes that wrappers (DataParallel, EMA, Lightning) put in front of checkpoint keys.
+_KEY_PREFIXES = ("module.", "model.", "_orig_mod.")
+_STATE_DICT_KEYS = ("state_dict", "model", "state_dict_ema", "model_state_dict")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a backbone is: enough to rebuild it bit for bit on any worker."""
+
+    model: str
+    weights: str = "random"
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    input_size: tuple[int, int] | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.weights in ("hub", "random") or self.weights.startswith("file://")):
+            raise BackboneError(
+                f"weights must be 'hub', 'random' or a file:// URI, got {self.weights!r}", param="weights"
+            )
+
+    def resolved(self) -> BackboneSpec:
+        """Fill input size and mean/std from timm's pretrained config (no weights are loaded)."""
+        base_name = self.model.split(".", 1)[0]
+        if not timm.is_model(base_name):
+            raise BackboneError(f"unknown timm model {self.model!r}", param="model")
+        cfg = timm.models.get_pretrained_cfg(self.model)
+        size = self.input_size
+        if size is None:
+            img_size = self.model_kwargs.get("img_size")
+            if img_size is not None:
+                size = (
+                    (img_size, img_size)
+                    if isinstance(img_size, int)
+                    else (int(img_size[0]), int(img_size[1]))
+                )
+            elif cfg is not None:
+                size = (int(cfg.input_size[1]), int(cfg.input_size[2]))
+            else:
+                size = (224, 224)
+        mean = self.mean or (tuple(cfg.mean) if cfg is not None else (0.485, 0.456, 0.406))
+        std = self.std or (tuple(cfg.std) if cfg is not None else (0.229, 0.224, 0.225))
+        return replace(
+            self,
+            input_size=(int(size[0]), int(size[1])),
+            mean=(float(mean[0]), float(mean[1]), float(mean[2])),
+            std=(float(std[0]), float(std[1]), float(std[2])),
+            model_kwargs=dict(self.model_kwargs),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "weights": self.weights,
+            "model_kwargs": dict(self.model_kwargs),
+            "input_size": list(self.input_size) if self.input_size else None,
+            "mean": list(self.mean) if self.mean else None,
+            "std": list(self.std) if self.std else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BackboneSpec:
+        def triple(v: Any) -> tuple[float, float, float] | None:
+            return None if v is None else (float(v[0]), float(v[1]), float(v[2]))
+
+        size = data.get("input_size")
+        return cls(
+            model=str(data["model"]),
+            weights=str(data.get("weights", "random")),
+            model_kwargs=dict(data.get("model_kwargs") or {}),
+            input_size=None if size is None else (int(size[0]), int(size[1])),
+            mean=triple(data.get("mean")),
+            std=triple(data.get("std")),
+        )
+
+    def spec_hash(self) -> str:
+        """Identity of the backbone an artifact was trained on (canonical JSON of the resolved spec)."""
+        canonical = json.dumps(self.resolved().to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def weights_path(uri: str) -> Path:
+    """The local path of a `file://` weights URI."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "file":
+        raise BackboneError(f"not a file:// URI: {uri!r}", param="weights")
+    return Path(unquote(parsed.path))
+
+
+def load_checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors or torch checkpoint and clean its keys (wrapper dicts, `module.` prefixes)."""
+    if not path.is_file():
+        raise BackboneError(f"weights file not found: {path}", param="weights")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            raw: Any = load_file(str(path))
+        else:
+            raw = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # any reader failure is a bad weights file, not a server error
+        raise BackboneError(f"cannot read weights file {path.name}: {exc}", param="weights") from exc
+    for key in _STATE_DICT_KEYS:
+        if isinstance(raw, Mapping) and key in raw and isinstance(raw[key], Mapping):
+            raw = raw[key]
+            break
+    if not isinstance(raw, Mapping):
+        raise BackboneError(f"weights file {path.name} holds no state dict", param="weights")
+    state: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        for prefix in _KEY_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        state[key] = value
+    return state
+
+
+def _load_file_weights(model: nn.Module, path: Path) -> None:
+    state = load_checkpoint_state(path)
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier", "")
+    own = model.state_dict()
+    # The classifier is replaced by our heads, so a checkpoint trained for other classes still fits.
+    state = {
+        k: v
+        for k, v in state.items()
+        if not (classifier and k.startswith(f"{classifier}.") and k in own and own[k].shape != v.shape)
+    }
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise BackboneError(f"weights in {path.name} do not fit the model: {exc}", param="weights") from exc
+    missing = [k for k in result.missing_keys if not (classifier and k.startswith(f"{classifier}."))]
+    if missing or result.unexpected_keys:
+        raise BackboneError(
+            f"weights in {path.name} do not match the model: missing {missing[:5]}, unexpected "
+            f"{list(result.unexpected_keys)[:5]}",
+            param="weights",
+        )
+
+
+def _norm_kind(module: nn.Module) -> tuple[str, int, int] | None:
+    """(kind, num_features, channel_dim) for the norm modules norm-tune adjusts, else None."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return "bn", int(module.num_features), 1
+    if isinstance(module, nn.GroupNorm):
+        return "gn", int(module.num_channels), 1
+    if isinstance(module, nn.LayerNorm) and module.normalized_shape:
+        channel_dim = 1 if type(module).__name__ == "LayerNorm2d" else -1
+        return "ln", int(module.normalized_shape[-1]), channel_dim
+    return None
+
+
+class Backbone:
+    """A frozen timm model cut into prompt-layer segments (see `layers.py`)."""
+
+    def __init__(self, spec: BackboneSpec, model: nn.Module, device: torch.device) -> None:
+        self.spec = spec
+        self.model = model
+        self.device = device
+        self._decomposition: Decomposition = decompose(model)
+        self.family = self._decomposition.family
+        self._local = threading.local()
+        self.norm_layers: list[NormLayerInfo] = []
+        self._install_norm_hooks()
+        self.layers: list[LayerInfo] = []
+        self._measure()
+        self.recommended_layer = recommended_layer(self.layers)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        assert self.spec.input_size is not None
+        return self.spec.input_size
+
+    @property
+    def num_layers(self) -> int:
+        """L: the last block-output layer (layers are 0..L)."""
+        return len(self.layers) - 1
+
+    @property
+    def pooled_index(self) -> int:
+        return len(self.layers)
+
+    def _install_norm_hooks(self) -> None:
+        pending: list[tuple[str, str, int, int]] = []
+        for name, module in self.model.named_modules():
+            kind = _norm_kind(module)
+            if kind is None:
+                continue
+            pending.append((name, *kind))
+            # timm's fused norm+act modules apply the activation inside forward: rewrite the norm's
+            # output at the input of their `drop` submodule, i.e. before the activation.
+            drop = getattr(module, "drop", None)
+            if isinstance(drop, nn.Module) and hasattr(module, "act"):
+                drop.register_forward_pre_hook(self._make_pre_hook(name))
+            else:
+                module.register_forward_hook(self._make_hook(name))
+        self._pending_norms = pending
+
+    def _make_hook(self, name: str) -> Callable[..., torch.Tensor | None]:
+        def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
+            fn: NormFn | None = getattr(self._local, "norm_fn", None)
+            seen = getattr(self._local, "seen", None)
+            if seen is not None:
+                seen.append(name)
+            return fn(name, output) if fn is not None else None
+
+        return hook
+
+    def _make_pre_hook(self, name: str) -> Callable[..., tuple[torch.Tensor] | None]:
+        inner = self._make_hook(name)
+
+        def pre_hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor] | None:
+            out = inner(module, inputs, inputs[0])
+            return None if out is None else (out,)
+
+        return pre_hook
+
+    @torch.no_grad()
+    def _measure(self) -> None:
+        """Run one dummy image to learn every layer's shape and which layer each norm sits in."""
+        h, w = self.input_size
+        x = torch.zeros(1, 3, h, w, device=self.device)
+        shapes: list[tuple[int, ...]] = [tuple(x.shape[1:])]
+        norm_layer: dict[str, int] = {}
+        segments = (*self._decomposition.segments, self._decomposition.pool)
+        for index, segment in enumerate(segments, start=1):
+            self._local.seen = []
+            x = segment(x)
+            for name in self._local.seen:
+                norm_layer.setdefault(name, index)
+            if index <= len(self._decomposition.segments):
+                shapes.append(tuple(x.shape[1:]))
+        self._local.seen = None
+        self.num_features = int(x.shape[-1])
+        self.layers = build_catalog(self._decomposition, shapes)
+        # Only norms that actually run take part in norm-tune (timm heads may hold unused norms).
+        self.norm_layers = [
+            NormLayerInfo(name, kind, features, channel_dim, norm_layer[name])
+            for name, kind, features, channel_dim in self._pending_norms
+            if name in norm_layer
+        ]
+
+    def run(
+        self,
+        h: torch.Tensor,
+        start: int,
+        stop: int,
+        *,
+        layer_fn: LayerFn | None = None,
+        norm_fn: NormFn | None = None,
+    ) -> torch.Tensor:
+        """Activation at layer `start` -> activation at layer `stop` (L+1 = pooled features [B, D]).
+
+        `layer_fn(i, h_i)` rewrites every layer i in (start, stop]; `norm_fn(name, y)` rewrites the
+        output of every norm module on the way. One caller at a time per thread.
+        """
+        if not 0 <= start <= stop <= self.pooled_index:
+            raise ValueError(f"bad run range {start}..{stop} (layers 0..{self.pooled_index})")
+        segments = self._decomposition.segments
+        self._local.norm_fn = norm_fn
+        try:
+            for index in range(start + 1, stop + 1):
+                if index == self.pooled_index:
+                    h = self._decomposition.pool(h)
+                else:
+                    h = segments[index - 1](h)
+                    if layer_fn is not None:
+                        h = layer_fn(index, h)
+        finally:
+            self._local.norm_fn = None
+        return h
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features of normalised images [B, 3, H, W] -> [B, D]."""
+        return self.run(x, 0, self.pooled_index)
+
+    def layer(self, index: int) -> LayerInfo:
+        return self.layers[index]
+
+    def parameter_fingerprint(self) -> str:
+        """sha256 over every parameter and buffer: proof that training left the backbone untouched."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`auto` = CUDA when present, else CPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackboneError("device 'cuda' was requested but CUDA is not available", param="device")
+    return torch.device(device)
+
+
+def create_backbone(spec: BackboneSpec, device: str | torch.device = "cpu") -> Backbone:
+    """Build the frozen, staged backbone a spec describes.
+
+    Raises:
+        BackboneError: unknown model, unreachable hub weights, unreadable or mismatching checkpoint.
+    """
+    resolved = spec.resolved()
+    target = resolve_device(device)
+    kwargs = dict(resolved.model_kwargs)
+    try:
+        model = timm.create_model(resolved.model, pretrained=resolved.weights == "hub", **kwargs)
+    except EngineError:
+        raise
+    except Exception as exc:  # timm raises RuntimeError/TypeError/OSError for bad names, kwargs, downloads
+        raise BackboneError(f"cannot create {resolved.model!r} (weights={resolved.weights}): {exc}") from exc
+    if resolved.weights.startswith("file://"):
+        _load_file_weights(model, weights_path(resolved.weights))
+    model.eval()
+    model.requires_grad_(False)
+    model.to(target)
+    return Backbone(resolved, model, target)
+
+
+def list_layers(backbone: Backbone) -> list[LayerInfo]:
+    """The prompt-layer catalog of a backbone (index 0..L)."""
+    return list(backbone.layers)

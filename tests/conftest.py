@@ -1,0 +1,35 @@
+"""Fixtures every test package shares: where the real weights and data lie, and a quiet torch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+#: The read-only folder beside the checkout with real pretrained weights and datasets (never committed).
+SHARED_DIR = Path(os.environ.get("ACTPROMPT_SHARED_DIR", REPO_ROOT.parent / "shared")).resolve()
+WEIGHTS_DIR = SHARED_DIR / "weights"
+DATA_DIR = SHARED_DIR / "data"
+
+# Two cores on CI: one intra-op thread per test process keeps parallel subprocesses from thrashing.
+torch.set_num_threads(int(os.environ.get("ACTPROMPT_TEST_THREADS", "2")))
+
+
+@pytest.fixture(scope="session")
+def weights_dir() -> Path:
+    assert WEIGHTS_DIR.is_dir(), f"real weights expected at {WEIGHTS_DIR}"
+    return WEIGHTS_DIR
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    assert DATA_DIR.is_dir(), f"real datasets expected at {DATA_DIR}"
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def resnet20_uri(weights_dir: Path) -> str:
+    return (weights_dir / "resnet20-12fca82f.th").as_uri()
