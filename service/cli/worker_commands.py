@@ -1,0 +1,165 @@
+"""`actprompt worker`: a Celery worker for training jobs, started in this process.
+
+    actprompt worker [--device cpu|cuda|auto] [--queues Q1,Q2] [--concurrency N] [--beat]
+
+Production mode needs ACTPROMPT_BROKER_URL (redis://...) and ACTPROMPT_DATABASE_URL (postgresql+psycopg://...).
+By default the worker runs the solo pool: one training task at a time, in this process, so CUDA is initialised
+in exactly one process and nothing forks after it. `--concurrency N` > 1 switches to a thread pool (for CPU
+workers). `--beat` also runs the reaper's schedule in a thread and consumes the maintenance queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+logger = logging.getLogger("actprompt.worker")
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "worker",
+        help="run a Celery worker that trains queued jobs (production mode)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default=None,
+        help="where training runs (default: ACTPROMPT_DEVICE); also picks the default queue",
+    )
+    parser.add_argument(
+        "--queues",
+        "-Q",
+        default=None,
+        help="comma-separated queues to consume (default: the training queue of the device kind, "
+        "actprompt.gpu or actprompt.cpu, or ACTPROMPT_JOB_QUEUE)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        "-c",
+        type=int,
+        default=1,
+        help="training tasks at once; 1 = solo pool (one per GPU), N > 1 = thread pool (never forks)",
+    )
+    parser.add_argument(
+        "--beat",
+        action="store_true",
+        help="also run the reaper's periodic schedule (in a thread) and consume the maintenance queue; "
+        "run exactly one such worker per deployment",
+    )
+    parser.add_argument(
+        "--maintenance-queue",
+        default=None,
+        help="queue of the reaper's periodic task (default actprompt.maintenance)",
+    )
+    parser.add_argument(
+        "--hostname", "-n", default=None, help="Celery node name (default actprompt@HOST.PID)"
+    )
+    parser.add_argument("--loglevel", "-l", default=None, help="log level (default: ACTPROMPT_LOG_LEVEL)")
+    parser.add_argument(
+        "--health-file",
+        type=Path,
+        default=None,
+        help="touch this file every few seconds while the process lives (container liveness check)",
+    )
+    parser.set_defaults(func=run_worker)
+
+
+def _configure_logging(level: str, json_logs: bool) -> None:
+    """Use the service's structured logging when it exists; plain key=value lines otherwise."""
+    try:
+        from service import logs  # type: ignore[attr-defined]
+
+        logs.configure_logging(level=level, json=json_logs)
+        return
+    except (ImportError, AttributeError, TypeError):
+        pass
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s level=%(levelname)s logger=%(name)s pid=%(process)d msg=%(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _touch_forever(path: Path, every: float = 5.0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        path.touch()
+        time.sleep(every)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Configure the Celery app from the settings plus these options and run the worker until it stops."""
+    from service.settings import get_settings
+
+    settings = get_settings()
+    if args.device is not None:
+        settings = settings.model_copy(update={"device": args.device})
+    if not settings.broker_url:
+        print("actprompt worker needs ACTPROMPT_BROKER_URL (e.g. redis://localhost:6379/0)", file=sys.stderr)
+        return 2
+    _configure_logging(args.loglevel or settings.log_level, settings.log_json)
+
+    from workers import celery_app
+    from workers.celeryconfig import MAINTENANCE_QUEUE
+
+    maintenance_queue = args.maintenance_queue or MAINTENANCE_QUEUE
+    app = celery_app.configure(settings, maintenance_queue=maintenance_queue)
+    queues = [q.strip() for q in (args.queues or settings.train_queue()).split(",") if q.strip()]
+    if args.beat and maintenance_queue not in queues:
+        queues.append(maintenance_queue)
+    hostname = args.hostname or f"actprompt@{socket.gethostname()}.{os.getpid()}"
+
+    if args.health_file is not None:
+        threading.Thread(
+            target=_touch_forever, args=(args.health_file,), name="health-file", daemon=True
+        ).start()
+
+    beat = None
+    if args.beat:
+        from celery.beat import EmbeddedService
+
+        # A thread, not Celery's default child process: no fork in a process that may initialise CUDA, and
+        # the schedule dies with the worker instead of outliving a SIGKILL.
+        beat = EmbeddedService(app, thread=True)
+        beat.start()
+
+    concurrency = max(1, int(args.concurrency))
+    logger.info(
+        "worker starting",
+        extra={
+            "hostname": hostname,
+            "queues": queues,
+            "device": settings.device,
+            "pool": "solo" if concurrency == 1 else "threads",
+            "concurrency": concurrency,
+            "beat": bool(args.beat),
+        },
+    )
+    worker = app.Worker(
+        hostname=hostname,
+        queues=queues,
+        pool_cls="solo" if concurrency == 1 else "threads",
+        concurrency=concurrency,
+        loglevel=(args.loglevel or settings.log_level).upper(),
+        # The database, not the cluster, coordinates the workers: no gossip, mingle or event heartbeats.
+        without_gossip=True,
+        without_mingle=True,
+        without_heartbeat=True,
+        quiet=True,
+    )
+    try:
+        worker.start()
+    finally:
+        if beat is not None:
+            beat.stop()
+    exitcode = worker.exitcode
+    return int(exitcode) if isinstance(exitcode, int) else 0

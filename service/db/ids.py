@@ -1,0 +1,10 @@
+"""Prefixed, time-ordered ids: 12 hex digits of milliseconds then 12 random ones, so id order = creation order."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{int(time.time() * 1000):012x}{secrets.token_hex(6)}"

@@ -1,0 +1,20 @@
+"""Every query lives here. Tenant-facing repositories take a tenant id and filter by it in their base statement."""
+
+from service.db.repositories.backbones import BackboneRepository
+from service.db.repositories.base import Page, TenantScopedRepository
+from service.db.repositories.jobs import CheckpointRepository, JobEventRepository, JobLeaseRepository, JobRepository
+from service.db.repositories.prompts import PromptRepository
+from service.db.repositories.tenants import ApiKeyRepository, TenantRepository
+
+__all__ = [
+    "ApiKeyRepository",
+    "BackboneRepository",
+    "CheckpointRepository",
+    "JobEventRepository",
+    "JobLeaseRepository",
+    "JobRepository",
+    "Page",
+    "PromptRepository",
+    "TenantRepository",
+    "TenantScopedRepository",
+]

@@ -1,0 +1,34 @@
+"""The tenant-scoped base repository and a cursor page."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar
+
+from sqlalchemy import Select, select
+from sqlalchemy.orm import Session
+
+from service.db.base import Base
+
+M = TypeVar("M", bound=Base)
+T = TypeVar("T")
+
+
+@dataclass
+class Page(Generic[T]):
+    items: list[T]
+    has_more: bool
+    next_cursor: str | None
+
+
+class TenantScopedRepository(Generic[M]):
+    """Every statement starts from `base_statement()`, which already filters by the tenant."""
+
+    model: ClassVar[type[Any]]
+
+    def __init__(self, session: Session, tenant_id: str) -> None:
+        self.session = session
+        self.tenant_id = tenant_id
+
+    def base_statement(self) -> Select[tuple[M]]:
+        return select(self.model).where(self.model.tenant_id == self.tenant_id)

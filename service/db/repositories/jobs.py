@@ -1,0 +1,185 @@
+"""Jobs, their events and checkpoints: tenant-scoped reads for the API, lease operations for the runner."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from service.db.models import ACTIVE_JOB_STATES, Checkpoint, Job, JobEvent
+from service.db.repositories.base import TenantScopedRepository
+
+
+class JobRepository(TenantScopedRepository[Job]):
+    model = Job
+
+    def add(self, job: Job) -> Job:
+        assert job.tenant_id == self.tenant_id
+        self.session.add(job)
+        self.session.flush()
+        return job
+
+    def get(self, job_id: str, *, for_update: bool = False) -> Job | None:
+        stmt = self.base_statement().where(Job.id == job_id)
+        if for_update:
+            stmt = stmt.with_for_update()
+        return self.session.scalars(stmt).first()
+
+    def find_by_idempotency_key(self, key: str) -> Job | None:
+        return self.session.scalars(self.base_statement().where(Job.idempotency_key == key)).first()
+
+    def list(self, *, limit: int, after: str | None = None, status: str | None = None) -> list[Job]:
+        stmt = self.base_statement().order_by(Job.id.desc()).limit(limit)
+        if after:
+            stmt = stmt.where(Job.id < after)
+        if status:
+            stmt = stmt.where(Job.status == status)
+        return list(self.session.scalars(stmt))
+
+    def count_active(self) -> int:
+        stmt = select(func.count()).where(Job.tenant_id == self.tenant_id, Job.status.in_(ACTIVE_JOB_STATES))
+        return int(self.session.scalar(stmt) or 0)
+
+
+class JobEventRepository(TenantScopedRepository[JobEvent]):
+    model = JobEvent
+
+    def list(self, job_id: str, *, after: int | None, limit: int) -> list[JobEvent]:
+        stmt = self.base_statement().where(JobEvent.job_id == job_id).order_by(JobEvent.id).limit(limit)
+        if after is not None:
+            stmt = stmt.where(JobEvent.id > after)
+        return list(self.session.scalars(stmt))
+
+    @staticmethod
+    def add(
+        session: Session,
+        job: Job,
+        type: str,
+        message: str,
+        data: dict[str, Any] | None = None,
+        *,
+        level: str = "info",
+    ) -> JobEvent:
+        event = JobEvent(job_id=job.id, tenant_id=job.tenant_id, type=type, message=message, data=data, level=level)
+        session.add(event)
+        return event
+
+
+class CheckpointRepository(TenantScopedRepository[Checkpoint]):
+    model = Checkpoint
+
+    def list(self, job_id: str) -> list[Checkpoint]:
+        stmt = self.base_statement().where(Checkpoint.job_id == job_id).order_by(Checkpoint.epoch.desc())
+        return list(self.session.scalars(stmt))
+
+    # --- system scope (the job runner) ---------------------------------------------------------------
+    @staticmethod
+    def latest(session: Session, job_id: str) -> Checkpoint | None:
+        stmt = (
+            select(Checkpoint)
+            .where(Checkpoint.job_id == job_id)
+            .order_by(Checkpoint.epoch.desc(), Checkpoint.id.desc())
+            .limit(1)
+        )
+        return session.scalars(stmt).first()
+
+    @staticmethod
+    def prune(session: Session, job_id: str, keep: int) -> None:
+        """Delete all but the `keep` newest checkpoints of a job."""
+        keep_ids = select(Checkpoint.id).where(Checkpoint.job_id == job_id).order_by(Checkpoint.id.desc()).limit(keep)
+        stmt = delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.id.not_in(list(session.scalars(keep_ids))))
+        session.execute(stmt)
+
+
+class JobLeaseRepository:
+    """System scope: the conditional updates with which workers claim, renew and finish jobs."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def get(self, job_id: str) -> Job | None:
+        return self.session.get(Job, job_id, populate_existing=True)
+
+    def claim(self, job_id: str, worker_id: str, now: datetime, lease_until: datetime) -> bool:
+        """Take the job if it is queued, or running under an expired lease; one winner per lease."""
+        claimable = or_(
+            Job.status == "queued",
+            and_(Job.status == "running", or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now)),
+        )
+        stmt = (
+            update(Job)
+            .where(Job.id == job_id, Job.attempts < Job.max_attempts, claimable)
+            .values(
+                status="running",
+                lease_owner=worker_id,
+                worker_id=worker_id,
+                lease_expires_at=lease_until,
+                heartbeat_at=now,
+                attempts=Job.attempts + 1,
+                started_at=func.coalesce(Job.started_at, now),
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        return bool(self.session.execute(stmt).rowcount == 1)  # type: ignore[attr-defined]
+
+    def renew(self, job_id: str, worker_id: str, now: datetime, lease_until: datetime) -> bool:
+        """Extend our lease; False when someone else owns the job now."""
+        stmt = (
+            update(Job)
+            .where(Job.id == job_id, Job.lease_owner == worker_id)
+            .values(lease_expires_at=lease_until, heartbeat_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(self.session.execute(stmt).rowcount == 1)  # type: ignore[attr-defined]
+
+    def status_if_owner(self, job_id: str, worker_id: str) -> str | None:
+        stmt = select(Job.status).where(Job.id == job_id, Job.lease_owner == worker_id)
+        return self.session.scalar(stmt)
+
+    def update_owned(self, job_id: str, worker_id: str, **values: Any) -> bool:
+        """Write only while we hold the lease, so a worker that lost its job cannot overwrite the new owner."""
+        stmt = (
+            update(Job)
+            .where(Job.id == job_id, Job.lease_owner == worker_id)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(self.session.execute(stmt).rowcount == 1)  # type: ignore[attr-defined]
+
+    def update_if_status(self, job_id: str, statuses: tuple[str, ...], **values: Any) -> bool:
+        stmt = (
+            update(Job)
+            .where(Job.id == job_id, Job.status.in_(statuses))
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(self.session.execute(stmt).rowcount == 1)  # type: ignore[attr-defined]
+
+    def expired_leases(self, now: datetime, *, limit: int = 100) -> list[Job]:
+        stmt = (
+            select(Job)
+            .where(Job.status.in_(("running", "cancelling")), Job.lease_expires_at < now)
+            .order_by(Job.id)
+            .limit(limit)
+        )
+        return list(self.session.scalars(stmt))
+
+    def with_status(self, statuses: tuple[str, ...], *, limit: int = 1000) -> list[Job]:
+        stmt = select(Job).where(Job.status.in_(statuses)).order_by(Job.id).limit(limit)
+        return list(self.session.scalars(stmt))
+
+    def stale_queued(self, enqueued_before: datetime, *, limit: int = 100) -> list[Job]:
+        stmt = (
+            select(Job)
+            .where(Job.status == "queued", or_(Job.enqueued_at.is_(None), Job.enqueued_at < enqueued_before))
+            .order_by(Job.id)
+            .limit(limit)
+        )
+        return list(self.session.scalars(stmt))
+
+    def count_by_status(self) -> dict[str, int]:
+        stmt = select(Job.status, func.count()).group_by(Job.status)
+        return {status: int(n) for status, n in self.session.execute(stmt).all()}

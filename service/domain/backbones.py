@@ -1,0 +1,137 @@
+"""Backbone registration (admin), the layer catalog, and the per-process cache of loaded backbones."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from service.db.models import Backbone
+from service.db.repositories import BackboneRepository
+from service.domain.errors import Conflict, DomainError, NotFound, from_engine_error
+
+
+@dataclass(frozen=True)
+class BackboneRequest:
+    id: str
+    model: str
+    weights: str = "random"
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    input_size: tuple[int, int] | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+
+def register_backbone(session: Session, request: BackboneRequest) -> Backbone:
+    """Build the model once on the CPU (so a bad name or checkpoint fails now, not in a job) and store its catalog."""
+    repo = BackboneRepository(session)
+    if repo.get(request.id) is not None:
+        raise Conflict(f"backbone {request.id!r} already exists", code="backbone_exists", param="id")
+    from service.engine import BackboneSpec, EngineError, create_backbone, list_layers
+
+    spec = BackboneSpec(
+        model=request.model,
+        weights=request.weights,
+        model_kwargs=dict(request.model_kwargs),
+        input_size=request.input_size,
+        mean=request.mean,
+        std=request.std,
+    )
+    try:
+        backbone = create_backbone(spec, "cpu")
+        layers = list_layers(backbone)
+    except EngineError as exc:
+        raise from_engine_error(exc, default_param="model") from exc
+    except (RuntimeError, ValueError, TypeError, KeyError, OSError) as exc:  # timm's own complaints
+        raise DomainError(str(exc), code="invalid_backbone", param="model") from exc
+    row = Backbone(
+        id=request.id,
+        model=request.model,
+        weights=request.weights,
+        spec=backbone.spec.to_dict(),
+        spec_hash=backbone.spec.spec_hash(),
+        family=backbone.family,
+        num_features=int(backbone.num_features),
+        recommended_layer=int(backbone.recommended_layer),
+        layers=[_layer_to_dict(layer) for layer in layers],
+    )
+    return repo.add(row)
+
+
+def _layer_to_dict(layer: Any) -> dict[str, Any]:
+    d = asdict(layer)
+    d["shape"] = list(d["shape"])
+    return d
+
+
+def get_backbone(session: Session, backbone_id: str, *, param: str = "backbone_id") -> Backbone:
+    backbone = BackboneRepository(session).get(backbone_id)
+    if backbone is None:
+        raise NotFound(f"no backbone {backbone_id!r}", code="backbone_not_found", param=param)
+    return backbone
+
+
+def list_backbones(session: Session) -> list[Backbone]:
+    return BackboneRepository(session).list()
+
+
+def delete_backbone(session: Session, backbone_id: str) -> None:
+    repo = BackboneRepository(session)
+    backbone = get_backbone(session, backbone_id)
+    prompts, jobs = repo.count_users(backbone_id)
+    if prompts or jobs:
+        raise Conflict(
+            f"backbone {backbone_id!r} is used by {prompts} prompt version(s) and {jobs} active job(s)",
+            code="backbone_in_use",
+            param="backbone_id",
+        )
+    repo.delete(backbone)
+
+
+def resolve_layers(backbone: Backbone, value: int | str | Sequence[int | str] | None) -> tuple[int, ...]:
+    """Resolve a requested prompt layer against the stored catalog (None = the recommended layer)."""
+    if value is None:
+        return (int(backbone.recommended_layer),)
+    from service.engine import EngineError, LayerInfo, resolve_prompt_layers
+
+    catalog = [LayerInfo(**{**d, "shape": tuple(d["shape"])}) for d in backbone.layers]
+    try:
+        return tuple(int(i) for i in resolve_prompt_layers(catalog, value))
+    except EngineError as exc:
+        raise from_engine_error(exc, default_param="prompt_layer") from exc
+
+
+class BackboneCache:
+    """Loaded backbones of this process, one per (spec hash, device); built once, shared, never mutated."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: dict[tuple[str, str], Any] = {}
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+
+    def get(self, spec: Mapping[str, Any], spec_hash: str, device: str) -> Any:
+        key = (spec_hash, device)
+        with self._lock:
+            if key in self._items:
+                return self._items[key]
+            build_lock = self._locks.setdefault(key, threading.Lock())
+        with build_lock:
+            with self._lock:
+                if key in self._items:
+                    return self._items[key]
+            from service.engine import BackboneSpec, EngineError, create_backbone
+
+            try:
+                backbone = create_backbone(BackboneSpec.from_dict(dict(spec)), device)
+            except EngineError as exc:
+                raise from_engine_error(exc, default_param="backbone") from exc
+            with self._lock:
+                self._items[key] = backbone
+            return backbone
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()

@@ -1,0 +1,73 @@
+"""Errors of the use cases; `status` is the kind of failure, which the gateway maps to an HTTP status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DomainError(Exception):
+    status: int = 400
+    code: str = "invalid_request"
+
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.param = param
+
+
+class BadRequest(DomainError):
+    status = 400
+
+
+class Unauthorized(DomainError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(DomainError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(DomainError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(DomainError):
+    status = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(DomainError):
+    status = 413
+    code = "payload_too_large"
+
+
+class InvalidInput(DomainError):
+    status = 422
+    code = "invalid_value"
+
+
+class TooManyRequests(DomainError):
+    status = 429
+    code = "rate_limited"
+
+
+class Unavailable(DomainError):
+    status = 503
+    code = "unavailable"
+
+
+#: Engine error codes that are the caller's fault in the request itself (400) rather than its content (422).
+_BAD_REQUEST_CODES = {"invalid_dataset_uri"}
+
+
+def from_engine_error(exc: Any, *, default_param: str | None = None) -> DomainError:
+    """Map a `service.engine.errors.EngineError` (duck-typed: `.code`, `.param`) to a domain error."""
+    code = str(getattr(exc, "code", "invalid_value"))
+    param = getattr(exc, "param", None) or default_param
+    cls: type[DomainError] = BadRequest if code in _BAD_REQUEST_CODES else InvalidInput
+    return cls(str(exc) or code, code=code, param=param)

@@ -1,0 +1,130 @@
+"""The reaper: finds jobs whose worker is gone (lease expired) or whose broker message was lost, and re-queues them.
+
+The database is the source of truth: whatever the broker holds, a job that is `queued` or `running` in the
+database eventually runs or ends `failed` with the reason, after a bounded number of attempts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db.base import utcnow
+from service.db.models import Job
+from service.db.repositories import JobEventRepository, JobLeaseRepository
+from service.settings import Settings
+
+log = logging.getLogger("actprompt.reaper")
+
+
+class _Enqueuer(Protocol):
+    def enqueue(self, job_id: str) -> None: ...
+
+
+@dataclass
+class ReapReport:
+    requeued: list[str] = field(default_factory=list)  # lease expired, attempts left
+    resent: list[str] = field(default_factory=list)  # queued but never claimed: sent to the broker again
+    failed: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+
+
+def reap(
+    session_factory: sessionmaker[Session],
+    queue: _Enqueuer,
+    settings: Settings,
+    *,
+    now: datetime | None = None,
+    takeover: bool = False,
+    requeue_stale_queued: bool = True,
+) -> ReapReport:
+    """One pass. `takeover=True` (a single embedded process starting up) treats every lease as expired and
+    re-sends every queued job: nobody else can be running them."""
+    now = now or utcnow()
+    report = ReapReport()
+    to_send: list[str] = []
+    with session_factory() as session:
+        lease = JobLeaseRepository(session)
+        orphans = lease.with_status(("running", "cancelling")) if takeover else lease.expired_leases(now)
+        for job in orphans:
+            _reap_orphan(session, job, now, report, to_send)
+        if takeover:
+            for job in lease.with_status(("queued",)):
+                to_send.append(job.id)
+                report.resent.append(job.id)
+        elif requeue_stale_queued:
+            stale_before = now - timedelta(seconds=settings.queued_stale_seconds)
+            for job in lease.stale_queued(stale_before):
+                _resend_stale(session, job, now, settings, report, to_send)
+        session.commit()
+    for job_id in to_send:
+        try:
+            queue.enqueue(job_id)
+        except Exception:  # the broker is down: the next pass sends it again
+            log.exception("re-enqueue failed", extra={"job_id": job_id})
+    if report.requeued or report.resent or report.failed or report.cancelled:
+        log.info("reaped", extra={"report": report.__dict__})
+    return report
+
+
+def _guarded(session: Session, job: Job, now: datetime, **values: object) -> bool:
+    """Update only if the job is still in the state we read (same status, same lease owner)."""
+    owner = Job.lease_owner.is_(None) if job.lease_owner is None else Job.lease_owner == job.lease_owner
+    stmt = (
+        update(Job)
+        .where(Job.id == job.id, Job.status == job.status, owner)
+        .values(updated_at=now, **values)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(session.execute(stmt).rowcount == 1)  # type: ignore[attr-defined]
+
+
+def _reap_orphan(session: Session, job: Job, now: datetime, report: ReapReport, to_send: list[str]) -> None:
+    who = job.lease_owner or "unknown worker"
+    if job.status == "cancelling":
+        if _guarded(session, job, now, status="cancelled", finished_at=now, lease_expires_at=None):
+            JobEventRepository.add(session, job, "state", f"cancelled ({who} is gone)", {"status": "cancelled"})
+            report.cancelled.append(job.id)
+    elif job.attempts >= job.max_attempts:
+        error = {
+            "code": "worker_lost",
+            "message": f"{who} stopped renewing its lease during attempt {job.attempts} of {job.max_attempts}",
+        }
+        if _guarded(session, job, now, status="failed", error=error, finished_at=now, lease_expires_at=None):
+            JobEventRepository.add(session, job, "state", error["message"], {"status": "failed"}, level="error")
+            report.failed.append(job.id)
+    elif _guarded(session, job, now, status="queued", lease_owner=None, lease_expires_at=None, enqueued_at=now):
+        JobEventRepository.add(
+            session,
+            job,
+            "state",
+            f"{who} stopped renewing its lease during attempt {job.attempts}; queued again",
+            {"status": "queued", "previous_owner": job.lease_owner},
+            level="warning",
+        )
+        report.requeued.append(job.id)
+        to_send.append(job.id)
+
+
+def _resend_stale(
+    session: Session, job: Job, now: datetime, settings: Settings, report: ReapReport, to_send: list[str]
+) -> None:
+    if job.requeues >= settings.max_requeues:
+        error = {
+            "code": "not_picked_up",
+            "message": f"no worker took the job after {job.requeues} re-sends (is a worker consuming the queue?)",
+        }
+        if _guarded(session, job, now, status="failed", error=error, finished_at=now):
+            JobEventRepository.add(session, job, "state", error["message"], {"status": "failed"}, level="error")
+            report.failed.append(job.id)
+    elif _guarded(session, job, now, requeues=job.requeues + 1, enqueued_at=now):
+        JobEventRepository.add(
+            session, job, "log", "queued but not claimed for a while; sent to the broker again", {"requeues": job.requeues + 1}
+        )
+        report.resent.append(job.id)
+        to_send.append(job.id)

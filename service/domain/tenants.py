@@ -1,0 +1,95 @@
+"""Tenants and API keys: keys are shown once, stored as sha256 with a visible prefix."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from service.db.base import utcnow
+from service.db.ids import new_id
+from service.db.models import ApiKey, Tenant
+from service.db.repositories import ApiKeyRepository, TenantRepository
+from service.domain.errors import NotFound, Unauthorized
+
+KEY_PREFIX = "ap_"
+VISIBLE_PREFIX_LEN = 11
+
+
+def hash_key(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def generate_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    """A key just created: `secret` exists only in this object and the response that carries it."""
+
+    key: ApiKey
+    secret: str
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the admin, or a tenant through one of its keys."""
+
+    is_admin: bool
+    tenant_id: str | None = None
+    key_id: str | None = None
+
+
+def create_tenant(session: Session, name: str) -> tuple[Tenant, IssuedKey]:
+    tenant = TenantRepository(session).add(Tenant(id=new_id("ten"), name=name))
+    return tenant, create_key(session, tenant.id, name="default")
+
+
+def get_tenant(session: Session, tenant_id: str) -> Tenant:
+    tenant = TenantRepository(session).get(tenant_id)
+    if tenant is None:
+        raise NotFound(f"no tenant {tenant_id!r}", code="tenant_not_found", param="tenant_id")
+    return tenant
+
+
+def list_tenants(session: Session, *, limit: int, after: str | None) -> list[Tenant]:
+    return TenantRepository(session).list(limit=limit, after=after)
+
+
+def create_key(session: Session, tenant_id: str, *, name: str | None = None) -> IssuedKey:
+    get_tenant(session, tenant_id)
+    secret = generate_key()
+    key = ApiKey(
+        id=new_id("key"), tenant_id=tenant_id, prefix=secret[:VISIBLE_PREFIX_LEN], key_hash=hash_key(secret), name=name
+    )
+    ApiKeyRepository(session).add(key)
+    return IssuedKey(key=key, secret=secret)
+
+
+def list_keys(session: Session, tenant_id: str) -> list[ApiKey]:
+    get_tenant(session, tenant_id)
+    return ApiKeyRepository(session).list_for_tenant(tenant_id)
+
+
+def revoke_key(session: Session, key_id: str) -> None:
+    repo = ApiKeyRepository(session)
+    key = repo.get(key_id)
+    if key is None or key.revoked_at is not None:
+        raise NotFound(f"no active key {key_id!r}", code="key_not_found", param="key_id")
+    repo.revoke(key, utcnow())
+
+
+def authenticate(session: Session, raw_key: str | None, *, admin_key: str | None) -> Principal:
+    """Resolve a bearer token to the admin or a tenant; Unauthorized otherwise."""
+    if not raw_key:
+        raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
+    if admin_key and hmac.compare_digest(raw_key.encode(), admin_key.encode()):
+        return Principal(is_admin=True)
+    key = ApiKeyRepository(session).find_active_by_hash(hash_key(raw_key))
+    if key is None:
+        raise Unauthorized("invalid or revoked API key")
+    return Principal(is_admin=False, tenant_id=key.tenant_id, key_id=key.id)

@@ -1,0 +1,211 @@
+"""Dataset URIs -> a local path the loaders can read.
+
+``file://`` must land (after symlinks) inside one of the configured roots; ``http(s)://`` is fetched
+into a cache folder with a byte limit, refusing private, loopback and link-local addresses (checked on
+the resolved name and again on the connected socket, so DNS rebinding cannot slip through);
+``s3://`` goes through fsspec when it is installed. Everything else is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import ipaddress
+import os
+import socket
+import ssl
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from typing import IO
+from urllib.parse import unquote, urljoin, urlsplit
+
+from service.engine.errors import DatasetError
+
+_CODE = "invalid_dataset_uri"
+_MAX_REDIRECTS = 5
+_CHUNK = 1 << 20
+#: Suffixes the loaders dispatch on, longest first, kept on the cached file's name.
+_KNOWN_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip", ".npz", ".csv", ".jsonl", ".ndjson")
+
+
+def _uri_error(message: str) -> DatasetError:
+    return DatasetError(message, code=_CODE, param="dataset_uri")
+
+
+def _resolve_file(uri: str, roots: Sequence[Path]) -> Path:
+    parts = urlsplit(uri)
+    if parts.netloc not in ("", "localhost"):
+        raise _uri_error(f"file URI with a host ({parts.netloc!r}) is not supported")
+    raw = unquote(parts.path)
+    if not raw or "\x00" in raw:
+        raise _uri_error("file URI has no usable path")
+    path = Path(raw).resolve()  # follows symlinks, so a link cannot lead out of a root
+    allowed = [Path(r).resolve() for r in roots]
+    if not any(path.is_relative_to(root) for root in allowed):
+        raise _uri_error(f"{uri} is not under an allowed dataset root")
+    if not path.exists():
+        raise _uri_error(f"{uri} does not exist")
+    return path
+
+
+def _check_address(host: str, address: str, allow_private: bool) -> None:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if not allow_private and not ip.is_global:
+        raise _uri_error(f"host {host!r} resolves to a non-public address ({ip}); refused")
+
+
+def _check_host(host: str, port: int, allow_private: bool) -> None:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise _uri_error(f"cannot resolve host {host!r}: {exc}") from exc
+    for info in infos:
+        _check_address(host, str(info[4][0]), allow_private)
+
+
+class _CheckedHTTPConnection(http.client.HTTPConnection):
+    """Checks the address actually connected to, after DNS, before any request is sent."""
+
+    allow_private = False
+
+    def connect(self) -> None:
+        super().connect()
+        _check_address(self.host, self.sock.getpeername()[0], self.allow_private)
+
+
+class _CheckedHTTPSConnection(http.client.HTTPSConnection):
+    allow_private = False
+
+    def connect(self) -> None:
+        super().connect()
+        _check_address(self.host, self.sock.getpeername()[0], self.allow_private)
+
+
+def _cache_name(uri: str, content_type: str | None) -> str:
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:24]
+    name = PurePosixPath(unquote(urlsplit(uri).path)).name.lower()
+    suffix = next((s for s in _KNOWN_SUFFIXES if name.endswith(s)), "")
+    if not suffix and content_type:
+        ct = content_type.split(";")[0].strip().lower()
+        suffix = {"application/zip": ".zip", "application/x-tar": ".tar", "application/gzip": ".tar.gz"}.get(
+            ct, ""
+        )
+    return digest + suffix
+
+
+def _write_limited(stream: IO[bytes], target: Path, max_bytes: int, uri: str) -> Path:
+    """Copy at most ``max_bytes`` into ``target`` atomically (a partial download never looks complete)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+    total = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            while chunk := stream.read(_CHUNK):
+                total += len(chunk)
+                if total > max_bytes:
+                    raise _uri_error(f"{uri} is larger than the limit of {max_bytes} bytes")
+                out.write(chunk)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _download_http(uri: str, *, max_bytes: int, cache_dir: Path, allow_private: bool, timeout: float) -> Path:
+    url = uri
+    for _ in range(_MAX_REDIRECTS + 1):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise _uri_error(f"redirect to an unsupported URL {url!r}")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        _check_host(parts.hostname, port, allow_private)
+        conn: http.client.HTTPConnection
+        if parts.scheme == "https":
+            conn = _CheckedHTTPSConnection(
+                parts.hostname, port, timeout=timeout, context=ssl.create_default_context()
+            )
+        else:
+            conn = _CheckedHTTPConnection(parts.hostname, port, timeout=timeout)
+        conn.allow_private = allow_private
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        try:
+            conn.request("GET", target, headers={"User-Agent": "actprompt-dataset-fetch"})
+            resp = conn.getresponse()
+            if resp.status in (301, 302, 303, 307, 308):
+                location = resp.getheader("Location")
+                if not location:
+                    raise _uri_error(f"{url} redirected without a Location")
+                url = urljoin(url, location)
+                continue
+            if resp.status != 200:
+                raise _uri_error(f"{url} answered HTTP {resp.status}")
+            length = resp.getheader("Content-Length")
+            if length and length.isdigit() and int(length) > max_bytes:
+                raise _uri_error(f"{uri} is {length} bytes, over the limit of {max_bytes}")
+            path = cache_dir / _cache_name(uri, resp.getheader("Content-Type"))
+            return _write_limited(resp, path, max_bytes, uri)
+        except (OSError, http.client.HTTPException) as exc:
+            raise _uri_error(f"cannot download {url}: {exc}") from exc
+        finally:
+            conn.close()
+    raise _uri_error(f"{uri}: more than {_MAX_REDIRECTS} redirects")
+
+
+def _download_s3(uri: str, *, max_bytes: int, cache_dir: Path) -> Path:
+    try:
+        import fsspec  # optional: only deployments that read from object stores install it
+    except ImportError as exc:
+        raise _uri_error("s3:// dataset URIs need the optional package fsspec (with s3fs)") from exc
+    path = cache_dir / _cache_name(uri, None)
+    try:
+        with fsspec.open(uri, "rb") as fh:
+            return _write_limited(fh, path, max_bytes, uri)
+    except ImportError as exc:
+        raise _uri_error(f"s3:// dataset URIs need s3fs installed beside fsspec: {exc}") from exc
+    except (OSError, ValueError) as exc:
+        raise _uri_error(f"cannot read {uri}: {exc}") from exc
+
+
+def resolve_dataset_uri(
+    uri: str,
+    *,
+    roots: Sequence[Path],
+    allow_http: bool,
+    max_bytes: int,
+    cache_dir: Path,
+    allow_private: bool = False,
+    timeout: float = 30.0,
+) -> Path:
+    """Map a dataset URI to a local file or folder that :func:`load_dataset` can read.
+
+    Args:
+        roots: folders a ``file://`` URI may point into.
+        allow_http: whether remote URIs (``http``, ``https``, ``s3``) are allowed at all.
+        max_bytes: largest download accepted.
+        cache_dir: where downloads are kept (an already downloaded URI is reused).
+        allow_private: also fetch from private, loopback and link-local addresses (tests, on-prem).
+
+    Raises:
+        DatasetError: code ``invalid_dataset_uri`` for a refused scheme, location, address or size.
+    """
+    scheme = urlsplit(uri).scheme.lower()
+    if scheme == "file":
+        return _resolve_file(uri, roots)
+    if scheme not in ("http", "https", "s3"):
+        raise _uri_error(
+            f"unsupported dataset URI scheme {scheme or '(none)'!r}; use file://, http(s):// or s3://"
+        )
+    if not allow_http:
+        raise _uri_error("remote dataset URIs are disabled on this server")
+    cached = cache_dir / _cache_name(uri, None)
+    if cached.suffix and cached.exists():
+        return cached
+    if scheme == "s3":
+        return _download_s3(uri, max_bytes=max_bytes, cache_dir=cache_dir)
+    return _download_http(
+        uri, max_bytes=max_bytes, cache_dir=cache_dir, allow_private=allow_private, timeout=timeout
+    )

@@ -1,0 +1,97 @@
+"""Norm-tune: learn each norm layer's affine transform (BN / LN / GN) plus the head.
+
+Applied as `y * (1 + s) + t` on every norm module's output through `Backbone.run(norm_fn=...)`, which
+equals tuning the module's own weight and bias (`(gamma * (1 + s)) x_hat + (beta * (1 + s) + t)`),
+while the shared backbone stays untouched, so norm-tuned prompts are servable in a mixed batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from service.engine.errors import MethodError
+from service.engine.methods.base import (
+    MethodConfig,
+    NormFn,
+    PromptModule,
+    _copy_into,
+    norm_layer_segments,
+)
+from service.engine.methods.registry import register_method
+
+if TYPE_CHECKING:
+    from service.engine.backbones import Backbone
+
+
+def scale_key(name: str) -> str:
+    return f"norm.{name}.scale"
+
+
+def shift_key(name: str) -> str:
+    return f"norm.{name}.shift"
+
+
+def affine_view(v: Tensor, y: Tensor, channel_dim: int) -> Tensor:
+    """Reshape a per-channel vector (or [B, C] rows) so it broadcasts against y at `channel_dim`."""
+    if channel_dim == -1 or channel_dim == y.dim() - 1:
+        return v if v.dim() == 1 else v.view(v.shape[0], *([1] * (y.dim() - 2)), v.shape[-1])
+    trailing = [1] * (y.dim() - channel_dim - 1)
+    if v.dim() == 1:
+        return v.view(-1, *trailing)
+    return v.view(v.shape[0], v.shape[1], *trailing)
+
+
+@register_method("norm")
+class NormTune(PromptModule):
+    """Per norm layer: scale s and shift t [C], zero-initialised (identity at start)."""
+
+    def __init__(self, backbone: Backbone, config: MethodConfig) -> None:
+        super().__init__(backbone, config)
+        if not backbone.norm_layers:
+            raise MethodError(f"backbone {backbone.spec.model!r} has no norm layers to tune")
+        self._names = [n.name for n in backbone.norm_layers]
+        self._channel_dim = {n.name: n.channel_dim for n in backbone.norm_layers}
+        self._index = {name: k for k, name in enumerate(self._names)}
+        dev = backbone.device
+        self.scales = nn.ParameterList(
+            [nn.Parameter(torch.zeros(n.num_features, device=dev)) for n in backbone.norm_layers]
+        )
+        self.shifts = nn.ParameterList(
+            [nn.Parameter(torch.zeros(n.num_features, device=dev)) for n in backbone.norm_layers]
+        )
+        segments = norm_layer_segments(backbone)
+        used = [segments[n] for n in self._names if n in segments]
+        # Everything before the first segment that runs a norm module is frozen prefix.
+        self.first_layer = min(used) - 1 if used else backbone.pooled_index
+
+    def norm_fn(self) -> NormFn | None:
+        index, scales, shifts, cdim = self._index, self.scales, self.shifts, self._channel_dim
+
+        def tune(name: str, y: Tensor) -> Tensor:
+            k = index.get(name)
+            if k is None:
+                return y
+            s = affine_view(scales[k], y, cdim[name])
+            t = affine_view(shifts[k], y, cdim[name])
+            return y * (1.0 + s) + t
+
+        return tune
+
+    def metadata(self) -> dict[str, Any]:
+        return {"prompt_shape": None, "norm_layers": list(self._names)}
+
+    def _export_prompt(self) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for k, name in enumerate(self._names):
+            out[scale_key(name)] = self.scales[k]
+            out[shift_key(name)] = self.shifts[k]
+        return out
+
+    def _load_prompt(self, tensors: Mapping[str, Tensor]) -> None:
+        for k, name in enumerate(self._names):
+            _copy_into(self.scales[k], tensors, scale_key(name))
+            _copy_into(self.shifts[k], tensors, shift_key(name))

@@ -1,0 +1,286 @@
+"""The cross-request micro-batcher: every tenant's predict requests for one backbone+device, one forward pass.
+
+Requests queue on the event loop. A collector takes the oldest, then whatever else arrives within
+``max_wait_ms`` or until ``max_batch_rows`` rows (image x prompt) are gathered, leases device slots for the
+batch's prompts from the :class:`SlotPolicy`, and hands the slot writes plus the forward pass to the
+backbone's single model thread; the event loop never blocks on the model. A request whose prompts do not
+fit beside the others waits for the next batch (never fails for room), and a request whose prompt was
+invalidated after it was loaded is refused rather than served stale.
+
+Rows are laid out request by request, prompt by prompt: request r with images x_r [N_r, 3, H, W] and prompts
+(p_1..p_P) contributes rows (p_1, x_r[0..N_r)), (p_2, x_r[0..N_r)), ... Its images enter the batch once;
+``image_index`` [B] maps rows to them, so the backbone before the earliest prompt layer runs once per image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from service.engine.artifacts import PromptArtifact
+from service.serving import metrics
+from service.serving.cache import LoadedPrompt, PromptCache, SlotGrant, SlotPolicy
+from service.serving.errors import PromptNotFoundError, ServingClosedError, ServingError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BatchRunner", "BatchStats", "MicroBatcher"]
+
+
+class BatchRunner(Protocol):
+    """The mechanism the batcher drives on the model thread (:class:`service.serving.slots.SlotTable`)."""
+
+    def write(self, slot: int, artifact: PromptArtifact) -> int: ...
+
+    def forward(self, x: Tensor, slots: Tensor, image_index: Tensor | None) -> Tensor:
+        """x [M, 3, H, W] images; slots [B]; image_index [B] or None (= arange(M)) -> logits [B, K]."""
+        ...
+
+
+@dataclass(eq=False)
+class _Request:
+    prompts: list[LoadedPrompt]  # P prompts, each applied to every image
+    x: Tensor  # [N, 3, H, W]
+    future: asyncio.Future[list[Tensor]]  # per prompt: logits [N, K_p]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def rows(self) -> int:
+        return int(self.x.shape[0]) * len(self.prompts)
+
+
+@dataclass
+class BatchStats:
+    """Counters of one batcher (for the benchmark and tests; Prometheus has the process-wide view)."""
+
+    batches: int = 0
+    rows: int = 0
+    requests: int = 0
+    deferred: int = 0  # requests pushed to a later batch because their prompts did not fit in slots
+    stale_refused: int = 0
+    model_seconds: float = 0.0
+
+
+class MicroBatcher:
+    """Collects predict requests for one backbone+device and runs them as mixed-prompt batches."""
+
+    def __init__(
+        self,
+        runner: BatchRunner,
+        policy: SlotPolicy,
+        cache: PromptCache,
+        *,
+        name: str,
+        max_wait_ms: float = 5.0,
+        max_batch_rows: int = 64,
+        executor: ThreadPoolExecutor | None = None,
+    ) -> None:
+        if max_batch_rows < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch_rows must be >= 1 and max_wait_ms >= 0")
+        self.runner = runner
+        self.policy = policy
+        self.cache = cache
+        self.name = name
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_batch_rows = max_batch_rows
+        self._own_executor = executor is None
+        # ONE model thread: the backbone is single-caller, and slot writes must be ordered with the passes
+        self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
+        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self._deferred: deque[_Request] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.stats = BatchStats()
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
+
+    async def aclose(self) -> None:
+        """Stop taking requests, fail the queued ones with ServingClosedError, stop the model thread."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        pending = list(self._deferred)
+        self._deferred.clear()
+        while not self._queue.empty():
+            pending.append(self._queue.get_nowait())
+        for req in pending:
+            if not req.future.done():
+                req.future.set_exception(ServingClosedError("the server is shutting down"))
+        if self._own_executor:
+            self.executor.shutdown(wait=True)
+
+    async def run_on_model_thread(self, fn: object, *args: object) -> object:
+        """Run ``fn(*args)`` on the model thread, ordered with the batches (used for pins and preloads)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, fn, *args)  # type: ignore[arg-type]
+
+    # -- submission -------------------------------------------------------------------------------------
+    async def submit(self, prompts: Sequence[LoadedPrompt], x: Tensor) -> list[Tensor]:
+        """Predict ``x`` [N, 3, H, W] under each prompt; returns per prompt logits [N, K_p] (CPU, float32).
+
+        The caller keeps ``len(prompts)`` within the slot policy's ``max_prompts_per_request``.
+        """
+        if self._closed:
+            raise ServingClosedError("the server is shutting down")
+        if not prompts:
+            return []
+        if len({p.key for p in prompts}) > self.policy.max_prompts_per_request:
+            raise ValueError("more distinct prompts than the slot table can hold at once; split the request")
+        self.start()
+        fut: asyncio.Future[list[Tensor]] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Request(list(prompts), x, fut))
+        return await fut
+
+    # -- the collector ----------------------------------------------------------------------------------
+    async def _next(self, timeout: float | None) -> _Request | None:
+        if self._deferred:
+            return self._deferred.popleft()
+        if timeout is None:
+            return await self._queue.get()
+        if timeout <= 0:
+            try:
+                return self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return None
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            return None
+
+    async def _collect(self) -> list[_Request]:
+        """The oldest request plus what arrives within max_wait of it, up to max_batch_rows rows."""
+        first = await self._next(None)
+        assert first is not None
+        batch = [first]
+        rows = first.rows
+        deadline = first.enqueued + self.max_wait_s
+        while rows < self.max_batch_rows:
+            nxt = await self._next(deadline - time.perf_counter())
+            if nxt is None:
+                break
+            if rows + nxt.rows > self.max_batch_rows:
+                self._deferred.appendleft(nxt)
+                break
+            batch.append(nxt)
+            rows += nxt.rows
+        return batch
+
+    def _admit(self, batch: list[_Request]) -> tuple[list[_Request], SlotGrant]:
+        """Lease slots request by request; refuse stale ones, defer those that do not fit."""
+        grant = SlotGrant()
+        taken: list[_Request] = []
+        left: list[_Request] = []
+        for req in batch:
+            if req.future.done():  # the caller went away
+                continue
+            stale = next((p for p in req.prompts if not self.cache.is_current(p)), None)
+            if stale is not None:
+                self.stats.stale_refused += 1
+                req.future.set_exception(PromptNotFoundError(f"prompt {stale.key!r} was deleted or replaced"))
+                continue
+            if self.policy.try_acquire(grant, req.prompts):
+                taken.append(req)
+            else:
+                left.append(req)
+        self.stats.deferred += len(left)
+        self._deferred.extendleft(reversed(left))
+        return taken, grant
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            taken, grant = self._admit(batch)
+            if not taken:
+                if self._deferred and self.policy.leased:
+                    await self.policy.wait_released()
+                elif self._deferred:
+                    # nothing leased and still no room: submit() bounds prompts per request by the slots
+                    # that pins leave free, so this is a bug; fail loudly rather than spin
+                    req = self._deferred.popleft()
+                    if not req.future.done():
+                        req.future.set_exception(ServingError("no free prompt slot for this request"))
+                continue
+            started = time.perf_counter()
+            for req in taken:
+                metrics.QUEUE_WAIT_SECONDS.labels(backbone=self.name).observe(started - req.enqueued)
+            # per request, per prompt: (slot, number of classes) to cut the padded logits back
+            slots_per_req = [
+                [(grant.slots[p.key], p.artifact.num_classes) for p in req.prompts] for req in taken
+            ]
+            try:
+                results, seconds = await loop.run_in_executor(
+                    self.executor, self._run_batch, grant.writes, [r.x for r in taken], slots_per_req
+                )
+            except Exception as e:
+                log.exception("batch of %d requests failed on %s", len(taken), self.name)
+                self.policy.forget(p.key for _, p in grant.writes)
+                for req in taken:
+                    if not req.future.done():
+                        req.future.set_exception(e)
+                continue
+            finally:
+                self.policy.release(grant)
+            rows = sum(r.rows for r in taken)
+            self.stats.batches += 1
+            self.stats.rows += rows
+            self.stats.requests += len(taken)
+            self.stats.model_seconds += seconds
+            metrics.BATCH_ROWS.labels(backbone=self.name).observe(rows)
+            metrics.BATCH_PROMPTS.labels(backbone=self.name).observe(len(grant.slots))
+            metrics.MODEL_SECONDS.labels(backbone=self.name).observe(seconds)
+            for req, out in zip(taken, results, strict=True):
+                if not req.future.done():
+                    req.future.set_result(out)
+
+    # -- on the model thread ----------------------------------------------------------------------------
+    def _run_batch(
+        self,
+        writes: list[tuple[int, LoadedPrompt]],
+        xs: list[Tensor],
+        slots_per_req: list[list[tuple[int, int]]],
+    ) -> tuple[list[list[Tensor]], float]:
+        """Slot writes, then one forward pass; splits the padded logits back per request and prompt."""
+        t0 = time.perf_counter()
+        for slot, prompt in writes:
+            self.runner.write(slot, prompt.artifact)
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)  # [M, 3, H, W]
+        slot_rows: list[int] = []
+        image_rows: list[int] = []
+        offset = 0
+        for xi, slots in zip(xs, slots_per_req, strict=True):
+            n = int(xi.shape[0])
+            for s, _ in slots:
+                slot_rows.extend([s] * n)
+                image_rows.extend(range(offset, offset + n))
+            offset += n
+        shared = len(image_rows) != offset  # some image goes under several prompts
+        slot_t = torch.tensor(slot_rows, dtype=torch.long)  # [B]
+        index_t = torch.tensor(image_rows, dtype=torch.long) if shared else None  # [B]
+        logits = self.runner.forward(x, slot_t, index_t).float().cpu()  # [B, max_classes]
+        out: list[list[Tensor]] = []
+        row = 0
+        for xi, slots in zip(xs, slots_per_req, strict=True):
+            n = int(xi.shape[0])
+            per_prompt: list[Tensor] = []
+            for _, k in slots:
+                per_prompt.append(logits[row : row + n, :k])
+                row += n
+            out.append(per_prompt)
+        return out, time.perf_counter() - t0

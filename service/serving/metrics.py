@@ -1,0 +1,66 @@
+"""Prometheus metrics of the serving path, registered once per process in the default registry.
+
+The gateway's ``GET /metrics`` exposes the default registry, so these appear there without wiring. Module
+level, because a metric registered twice is an error and tests build many predictors in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+__all__ = [
+    "BATCH_PROMPTS",
+    "BATCH_ROWS",
+    "CACHE_BYTES",
+    "CACHE_EVICTIONS",
+    "CACHE_HITS",
+    "CACHE_LOAD_SECONDS",
+    "CACHE_MISSES",
+    "MODEL_SECONDS",
+    "QUEUE_WAIT_SECONDS",
+    "RATE_LIMITED",
+    "REQUESTS",
+]
+
+# Batches are at most a few hundred rows; powers of two show how full they run.
+_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Milliseconds matter: the batcher waits a few of them, a CPU forward pass takes tens to hundreds.
+_SECOND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+BATCH_ROWS = Histogram(
+    "actprompt_serving_batch_rows",
+    "Rows (image x prompt) per forward pass.",
+    ["backbone"],
+    buckets=_ROW_BUCKETS,
+)
+BATCH_PROMPTS = Histogram(
+    "actprompt_serving_batch_prompts",
+    "Distinct prompts per forward pass.",
+    ["backbone"],
+    buckets=_ROW_BUCKETS,
+)
+QUEUE_WAIT_SECONDS = Histogram(
+    "actprompt_serving_queue_wait_seconds",
+    "Time a predict request waited in the batcher before its forward pass started.",
+    ["backbone"],
+    buckets=_SECOND_BUCKETS,
+)
+MODEL_SECONDS = Histogram(
+    "actprompt_serving_model_seconds",
+    "Model-thread time per batch: slot writes plus the forward pass.",
+    ["backbone"],
+    buckets=_SECOND_BUCKETS,
+)
+CACHE_HITS = Counter("actprompt_prompt_cache_hits_total", "Prompt cache hits.", ["tier"])
+CACHE_MISSES = Counter("actprompt_prompt_cache_misses_total", "Prompt cache misses.", ["tier"])
+CACHE_EVICTIONS = Counter("actprompt_prompt_cache_evictions_total", "Prompt cache evictions.", ["tier"])
+CACHE_BYTES = Gauge("actprompt_prompt_cache_bytes", "Bytes of prompts resident in the cache tier.", ["tier"])
+CACHE_LOAD_SECONDS = Histogram(
+    "actprompt_prompt_cache_load_seconds",
+    "Cold load of one prompt: source read plus decode.",
+    buckets=_SECOND_BUCKETS,
+)
+REQUESTS = Counter(
+    "actprompt_predict_requests_total", "Predict requests by tenant and outcome.", ["tenant", "outcome"]
+)
+RATE_LIMITED = Counter("actprompt_rate_limited_total", "Requests refused by the rate limit.", ["tenant"])

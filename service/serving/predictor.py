@@ -1,0 +1,285 @@
+"""The facade the API calls: one shared backbone per (spec, device), one batcher and slot table each.
+
+The gateway resolves and authorises tenant-facing ids (``prm_x@3``) into internal keys and the backbone's
+spec before calling here; this layer sees neither tenants' ids nor the database, only keys, a
+:class:`PromptSource` to load them, and tensors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from service.engine import ArtifactError, Backbone, BackboneSpec, create_backbone
+from service.engine.data import preprocess
+from service.serving import metrics
+from service.serving.batcher import MicroBatcher
+from service.serving.cache import LoadedPrompt, PromptCache, PromptSource, SlotPolicy
+from service.serving.errors import PromptNotFoundError, ServingClosedError
+from service.serving.slots import SlotTable, slot_bytes
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PromptPrediction", "ServingConfig", "ServingPredictor"]
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Serving knobs (the gateway fills them from Settings; each says why it has its default)."""
+
+    device: str = "cpu"
+    #: a few ms: long enough for concurrent requests to meet, short against a forward pass (tens of ms)
+    max_wait_ms: float = 5.0
+    #: 64 rows: past this a CPU forward pass gains little throughput and each request waits longer
+    max_batch_rows: int = 64
+    #: host tier: decoded artifacts (tens of KB each) ahead of the database; 256 MiB holds thousands
+    host_cache_bytes: int = 256 << 20
+    #: device tier: the slot table is preallocated, so its capacity = these bytes / bytes per slot
+    device_cache_bytes: int = 256 << 20
+    #: upper bound on slots whatever the bytes say (the gather index stays small)
+    max_slots: int = 1024
+    #: lower bound: a batch of max_batch_rows different prompts needs as many slots; the byte budget is a
+    #: worst case (a delta at every layer), so this floor rarely costs what the bound says
+    min_slots: int = 64
+    #: head padding width of the slot table; an artifact with more classes cannot be served from it
+    max_classes: int = 100
+    #: share of slots that pins may hold, so unpinned traffic always finds room
+    pin_fraction: float = 0.5
+
+
+@dataclass(frozen=True)
+class PromptPrediction:
+    """One prompt's answer for every image of a request."""
+
+    key: str
+    classes: list[str]
+    probabilities: Tensor  # [N, K]
+
+    def top_k(self, k: int) -> list[list[dict[str, Any]]]:
+        """Per image, the k most probable classes as {label, index, probability}."""
+        k = max(1, min(k, len(self.classes)))
+        values, indices = self.probabilities.topk(k, dim=1)  # [N, k]
+        return [
+            [
+                {"label": self.classes[int(i)], "index": int(i), "probability": float(v)}
+                for v, i in zip(vs.tolist(), ix.tolist(), strict=True)
+            ]
+            for vs, ix in zip(values, indices, strict=True)
+        ]
+
+
+@dataclass(eq=False)
+class _Server:
+    """One backbone on one device: its slot table (mechanism), slot policy and batcher."""
+
+    backbone: Backbone
+    table: SlotTable
+    policy: SlotPolicy
+    batcher: MicroBatcher
+    checked: set[tuple[str, int]] = field(default_factory=set)  # (key, generation) matched to this backbone
+
+
+class ServingPredictor:
+    """Predicts with many tenants' prompts on shared backbones, through the cache and the micro-batcher."""
+
+    def __init__(self, source: PromptSource, config: ServingConfig | None = None) -> None:
+        self.config = config or ServingConfig()
+        self.cache = PromptCache(source, max_bytes=self.config.host_cache_bytes)
+        self.cache.add_invalidation_listener(self._on_invalidate)
+        self._servers: dict[str, _Server] = {}
+        self._starting: dict[str, asyncio.Task[_Server]] = {}
+        self._closed = False
+
+    # -- backbones --------------------------------------------------------------------------------------
+    async def server(self, spec: BackboneSpec) -> _Server:
+        """The shared backbone for ``spec`` on this device, created once (in a thread) on first use."""
+        if self._closed:
+            raise ServingClosedError("the server is shutting down")
+        key = spec.spec_hash()
+        srv = self._servers.get(key)
+        if srv is not None:
+            return srv
+        task = self._starting.get(key)
+        if task is None:
+            task = asyncio.ensure_future(asyncio.to_thread(self._build_server, spec))
+            self._starting[key] = task
+        try:
+            srv = await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._starting.pop(key, None)
+        self._servers.setdefault(key, srv)
+        srv.batcher.start()
+        return self._servers[key]
+
+    def _build_server(self, spec: BackboneSpec) -> _Server:
+        cfg = self.config
+        backbone = create_backbone(spec, cfg.device)
+        per_slot = slot_bytes(backbone, cfg.max_classes)
+        capacity = max(2, cfg.min_slots, min(cfg.max_slots, cfg.device_cache_bytes // per_slot))
+        if capacity * per_slot > cfg.device_cache_bytes:
+            log.warning(
+                "%s: %d slots may reach %d bytes (budget %d) if prompts use every layer",
+                spec.model,
+                capacity,
+                capacity * per_slot,
+                cfg.device_cache_bytes,
+            )
+        table = SlotTable(backbone, capacity, cfg.max_classes)
+        name = f"{spec.model}@{backbone.device!s}"
+        policy = SlotPolicy(capacity, max_pinned=int(capacity * cfg.pin_fraction), name=name)
+        batcher = MicroBatcher(
+            table,
+            policy,
+            self.cache,
+            name=name,
+            max_wait_ms=cfg.max_wait_ms,
+            max_batch_rows=cfg.max_batch_rows,
+        )
+        log.info("serving %s: %d slots of %d bytes", name, capacity, per_slot)
+        return _Server(backbone=backbone, table=table, policy=policy, batcher=batcher)
+
+    def _on_invalidate(self, key: str) -> None:
+        for srv in self._servers.values():
+            srv.policy.invalidate(key)
+
+    # -- prompts ----------------------------------------------------------------------------------------
+    async def _load(self, srv: _Server, keys: Sequence[str]) -> list[LoadedPrompt]:
+        """Artifacts for ``keys`` (misses load concurrently), each checked once against the backbone."""
+        prompts = await asyncio.gather(*(self.cache.get(k) for k in keys))
+        for p in prompts:
+            if (p.key, p.generation) in srv.checked:
+                continue
+            p.artifact.check_backbone(srv.backbone)
+            if p.artifact.num_classes > self.config.max_classes:
+                raise ArtifactError(
+                    f"prompt has {p.artifact.num_classes} classes; this server serves at most "
+                    f"{self.config.max_classes} (setting max_classes)"
+                )
+            srv.checked.add((p.key, p.generation))
+        return list(prompts)
+
+    def invalidate(self, key: str) -> None:
+        """Never serve ``key`` again from any tier (call after its deletion or replacement committed)."""
+        self.cache.invalidate(key)
+
+    async def preload(self, keys: Sequence[str]) -> dict[str, str | None]:
+        """Warm the host tier (database reads) ahead of traffic; key -> error code or None."""
+        return await self.cache.preload(keys)
+
+    async def pin(self, spec: BackboneSpec, key: str) -> int:
+        """Keep ``key`` in host memory and in a device slot until unpinned; returns the slot."""
+        srv = await self.server(spec)
+        (loaded,) = await self._load(srv, [key])
+        max_pinned_bytes = int(self.config.host_cache_bytes * self.config.pin_fraction)
+        loaded = await self.cache.pin(key, max_pinned_bytes=max_pinned_bytes)
+        try:
+            slot, must_write = srv.policy.pin(loaded)
+        except Exception:
+            self.cache.unpin(key)
+            raise
+        if must_write:  # no await between the policy's choice and this submit: FIFO with the batches
+            try:
+                await srv.batcher.run_on_model_thread(srv.table.write, slot, loaded.artifact)
+            except Exception:
+                srv.policy.forget([key])
+                self.cache.unpin(key)
+                raise
+        return slot
+
+    def unpin(self, key: str) -> bool:
+        was = self.cache.unpin(key)
+        for srv in self._servers.values():
+            was = srv.policy.unpin(key) or was
+        return was
+
+    # -- prediction -------------------------------------------------------------------------------------
+    async def predict(
+        self, spec: BackboneSpec, keys: Sequence[str], x: Tensor, *, tenant_id: str = ""
+    ) -> list[PromptPrediction]:
+        """Probabilities of images ``x`` [N, 3, H, W] (preprocessed) under each prompt in ``keys``.
+
+        Raises PromptNotFoundError (gone), ArtifactError (not for this backbone), ServingClosedError.
+        """
+        outcome = "error"
+        try:
+            out = await self._predict(spec, keys, x)
+            outcome = "ok"
+            return out
+        except PromptNotFoundError:
+            outcome = "not_found"
+            raise
+        finally:
+            metrics.REQUESTS.labels(tenant=tenant_id or "-", outcome=outcome).inc()
+
+    async def _predict(self, spec: BackboneSpec, keys: Sequence[str], x: Tensor) -> list[PromptPrediction]:
+        if not keys:
+            return []
+        srv = await self.server(spec)
+        unique = list(dict.fromkeys(keys))
+        prompts = await self._load(srv, unique)
+        # chunk so every submit fits one batch and the slot table: prompts first, then images
+        per_group = max(1, min(srv.policy.max_prompts_per_request, self.config.max_batch_rows))
+        groups = [prompts[i : i + per_group] for i in range(0, len(prompts), per_group)]
+        n = int(x.shape[0])
+        jobs = []
+        for group in groups:
+            step = max(1, self.config.max_batch_rows // len(group))
+            for i in range(0, n, step):
+                jobs.append((group, i, srv.batcher.submit(group, x[i : i + step])))
+        results = await asyncio.gather(*(job for _, _, job in jobs))
+        logits: dict[str, list[Tensor]] = {p.key: [] for p in prompts}
+        for (group, _, _), per_prompt in zip(jobs, results, strict=True):
+            for p, lg in zip(group, per_prompt, strict=True):
+                logits[p.key].append(lg)  # [n_i, K], in image order
+        by_key = {p.key: p for p in prompts}
+        return [
+            PromptPrediction(
+                key=k,
+                classes=by_key[k].artifact.classes,
+                probabilities=torch.softmax(torch.cat(logits[k]), dim=1),  # [N, K]
+            )
+            for k in keys
+        ]
+
+    async def predict_images(
+        self, spec: BackboneSpec, keys: Sequence[str], images: Sequence[np.ndarray], *, tenant_id: str = ""
+    ) -> list[PromptPrediction]:
+        """Like :meth:`predict` for decoded uint8 HWC images: preprocessed off the event loop."""
+        srv = await self.server(spec)
+        s = srv.backbone.spec
+        assert s.input_size is not None and s.mean is not None and s.std is not None  # resolved spec
+        x = await asyncio.to_thread(preprocess, list(images), s.input_size, s.mean, s.std)  # [N, 3, H, W]
+        return await self.predict(spec, keys, x, tenant_id=tenant_id)
+
+    # -- introspection and shutdown --------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        return {
+            "host": {
+                **self.cache.stats.to_dict(),
+                "resident_bytes": self.cache.resident_bytes,
+                "entries": len(self.cache),
+            },
+            "backbones": {
+                name: {
+                    "slots": srv.policy.capacity,
+                    "resident": len(srv.policy),
+                    "device": srv.policy.stats.to_dict(),
+                    "batches": vars(srv.batcher.stats),
+                }
+                for name, srv in self._servers.items()
+            },
+        }
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for srv in self._servers.values():
+            await srv.batcher.aclose()
+        self._servers.clear()
