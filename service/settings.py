@@ -1,4 +1,4 @@
-"""The one settings object: every knob of the gateway, the job runner and the workers (prefix `ACTPROMPT_`)."""
+"""The one settings object: every knob of gateway, job runner and workers (prefix `ACTPROMPT_`)."""
 
 from __future__ import annotations
 
@@ -11,87 +11,100 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    """Built once per process (`get_settings()`), injected everywhere else; never read the environment directly."""
+    """Built once per process (`get_settings()`) and injected; nothing else reads the environment."""
 
     model_config = SettingsConfigDict(env_prefix="ACTPROMPT_", extra="ignore", frozen=True)
 
     # --- storage and modes -------------------------------------------------------------------------
     database_url: str = Field(
-        "sqlite:///./var/actprompt.db",
+        default="sqlite:///./var/actprompt.db",
         description="SQLAlchemy URL of the source-of-truth database (SQLite file or postgresql+psycopg://...).",
     )
     broker_url: str | None = Field(
-        None,
-        description="Celery broker (redis://...). Unset = embedded mode: jobs run in a thread of the gateway.",
+        default=None,
+        description="Celery broker (redis://...). Unset = embedded: jobs run in a thread of the gateway.",
     )
     admin_key: str | None = Field(
-        None,
+        default=None,
         description="Key that manages tenants and backbones. Unset in embedded mode = generated and stored "
         "under var_dir.",
     )
-    var_dir: Path = Field(Path("./var"), description="Folder for the generated admin key and caches.")
+    var_dir: Path = Field(default=Path("./var"), description="Folder for the generated admin key and caches.")
     auto_migrate: bool | None = Field(
-        None,
+        default=None,
         description="Run Alembic migrations at start. Unset = only in embedded mode; otherwise the server "
         "refuses to start on an unmigrated database.",
     )
     embedded_worker: bool = Field(
-        True,
+        default=True,
         description="In embedded mode, run queued jobs in a thread of the gateway (off = jobs wait queued).",
     )
 
     # --- datasets ----------------------------------------------------------------------------------
     data_roots: str = Field(
-        "./data", description="Colon-separated folders that file:// dataset URIs may read from."
+        default="./data", description="Colon-separated folders that file:// dataset URIs may read from."
     )
-    allow_http_datasets: bool = Field(True, description="Allow http(s):// dataset URIs (public addresses only).")
-    max_dataset_bytes: int = Field(2 << 30, description="Largest dataset download, in bytes.")
-    min_images_per_class: int = Field(2, description="Classes with fewer images fail dataset validation.")
+    allow_http_datasets: bool = Field(
+        default=True, description="Allow http(s):// dataset URIs (public addresses only)."
+    )
+    max_dataset_bytes: int = Field(default=2 << 30, description="Largest dataset download, in bytes.")
+    min_images_per_class: int = Field(
+        default=2, description="Classes with fewer images fail dataset validation."
+    )
 
     # --- compute -----------------------------------------------------------------------------------
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="Where training and prediction run; auto = cuda when available."
+        default="auto", description="Where training and prediction run; auto = cuda when available."
     )
     job_queue: str | None = Field(
-        None,
-        description="Celery queue for training tasks. Unset = actprompt.gpu when the device resolves to cuda, "
+        default=None,
+        description="Celery queue for training tasks. Unset = actprompt.gpu when the device is cuda, "
         "else actprompt.cpu.",
     )
 
     # --- request limits ----------------------------------------------------------------------------
-    max_upload_bytes: int = Field(32 << 20, description="Largest request body (uploads, base64 images); 413 above.")
-    max_images_per_request: int = Field(64, description="Most images in one predict request.")
-    max_top_k: int = Field(20, description="Largest top_k a predict request may ask for.")
-    max_active_jobs_per_tenant: int = Field(
-        32, description="Jobs a tenant may have queued or running at once; 429 above."
+    max_upload_bytes: int = Field(
+        default=32 << 20, description="Largest request body (uploads, base64 images); 413 above."
     )
-    page_size_max: int = Field(100, description="Largest page of a paginated listing.")
+    max_images_per_request: int = Field(default=64, description="Most images in one predict request.")
+    max_top_k: int = Field(default=20, description="Largest top_k a predict request may ask for.")
+    max_active_jobs_per_tenant: int = Field(
+        default=32, description="Jobs a tenant may have queued or running at once; 429 above."
+    )
+    page_size_max: int = Field(default=100, description="Largest page of a paginated listing.")
 
     # --- job leases and retries --------------------------------------------------------------------
     lease_seconds: float = Field(
-        120.0, description="How long a worker's claim on a job lasts without a heartbeat before it can be re-run."
+        default=120.0,
+        description="How long a worker's claim on a job lasts without a heartbeat before it can be re-run.",
     )
-    heartbeat_seconds: float = Field(10.0, description="How often a running job renews its lease.")
+    heartbeat_seconds: float = Field(default=10.0, description="How often a running job renews its lease.")
     cancel_poll_seconds: float = Field(
-        1.0, description="How often a running job reads its status to notice a cancel request."
+        default=1.0, description="How often a running job reads its status to notice a cancel request."
     )
-    max_attempts: int = Field(3, description="Runs of a job (crashes included) before it ends failed.")
+    max_attempts: int = Field(
+        default=3, description="Runs of a job (crashes included) before it ends failed."
+    )
     max_requeues: int = Field(
-        10, description="Times the reaper re-sends a queued job nobody claimed before it ends failed."
+        default=10, description="Times the reaper re-sends a queued job nobody claimed before it ends failed."
     )
     queued_stale_seconds: float = Field(
-        900.0,
+        default=900.0,
         description="A job queued this long without a claim is sent again (the broker may have lost it).",
     )
-    reaper_interval_seconds: float = Field(30.0, description="How often the reaper looks for lost jobs.")
-    checkpoints_keep: int = Field(2, description="Latest checkpoints kept per job; older ones are deleted.")
+    reaper_interval_seconds: float = Field(
+        default=30.0, description="How often the reaper looks for lost jobs."
+    )
+    checkpoints_keep: int = Field(
+        default=2, description="Latest checkpoints kept per job; older ones are deleted."
+    )
     progress_event_seconds: float = Field(
-        2.0, description="Least interval between progress events written for one job (throttle)."
+        default=2.0, description="Least interval between progress events written for one job (throttle)."
     )
 
     # --- logging -----------------------------------------------------------------------------------
-    log_level: str = Field("INFO", description="Root log level.")
-    log_json: bool = Field(True, description="Emit one JSON object per log line.")
+    log_level: str = Field(default="INFO", description="Root log level.")
+    log_json: bool = Field(default=True, description="Emit one JSON object per log line.")
 
     # --- derived -----------------------------------------------------------------------------------
     @property

@@ -20,7 +20,7 @@ from workers.celeryconfig import MAINTENANCE_QUEUE, build_config
 
 if TYPE_CHECKING:
     from service.db.session import SessionFactory
-    from service.queue import JobQueue
+    from workers.broker import BrokerJobQueue
 
 #: The task modules; importing them registers `actprompt.train_prompt` and `actprompt.reap_jobs`.
 TASK_MODULES: tuple[str, ...] = ("workers.tasks.train", "workers.tasks.maintenance")
@@ -31,7 +31,7 @@ _lock = threading.Lock()
 _settings: Settings | None = None
 _maintenance_queue: str = MAINTENANCE_QUEUE
 _session_factory: SessionFactory | None = None
-_queue: JobQueue | None = None
+_queue: BrokerJobQueue | None = None
 
 
 def configure(settings: Settings | None = None, *, maintenance_queue: str = MAINTENANCE_QUEUE) -> Celery:
@@ -78,14 +78,16 @@ def session_factory() -> SessionFactory:
         return _session_factory
 
 
-def job_queue() -> JobQueue:
-    """The producer side the reaper re-sends jobs through: the same `CeleryQueue` the gateway uses."""
+def job_queue() -> BrokerJobQueue:
+    """What the reaper and the task re-send jobs through (the gateway's `CeleryQueue` + a broker lookup)."""
     global _queue
     with _lock:
         if _queue is None:
-            from service.queue import CeleryQueue
+            from workers.broker import BrokerJobQueue
 
-            _queue = CeleryQueue(worker_settings())
+            settings = worker_settings()
+            assert settings.broker_url, "workers run in production mode only (ACTPROMPT_BROKER_URL)"
+            _queue = BrokerJobQueue(settings.broker_url, settings.train_queue())
         return _queue
 
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from service import queue as service_queue
 from service.settings import Settings
 
-#: Dotted task names, shared with `service.queue` (the gateway sends by name and never imports this package).
-TRAIN_TASK = "actprompt.train_prompt"
+#: Dotted task names. The training task's name is defined once, by the gateway's queue that sends it (the
+#: gateway sends by name and never imports this package); the reaper's is only sent by our own beat schedule.
+TRAIN_TASK = service_queue.TRAIN_TASK
 REAP_TASK = "actprompt.reap_jobs"
 
 #: Queues per device kind, so CPU and GPU workers can share one broker (`Settings.train_queue()` picks one).

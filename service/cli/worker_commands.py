@@ -22,7 +22,7 @@ from pathlib import Path
 logger = logging.getLogger("actprompt.worker")
 
 
-def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "worker",
         help="run a Celery worker that trains queued jobs (production mode)",
@@ -73,20 +73,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     parser.set_defaults(func=run_worker)
 
 
-def _configure_logging(level: str, json_logs: bool) -> None:
-    """Use the service's structured logging when it exists; plain key=value lines otherwise."""
-    try:
-        from service import logs  # type: ignore[attr-defined]
+def _configure_logging(level: str, json_lines: bool) -> None:
+    from service.log import configure_logging
 
-        logs.configure_logging(level=level, json=json_logs)
-        return
-    except (ImportError, AttributeError, TypeError):
-        pass
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s level=%(levelname)s logger=%(name)s pid=%(process)d msg=%(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(level, json_lines=json_lines)
 
 
 def _touch_forever(path: Path, every: float = 5.0) -> None:
@@ -108,11 +98,18 @@ def run_worker(args: argparse.Namespace) -> int:
         return 2
     _configure_logging(args.loglevel or settings.log_level, settings.log_json)
 
+    from service.db.migrate import DatabaseNotMigrated, check_migrated
     from workers import celery_app
     from workers.celeryconfig import MAINTENANCE_QUEUE
 
     maintenance_queue = args.maintenance_queue or MAINTENANCE_QUEUE
     app = celery_app.configure(settings, maintenance_queue=maintenance_queue)
+    try:  # fail at start, not at the first job, on a database the migrations have not reached
+        engine = celery_app.session_factory().kw["bind"]
+        check_migrated(engine)
+    except DatabaseNotMigrated as exc:
+        print(f"actprompt worker: {exc}", file=sys.stderr)
+        return 2
     queues = [q.strip() for q in (args.queues or settings.train_queue()).split(",") if q.strip()]
     if args.beat and maintenance_queue not in queues:
         queues.append(maintenance_queue)

@@ -1,4 +1,4 @@
-"""Prefixed, time-ordered ids: 12 hex digits of milliseconds then 12 random ones, so id order = creation order."""
+"""Prefixed, time-ordered ids: hex milliseconds then random hex, so id order = creation order."""
 
 from __future__ import annotations
 

@@ -21,7 +21,15 @@ from sqlalchemy.orm import Mapped, deferred, mapped_column
 from service.db.base import Base, utcnow
 
 #: Every job state; `validating` is transient inside `POST /v1/jobs`.
-JOB_STATES: tuple[str, ...] = ("validating", "queued", "running", "cancelling", "succeeded", "failed", "cancelled")
+JOB_STATES: tuple[str, ...] = (
+    "validating",
+    "queued",
+    "running",
+    "cancelling",
+    "succeeded",
+    "failed",
+    "cancelled",
+)
 ACTIVE_JOB_STATES: tuple[str, ...] = ("validating", "queued", "running", "cancelling")
 TERMINAL_JOB_STATES: tuple[str, ...] = ("succeeded", "failed", "cancelled")
 
@@ -50,7 +58,7 @@ class ApiKey(Base):
 
 
 class Backbone(Base):
-    """A registered frozen model, shared by every tenant; its layer catalog is computed once at registration."""
+    """A frozen model shared by every tenant; its layer catalog is computed once, at registration."""
 
     __tablename__ = "backbones"
 
@@ -90,7 +98,9 @@ class Job(Base):
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     request_hash: Mapped[str | None] = mapped_column(String(64))
-    target_prompt_id: Mapped[str | None] = mapped_column(String(40))  # retrain into a new version of this prompt
+    target_prompt_id: Mapped[str | None] = mapped_column(
+        String(40)
+    )  # retrain into a new version of this prompt
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     validation_report: Mapped[dict[str, Any] | None] = mapped_column(JSON)
@@ -120,7 +130,9 @@ class JobEvent(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     tenant_id: Mapped[str] = mapped_column(String(40))
-    type: Mapped[str] = mapped_column(String(32))  # state | progress | epoch | validation | layer_search | log ...
+    type: Mapped[str] = mapped_column(
+        String(32)
+    )  # state | progress | epoch | validation | layer_search | log ...
     level: Mapped[str] = mapped_column(String(8), default="info")
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -20,7 +20,7 @@ def normalize_url(url: str) -> str:
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine; for SQLite: the parent folder is created, WAL + a busy timeout let threads share the file."""
+    """An engine; SQLite: the folder is created, WAL + a busy timeout let threads share the file."""
     url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":

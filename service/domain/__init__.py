@@ -1,1 +1,1 @@
-"""Use cases shared by the gateway and the workers: no FastAPI, and torch only inside functions that need it."""
+"""Use cases shared by the gateway and the workers: no FastAPI; torch only inside functions."""

@@ -26,7 +26,7 @@ class BackboneRequest:
 
 
 def register_backbone(session: Session, request: BackboneRequest) -> Backbone:
-    """Build the model once on the CPU (so a bad name or checkpoint fails now, not in a job) and store its catalog."""
+    """Build the model once on the CPU (a bad name or checkpoint fails here, not in a job)."""
     repo = BackboneRepository(session)
     if repo.get(request.id) is not None:
         raise Conflict(f"backbone {request.id!r} already exists", code="backbone_exists", param="id")
@@ -75,7 +75,7 @@ def get_backbone(session: Session, backbone_id: str, *, param: str = "backbone_i
 
 
 def list_backbones(session: Session) -> list[Backbone]:
-    return BackboneRepository(session).list()
+    return BackboneRepository(session).list_all()
 
 
 def delete_backbone(session: Session, backbone_id: str) -> None:

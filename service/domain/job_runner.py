@@ -24,7 +24,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.base import utcnow
 from service.db.models import Checkpoint, Job
-from service.db.repositories import BackboneRepository, CheckpointRepository, JobEventRepository, JobLeaseRepository
+from service.db.repositories import (
+    BackboneRepository,
+    CheckpointRepository,
+    JobEventRepository,
+    JobLeaseRepository,
+)
 from service.domain.backbones import BackboneCache
 from service.domain.prompts import store_prompt
 from service.settings import Settings
@@ -49,7 +54,7 @@ _TRAIN_CONFIG_KEYS = (
 )
 
 
-class RunOutcome(str, enum.Enum):
+class RunOutcome(enum.StrEnum):
     """What `run_job` did; a caller that re-enqueues on RETRY saves waiting for the reaper."""
 
     NOT_CLAIMED = "not_claimed"
@@ -122,7 +127,7 @@ def run_job(
     settings: Settings,
     stop_event: threading.Event | None = None,
 ) -> RunOutcome:
-    """Claim and run one job to a final (or retry) state. Safe to call twice: only one caller wins the lease."""
+    """Claim and run one job to a final (or retry) state. Safe to call twice: one caller wins the lease."""
     now = utcnow()
     with session_factory() as session:
         lease = JobLeaseRepository(session)
@@ -153,13 +158,22 @@ def _settle_unclaimable(session: Session, job_id: str, now: datetime) -> None:
     if job is None or job.lease_expires_at is None or job.lease_expires_at >= now:
         return
     if job.status == "running" and job.attempts >= job.max_attempts:
-        error = {"code": "worker_lost", "message": f"the worker stopped during attempt {job.attempts}; no attempts left"}
-        if lease.update_if_status(job_id, ("running",), status="failed", error=error, finished_at=now, updated_at=now):
-            JobEventRepository.add(session, job, "state", error["message"], {"status": "failed"}, level="error")
+        error = {
+            "code": "worker_lost",
+            "message": f"the worker stopped during attempt {job.attempts}; no attempts left",
+        }
+        if lease.update_if_status(
+            job_id, ("running",), status="failed", error=error, finished_at=now, updated_at=now
+        ):
+            JobEventRepository.add(
+                session, job, "state", error["message"], {"status": "failed"}, level="error"
+            )
     elif job.status == "cancelling" and lease.update_if_status(
         job_id, ("cancelling",), status="cancelled", finished_at=now, updated_at=now
     ):
-        JobEventRepository.add(session, job, "state", "cancelled (its worker was gone)", {"status": "cancelled"})
+        JobEventRepository.add(
+            session, job, "state", "cancelled (its worker was gone)", {"status": "cancelled"}
+        )
 
 
 class _JobRun:
@@ -235,7 +249,9 @@ class _JobRun:
             session.commit()
             return True
 
-    def _event(self, type_: str, message: str, data: dict[str, Any] | None = None, level: str = "info") -> None:
+    def _event(
+        self, type_: str, message: str, data: dict[str, Any] | None = None, level: str = "info"
+    ) -> None:
         self._write(event=(type_, message, data), level=level)
 
     # --- main ---------------------------------------------------------------------------------------
@@ -260,7 +276,9 @@ class _JobRun:
                 return self._stopped()
             code = str(getattr(exc, "code", "engine_error"))
             error = {"code": code, "message": str(exc) or code, "param": getattr(exc, "param", None)}
-            return self._finish("failed", RunOutcome.FAILED, error=error, message=f"failed: {error['message']}")
+            return self._finish(
+                "failed", RunOutcome.FAILED, error=error, message=f"failed: {error['message']}"
+            )
         except Exception as exc:
             if self.should_stop():
                 return self._stopped()
@@ -297,7 +315,7 @@ class _JobRun:
             return RunOutcome.LOST
         if self.cancel_requested.is_set():
             return self._finish("cancelled", RunOutcome.CANCELLED, message="cancelled")
-        # Process shutdown: give the attempt back and leave the job for the next start (resumes from checkpoint).
+        # Process shutdown: give the attempt back; the next start resumes the job from its checkpoint.
         ok = self._write(
             event=("state", "interrupted by a worker shutdown; queued again", {"status": "queued"}),
             status="queued",
@@ -319,7 +337,11 @@ class _JobRun:
     ) -> RunOutcome:
         level = "error" if status == "failed" else "info"
         ok = self._write(
-            event=("state", message, {"status": status, **({"error": error} if error else {}), **(data or {})}),
+            event=(
+                "state",
+                message,
+                {"status": status, **({"error": error} if error else {}), **(data or {})},
+            ),
             level=level,
             status=status,
             error=error,
@@ -399,7 +421,11 @@ class _JobRun:
             index, rows = auto_select_layer(backbone, train, val)
             layers = [int(index)]
             self._write(
-                event=("layer_search", f"auto selected layer {index}", {"layer": int(index), "sweep": _jsonable(rows)}),
+                event=(
+                    "layer_search",
+                    f"auto selected layer {index}",
+                    {"layer": int(index), "sweep": _jsonable(rows)},
+                ),
                 resolved_layers=layers,
             )
             self._check_stop()
@@ -418,7 +444,9 @@ class _JobRun:
             if latest is not None:
                 resume = EngineCheckpoint.from_bytes(latest.data)
         if resume is not None:
-            self._event("log", f"resuming from the checkpoint after epoch {resume.epoch}", {"epoch": resume.epoch})
+            self._event(
+                "log", f"resuming from the checkpoint after epoch {resume.epoch}", {"epoch": resume.epoch}
+            )
 
         callbacks = TrainCallbacks(
             on_progress=self._on_progress,
@@ -428,7 +456,8 @@ class _JobRun:
         )
         self._event(
             "log",
-            f"training {job.method} on layers {list(method_config.prompt_layers)} for {train_config.epochs} epochs "
+            f"training {job.method} on layers {list(method_config.prompt_layers)} "
+            f"for {train_config.epochs} epochs "
             f"on {device}",
             {"layers": list(method_config.prompt_layers), "device": device},
         )
@@ -474,7 +503,8 @@ class _JobRun:
         self._write(
             event=(
                 "epoch",
-                f"epoch {metrics.epoch}: loss {metrics.train_loss:.4f}, train acc {metrics.train_accuracy:.4f}{val}",
+                f"epoch {metrics.epoch}: loss {metrics.train_loss:.4f}, "
+                f"train acc {metrics.train_accuracy:.4f}{val}",
                 data,
             ),
             progress={
@@ -557,10 +587,17 @@ class _JobRun:
                     job,
                     "state",
                     f"succeeded: prompt {prompt.prompt_id}@{prompt.version} ({prompt.size_bytes} bytes)",
-                    {"status": "succeeded", "prompt": f"{prompt.prompt_id}@{prompt.version}", "metrics": metrics},
+                    {
+                        "status": "succeeded",
+                        "prompt": f"{prompt.prompt_id}@{prompt.version}",
+                        "metrics": metrics,
+                    },
                 )
                 session.commit()
-                log.info("job succeeded", extra={"job_id": self.job.id, "prompt": f"{prompt.prompt_id}@{prompt.version}"})
+                log.info(
+                    "job succeeded",
+                    extra={"job_id": self.job.id, "prompt": f"{prompt.prompt_id}@{prompt.version}"},
+                )
                 return RunOutcome.SUCCEEDED
         raise RuntimeError("could not allocate a prompt version")
 

@@ -56,7 +56,9 @@ def check_dataset_uri(uri: str, settings: Settings) -> None:
     scheme = parsed.scheme.lower()
     if scheme == "file":
         if parsed.netloc not in ("", "localhost"):
-            raise BadRequest("file:// URIs must be local paths", code="invalid_dataset_uri", param="dataset_uri")
+            raise BadRequest(
+                "file:// URIs must be local paths", code="invalid_dataset_uri", param="dataset_uri"
+            )
         path = Path(unquote(parsed.path)).resolve()
         roots = settings.data_root_paths
         if not any(path.is_relative_to(root) for root in roots):
@@ -66,10 +68,14 @@ def check_dataset_uri(uri: str, settings: Settings) -> None:
                 param="dataset_uri",
             )
         if not path.exists():
-            raise BadRequest(f"dataset path {path} does not exist", code="invalid_dataset_uri", param="dataset_uri")
+            raise BadRequest(
+                f"dataset path {path} does not exist", code="invalid_dataset_uri", param="dataset_uri"
+            )
     elif scheme in ("http", "https"):
         if not settings.allow_http_datasets:
-            raise BadRequest("http(s) dataset URIs are disabled", code="invalid_dataset_uri", param="dataset_uri")
+            raise BadRequest(
+                "http(s) dataset URIs are disabled", code="invalid_dataset_uri", param="dataset_uri"
+            )
         if not parsed.hostname:
             raise BadRequest("dataset URI has no host", code="invalid_dataset_uri", param="dataset_uri")
     else:
@@ -83,7 +89,7 @@ def check_dataset_uri(uri: str, settings: Settings) -> None:
 def create_job(
     session: Session, tenant_id: str, request: JobRequest, *, idempotency_key: str | None, settings: Settings
 ) -> tuple[Job, bool]:
-    """Validate and insert a `queued` job (not committed). Returns (job, created); created=False on a replay."""
+    """Validate and insert a `queued` job (not committed); returns (job, created=False on a replay)."""
     jobs = JobRepository(session, tenant_id)
     fingerprint = request.fingerprint()
     if idempotency_key:
@@ -94,7 +100,9 @@ def create_job(
     methods = servable_methods()
     if request.method not in methods:
         raise InvalidInput(
-            f"unknown method {request.method!r}; one of {', '.join(methods)}", code="invalid_method", param="method"
+            f"unknown method {request.method!r}; one of {', '.join(methods)}",
+            code="invalid_method",
+            param="method",
         )
     if request.method == "activation":
         resolved: list[int] | None = (
@@ -113,7 +121,8 @@ def create_job(
         raise NotFound(f"no prompt {request.prompt_id!r}", code="prompt_not_found", param="prompt_id")
     if jobs.count_active() >= settings.max_active_jobs_per_tenant:
         raise TooManyRequests(
-            f"at most {settings.max_active_jobs_per_tenant} active jobs per tenant", code="too_many_active_jobs"
+            f"at most {settings.max_active_jobs_per_tenant} active jobs per tenant",
+            code="too_many_active_jobs",
         )
     now = utcnow()
     job = Job(
@@ -164,7 +173,9 @@ def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
     return job
 
 
-def list_jobs(session: Session, tenant_id: str, *, limit: int, after: str | None, status: str | None) -> list[Job]:
+def list_jobs(
+    session: Session, tenant_id: str, *, limit: int, after: str | None, status: str | None
+) -> list[Job]:
     return JobRepository(session, tenant_id).list(limit=limit, after=after, status=status)
 
 
@@ -173,7 +184,9 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
     job = get_job(session, tenant_id, job_id)
     lease = JobLeaseRepository(session)
     now = utcnow()
-    if lease.update_if_status(job.id, ("validating", "queued"), status="cancelled", finished_at=now, updated_at=now):
+    if lease.update_if_status(
+        job.id, ("validating", "queued"), status="cancelled", finished_at=now, updated_at=now
+    ):
         JobEventRepository.add(session, job, "state", "cancelled before it ran", {"status": "cancelled"})
     elif lease.update_if_status(job.id, ("running",), status="cancelling", updated_at=now):
         JobEventRepository.add(session, job, "state", "cancel requested", {"status": "cancelling"})
@@ -186,7 +199,9 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
     return job
 
 
-def list_events(session: Session, tenant_id: str, job_id: str, *, after: int | None, limit: int) -> list[JobEvent]:
+def list_events(
+    session: Session, tenant_id: str, job_id: str, *, after: int | None, limit: int
+) -> list[JobEvent]:
     get_job(session, tenant_id, job_id)
     return JobEventRepository(session, tenant_id).list(job_id, after=after, limit=limit)
 

@@ -53,7 +53,9 @@ class SimplePredictor:
         self._lock = threading.Lock()  # one forward at a time per process keeps Backbone.run single-caller
         self._cache_lock = threading.Lock()
 
-    async def predict(self, prompt: PromptHandle, images: Sequence[bytes], top_k: int) -> list[list[Prediction]]:
+    async def predict(
+        self, prompt: PromptHandle, images: Sequence[bytes], top_k: int
+    ) -> list[list[Prediction]]:
         return await anyio.to_thread.run_sync(self._predict_sync, prompt, list(images), top_k)
 
     async def aclose(self) -> None:
@@ -99,6 +101,9 @@ class SimplePredictor:
         values, indices = probs.topk(k, dim=-1)
         classes = list(artifact.classes)
         return [
-            [Prediction(label=str(classes[j]), index=int(j), probability=float(p)) for p, j in zip(row_p, row_i, strict=True)]
+            [
+                Prediction(label=str(classes[j]), index=int(j), probability=float(p))
+                for p, j in zip(row_p, row_i, strict=True)
+            ]
             for row_p, row_i in zip(values.tolist(), indices.tolist(), strict=True)
         ]

@@ -1,4 +1,4 @@
-"""Prompt versions: references (`prm_x`, `prm_x@3`), import/export of artifacts, and resolving one for predict."""
+"""Prompt versions: references (`prm_x`, `prm_x@3`), artifact import, resolving one for predict."""
 
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ def parse_ref(ref: str, *, param: str = "prompt") -> tuple[str, int | None]:
     return match.group("id"), int(version) if version else None
 
 
-def get_prompt(session: Session, tenant_id: str, ref: str, *, with_artifact: bool = False, param: str = "prompt_id") -> Prompt:
+def get_prompt(
+    session: Session, tenant_id: str, ref: str, *, with_artifact: bool = False, param: str = "prompt_id"
+) -> Prompt:
     prompt_id, version = parse_ref(ref, param=param)
     prompt = PromptRepository(session, tenant_id).get(prompt_id, version, with_artifact=with_artifact)
     if prompt is None:
@@ -116,7 +118,9 @@ def import_prompt(
     except EngineError as exc:
         raise from_engine_error(exc, default_param="artifact") from exc
     except Exception as exc:  # a corrupt upload must be a 422, whatever the parser raised
-        raise InvalidInput(f"not a prompt artifact: {exc}", code="invalid_artifact", param="artifact") from exc
+        raise InvalidInput(
+            f"not a prompt artifact: {exc}", code="invalid_artifact", param="artifact"
+        ) from exc
     spec_hash = getattr(artifact, "spec_hash", None) or artifact_backbone_hash(artifact.metadata)
     backbones = BackboneRepository(session).find_by_spec_hash(spec_hash) if spec_hash else []
     if not backbones:
@@ -131,7 +135,9 @@ def import_prompt(
             raise NotFound(f"no prompt {prompt_id!r}", code="prompt_not_found", param="prompt_id")
         prompt_id = pid
     if artifact.method not in _servable():
-        raise InvalidInput(f"method {artifact.method!r} cannot be served", code="invalid_artifact", param="artifact")
+        raise InvalidInput(
+            f"method {artifact.method!r} cannot be served", code="invalid_artifact", param="artifact"
+        )
     shape = artifact.metadata.get("prompt_shape") or artifact.metadata.get("shape")
     return store_prompt(
         session,
@@ -142,7 +148,9 @@ def import_prompt(
         prompt_layers=[int(i) for i in artifact.prompt_layers],
         prompt_shape=shape if isinstance(shape, str) else None,
         classes=list(artifact.classes),
-        metrics=artifact.metadata.get("metrics") if isinstance(artifact.metadata.get("metrics"), dict) else None,
+        metrics=artifact.metadata.get("metrics")
+        if isinstance(artifact.metadata.get("metrics"), dict)
+        else None,
         name=name,
         prompt_id=prompt_id,
         imported=True,

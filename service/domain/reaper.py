@@ -1,4 +1,4 @@
-"""The reaper: finds jobs whose worker is gone (lease expired) or whose broker message was lost, and re-queues them.
+"""The reaper: re-queues jobs whose worker is gone (lease expired) or whose broker message was lost.
 
 The database is the source of truth: whatever the broker holds, a job that is `queued` or `running` in the
 database eventually runs or ends `failed` with the reason, after a bounded number of attempts.
@@ -59,7 +59,11 @@ def reap(
                 report.resent.append(job.id)
         elif requeue_stale_queued:
             stale_before = now - timedelta(seconds=settings.queued_stale_seconds)
-            for job in lease.stale_queued(stale_before):
+            stale = lease.stale_queued(stale_before)
+            waiting = _waiting_in_broker(queue) if stale else None
+            for job in stale:
+                if waiting is not None and job.id in waiting:
+                    continue  # its message is in the broker, waiting its turn: not lost, nothing to re-send
                 _resend_stale(session, job, now, settings, report, to_send)
         session.commit()
     for job_id in to_send:
@@ -70,6 +74,20 @@ def reap(
     if report.requeued or report.resent or report.failed or report.cancelled:
         log.info("reaped", extra={"report": report.__dict__})
     return report
+
+
+def _waiting_in_broker(queue: _Enqueuer) -> set[str] | None:
+    """Job ids the broker still holds, when the queue can tell (the workers' `BrokerJobQueue`).
+
+    None = unknown: then every stale queued job is re-sent (duplicates are harmless, one claim wins)."""
+    probe = getattr(queue, "waiting_job_ids", None)
+    if probe is None:
+        return None
+    try:
+        return set(probe())
+    except Exception:
+        log.exception("could not list the jobs waiting in the broker; re-sending every stale queued job")
+        return None
 
 
 def _guarded(session: Session, job: Job, now: datetime, **values: object) -> bool:
@@ -88,17 +106,24 @@ def _reap_orphan(session: Session, job: Job, now: datetime, report: ReapReport, 
     who = job.lease_owner or "unknown worker"
     if job.status == "cancelling":
         if _guarded(session, job, now, status="cancelled", finished_at=now, lease_expires_at=None):
-            JobEventRepository.add(session, job, "state", f"cancelled ({who} is gone)", {"status": "cancelled"})
+            JobEventRepository.add(
+                session, job, "state", f"cancelled ({who} is gone)", {"status": "cancelled"}
+            )
             report.cancelled.append(job.id)
     elif job.attempts >= job.max_attempts:
         error = {
             "code": "worker_lost",
-            "message": f"{who} stopped renewing its lease during attempt {job.attempts} of {job.max_attempts}",
+            "message": f"{who} stopped renewing its lease during attempt {job.attempts} "
+            f"of {job.max_attempts}",
         }
         if _guarded(session, job, now, status="failed", error=error, finished_at=now, lease_expires_at=None):
-            JobEventRepository.add(session, job, "state", error["message"], {"status": "failed"}, level="error")
+            JobEventRepository.add(
+                session, job, "state", error["message"], {"status": "failed"}, level="error"
+            )
             report.failed.append(job.id)
-    elif _guarded(session, job, now, status="queued", lease_owner=None, lease_expires_at=None, enqueued_at=now):
+    elif _guarded(
+        session, job, now, status="queued", lease_owner=None, lease_expires_at=None, enqueued_at=now
+    ):
         JobEventRepository.add(
             session,
             job,
@@ -117,14 +142,21 @@ def _resend_stale(
     if job.requeues >= settings.max_requeues:
         error = {
             "code": "not_picked_up",
-            "message": f"no worker took the job after {job.requeues} re-sends (is a worker consuming the queue?)",
+            "message": f"no worker took the job after {job.requeues} re-sends "
+            "(is a worker consuming the queue?)",
         }
         if _guarded(session, job, now, status="failed", error=error, finished_at=now):
-            JobEventRepository.add(session, job, "state", error["message"], {"status": "failed"}, level="error")
+            JobEventRepository.add(
+                session, job, "state", error["message"], {"status": "failed"}, level="error"
+            )
             report.failed.append(job.id)
     elif _guarded(session, job, now, requeues=job.requeues + 1, enqueued_at=now):
         JobEventRepository.add(
-            session, job, "log", "queued but not claimed for a while; sent to the broker again", {"requeues": job.requeues + 1}
+            session,
+            job,
+            "log",
+            "queued but not claimed for a while; sent to the broker again",
+            {"requeues": job.requeues + 1},
         )
         report.resent.append(job.id)
         to_send.append(job.id)

@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy.orm import Session
 
@@ -64,7 +65,11 @@ def create_key(session: Session, tenant_id: str, *, name: str | None = None) -> 
     get_tenant(session, tenant_id)
     secret = generate_key()
     key = ApiKey(
-        id=new_id("key"), tenant_id=tenant_id, prefix=secret[:VISIBLE_PREFIX_LEN], key_hash=hash_key(secret), name=name
+        id=new_id("key"),
+        tenant_id=tenant_id,
+        prefix=secret[:VISIBLE_PREFIX_LEN],
+        key_hash=hash_key(secret),
+        name=name,
     )
     ApiKeyRepository(session).add(key)
     return IssuedKey(key=key, secret=secret)
@@ -93,3 +98,17 @@ def authenticate(session: Session, raw_key: str | None, *, admin_key: str | None
     if key is None:
         raise Unauthorized("invalid or revoked API key")
     return Principal(is_admin=False, tenant_id=key.tenant_id, key_id=key.id)
+
+
+def load_or_create_admin_key(var_dir: Path) -> str:
+    """The embedded mode's admin key: read from `var_dir/admin_key`, or generated there (mode 600) once."""
+    path = var_dir / "admin_key"
+    if path.is_file():
+        key = path.read_text().strip()
+        if key:
+            return key
+    var_dir.mkdir(parents=True, exist_ok=True)
+    key = "admin_" + secrets.token_urlsafe(24)
+    path.write_text(key + "\n")
+    path.chmod(0o600)
+    return key

@@ -288,7 +288,7 @@ def fit(
         max_bytes=0 if config.augment else config.feature_cache_bytes,
         device=device,
     )
-    progress_every = max(1, steps // 10)
+    progress_every = max(1, math.ceil(steps / 10))  # at most ~10 events per epoch
     t_start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -19,10 +19,10 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -35,6 +35,8 @@ from service.serving.errors import PromptNotFoundError, ServingClosedError, Serv
 log = logging.getLogger(__name__)
 
 __all__ = ["BatchRunner", "BatchStats", "MicroBatcher"]
+
+T = TypeVar("T")
 
 
 class BatchRunner(Protocol):
@@ -125,10 +127,10 @@ class MicroBatcher:
         if self._own_executor:
             self.executor.shutdown(wait=True)
 
-    async def run_on_model_thread(self, fn: object, *args: object) -> object:
-        """Run ``fn(*args)`` on the model thread, ordered with the batches (used for pins and preloads)."""
+    async def run_on_model_thread(self, fn: Callable[..., T], *args: object) -> T:
+        """Run ``fn(*args)`` on the model thread, ordered with the batches (pins, oversized prompts)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, fn, *args)  # type: ignore[arg-type]
+        return await loop.run_in_executor(self.executor, fn, *args)
 
     # -- submission -------------------------------------------------------------------------------------
     async def submit(self, prompts: Sequence[LoadedPrompt], x: Tensor) -> list[Tensor]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from service.engine import ArtifactError, Backbone, BackboneSpec, create_backbone
+from service.engine import Backbone, BackboneSpec, create_backbone
 from service.engine.data import preprocess
+from service.engine.mixed_batch import predict_single
 from service.serving import metrics
 from service.serving.batcher import MicroBatcher
 from service.serving.cache import LoadedPrompt, PromptCache, PromptSource, SlotPolicy
@@ -48,7 +49,8 @@ class ServingConfig:
     #: lower bound: a batch of max_batch_rows different prompts needs as many slots; the byte budget is a
     #: worst case (a delta at every layer), so this floor rarely costs what the bound says
     min_slots: int = 64
-    #: head padding width of the slot table; an artifact with more classes cannot be served from it
+    #: head padding width of the slot table (slots x classes x features floats); a prompt with more classes
+    #: is served on its own pass instead (correct, not batched)
     max_classes: int = 100
     #: share of slots that pins may hold, so unpinned traffic always finds room
     pin_fraction: float = 0.5
@@ -155,16 +157,14 @@ class ServingPredictor:
         """Artifacts for ``keys`` (misses load concurrently), each checked once against the backbone."""
         prompts = await asyncio.gather(*(self.cache.get(k) for k in keys))
         for p in prompts:
-            if (p.key, p.generation) in srv.checked:
-                continue
-            p.artifact.check_backbone(srv.backbone)
-            if p.artifact.num_classes > self.config.max_classes:
-                raise ArtifactError(
-                    f"prompt has {p.artifact.num_classes} classes; this server serves at most "
-                    f"{self.config.max_classes} (setting max_classes)"
-                )
-            srv.checked.add((p.key, p.generation))
+            if (p.key, p.generation) not in srv.checked:
+                p.artifact.check_backbone(srv.backbone)  # ArtifactError: trained on another backbone
+                srv.checked.add((p.key, p.generation))
         return list(prompts)
+
+    def _bankable(self, p: LoadedPrompt) -> bool:
+        """Whether the slot table can hold ``p``; else it is served on its own (rare: a very wide head)."""
+        return p.artifact.num_classes <= self.config.max_classes
 
     def invalidate(self, key: str) -> None:
         """Never serve ``key`` again from any tier (call after its deletion or replacement committed)."""
@@ -225,18 +225,22 @@ class ServingPredictor:
         srv = await self.server(spec)
         unique = list(dict.fromkeys(keys))
         prompts = await self._load(srv, unique)
+        logits: dict[str, list[Tensor]] = {p.key: [] for p in prompts}
+        batched = [p for p in prompts if self._bankable(p)]
         # chunk so every submit fits one batch and the slot table: prompts first, then images
         per_group = max(1, min(srv.policy.max_prompts_per_request, self.config.max_batch_rows))
-        groups = [prompts[i : i + per_group] for i in range(0, len(prompts), per_group)]
+        groups = [batched[i : i + per_group] for i in range(0, len(batched), per_group)]
         n = int(x.shape[0])
-        jobs = []
+        jobs: list[tuple[list[LoadedPrompt], Awaitable[list[Tensor]]]] = []
         for group in groups:
             step = max(1, self.config.max_batch_rows // len(group))
             for i in range(0, n, step):
-                jobs.append((group, i, srv.batcher.submit(group, x[i : i + step])))
-        results = await asyncio.gather(*(job for _, _, job in jobs))
-        logits: dict[str, list[Tensor]] = {p.key: [] for p in prompts}
-        for (group, _, _), per_prompt in zip(jobs, results, strict=True):
+                jobs.append((group, srv.batcher.submit(group, x[i : i + step])))
+        for p in prompts:
+            if not self._bankable(p):
+                jobs.append(([p], self._single(srv, p, x)))
+        results = await asyncio.gather(*(job for _, job in jobs))
+        for (group, _), per_prompt in zip(jobs, results, strict=True):
             for p, lg in zip(group, per_prompt, strict=True):
                 logits[p.key].append(lg)  # [n_i, K], in image order
         by_key = {p.key: p for p in prompts}
@@ -248,6 +252,17 @@ class ServingPredictor:
             )
             for k in keys
         ]
+
+    async def _single(self, srv: _Server, p: LoadedPrompt, x: Tensor) -> list[Tensor]:
+        """The per-request path for a prompt the slot table cannot hold, on the same model thread."""
+        if not self.cache.is_current(p):
+            raise PromptNotFoundError(f"prompt {p.key!r} was deleted or replaced")
+
+        def run() -> list[Tensor]:
+            with torch.inference_mode():
+                return [predict_single(srv.backbone, p.artifact, x).float().cpu()]  # [N, K]
+
+        return await srv.batcher.run_on_model_thread(run)
 
     async def predict_images(
         self, spec: BackboneSpec, keys: Sequence[str], images: Sequence[np.ndarray], *, tenant_id: str = ""

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -38,7 +39,7 @@ RUN_ID = secrets.token_hex(3)
 
 #: Short leases so that a killed worker's job is re-queued within seconds, and a fast reaper.
 FAST_RECOVERY_ENV = {
-    "ACTPROMPT_LEASE_SECONDS": "4",
+    "ACTPROMPT_LEASE_SECONDS": "6",
     "ACTPROMPT_HEARTBEAT_SECONDS": "1",
     "ACTPROMPT_CANCEL_POLL_SECONDS": "0.2",
     "ACTPROMPT_REAPER_INTERVAL_SECONDS": "1",
@@ -102,7 +103,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def gtsrb_subset(data_root: Path) -> Path:
-    """A small slice of the real GTSRB (10 classes): enough to show a prompt that predicts, fast on 2 cores."""
+    """A slice of the real GTSRB (10 classes): enough to show a prompt that predicts, fast on 2 cores."""
     with np.load(DATA_DIR / "gtsrb32.npz", allow_pickle=False) as z:
         x_train, y_train = z["x_train"], z["y_train"].astype(np.int64)
         x_test, y_test = z["x_test"], z["y_test"].astype(np.int64)
@@ -137,6 +138,19 @@ class WorkerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def records(self, msg: str | None = None) -> list[dict[str, Any]]:
+        """The worker's structured log lines (one JSON object each), optionally only those with `msg`."""
+        out = []
+        for line in self.log().splitlines():
+            if line.startswith("{"):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if msg is None or record.get("msg") == msg:
+                    out.append(record)
+        return out
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -178,7 +192,7 @@ class Deployment:
                 "ACTPROMPT_DEVICE": "cpu",
                 "ACTPROMPT_DATA_ROOTS": str(self.data_root),
                 "ACTPROMPT_VAR_DIR": str(self.tmp / "var"),
-                "ACTPROMPT_LOG_JSON": "false",
+                "ACTPROMPT_LOG_JSON": "true",  # parsed by `WorkerProcess.records`
                 "ACTPROMPT_LOG_LEVEL": "INFO",
                 # Two shared cores: one intra-op thread per worker keeps two workers from thrashing.
                 "OMP_NUM_THREADS": "1",
@@ -246,7 +260,9 @@ class Deployment:
             **kw,
         )
         with self.session_factory() as session:
-            job, created = create_job(session, tenant_id, request, idempotency_key=None, settings=self.settings())
+            job, created = create_job(
+                session, tenant_id, request, idempotency_key=None, settings=self.settings()
+            )
             session.commit()
             job_id = str(job.id)
         assert created
@@ -257,13 +273,11 @@ class Deployment:
     def enqueue(self, job_id: str) -> None:
         from service.queue import CeleryQueue
 
-        queue = CeleryQueue(self.settings())
+        queue = CeleryQueue(REDIS_URL, self.train_queue)
         try:
             queue.enqueue(job_id)
         finally:
-            close = getattr(queue, "close", None)
-            if callable(close):
-                close()
+            queue.close()
 
     def job(self, job_id: str) -> Any:
         from service.db.models import Job
@@ -280,7 +294,9 @@ class Deployment:
         from service.db.models import JobEvent
 
         with self.session_factory() as session:
-            rows = list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
+            rows = list(
+                session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id))
+            )
             for row in rows:
                 session.expunge(row)
             return rows
@@ -327,7 +343,9 @@ def resnet20_backbone(session_factory: Any, resnet20_weights: str) -> str:
     from service.domain.backbones import BackboneRequest, register_backbone
 
     with session_factory() as session:
-        register_backbone(session, BackboneRequest(id="resnet20", model="resnet20_cifar", weights=resnet20_weights))
+        register_backbone(
+            session, BackboneRequest(id="resnet20", model="resnet20_cifar", weights=resnet20_weights)
+        )
         session.commit()
     return "resnet20"
 

@@ -44,7 +44,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 
 
 def test_services_present(services: dict[str, dict[str, Any]]) -> None:
-    assert REQUIRED_SERVICES <= set(services)
+    assert set(services) >= REQUIRED_SERVICES
     for name in ACTPROMPT_SERVICES:
         assert name in services, name
 
@@ -125,7 +125,5 @@ def test_dockerfile_stages_and_entrypoint() -> None:
 
 
 def test_dockerignore_keeps_local_state_out() -> None:
-    lines = {
-        line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines() if line.strip()
-    }
+    lines = {line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines() if line.strip()}
     assert {".git", ".venv", "var"} <= lines

@@ -1,1 +1,1 @@
-"""Celery task modules: thin, each takes an id (or nothing), re-reads the world, and calls `service.domain`."""
+"""Celery task modules: thin; each takes an id (or nothing), re-reads the world, calls `service.domain`."""

@@ -1,8 +1,13 @@
-"""Every query lives here. Tenant-facing repositories take a tenant id and filter by it in their base statement."""
+"""Every query lives here; tenant-facing repositories filter by the tenant in their base statement."""
 
 from service.db.repositories.backbones import BackboneRepository
 from service.db.repositories.base import Page, TenantScopedRepository
-from service.db.repositories.jobs import CheckpointRepository, JobEventRepository, JobLeaseRepository, JobRepository
+from service.db.repositories.jobs import (
+    CheckpointRepository,
+    JobEventRepository,
+    JobLeaseRepository,
+    JobRepository,
+)
 from service.db.repositories.prompts import PromptRepository
 from service.db.repositories.tenants import ApiKeyRepository, TenantRepository
 

@@ -20,7 +20,7 @@ class BackboneRepository:
     def get(self, backbone_id: str) -> Backbone | None:
         return self.session.get(Backbone, backbone_id)
 
-    def list(self) -> list[Backbone]:
+    def list_all(self) -> list[Backbone]:
         return list(self.session.scalars(select(Backbone).order_by(Backbone.id)))
 
     def find_by_spec_hash(self, spec_hash: str) -> list[Backbone]:

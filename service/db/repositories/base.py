@@ -30,5 +30,5 @@ class TenantScopedRepository(Generic[M]):
         self.session = session
         self.tenant_id = tenant_id
 
-    def base_statement(self) -> Select[tuple[M]]:
+    def base_statement(self) -> Select[M]:
         return select(self.model).where(self.model.tenant_id == self.tenant_id)

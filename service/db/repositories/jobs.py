@@ -62,7 +62,9 @@ class JobEventRepository(TenantScopedRepository[JobEvent]):
         *,
         level: str = "info",
     ) -> JobEvent:
-        event = JobEvent(job_id=job.id, tenant_id=job.tenant_id, type=type, message=message, data=data, level=level)
+        event = JobEvent(
+            job_id=job.id, tenant_id=job.tenant_id, type=type, message=message, data=data, level=level
+        )
         session.add(event)
         return event
 
@@ -88,8 +90,15 @@ class CheckpointRepository(TenantScopedRepository[Checkpoint]):
     @staticmethod
     def prune(session: Session, job_id: str, keep: int) -> None:
         """Delete all but the `keep` newest checkpoints of a job."""
-        keep_ids = select(Checkpoint.id).where(Checkpoint.job_id == job_id).order_by(Checkpoint.id.desc()).limit(keep)
-        stmt = delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.id.not_in(list(session.scalars(keep_ids))))
+        keep_ids = (
+            select(Checkpoint.id)
+            .where(Checkpoint.job_id == job_id)
+            .order_by(Checkpoint.id.desc())
+            .limit(keep)
+        )
+        stmt = delete(Checkpoint).where(
+            Checkpoint.job_id == job_id, Checkpoint.id.not_in(list(session.scalars(keep_ids)))
+        )
         session.execute(stmt)
 
 
@@ -140,7 +149,7 @@ class JobLeaseRepository:
         return self.session.scalar(stmt)
 
     def update_owned(self, job_id: str, worker_id: str, **values: Any) -> bool:
-        """Write only while we hold the lease, so a worker that lost its job cannot overwrite the new owner."""
+        """Write only while we hold the lease: a worker that lost its job cannot overwrite the new owner."""
         stmt = (
             update(Job)
             .where(Job.id == job_id, Job.lease_owner == worker_id)

@@ -18,12 +18,18 @@ class PromptRepository(TenantScopedRepository[Prompt]):
         self.session.flush()
         return prompt
 
-    def get(self, prompt_id: str, version: int | None = None, *, with_artifact: bool = False) -> Prompt | None:
+    def get(
+        self, prompt_id: str, version: int | None = None, *, with_artifact: bool = False
+    ) -> Prompt | None:
         """A version, or the latest one when `version` is None."""
         stmt = self.base_statement().where(Prompt.prompt_id == prompt_id)
         if with_artifact:
             stmt = stmt.options(undefer(Prompt.artifact))
-        stmt = stmt.where(Prompt.version == version) if version is not None else stmt.order_by(Prompt.version.desc())
+        stmt = (
+            stmt.where(Prompt.version == version)
+            if version is not None
+            else stmt.order_by(Prompt.version.desc())
+        )
         return self.session.scalars(stmt.limit(1)).first()
 
     def exists(self, prompt_id: str) -> bool:

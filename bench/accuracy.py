@@ -1,0 +1,500 @@
+"""Accuracy of AP against VP, linear probe, norm-tune and full fine-tuning on real weights and data.
+
+Protocol (fixed, stated budgets; the test split is never used to choose anything):
+1. Learning rate per (backbone, method variant): a small grid, trained on the first dataset at seed 0,
+   chosen by validation accuracy (the validation split is carved, stratified, from the training images).
+2. Layer sweep per (backbone, dataset): AP at every layer of the catalog (or every k-th on deep
+   backbones), one seed, the sweep budget. Its best layer *on validation* is the "AP best" layer.
+3. Headline: every method variant at the headline budget, several seeds; mean ± std of test accuracy.
+4. Auto layer: ``auto_select_layer`` on the same data; within 1 point of the sweep's best test accuracy?
+
+Results are appended to ``accuracy.json`` as they come; a rerun skips rows already there (resume).
+``python -m bench.accuracy [--quick] [--out DIR]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.common import (
+    DATA_DIR,
+    DATASETS,
+    REAL_BACKBONES,
+    log,
+    machine_info,
+    read_json,
+    results_dir,
+    set_threads,
+    write_json,
+)
+
+Tensors = tuple[torch.Tensor, torch.Tensor]
+
+#: Method variants: (engine method, how to build its MethodConfig beyond num_classes).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "ap_recommended": {"method": "activation", "layer": "recommended", "prompt_shape": "full"},
+    "ap_best": {"method": "activation", "layer": "best", "prompt_shape": "full"},
+    "ap_layer": {"method": "activation", "layer": "given", "prompt_shape": "full"},  # the sweep
+    "ap_channel": {"method": "activation", "layer": "recommended", "prompt_shape": "channel"},
+    "deep_ap": {"method": "activation", "layer": "all", "prompt_shape": "full"},
+    "vp_pad": {"method": "input", "input_variant": "pad"},
+    "vp_additive": {"method": "input", "input_variant": "additive"},
+    "linear": {"method": "linear"},
+    "norm": {"method": "norm"},
+    "full": {"method": "full"},
+}
+VARIANT_LABELS = {
+    "ap_recommended": "AP, recommended layer",
+    "ap_best": "AP, best layer (val)",
+    "ap_layer": "AP at a given layer (sweep)",
+    "ap_channel": "AP, channel shape",
+    "deep_ap": "deep AP (every block)",
+    "vp_pad": "VP, padding",
+    "vp_additive": "VP, additive",
+    "linear": "linear probe",
+    "norm": "norm-tune",
+    "full": "full fine-tuning",
+}
+PROMPT_LRS = (3e-3, 1e-2, 3e-2)
+FULL_LRS = (1e-4, 3e-4, 1e-3)
+
+
+@dataclass(frozen=True)
+class BackbonePlan:
+    variants: tuple[str, ...]
+    seeds: tuple[int, ...]
+    sweep_stride: int = 1  # 1 = every layer; k = every k-th plus the stem, the recommended and the last
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One benchmark budget; ``FULL`` and ``QUICK`` below."""
+
+    name: str
+    n_train: int
+    n_val: int
+    n_test: int
+    epochs: int
+    batch_size: int
+    sweep_n_train: int
+    sweep_epochs: int
+    datasets: tuple[str, ...]
+    backbones: dict[str, BackbonePlan]
+    lr_grid: bool = True  # False: a single lr per method family (1e-2 / 3e-4)
+    auto: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+ALL_VARIANTS = tuple(VARIANTS)
+FULL = Plan(
+    name="full",
+    n_train=2000,
+    n_val=400,
+    n_test=2000,
+    epochs=5,
+    batch_size=128,
+    sweep_n_train=1000,
+    sweep_epochs=4,
+    datasets=("gtsrb", "tinyimagenet", "mnist"),
+    backbones={
+        "resnet20_cifar": BackbonePlan(ALL_VARIANTS, seeds=(0, 1, 2)),
+        "resnet56_cifar": BackbonePlan(
+            ("ap_recommended", "ap_best", "deep_ap", "vp_pad", "linear", "norm"), seeds=(0,), sweep_stride=3
+        ),
+        "vit_cifar10_p4_d128_l6": BackbonePlan(
+            ("ap_recommended", "ap_best", "ap_channel", "deep_ap", "vp_pad", "linear", "norm"), seeds=(0,)
+        ),
+    },
+)
+QUICK = Plan(
+    name="quick",
+    n_train=500,
+    n_val=200,
+    n_test=500,
+    epochs=2,
+    batch_size=128,
+    sweep_n_train=500,
+    sweep_epochs=2,
+    datasets=("gtsrb", "mnist"),
+    backbones={
+        "resnet20_cifar": BackbonePlan(
+            ("ap_recommended", "ap_best", "deep_ap", "vp_pad", "linear", "norm"), seeds=(0,), sweep_stride=3
+        ),
+    },
+    lr_grid=False,
+)
+
+
+def lr_grid(variant: str, plan: Plan) -> tuple[float, ...]:
+    if variant == "full":
+        return FULL_LRS if plan.lr_grid else (3e-4,)
+    return PROMPT_LRS if plan.lr_grid else (1e-2,)
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    classes: list[str]
+    train: Tensors
+    val: Tensors
+    test: Tensors
+
+
+_DATA_CACHE: dict[tuple[Any, ...], Prepared] = {}
+
+
+def prepare(dataset: str, backbone: Any, plan: Plan) -> Prepared:
+    """Fixed subsets (seed 0) of a dataset, preprocessed for the backbone; same images for every method."""
+    from service.engine.data import ImageSet, LoadedDataset, load_dataset, preprocess, split_train_val
+
+    key = (dataset, backbone.input_size, backbone.spec.mean, backbone.spec.std, plan.n_train, plan.n_val)
+    if key in _DATA_CACHE:
+        return _DATA_CACHE[key]
+    ds = load_dataset(DATA_DIR / DATASETS[dataset])
+    assert ds.test is not None
+    rng = np.random.default_rng(0)
+    pick = rng.permutation(len(ds.train))[: plan.n_train + plan.n_val]
+    pool = LoadedDataset(ds.classes, ds.train.subset(pick), None, None, ds.report)
+    split = split_train_val(pool, plan.n_val / (plan.n_train + plan.n_val), seed=0)
+    assert split.val is not None
+
+    def tensors(images: ImageSet, limit: int | None = None) -> Tensors:
+        sub = images if limit is None else images.subset(np.arange(min(limit, len(images))))
+        x = preprocess(sub.images, backbone.input_size, backbone.spec.mean, backbone.spec.std)
+        return x, torch.from_numpy(sub.labels)
+
+    prepared = Prepared(ds.classes, tensors(split.train), tensors(split.val), tensors(ds.test, plan.n_test))
+    _DATA_CACHE[key] = prepared
+    return prepared
+
+
+# --- one training run ---------------------------------------------------------------------------
+
+
+def make_config(variant: str, backbone: Any, num_classes: int, layer: int | None) -> tuple[str, Any, Any]:
+    """(engine method, MethodConfig, the prompt_layer to record)."""
+    from service.engine.layers import resolve_prompt_layers
+    from service.engine.methods import MethodConfig
+
+    spec = VARIANTS[variant]
+    method = spec["method"]
+    if method == "activation":
+        if spec["layer"] == "all":
+            layers, record = resolve_prompt_layers(backbone.layers, "all"), "all"
+        else:
+            assert layer is not None
+            layers, record = (layer,), layer
+        cfg = MethodConfig(num_classes, prompt_layers=layers, prompt_shape=spec["prompt_shape"])
+        return method, cfg, record
+    if method == "input":
+        return method, MethodConfig(num_classes, input_variant=spec["input_variant"]), 0
+    return method, MethodConfig(num_classes), None
+
+
+class Runner:
+    """Trains and records runs; skips those already in the results file (so a cut run resumes)."""
+
+    def __init__(self, out_path: Path, plan: Plan) -> None:
+        self.out_path = out_path
+        self.plan = plan
+        old = read_json(out_path) or {}
+        self.rows: list[dict[str, Any]] = list(old.get("results", [])) if old.get("plan") == plan.name else []
+        self.extra: dict[str, Any] = {"lr": {}, "best_layer": {}, "auto": []}
+        if old.get("plan") == plan.name:
+            self.extra.update({k: old.get(k, v) for k, v in self.extra.items()})
+        self.started = time.perf_counter()
+
+    @staticmethod
+    def key(row: dict[str, Any]) -> str:
+        fields = (
+            "backbone",
+            "dataset",
+            "variant",
+            "prompt_layer",
+            "seed",
+            "learning_rate",
+            "n_train",
+            "epochs",
+        )
+        return json.dumps([row.get(f) for f in fields])
+
+    def save(self) -> None:
+        write_json(
+            self.out_path,
+            {
+                "plan": self.plan.name,
+                "budget": asdict(self.plan),
+                "machine": machine_info(),
+                "results": self.rows,
+                **self.extra,
+                "elapsed_seconds": time.perf_counter() - self.started,
+            },
+        )
+
+    def train(
+        self,
+        backbone_name: str,
+        backbone: Any,
+        dataset: str,
+        data: Prepared,
+        variant: str,
+        *,
+        seed: int,
+        lr: float,
+        role: str,
+        layer: int | None = None,
+        n_train: int | None = None,
+        epochs: int | None = None,
+    ) -> dict[str, Any]:
+        from service.engine.train import TrainConfig, fit
+
+        n = n_train or len(data.train[0])
+        ep = epochs or self.plan.epochs
+        method, mcfg, record = make_config(variant, backbone, len(data.classes), layer)
+        row: dict[str, Any] = {
+            "backbone": backbone_name,
+            "dataset": dataset,
+            "method": method,
+            "variant": variant,
+            "prompt_layer": record,
+            "prompt_shape": mcfg.prompt_shape if method == "activation" else None,
+            "input_variant": mcfg.input_variant if method == "input" else None,
+            "seed": seed,
+            "learning_rate": lr,
+            "n_train": n,
+            "epochs": ep,
+        }
+        k = self.key(row)
+        same = [old for old in self.rows if self.key(old) == k]
+        mine = [old for old in same if old["variant"] == variant and old["role"] == role]
+        if mine:
+            return mine[0]
+        if same:  # the identical run was already trained under another name or role: record, not retrain
+            copy = {**same[0], "variant": variant, "role": role, "reused": True}
+            self.rows.append(copy)
+            self.save()
+            return copy
+        cfg = TrainConfig(epochs=ep, batch_size=self.plan.batch_size, learning_rate=lr, seed=seed)
+        t0 = time.perf_counter()
+        result = fit(
+            backbone,
+            method,
+            mcfg,
+            (data.train[0][:n], data.train[1][:n]),
+            data.val,
+            data.test,
+            cfg,
+            classes=data.classes,
+        )
+        m = result.metrics
+        row.update(
+            {
+                "test_accuracy": m["test"]["top1"],
+                "val_accuracy": m["val"]["top1"],
+                "trainable_params": m["trainable_params"],
+                "train_seconds": m["train_seconds"],
+                "wall_seconds": time.perf_counter() - t0,
+                "role": role,
+            }
+        )
+        self.rows.append(row)
+        self.save()
+        log(
+            f"{backbone_name:>22} {dataset:>12} {variant:>14} layer={record!s:>4} seed={seed} lr={lr:g}: "
+            f"val {row['val_accuracy']:.3f} test {row['test_accuracy']:.3f} ({row['wall_seconds']:.0f}s, {role})"
+        )
+        return row
+
+
+# --- the protocol -------------------------------------------------------------------------------
+
+
+def sweep_layers(backbone: Any, stride: int) -> list[int]:
+    last = len(backbone.layers) - 1
+    if stride <= 1:
+        return list(range(0, last + 1))
+    return sorted({0, 1, backbone.recommended_layer, last, *range(1, last + 1, stride)})
+
+
+def run_backbone(runner: Runner, name: str, bplan: BackbonePlan, device: str) -> None:
+    from service.engine.backbones import BackboneSpec, create_backbone
+
+    plan = runner.plan
+    entry = REAL_BACKBONES[name]
+    backbone = create_backbone(
+        BackboneSpec(entry["model"], weights=Path(entry["weights"]).as_uri()), device=device
+    )
+    rec = backbone.recommended_layer
+    lr_dataset = plan.datasets[0]
+
+    # 1. learning rate per variant, on the first dataset's validation split (seed 0)
+    lr_data = prepare(lr_dataset, backbone, plan)
+    chosen: dict[str, float] = runner.extra["lr"].setdefault(name, {})
+    for variant in bplan.variants:
+        if variant in ("ap_best", "ap_layer") or variant in chosen:
+            continue
+        grid = lr_grid(variant, plan)
+        rows = [
+            runner.train(
+                name, backbone, lr_dataset, lr_data, variant, seed=0, lr=lr, role="lr_search", layer=rec
+            )
+            for lr in grid
+        ]
+        chosen[variant] = max(rows, key=lambda r: r["val_accuracy"])["learning_rate"]
+        runner.save()
+    ap_lr = chosen.get("ap_recommended", 1e-2)
+    chosen.setdefault("ap_best", ap_lr)
+
+    for dataset in plan.datasets:
+        data = prepare(dataset, backbone, plan)
+        # 2. layer sweep (one seed, the sweep budget); best layer by validation accuracy
+        sweep = [
+            runner.train(
+                name,
+                backbone,
+                dataset,
+                data,
+                "ap_layer",
+                seed=0,
+                lr=ap_lr,
+                role="sweep",
+                layer=layer,
+                n_train=plan.sweep_n_train,
+                epochs=plan.sweep_epochs,
+            )
+            for layer in sweep_layers(backbone, bplan.sweep_stride)
+        ]
+        candidates = [r for r in sweep if r["prompt_layer"] != 0]  # layer 0 is VP, not AP
+        best = max(candidates, key=lambda r: r["val_accuracy"])["prompt_layer"]
+        runner.extra["best_layer"].setdefault(name, {})[dataset] = best
+        runner.save()
+        # 3. headline runs
+        for variant in bplan.variants:
+            layer = best if variant == "ap_best" else rec
+            for seed in bplan.seeds:
+                runner.train(
+                    name,
+                    backbone,
+                    dataset,
+                    data,
+                    variant,
+                    seed=seed,
+                    lr=chosen[variant],
+                    role="headline",
+                    layer=layer,
+                )
+        # 4. auto layer
+        if plan.auto:
+            run_auto(runner, name, backbone, dataset, data, sweep)
+
+
+def _load_auto() -> Callable[..., Any] | None:
+    try:
+        from service.engine.layer_search import auto_select_layer
+    except ImportError:
+        return None
+    return auto_select_layer  # type: ignore[no-any-return]
+
+
+def run_auto(
+    runner: Runner, name: str, backbone: Any, dataset: str, data: Prepared, sweep: list[dict]
+) -> None:
+    """Does auto land within 1 point of the sweep's best (test) layer, and what does it cost?"""
+    done = {(a["backbone"], a["dataset"]) for a in runner.extra["auto"]}
+    if (name, dataset) in done:
+        return
+    auto = _load_auto()
+    if auto is None:
+        runner.extra["auto"].append(
+            {"backbone": name, "dataset": dataset, "error": "auto_select_layer missing"}
+        )
+        runner.save()
+        return
+    kwargs: dict[str, Any] = {}
+    params = inspect.signature(auto).parameters
+    if "classes" in params:
+        kwargs["classes"] = data.classes
+    if "num_classes" in params:
+        kwargs["num_classes"] = len(data.classes)
+    n = runner.plan.n_train
+    t0 = time.perf_counter()
+    try:
+        chosen, rows = auto(backbone, data.train, data.val, **kwargs)
+    except Exception as exc:  # report, do not lose the rest of the benchmark
+        runner.extra["auto"].append({"backbone": name, "dataset": dataset, "error": repr(exc)[:300]})
+        runner.save()
+        return
+    seconds = time.perf_counter() - t0
+    by_layer = {r["prompt_layer"]: r["test_accuracy"] for r in sweep}
+    best_layer = max((r for r in sweep if r["prompt_layer"] != 0), key=lambda r: r["test_accuracy"])
+    full_run = next(
+        (
+            r
+            for r in runner.rows
+            if r["backbone"] == name
+            and r["dataset"] == dataset
+            and r["variant"] == "ap_recommended"
+            and r["role"] == "headline"
+            and r["n_train"] == n
+        ),
+        None,
+    )
+    auto_acc = by_layer.get(int(chosen))
+    runner.extra["auto"].append(
+        {
+            "backbone": name,
+            "dataset": dataset,
+            "auto_layer": int(chosen),
+            "auto_seconds": seconds,
+            "full_run_seconds": full_run["wall_seconds"] if full_run else None,
+            "cost_fraction": seconds / full_run["wall_seconds"] if full_run else None,
+            "sweep_best_layer": best_layer["prompt_layer"],
+            "sweep_best_test": best_layer["test_accuracy"],
+            "auto_layer_sweep_test": auto_acc,
+            "within_1_point": None
+            if auto_acc is None
+            else bool(auto_acc >= best_layer["test_accuracy"] - 0.01),
+            "probe_rows": json.loads(json.dumps(rows, default=str))[:64],
+        }
+    )
+    runner.save()
+    log(f"auto {name} {dataset}: layer {chosen} in {seconds:.0f}s (sweep best {best_layer['prompt_layer']})")
+
+
+def run(plan: Plan, out_dir: Path, device: str = "cpu") -> dict[str, Any]:
+    set_threads()
+    runner = Runner(out_dir / "accuracy.json", plan)
+    for name, bplan in plan.backbones.items():
+        log(f"accuracy: {name}")
+        run_backbone(runner, name, bplan, device)
+    runner.save()
+    return read_json(runner.out_path)  # type: ignore[no-any-return]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    out = args.out or results_dir(args.quick)
+    run(QUICK if args.quick else FULL, out, args.device)
+    log(f"wrote {out / 'accuracy.json'}")
+
+
+if __name__ == "__main__":
+    main()

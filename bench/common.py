@@ -1,0 +1,263 @@
+"""Plumbing every benchmark shares: paths, machine info, timing, memory, results files and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: benchmarks run on servers and in CI
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+#: Real weights and data beside the checkout (never committed); ACTPROMPT_SHARED_DIR overrides.
+SHARED_DIR = Path(os.environ.get("ACTPROMPT_SHARED_DIR", REPO_ROOT.parent / "shared")).resolve()
+WEIGHTS_DIR = SHARED_DIR / "weights"
+DATA_DIR = SHARED_DIR / "data"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+#: Backbones with real weights (accuracy) and how to build them.
+REAL_BACKBONES: dict[str, dict[str, Any]] = {
+    "resnet20_cifar": {"model": "resnet20_cifar", "weights": WEIGHTS_DIR / "resnet20-12fca82f.th"},
+    "resnet56_cifar": {"model": "resnet56_cifar", "weights": WEIGHTS_DIR / "resnet56-4bfd9763.th"},
+    "vit_cifar10_p4_d128_l6": {
+        "model": "vit_cifar10_p4_d128_l6",
+        "weights": WEIGHTS_DIR / "vit_cifar10_p4_d128_l6.safetensors",
+    },
+}
+#: Downstream datasets: every .npz in ../shared/data except the backbones' source task (CIFAR-10).
+DATASETS: dict[str, str] = {
+    "gtsrb": "gtsrb32.npz",
+    "tinyimagenet": "tinyimagenet32.npz",
+    "mnist": "mnist10k.npz",
+}
+
+
+def results_dir(quick: bool) -> Path:
+    """Quick runs write beside, never over, the committed full results."""
+    path = RESULTS_DIR / "quick" if quick else RESULTS_DIR
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def set_threads(default: int = 2) -> int:
+    """One thread count for every benchmark (the CI machine has 2 cores); ACTPROMPT_BENCH_THREADS overrides."""
+    n = int(os.environ.get("ACTPROMPT_BENCH_THREADS", default))
+    torch.set_num_threads(n)
+    return n
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device | None = None) -> dict[str, Any]:
+    """What the numbers were measured on (they mean little without it)."""
+    device = device or torch.device("cpu")
+    info: dict[str, Any] = {
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "device_name": device_name(device),
+    }
+    try:
+        info["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    try:
+        import timm
+
+        info["timm"] = timm.__version__
+    except ImportError:
+        pass
+    try:
+        with open("/proc/cpuinfo") as fh:
+            models = [line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")]
+        if models:
+            info["cpu_model"] = models[0]
+    except OSError:
+        pass
+    return info
+
+
+def log(message: str) -> None:
+    """Timestamped progress line on stderr (the full run is long; its log is how you follow it)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- timing -------------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], Any], *, warmup: int, iters: int, device: torch.device) -> list[float]:
+    """Seconds of each of ``iters`` calls after ``warmup`` untimed ones (device synchronised)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    if not values:
+        return float("nan"), float("nan")
+    if len(values) == 1:
+        return float(values[0]), 0.0
+    return float(statistics.mean(values)), float(statistics.stdev(values))
+
+
+# --- memory -------------------------------------------------------------------------------------
+
+
+def current_rss_bytes() -> int:
+    """Resident set size now (Linux /proc; ru_maxrss elsewhere, an upper bound)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            pages = int(fh.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return peak_rss_bytes()
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's resident high-water mark (Linux >= 4.0), so a later peak is this phase's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """Resident-set high-water mark of this process: VmHWM (resettable), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss) * (1 if sys.platform == "darwin" else 1024)
+
+
+@dataclass
+class PeakMemory:
+    """Peak memory of a code region above what was resident when it began.
+
+    CPU: the process's resident high-water mark (reset at the start when the kernel allows, so earlier
+    transients such as model construction do not hide the region's own peak). CUDA: the allocator's peak.
+    """
+
+    device: torch.device
+    baseline: int = 0
+    peak: int = 0
+    method: str = ""
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device)
+            self.method = "torch.cuda.max_memory_allocated"
+        else:
+            self.method = "VmHWM (reset via clear_refs)" if reset_peak_rss() else "ru_maxrss"
+            self.baseline = current_rss_bytes()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.peak = peak_rss_bytes()
+
+    @property
+    def used(self) -> int:
+        """Bytes the region added at its peak."""
+        return max(0, self.peak - self.baseline)
+
+
+# --- results files ------------------------------------------------------------------------------
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write atomically (a reader never sees half a file; an interrupted run keeps the last good one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=False, default=_json_default) + "\n")
+    tmp.replace(path)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj)}")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join("" if v is None else str(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None or n != n:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def fmt_params(n: int | float | None) -> str:
+    if n is None:
+        return "n/a"
+    n = float(n)
+    if n >= 1e6:
+        return f"{n / 1e6:.2f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f}k"
+    return f"{n:.0f}"

@@ -1,0 +1,343 @@
+"""Training cost per method and per AP layer: step time, peak memory, trainable parameters.
+
+Each configuration runs in a fresh subprocess, so one configuration's allocations (and the allocator's
+cached pages) cannot inflate the next one's peak. Ratios are to VP (padding prompt) on the same
+backbone, batch and input size, measured in the same run. The feature-cache part trains a real
+prompt with ``fit`` and compares epoch 1 (which fills the cache) with the later epochs.
+
+``python -m bench.training_cost [--quick] [--device cpu|cuda] [--out DIR]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import (
+    DATA_DIR,
+    REAL_BACKBONES,
+    PeakMemory,
+    log,
+    machine_info,
+    median,
+    results_dir,
+    set_threads,
+    time_calls,
+    write_json,
+)
+
+GOAL_STEP_RATIO = 0.35  # AP at the CNN-preferred layer vs VP step time (DESIGN.md §6)
+GOAL_MEMORY_RATIO = 0.5  # ... and peak memory
+GOAL_CACHE_RATIO = 0.2  # cached epochs vs the first epoch
+NUM_CLASSES = 10
+
+
+def backbone_spec(name: str) -> dict[str, Any]:
+    """Spec kwargs: real weights for the CIFAR ResNet-20, random weights at 224 px for the big ones."""
+    if name in REAL_BACKBONES:
+        entry = REAL_BACKBONES[name]
+        return {"model": entry["model"], "weights": Path(entry["weights"]).as_uri()}
+    return {"model": name, "weights": "random"}
+
+
+def cost_plan(device: str, quick: bool) -> list[dict[str, Any]]:
+    """Per backbone: batch size, steps, and which layers get an AP configuration."""
+    cuda = device.startswith("cuda")
+    plan = [
+        {
+            "backbone": "resnet20_cifar",
+            "batch": 128,
+            "warmup": 2,
+            "iters": 3 if quick else 5,
+            "layers": "all",
+        },
+    ]
+    if not quick or cuda:
+        big_batch = 64 if cuda else 8
+        iters = 10 if cuda else 2
+        for name in ("resnet50", "vit_base_patch16_224"):
+            plan.append({"backbone": name, "batch": big_batch, "warmup": 1, "iters": iters, "layers": "some"})
+    return plan
+
+
+def configurations(entry: dict[str, Any], layers: list[dict[str, Any]], rec: int, quick: bool) -> list[dict]:
+    """The (method, layers) pairs measured for one backbone."""
+    last = len(layers) - 1
+    if entry["layers"] == "all" and not quick:
+        ap_layers = list(range(1, last + 1))
+    else:
+        picks = {1, max(1, round(last / 4)), max(1, round(last / 2)), rec, max(1, round(3 * last / 4)), last}
+        ap_layers = sorted({1, rec, last} if quick else picks)
+    configs: list[dict[str, Any]] = [
+        {"method": "input", "input_variant": "pad", "prompt_layer": 0},
+        {"method": "input", "input_variant": "additive", "prompt_layer": 0},
+        {"method": "linear", "prompt_layer": None},
+        {"method": "norm", "prompt_layer": None},
+    ]
+    configs += [{"method": "activation", "prompt_layer": i, "prompt_shape": "full"} for i in ap_layers]
+    configs.append({"method": "activation", "prompt_layer": rec, "prompt_shape": "channel"})
+    configs.append({"method": "activation", "prompt_layer": "all", "prompt_shape": "full"})
+    if not quick:
+        configs.append({"method": "full", "prompt_layer": None})
+    return configs
+
+
+# --- the worker: one configuration, in its own process ------------------------------------------
+
+
+def measure_one(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Build the backbone and method, run warm-up + timed training steps, measure the step's peak memory."""
+    from service.engine.backbones import BackboneSpec, create_backbone
+    from service.engine.layers import resolve_prompt_layers
+    from service.engine.methods import MethodConfig, create_method
+
+    set_threads()
+    device = torch.device(cfg["device"])
+    backbone = create_backbone(BackboneSpec(**cfg["spec"]), device=device)
+    h, w = backbone.input_size
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(cfg["batch"], 3, h, w, generator=gen).to(device)
+    y = torch.randint(0, NUM_CLASSES, (cfg["batch"],), generator=gen).to(device)
+    layer = cfg.get("prompt_layer")
+    layers: tuple[int, ...] = ()
+    if cfg["method"] == "activation":
+        layers = resolve_prompt_layers(backbone.layers, layer)
+    mcfg = MethodConfig(
+        num_classes=NUM_CLASSES,
+        prompt_layers=layers,
+        prompt_shape=cfg.get("prompt_shape", "full"),
+        input_variant=cfg.get("input_variant", "pad"),
+    )
+    torch.manual_seed(0)
+    module = create_method(cfg["method"], backbone, mcfg)
+    module.train()
+    opt = torch.optim.AdamW(module.trainable_parameters(), lr=1e-3)
+    amp = device.type == "cuda"
+
+    def step(h_in: torch.Tensor | None = None) -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            hh = module.prefix(x) if h_in is None else h_in
+            logits = module.forward_from(hh)
+        loss = torch.nn.functional.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    with PeakMemory(device) as mem:
+        times = time_calls(step, warmup=cfg["warmup"], iters=cfg["iters"], device=device)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        cached_h = module.prefix(x)
+    cached = time_calls(lambda: step(cached_h), warmup=1, iters=cfg["iters"], device=device)
+    return {
+        "step_seconds": median(times),
+        "step_seconds_all": times,
+        "cached_step_seconds": median(cached),
+        "peak_memory_bytes": mem.used,
+        "memory_method": mem.method,
+        "trainable_params": module.num_trainable(),
+        "first_layer": module.first_layer,
+        "resolved_layers": list(layers),
+        "input_size": [h, w],
+        "num_layers": len(backbone.layers) - 1,
+        "recommended_layer": backbone.recommended_layer,
+    }
+
+
+def run_subprocess(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run ``measure_one`` in a fresh interpreter and parse its result line."""
+    cmd = [sys.executable, "-m", "bench.training_cost", "--worker", json.dumps(cfg)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return dict(json.loads(line[len("RESULT ") :]))
+    return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+
+
+def catalog(name: str, device: str) -> tuple[list[dict[str, Any]], int, tuple[int, int]]:
+    """The layer catalog of a backbone (built once in the parent, cheap next to the measurements)."""
+    from service.engine.backbones import BackboneSpec, create_backbone
+
+    bb = create_backbone(BackboneSpec(**backbone_spec(name)), device="cpu")
+    layers = [{"index": li.index, "name": li.name, "shape": list(li.shape)} for li in bb.layers]
+    return layers, bb.recommended_layer, bb.input_size
+
+
+# --- feature cache: epoch 1 vs later epochs, with the real training loop -------------------------
+
+
+def feature_cache_runs(device: str, quick: bool) -> list[dict[str, Any]]:
+    """Train ResNet-20 (real weights) on real GTSRB images with fit(); time every epoch."""
+    import numpy as np
+
+    from service.engine.backbones import BackboneSpec, create_backbone
+    from service.engine.data import load_dataset, preprocess
+    from service.engine.layers import resolve_prompt_layers
+    from service.engine.methods import MethodConfig
+    from service.engine.train import TrainConfig, fit
+
+    bb = create_backbone(BackboneSpec(**backbone_spec("resnet20_cifar")), device=device)
+    ds = load_dataset(DATA_DIR / "gtsrb32.npz")
+    n = 1000 if quick else 4000
+    idx = np.random.default_rng(0).permutation(len(ds.train))[:n]
+    x = preprocess(ds.train.images[idx], bb.input_size, bb.spec.mean, bb.spec.std)  # type: ignore[index]
+    y = torch.from_numpy(ds.train.labels[idx])
+    last = len(bb.layers) - 1
+    runs = []
+    layer_choices: list[tuple[str, Any]] = [("recommended", bb.recommended_layer), ("last block", last)]
+    if not quick:
+        layer_choices.append(("every block (deep AP)", "all"))
+    for label, layer in layer_choices:
+        layers = resolve_prompt_layers(bb.layers, layer)
+        cfg = TrainConfig(epochs=3 if quick else 4, batch_size=128, learning_rate=1e-2, seed=0)
+        res = fit(
+            bb,
+            "activation",
+            MethodConfig(len(ds.classes), prompt_layers=layers),
+            (x, y),
+            None,
+            None,
+            cfg,
+            classes=ds.classes,
+        )
+        secs = [float(e["seconds"]) for e in res.metrics["epochs"]]
+        later = sum(secs[1:]) / max(1, len(secs) - 1)
+        runs.append(
+            {
+                "backbone": "resnet20_cifar",
+                "prompt_layer": layer,
+                "label": label,
+                "n_images": n,
+                "epochs": cfg.epochs,
+                "first_epoch_seconds": secs[0],
+                "later_epoch_seconds": later,
+                "ratio": later / secs[0],
+                "epoch_seconds": secs,
+                "cache_bytes": res.metrics["feature_cache"]["bytes"],
+            }
+        )
+        log(f"feature cache {label}: epochs {[round(s, 2) for s in secs]}")
+    return runs
+
+
+# --- the driver ---------------------------------------------------------------------------------
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """step/memory ratios to VP (input, pad) on the same backbone, measured in this run."""
+    for row in rows:
+        vp = next(
+            (
+                r
+                for r in rows
+                if r["backbone"] == row["backbone"]
+                and r["method"] == "input"
+                and r.get("input_variant") == "pad"
+                and "error" not in r
+            ),
+            None,
+        )
+        if vp is None or "error" in row:
+            continue
+        row["step_ratio_to_vp"] = row["step_seconds"] / vp["step_seconds"]
+        row["cached_step_ratio_to_vp"] = row["cached_step_seconds"] / vp["step_seconds"]
+        row["memory_ratio_to_vp"] = (
+            row["peak_memory_bytes"] / vp["peak_memory_bytes"] if vp["peak_memory_bytes"] else None
+        )
+
+
+def run(quick: bool, device: str, out_dir: Path, timeout: float = 900.0) -> dict[str, Any]:
+    """Measure every configuration and write ``training_cost.json`` (rewritten after each row)."""
+    set_threads()
+    out_path = out_dir / "training_cost.json"
+    payload: dict[str, Any] = {
+        "machine": machine_info(torch.device(device)),
+        "quick": quick,
+        "goals": {
+            "step_ratio": GOAL_STEP_RATIO,
+            "memory_ratio": GOAL_MEMORY_RATIO,
+            "cache_ratio": GOAL_CACHE_RATIO,
+        },
+        "results": [],
+        "catalogs": {},
+    }
+    t0 = time.perf_counter()
+    for entry in cost_plan(device, quick):
+        name = entry["backbone"]
+        layers, rec, size = catalog(name, device)
+        payload["catalogs"][name] = {"layers": layers, "recommended_layer": rec}
+        for cfg in configurations(entry, layers, rec, quick):
+            job = {
+                **cfg,
+                "spec": backbone_spec(name),
+                "device": device,
+                "batch": entry["batch"],
+                "warmup": entry["warmup"],
+                "iters": entry["iters"],
+            }
+            t = time.perf_counter()
+            result = run_subprocess(job, timeout)
+            row = {
+                "backbone": name,
+                "input_size": list(size),
+                "method": cfg["method"],
+                "prompt_layer": cfg.get("prompt_layer"),
+                "prompt_shape": cfg.get("prompt_shape"),
+                "input_variant": cfg.get("input_variant"),
+                "batch_size": entry["batch"],
+                "device": device,
+                **result,
+            }
+            payload["results"].append(row)
+            add_ratios(payload["results"])
+            write_json(out_path, payload)
+            msg = (
+                result.get("error")
+                or f"step {row['step_seconds']:.3f}s mem {row['peak_memory_bytes'] / 2**20:.0f}MiB"
+            )
+            took = time.perf_counter() - t
+            log(f"cost {name} {cfg['method']} layer={cfg.get('prompt_layer')}: {msg} ({took:.0f}s)")
+    runs = feature_cache_runs(device, quick)
+    primary = runs[0]
+    payload["feature_cache"] = {
+        "first_epoch_seconds": primary["first_epoch_seconds"],
+        "later_epoch_seconds": primary["later_epoch_seconds"],
+        "ratio": primary["ratio"],
+        "backbone": primary["backbone"],
+        "prompt_layer": primary["prompt_layer"],
+        "runs": runs,
+    }
+    payload["total_seconds"] = time.perf_counter() - t0
+    write_json(out_path, payload)
+    return payload
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(measure_one(json.loads(args.worker))), flush=True)
+        return
+    out = args.out or results_dir(args.quick)
+    out.mkdir(parents=True, exist_ok=True)
+    run(args.quick, args.device, out)
+    log(f"wrote {out / 'training_cost.json'}")
+
+
+if __name__ == "__main__":
+    main()

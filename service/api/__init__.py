@@ -1,0 +1,1 @@
+"""The HTTP gateway (FastAPI only): parse, call the domain, shape the answer."""

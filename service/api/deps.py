@@ -1,0 +1,94 @@
+"""Typed dependency aliases: settings, the request's session, the caller, the queue, the predictor."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.domain.errors import Forbidden
+from service.domain.predict import Predictor
+from service.domain.tenants import Principal, authenticate
+from service.queue import JobQueue
+from service.settings import Settings
+
+_bearer = HTTPBearer(auto_error=False, description="A tenant API key, or the admin key for admin calls.")
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def _session_factory(request: Request) -> sessionmaker[Session]:
+    factory: sessionmaker[Session] = request.app.state.session_factory
+    return factory
+
+
+def _session(factory: Annotated[sessionmaker[Session], Depends(_session_factory)]) -> Iterator[Session]:
+    """The request is the unit of work: routes commit explicitly; anything uncommitted is rolled back."""
+    with factory() as session:
+        yield session
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+SessionFactoryDep = Annotated[sessionmaker[Session], Depends(_session_factory)]
+SessionDep = Annotated[Session, Depends(_session)]
+
+
+def _principal(
+    factory: SessionFactoryDep,
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    with factory() as session:
+        return authenticate(
+            session, credentials.credentials if credentials else None, admin_key=settings.admin_key
+        )
+
+
+PrincipalDep = Annotated[Principal, Depends(_principal)]
+
+
+def _tenant_id(principal: PrincipalDep) -> str:
+    if principal.tenant_id is None:
+        raise Forbidden("this call needs a tenant API key, not the admin key", code="tenant_key_required")
+    return principal.tenant_id
+
+
+def _admin(principal: PrincipalDep) -> Principal:
+    if not principal.is_admin:
+        raise Forbidden("this call needs the admin key", code="admin_key_required")
+    return principal
+
+
+TenantIdDep = Annotated[str, Depends(_tenant_id)]
+AdminDep = Annotated[Principal, Depends(_admin)]
+
+
+def _queue(request: Request) -> JobQueue:
+    queue: JobQueue = request.app.state.queue
+    return queue
+
+
+def _predictor(request: Request) -> Predictor:
+    predictor: Predictor = request.app.state.predictor
+    return predictor
+
+
+QueueDep = Annotated[JobQueue, Depends(_queue)]
+PredictorDep = Annotated[Predictor, Depends(_predictor)]
+
+
+def page_limit(limit: int, settings: Settings) -> int:
+    return max(1, min(limit, settings.page_size_max))
+
+
+def paginate(items: list[Any], limit: int, cursor_of: Any) -> tuple[list[Any], bool, str | None]:
+    """Items were fetched with limit + 1: split off the look-ahead row."""
+    has_more = len(items) > limit
+    items = items[:limit]
+    return items, has_more, (str(cursor_of(items[-1])) if has_more and items else None)

@@ -1,0 +1,100 @@
+"""The FastAPI app: `create_app(settings)`; long-lived resources are built in the lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+
+from service.api.errors import install_error_handlers
+from service.api.observability import Metrics, RequestMiddleware
+from service.api.routes import backbones, health, jobs, predict, prompts, tenants
+from service.db.migrate import check_migrated, upgrade
+from service.db.session import make_engine, make_session_factory
+from service.domain.predict import Predictor, SimplePredictor
+from service.domain.prompts import load_artifact_bytes
+from service.domain.tenants import load_or_create_admin_key
+from service.log import configure_logging
+from service.queue import InProcessQueue, create_queue
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("actprompt.api")
+
+
+def build_predictor(settings: Settings, session_factory: sessionmaker[Session]) -> Predictor:
+    """The predict path (the serving layer swaps in its micro-batcher here)."""
+
+    def load(key: int) -> bytes:
+        with session_factory() as session:
+            return load_artifact_bytes(session, key)
+
+    return SimplePredictor(load, device=settings.resolved_device())
+
+
+def resolve_admin_key(settings: Settings) -> Settings:
+    """Embedded mode without ACTPROMPT_ADMIN_KEY: the key stored under var_dir (generated once)."""
+    if settings.admin_key or not settings.is_embedded:
+        return settings
+    return settings.model_copy(update={"admin_key": load_or_create_admin_key(settings.var_dir)})
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    engine = make_engine(settings.database_url)
+    if settings.should_auto_migrate:
+        await run_in_threadpool(upgrade, settings.database_url)
+    else:
+        await run_in_threadpool(check_migrated, engine)  # DatabaseNotMigrated: refuse to start, say the fix
+    session_factory = make_session_factory(engine)
+    queue = create_queue(settings, session_factory)
+    app.state.session_factory = session_factory
+    app.state.queue = queue
+    app.state.predictor = build_predictor(settings, session_factory)
+    if not settings.admin_key:
+        log.warning("no ACTPROMPT_ADMIN_KEY: admin endpoints answer 401")
+    if isinstance(queue, InProcessQueue):
+        queue.start()
+    log.info(
+        "gateway started",
+        extra={
+            "database": engine.url.render_as_string(hide_password=True),
+            "mode": "embedded" if settings.is_embedded else "celery",
+        },
+    )
+    try:
+        yield
+    finally:
+        if isinstance(queue, InProcessQueue):
+            await run_in_threadpool(queue.stop)
+        else:
+            queue.close()
+        await app.state.predictor.aclose()
+        engine.dispose()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = resolve_admin_key(settings or get_settings())
+    configure_logging(settings.log_level, json_lines=settings.log_json)
+    app = FastAPI(
+        title="actprompt",
+        version="0.1.0",
+        summary="Activation prompts for frozen vision backbones, trained and served per tenant.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.session_factory = None
+    app.state.metrics = Metrics(lambda: app.state.session_factory)
+    install_error_handlers(app)
+    app.add_middleware(
+        RequestMiddleware,
+        max_body_bytes=lambda: app.state.settings.max_upload_bytes,
+        metrics=lambda: app.state.metrics,
+    )
+    for module in (health, tenants, backbones, jobs, prompts, predict):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,49 @@
+"""Liveness, readiness (database and queue), Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    state = request.app.state
+
+    def check_db() -> bool:
+        try:
+            with state.session_factory() as session:
+                session.execute(text("SELECT 1"))
+            return True
+        except Exception:
+            return False
+
+    database = await run_in_threadpool(check_db)
+    queue = await run_in_threadpool(state.queue.ping)
+    checks = {"database": "ok" if database else "down", "queue": "ok" if queue else "down"}
+    if database and queue:
+        return JSONResponse({"status": "ok", "checks": checks})
+    return JSONResponse(
+        status_code=503,
+        content={
+            "error": {"code": "not_ready", "message": f"not ready: {checks}", "param": None},
+            "checks": checks,
+        },
+    )
+
+
+@router.get("/metrics", response_class=Response)
+def metrics(request: Request) -> Response:
+    # The app's own registry (requests, job states) plus the process-wide one (serving, process stats).
+    body = generate_latest(request.app.state.metrics.registry) + generate_latest(REGISTRY)
+    return Response(content=body, media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,231 @@
+"""Jobs: submit (idempotent), list, get, cancel, events (paginated or live SSE), checkpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from sqlalchemy.exc import IntegrityError
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import (
+    QueueDep,
+    SessionDep,
+    SessionFactoryDep,
+    SettingsDep,
+    TenantIdDep,
+    page_limit,
+    paginate,
+)
+from service.api.schemas.common import ERROR_RESPONSES, ListPublic
+from service.api.schemas.jobs import CheckpointPublic, JobCreate, JobEventPublic, JobPublic, Progress
+from service.db.models import JOB_STATES, TERMINAL_JOB_STATES, Job, JobEvent
+from service.domain import jobs
+from service.domain.errors import Conflict
+from service.domain.jobs import JobRequest
+
+log = logging.getLogger("actprompt.api.jobs")
+router = APIRouter(tags=["jobs"], responses=ERROR_RESPONSES)
+
+JobStatus = Literal["validating", "queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+assert set(JobStatus.__args__) == set(JOB_STATES)  # type: ignore[attr-defined]
+
+
+def to_request(body: JobCreate) -> JobRequest:
+    return JobRequest(
+        backbone=body.backbone,
+        dataset_uri=body.dataset_uri,
+        prompt_layer=body.prompt_layer,
+        method=body.method,
+        prompt_shape=body.prompt_shape,
+        hyperparameters=body.hyperparameters.model_dump(),
+        name=body.name,
+        metadata=body.metadata,
+        prompt_id=body.prompt_id,
+    )
+
+
+def job_public(job: Job) -> JobPublic:
+    progress = job.progress or {}
+    return JobPublic(
+        id=job.id,
+        status=job.status,
+        backbone=job.backbone_id,
+        dataset_uri=job.dataset_uri,
+        method=job.method,
+        prompt_layer=job.prompt_layer,
+        resolved_layers=job.resolved_layers,
+        prompt_shape=job.prompt_shape,
+        hyperparameters=job.hyperparameters,
+        name=job.name,
+        metadata=job.metadata_ or {},
+        progress=Progress(
+            epoch=int(progress.get("epoch", 0)),
+            epochs=int(progress.get("epochs", job.hyperparameters.get("epochs", 0))),
+            fraction=float(progress.get("fraction", 0.0)),
+        ),
+        metrics=job.metrics,
+        validation_report=job.validation_report,
+        prompt_id=job.prompt_id,
+        prompt_version=job.prompt_version,
+        prompt=f"{job.prompt_id}@{job.prompt_version}" if job.prompt_id else None,
+        error=job.error,
+        attempts=job.attempts,
+        max_attempts=job.max_attempts,
+        worker_id=job.worker_id,
+        created_at=job.created_at,
+        enqueued_at=job.enqueued_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        updated_at=job.updated_at,
+    )
+
+
+def event_public(e: JobEvent) -> JobEventPublic:
+    return JobEventPublic(
+        id=e.id, type=e.type, level=e.level, message=e.message, data=e.data, created_at=e.created_at
+    )
+
+
+@router.post("/v1/jobs", status_code=202, response_model=JobPublic)
+def create_job(
+    body: JobCreate,
+    response: Response,
+    tenant_id: TenantIdDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    queue: QueueDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
+) -> JobPublic:
+    request = to_request(body)
+    job, created = jobs.create_job(
+        session, tenant_id, request, idempotency_key=idempotency_key, settings=settings
+    )
+    if created:
+        try:
+            session.commit()
+        except IntegrityError:  # the same Idempotency-Key raced us: answer with the winner
+            session.rollback()
+            if not idempotency_key:
+                raise
+            winner = jobs.find_idempotent_job(session, tenant_id, idempotency_key, request.fingerprint())
+            if winner is None:
+                raise Conflict("concurrent request with the same Idempotency-Key", code="conflict") from None
+            job, created = winner, False
+    if created:
+        queue.enqueue(job.id)  # only after the commit: a worker must find the row
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    return job_public(job)
+
+
+@router.get("/v1/jobs", response_model=ListPublic[JobPublic])
+def list_jobs(
+    tenant_id: TenantIdDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    limit: int = Query(20, ge=1, le=1000),
+    after: str | None = Query(
+        None, max_length=64, description="Cursor: the `next_cursor` of the previous page."
+    ),
+    status: JobStatus | None = Query(None),
+) -> ListPublic[JobPublic]:
+    limit = page_limit(limit, settings)
+    rows = jobs.list_jobs(session, tenant_id, limit=limit + 1, after=after, status=status)
+    rows, has_more, cursor = paginate(rows, limit, lambda j: j.id)
+    return ListPublic[JobPublic](data=[job_public(j) for j in rows], has_more=has_more, next_cursor=cursor)
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobPublic)
+def get_job(job_id: str, tenant_id: TenantIdDep, session: SessionDep) -> JobPublic:
+    return job_public(jobs.get_job(session, tenant_id, job_id))
+
+
+@router.post("/v1/jobs/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: str, tenant_id: TenantIdDep, session: SessionDep) -> JobPublic:
+    job = jobs.cancel_job(session, tenant_id, job_id)
+    session.commit()
+    return job_public(job)
+
+
+@router.get(
+    "/v1/jobs/{job_id}/events",
+    response_model=ListPublic[JobEventPublic],
+    responses={200: {"content": {"text/event-stream": {}}, "description": "JSON page, or an SSE stream."}},
+)
+async def list_events(
+    job_id: str,
+    request: Request,
+    tenant_id: TenantIdDep,
+    factory: SessionFactoryDep,
+    settings: SettingsDep,
+    limit: int = Query(100, ge=1, le=1000),
+    after: int | None = Query(None, ge=0, description="Cursor: events with a larger id."),
+    last_event_id: Annotated[int | None, Header(alias="Last-Event-ID", ge=0)] = None,
+) -> ListPublic[JobEventPublic] | StreamingResponse:
+    def page(after_id: int | None, n: int) -> tuple[list[JobEvent], str]:
+        with factory() as session:
+            events = jobs.list_events(session, tenant_id, job_id, after=after_id, limit=n)
+            return events, jobs.get_job(session, tenant_id, job_id).status
+
+    if "text/event-stream" in request.headers.get("accept", ""):
+        start = last_event_id if last_event_id is not None else after
+        await run_in_threadpool(page, start, 1)  # 404 before the stream starts
+        return StreamingResponse(
+            _stream(page, start),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    limit = page_limit(limit, settings)
+    rows, _status = await run_in_threadpool(page, after, limit + 1)
+    rows, has_more, cursor = paginate(rows, limit, lambda e: e.id)
+    return ListPublic[JobEventPublic](
+        data=[event_public(e) for e in rows], has_more=has_more, next_cursor=cursor
+    )
+
+
+async def _stream(
+    page: Callable[[int | None, int], tuple[list[JobEvent], str]],
+    after: int | None,
+    poll: float = 0.5,
+    keepalive: float = 15.0,
+) -> AsyncIterator[str]:
+    """Events as they are written; ends with `event: end` once the job is final and drained."""
+    last = after
+    quiet_since = time.monotonic()
+    while True:
+        events, status = await run_in_threadpool(page, last, 500)
+        for e in events:
+            data = event_public(e).model_dump(mode="json")
+            yield f"id: {e.id}\nevent: {e.type}\ndata: {json.dumps(data)}\n\n"
+            last = e.id
+        if events:
+            quiet_since = time.monotonic()
+            continue
+        if status in TERMINAL_JOB_STATES:
+            yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
+            return
+        if time.monotonic() - quiet_since > keepalive:
+            yield ": keepalive\n\n"
+            quiet_since = time.monotonic()
+        await asyncio.sleep(poll)
+
+
+@router.get("/v1/jobs/{job_id}/checkpoints", response_model=ListPublic[CheckpointPublic])
+def list_checkpoints(
+    job_id: str, tenant_id: TenantIdDep, session: SessionDep
+) -> ListPublic[CheckpointPublic]:
+    rows = jobs.list_checkpoints(session, tenant_id, job_id)
+    data = [
+        CheckpointPublic(
+            id=c.id, epoch=c.epoch, attempt=c.attempt, size_bytes=c.size_bytes, created_at=c.created_at
+        )
+        for c in rows
+    ]
+    return ListPublic[CheckpointPublic](data=data, has_more=False)

@@ -1,0 +1,83 @@
+"""Admin: tenants and their API keys."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Response
+
+from service.api.deps import AdminDep, SessionDep, SettingsDep, page_limit, paginate
+from service.api.schemas.common import ERROR_RESPONSES, ListPublic
+from service.api.schemas.tenants import (
+    KeyCreate,
+    KeyCreated,
+    KeyPublic,
+    TenantCreate,
+    TenantCreated,
+    TenantPublic,
+)
+from service.db.models import ApiKey, Tenant
+from service.domain import tenants
+
+router = APIRouter(tags=["admin"], responses=ERROR_RESPONSES)
+
+
+def _tenant(t: Tenant) -> TenantPublic:
+    return TenantPublic(id=t.id, name=t.name, created_at=t.created_at)
+
+
+def _key(k: ApiKey) -> KeyPublic:
+    return KeyPublic(
+        id=k.id,
+        tenant_id=k.tenant_id,
+        prefix=k.prefix,
+        name=k.name,
+        created_at=k.created_at,
+        revoked_at=k.revoked_at,
+    )
+
+
+@router.post("/v1/tenants", status_code=201, response_model=TenantCreated)
+def create_tenant(body: TenantCreate, _: AdminDep, session: SessionDep) -> TenantCreated:
+    tenant, issued = tenants.create_tenant(session, body.name)
+    session.commit()
+    return TenantCreated(**_tenant(tenant).model_dump(), api_key=issued.secret, key_id=issued.key.id)
+
+
+@router.get("/v1/tenants", response_model=ListPublic[TenantPublic])
+def list_tenants(
+    _: AdminDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    limit: int = Query(20, ge=1, le=1000),
+    after: str | None = Query(None, max_length=64),
+) -> ListPublic[TenantPublic]:
+    limit = page_limit(limit, settings)
+    rows, has_more, cursor = paginate(
+        tenants.list_tenants(session, limit=limit + 1, after=after), limit, lambda t: t.id
+    )
+    return ListPublic[TenantPublic](data=[_tenant(t) for t in rows], has_more=has_more, next_cursor=cursor)
+
+
+@router.get("/v1/tenants/{tenant_id}", response_model=TenantPublic)
+def get_tenant(tenant_id: str, _: AdminDep, session: SessionDep) -> TenantPublic:
+    return _tenant(tenants.get_tenant(session, tenant_id))
+
+
+@router.post("/v1/tenants/{tenant_id}/keys", status_code=201, response_model=KeyCreated)
+def create_key(tenant_id: str, _: AdminDep, session: SessionDep, body: KeyCreate | None = None) -> KeyCreated:
+    issued = tenants.create_key(session, tenant_id, name=body.name if body else None)
+    session.commit()
+    return KeyCreated(**_key(issued.key).model_dump(), api_key=issued.secret)
+
+
+@router.get("/v1/tenants/{tenant_id}/keys", response_model=ListPublic[KeyPublic])
+def list_keys(tenant_id: str, _: AdminDep, session: SessionDep) -> ListPublic[KeyPublic]:
+    return ListPublic[KeyPublic](
+        data=[_key(k) for k in tenants.list_keys(session, tenant_id)], has_more=False
+    )
+
+
+@router.delete("/v1/keys/{key_id}", status_code=204)
+def revoke_key(key_id: str, _: AdminDep, session: SessionDep) -> Response:
+    tenants.revoke_key(session, key_id)
+    session.commit()
+    return Response(status_code=204)

@@ -1,0 +1,1 @@
+"""API schemas, the `XCreate / XPublic / XsPublic` family; converted to domain inputs in one place each."""

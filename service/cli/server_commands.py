@@ -1,0 +1,100 @@
+"""`actprompt serve` (the gateway; embedded mode by default) and `actprompt db upgrade`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+WALKTHROUGH = """\
+actprompt is up: {url}   (OpenAPI: {url}/docs)
+mode: {mode}   database: {database}
+admin key: {admin_key}
+
+Walkthrough (copy-paste; needs curl and jq):
+
+  export AP={url} ADMIN={admin_key}
+  # 1. a tenant and its API key
+  export KEY=$(curl -s -X POST $AP/v1/tenants -H "Authorization: Bearer $ADMIN" \\
+      -H 'Content-Type: application/json' -d '{{"name": "demo"}}' | jq -r .api_key)
+  # 2. a backbone (admin): offline from a local checkpoint, or "weights": "hub" for timm's own weights
+  curl -s -X POST $AP/v1/backbones -H "Authorization: Bearer $ADMIN" -H 'Content-Type: application/json' \\
+      -d '{{"id": "resnet20", "model": "resnet20_cifar",
+           "weights": "file:///abs/path/resnet20-12fca82f.th"}}' \\
+      | jq '{{id, recommended_layer, layers: [.layers[] | {{index, name, shape}}]}}'
+  # 3. a training job on a dataset under a data root ({data_roots})
+  export JOB=$(curl -s -X POST $AP/v1/jobs -H "Authorization: Bearer $KEY" \\
+      -H 'Content-Type: application/json' \\
+      -d '{{"backbone": "resnet20", "dataset_uri": "file://{first_root}/my_dataset.npz",
+           "hyperparameters": {{"epochs": 5}}}}' | jq -r .id)
+  # 4. follow it (Ctrl-C when it ends), then read the result
+  curl -sN $AP/v1/jobs/$JOB/events -H "Authorization: Bearer $KEY" -H 'Accept: text/event-stream'
+  export PROMPT=$(curl -s $AP/v1/jobs/$JOB -H "Authorization: Bearer $KEY" | jq -r .prompt)
+  # 5. predict
+  curl -s -X POST $AP/v1/predict -H "Authorization: Bearer $KEY" -F prompt=$PROMPT -F images=@some_image.png
+"""
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.api.main import create_app, resolve_admin_key
+    from service.db.migrate import DatabaseNotMigrated, check_migrated
+    from service.db.session import make_engine
+    from service.settings import get_settings
+
+    settings = resolve_admin_key(get_settings())
+    if not settings.should_auto_migrate:
+        engine = make_engine(settings.database_url)
+        try:
+            check_migrated(engine)
+        except DatabaseNotMigrated as exc:
+            print(f"actprompt: refusing to start: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            engine.dispose()
+    url = f"http://{args.host}:{args.port}"
+    roots = settings.data_root_paths
+    print(
+        WALKTHROUGH.format(
+            url=url,
+            mode="embedded (in-process job runner)"
+            if settings.is_embedded
+            else f"celery ({settings.train_queue()})",
+            database=settings.database_url,
+            admin_key=settings.admin_key or "(ACTPROMPT_ADMIN_KEY is not set: admin calls are refused)",
+            data_roots=":".join(map(str, roots)),
+            first_root=roots[0] if roots else "/data",
+        ),
+        flush=True,
+    )
+    app = create_app(settings)
+    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
+    return 0
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from service.db.migrate import upgrade
+    from service.log import configure_logging
+    from service.settings import get_settings
+
+    settings = get_settings()
+    configure_logging(settings.log_level, json_lines=settings.log_json)
+    upgrade(settings.database_url, args.revision)
+    print(f"database at revision {args.revision}: {settings.database_url}")
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="run the HTTP gateway (embedded SQLite + in-process jobs unless ACTPROMPT_BROKER_URL is set)",
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(func=_serve)
+
+    db = subparsers.add_parser("db", help="database maintenance")
+    db_sub = db.add_subparsers(dest="db_command", metavar="DB_COMMAND", required=True)
+    up = db_sub.add_parser("upgrade", help="apply the Alembic migrations (ACTPROMPT_DATABASE_URL)")
+    up.add_argument("revision", nargs="?", default="head")
+    up.set_defaults(func=_db_upgrade)

@@ -1,0 +1,138 @@
+"""End to end: `actprompt serve` as a subprocess, real ResNet-20, a GTSRB subset, predict over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.api.conftest import png_bytes
+from tests.conftest import DATA_DIR, WEIGHTS_DIR
+
+GTSRB = DATA_DIR / "gtsrb32.npz"
+RESNET20 = WEIGHTS_DIR / "resnet20-12fca82f.th"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
+    data_root = tmp_path / "data"
+    data_root.mkdir()
+    port = _free_port()
+    env = {
+        **os.environ,
+        "ACTPROMPT_DATABASE_URL": f"sqlite:///{tmp_path / 'var' / 'actprompt.db'}",
+        "ACTPROMPT_VAR_DIR": str(tmp_path / "var"),
+        "ACTPROMPT_DATA_ROOTS": str(data_root),
+        "ACTPROMPT_DEVICE": "cpu",
+        "ACTPROMPT_PROGRESS_EVENT_SECONDS": "1",
+    }
+    for name in ("ACTPROMPT_ADMIN_KEY", "ACTPROMPT_BROKER_URL"):
+        env.pop(name, None)
+    log = open(tmp_path / "serve.log", "w+")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "actprompt"), "serve", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        else:
+            raise AssertionError("server did not come up: " + (tmp_path / "serve.log").read_text())
+        printed = (tmp_path / "serve.log").read_text()
+        match = re.search(r"admin key: (\S+)", printed)
+        assert match, printed
+        assert url in printed and "curl" in printed  # the walkthrough
+        yield url, match.group(1), data_root
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.mark.slow
+def test_serve_train_resnet20_on_gtsrb_and_predict(server: tuple[str, str, Path]) -> None:
+    url, admin_key, data_root = server
+    assert GTSRB.is_file() and RESNET20.is_file()
+    data = np.load(GTSRB)
+    rng = np.random.default_rng(0)
+    train_idx = rng.permutation(len(data["y_train"]))[:2000]
+    test_idx = rng.permutation(len(data["y_test"]))[:256]
+    np.savez(
+        data_root / "gtsrb_subset.npz",
+        x_train=data["x_train"][train_idx],
+        y_train=data["y_train"][train_idx],
+        classes=data["classes"],
+    )
+    admin = {"Authorization": f"Bearer {admin_key}"}
+    with httpx.Client(base_url=url, timeout=120) as c:
+        r = c.post("/v1/tenants", json={"name": "e2e"}, headers=admin)
+        assert r.status_code == 201, r.text
+        t = {"Authorization": f"Bearer {r.json()['api_key']}"}
+        r = c.post(
+            "/v1/backbones",
+            json={"id": "resnet20", "model": "resnet20_cifar", "weights": RESNET20.as_uri()},
+            headers=admin,
+        )
+        assert r.status_code == 201, r.text
+        r = c.post(
+            "/v1/jobs",
+            json={
+                "backbone": "resnet20",
+                "dataset_uri": (data_root / "gtsrb_subset.npz").as_uri(),
+                "hyperparameters": {"epochs": 6, "batch_size": 64, "learning_rate": 0.01},
+            },
+            headers={**t, "Idempotency-Key": "e2e-1"},
+        )
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:
+            job = c.get(f"/v1/jobs/{job_id}", headers=t).json()
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                break
+            time.sleep(1)
+        assert job["status"] == "succeeded", job
+        x_test, y_test = data["x_test"][test_idx], data["y_test"][test_idx]
+        correct = 0
+        for start in range(0, len(y_test), 64):
+            images = [base64.b64encode(png_bytes(img)).decode() for img in x_test[start : start + 64]]
+            r = c.post("/v1/predict", json={"prompt": job["prompt"], "images": images, "top_k": 1}, headers=t)
+            assert r.status_code == 200, r.text
+            predicted = np.array([p[0]["index"] for p in r.json()["predictions"]])
+            correct += int((predicted == y_test[start : start + 64]).sum())
+        accuracy = correct / len(y_test)
+        print(
+            f"e2e: GTSRB subset accuracy {accuracy:.3f} over {len(y_test)} test images; job {job['metrics']}"
+        )
+        assert accuracy > 0.25  # chance is 1/43 = 2.3%

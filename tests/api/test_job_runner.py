@@ -1,0 +1,188 @@
+"""The job runner and the reaper against a real database: leases, double delivery, retries, resume."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from service.db.base import utcnow
+from service.db.models import Checkpoint, Job, JobEvent
+from service.db.repositories import JobLeaseRepository
+from service.db.session import make_engine, make_session_factory
+from service.domain.job_runner import RunOutcome, run_job
+from service.domain.reaper import reap
+from tests.api.conftest import Api
+
+
+class ListQueue:
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def enqueue(self, job_id: str) -> None:
+        self.sent.append(job_id)
+
+    def ping(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def setup(make_api):
+    api: Api = make_api(embedded_worker=False, max_attempts=2, max_requeues=1)
+    api.tiny_backbone()
+    tenant = api.tenant()
+    engine = make_engine(api.settings.database_url)
+    factory = make_session_factory(engine)
+
+    def submit(**overrides) -> str:
+        r = api.client.post("/v1/jobs", json=api.job_body(**overrides), headers=tenant)
+        assert r.status_code == 202, r.text
+        return str(r.json()["id"])
+
+    def job(job_id: str) -> Job:
+        with factory() as s:
+            row = s.get(Job, job_id)
+            assert row is not None
+            return row
+
+    yield api, factory, submit, job
+    engine.dispose()
+
+
+def test_second_delivery_while_leased_does_nothing(setup) -> None:
+    api, factory, submit, job = setup
+    job_id = submit()
+    now = utcnow()
+    with factory() as s:
+        assert JobLeaseRepository(s).claim(job_id, "worker-a", now, now + timedelta(seconds=60))
+        s.commit()
+    out = run_job(job_id, session_factory=factory, worker_id="worker-b", settings=api.settings)
+    assert out == RunOutcome.NOT_CLAIMED
+    row = job(job_id)
+    assert (row.status, row.lease_owner, row.attempts) == ("running", "worker-a", 1)
+    with factory() as s:  # the same worker cannot claim twice either
+        assert not JobLeaseRepository(s).claim(job_id, "worker-a", now, now + timedelta(seconds=60))
+
+
+def test_concurrent_deliveries_train_once(setup) -> None:
+    api, factory, submit, job = setup
+    job_id = submit()
+    outcomes: list[RunOutcome] = []
+    threads = [
+        threading.Thread(
+            target=lambda w=w: outcomes.append(
+                run_job(job_id, session_factory=factory, worker_id=f"w{w}", settings=api.settings)
+            )
+        )
+        for w in range(2)
+    ]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert sorted(o.value for o in outcomes) == ["not_claimed", "succeeded"]
+    row = job(job_id)
+    assert row.status == "succeeded" and row.attempts == 1 and row.prompt_version == 1
+
+
+def test_reaper_requeues_expired_leases_and_resends_lost_messages(setup) -> None:
+    api, factory, submit, job = setup
+    lost, stale = submit(), submit()
+    now = utcnow()
+    with factory() as s:
+        assert JobLeaseRepository(s).claim(
+            lost, "dead-worker", now - timedelta(seconds=120), now - timedelta(seconds=1)
+        )
+        s.get(Job, stale).enqueued_at = now - timedelta(seconds=api.settings.queued_stale_seconds + 5)  # type: ignore[union-attr]
+        s.commit()
+    queue = ListQueue()
+    report = reap(factory, queue, api.settings)
+    assert (
+        report.requeued == [lost] and report.resent == [stale] and sorted(queue.sent) == sorted([lost, stale])
+    )
+    row = job(lost)
+    assert (row.status, row.lease_owner, row.attempts) == ("queued", None, 1)
+    assert job(stale).requeues == 1
+    assert reap(factory, ListQueue(), api.settings).requeued == []  # nothing more to do
+
+    # second loss: attempts exhausted (max_attempts=2) -> failed with the reason
+    now = utcnow()
+    with factory() as s:
+        assert JobLeaseRepository(s).claim(
+            lost, "dead-again", now - timedelta(seconds=120), now - timedelta(seconds=1)
+        )
+        s.get(Job, stale).enqueued_at = now - timedelta(seconds=api.settings.queued_stale_seconds + 5)  # type: ignore[union-attr]
+        s.commit()
+    report = reap(factory, ListQueue(), api.settings)
+    assert sorted(report.failed) == sorted([lost, stale])
+    assert job(lost).status == "failed" and job(lost).error["code"] == "worker_lost"  # type: ignore[index]
+    assert job(stale).error["code"] == "not_picked_up"  # type: ignore[index]
+    # a late delivery of a failed job does nothing
+    assert (
+        run_job(lost, session_factory=factory, worker_id="w", settings=api.settings) == RunOutcome.NOT_CLAIMED
+    )
+
+
+def test_interrupted_job_resumes_from_checkpoint(setup) -> None:
+    api, factory, submit, job = setup
+    job_id = submit(hyperparameters={"epochs": 30, "batch_size": 4})
+    stop = threading.Event()
+    result: list[RunOutcome] = []
+    th = threading.Thread(
+        target=lambda: result.append(
+            run_job(job_id, session_factory=factory, worker_id="w1", settings=api.settings, stop_event=stop)
+        )
+    )
+    th.start()
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        with factory() as s:
+            if s.scalar(select(Checkpoint.id).where(Checkpoint.job_id == job_id)):
+                break
+        time.sleep(0.05)
+    stop.set()
+    th.join(60)
+    assert result == [RunOutcome.INTERRUPTED]
+    row = job(job_id)
+    assert row.status == "queued" and row.lease_owner is None
+    out = run_job(job_id, session_factory=factory, worker_id="w2", settings=api.settings)
+    assert out == RunOutcome.SUCCEEDED
+    with factory() as s:
+        messages = list(s.scalars(select(JobEvent.message).where(JobEvent.job_id == job_id)))
+    resumed = [m for m in messages if m.startswith("resuming from the checkpoint after epoch")]
+    assert resumed and int(resumed[0].rsplit(" ", 1)[1]) >= 1
+    assert job(job_id).worker_id == "w2"
+
+
+def test_crash_retries_then_fails(setup, monkeypatch) -> None:
+    api, factory, submit, job = setup
+    import service.engine
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(service.engine, "fit", boom)
+    job_id = submit()
+    assert run_job(job_id, session_factory=factory, worker_id="w", settings=api.settings) == RunOutcome.RETRY
+    row = job(job_id)
+    assert row.status == "queued" and row.attempts == 1 and "simulated crash" in row.error["message"]  # type: ignore[index]
+    assert run_job(job_id, session_factory=factory, worker_id="w", settings=api.settings) == RunOutcome.FAILED
+    row = job(job_id)
+    assert row.status == "failed" and row.attempts == 2 and row.error["code"] == "internal_error"  # type: ignore[index]
+
+
+def test_bad_dataset_fails_with_engine_code(setup) -> None:
+    api, factory, submit, job = setup
+    bad = Path(api.settings.data_roots) / "one_class.npz"
+    np.savez(bad, x_train=np.zeros((4, 8, 8, 3), np.uint8), y_train=np.zeros(4, np.int64))
+    job_id = submit(dataset_uri=bad.as_uri())
+    assert run_job(job_id, session_factory=factory, worker_id="w", settings=api.settings) == RunOutcome.FAILED
+    row = job(job_id)
+    assert row.status == "failed" and row.attempts == 1 and row.error["code"] == "invalid_dataset"  # type: ignore[index]
+    r = api.client.get(f"/v1/jobs/{job_id}", headers=api.tenant("x"))
+    assert r.status_code == 404

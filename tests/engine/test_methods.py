@@ -1,0 +1,190 @@
+"""Methods: registry, zero-init identity, where gradients flow, the backbone untouched, norm semantics."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from service.engine import Backbone, BackboneSpec, LayerError, MethodError, create_backbone
+from service.engine.layers import resolve_prompt_layers
+from service.engine.methods import MethodConfig, create_method, list_methods
+from service.engine.methods.input_prompt import frame_mask
+
+TINY: dict[str, dict[str, Any]] = {
+    "test_resnet": {"input_size": (32, 32)},
+    "test_convnext": {"input_size": (32, 32)},
+    "test_vit": {"model_kwargs": {"img_size": 32}},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(TINY))
+def backbone(request: pytest.FixtureRequest) -> Backbone:
+    torch.manual_seed(0)
+    return create_backbone(BackboneSpec(request.param, **TINY[request.param]))
+
+
+def _images(bb: Backbone, n: int = 6) -> torch.Tensor:
+    h, w = bb.input_size
+    return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(1))
+
+
+def _configs(bb: Backbone) -> list[tuple[str, MethodConfig]]:
+    mid = bb.layers[len(bb.layers) // 2].index
+    deep = resolve_prompt_layers(bb.layers, "all")
+    return [
+        ("activation", MethodConfig(3, (mid,))),
+        ("activation", MethodConfig(3, (mid,), prompt_shape="channel")),
+        ("activation", MethodConfig(3, deep)),
+        ("activation", MethodConfig(3, (0,))),
+        ("input", MethodConfig(3, input_variant="additive")),
+        ("input", MethodConfig(3, input_variant="pad")),
+        ("linear", MethodConfig(3)),
+        ("norm", MethodConfig(3)),
+        ("full", MethodConfig(3)),
+    ]
+
+
+def test_registry_lists_every_method_and_rejects_unknown() -> None:
+    assert list_methods() == ["activation", "input", "linear", "norm", "full"]
+    assert list_methods(servable_only=True) == ["activation", "input", "linear", "norm"]
+    bb = create_backbone(BackboneSpec("test_resnet", input_size=(32, 32)))
+    with pytest.raises(MethodError, match="unknown method 'lora'"):
+        create_method("lora", bb, MethodConfig(2))
+
+
+def test_bad_configs_fail_clearly() -> None:
+    bb = create_backbone(BackboneSpec("test_resnet", input_size=(32, 32)))
+    with pytest.raises(MethodError):
+        MethodConfig(0)
+    with pytest.raises(MethodError):
+        MethodConfig(2, (1,), prompt_shape="diagonal")
+    with pytest.raises(MethodError, match="at least one prompt layer"):
+        create_method("activation", bb, MethodConfig(2))
+    with pytest.raises(LayerError):
+        create_method("activation", bb, MethodConfig(2, (len(bb.layers),)))
+    with pytest.raises(MethodError, match="pad_size"):
+        create_method("input", bb, MethodConfig(2, pad_size=16))
+
+
+def test_prompt_sizes_follow_the_catalog(backbone: Backbone) -> None:
+    for info in backbone.layers:
+        full = create_method("activation", backbone, MethodConfig(2, (info.index,)))
+        chan = create_method("activation", backbone, MethodConfig(2, (info.index,), prompt_shape="channel"))
+        head = (backbone.num_features + 1) * 2
+        assert full.num_trainable() - head == info.full_params
+        assert chan.num_trainable() - head == info.channel_params
+        assert full.first_layer == info.index
+
+
+def test_zero_init_prompts_leave_the_backbone_function_unchanged(backbone: Backbone) -> None:
+    """At init every method except the VP frame is the plain backbone plus its head."""
+    x = _images(backbone)
+    feats = backbone.forward_features(x)
+    for name, cfg in _configs(backbone):
+        module = create_method(name, backbone, cfg).eval()
+        with torch.no_grad():
+            got = module(x)
+        expected = module.head(feats)
+        if name == "input" and cfg.input_variant == "pad":
+            assert not torch.allclose(got, expected, atol=1e-4)  # the image is shrunk
+        else:
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def _block_modules(bb: Backbone) -> dict[int, list[nn.Module]]:
+    """Modules of each block layer (by the catalog's module path)."""
+    named = dict(bb.model.named_modules())
+    return {info.index: [named[info.name]] for info in bb.layers if info.kind == "block" and info.name in named}
+
+
+@pytest.mark.parametrize("which", ["mid", "last"])
+def test_no_gradient_reaches_anything_before_the_prompt(backbone: Backbone, which: str) -> None:
+    blocks = _block_modules(backbone)
+    assert len(blocks) >= 2
+    layer = sorted(blocks)[len(blocks) // 2] if which == "mid" else max(blocks)
+    module = create_method("activation", backbone, MethodConfig(3, (layer,)))
+    grad_flag: dict[int, bool] = {}
+    handles = [
+        m.register_forward_hook(lambda _m, _i, out, i=i: grad_flag.__setitem__(i, out.requires_grad))
+        for i, mods in blocks.items()
+        for m in mods
+    ]
+    x = _images(backbone).requires_grad_(True)
+    try:
+        loss = module(x).logsumexp(1).sum()
+        loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    assert x.grad is None, "the input received a gradient through a frozen prefix"
+    for i, flag in grad_flag.items():
+        assert flag == (i > layer), f"layer {i}: requires_grad={flag} with the prompt at {layer}"
+    assert all(p.grad is None for p in backbone.model.parameters())
+    delta = module.deltas[str(layer)]
+    assert delta.grad is not None and delta.grad.abs().sum() > 0
+
+
+def test_input_prompt_gets_gradient_through_the_whole_backbone(backbone: Backbone) -> None:
+    module = create_method("input", backbone, MethodConfig(3))
+    x = _images(backbone).requires_grad_(True)
+    module(x).logsumexp(1).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert module.prompt.grad is not None
+    mask = module.mask
+    # Only the frame trains: the interior of the prompt gets no gradient.
+    assert module.prompt.grad[:, mask[0] == 0].abs().sum() == 0
+    assert module.prompt.grad[:, mask[0] == 1].abs().sum() > 0
+
+
+def test_vp_pad_shrinks_the_image_into_a_learned_frame() -> None:
+    bb = create_backbone(BackboneSpec("test_resnet", input_size=(32, 32)))
+    module = create_method("input", bb, MethodConfig(2, pad_size=4))
+    with torch.no_grad():
+        module.prompt.fill_(7.0)
+        x = torch.full((1, 3, 32, 32), 2.0)
+        out = module.enter(x)
+    frame = frame_mask((32, 32), 4)[0].bool()
+    assert int(frame.sum()) == 32 * 32 - 24 * 24
+    assert torch.all(out[0][:, frame] == 7.0)
+    torch.testing.assert_close(out[0][:, ~frame], torch.full((3, 24, 24), 2.0).flatten(1))
+
+
+def test_norm_tune_equals_tuning_the_affine_parameters() -> None:
+    """y * (1 + s) + t on a BN output == a BN with weight*(1+s), bias*(1+s)+t."""
+    bb = create_backbone(BackboneSpec("test_resnet", input_size=(32, 32)))
+    module = create_method("norm", bb, MethodConfig(3)).eval()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in (*module.scales, *module.shifts):
+            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    tuned = copy.deepcopy(bb.model)
+    named = dict(tuned.named_modules())
+    with torch.no_grad():
+        for k, info in enumerate(bb.norm_layers):
+            norm = named[info.name]
+            s, t = module.scales[k], module.shifts[k]
+            norm.bias.copy_(norm.bias * (1 + s) + t)
+            norm.weight.mul_(1 + s)
+    reference = Backbone(bb.spec, tuned, bb.device)
+    x = _images(bb)
+    with torch.no_grad():
+        got = module(x)
+        expected = module.head(reference.forward_features(x))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got, module.head(bb.forward_features(x)), atol=1e-3)
+
+
+def test_full_fine_tuning_copies_and_never_touches_the_shared_backbone() -> None:
+    bb = create_backbone(BackboneSpec("test_resnet", input_size=(32, 32)))
+    before = bb.parameter_fingerprint()
+    module = create_method("full", bb, MethodConfig(2))
+    assert module.num_trainable() > sum(p.numel() for p in bb.model.parameters())
+    opt = torch.optim.SGD(module.trainable_parameters(), lr=0.1)
+    module(_images(bb)).sum().backward()
+    opt.step()
+    assert bb.parameter_fingerprint() == before
+    assert not module.servable

@@ -1,0 +1,192 @@
+"""The training loop: frozen backbone, feature cache, resume, cancellation, callbacks, evaluation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.engine import BackboneSpec, EngineError, MethodError, TrainingCancelled, create_backbone
+from service.engine.backbones import Backbone
+from service.engine.layer_search import SearchBudget, auto_select_layer, candidate_layers
+from service.engine.methods import MethodConfig, create_method
+from service.engine.train import (
+    Checkpoint,
+    EpochMetrics,
+    ProgressEvent,
+    TrainCallbacks,
+    TrainConfig,
+    evaluate,
+    fit,
+)
+
+CLASSES = ["a", "b", "c", "d"]
+
+
+@pytest.fixture(scope="module")
+def bb() -> Backbone:
+    return create_backbone(BackboneSpec("test_resnet", input_size=(32, 32)))
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    """Four classes whose images differ in mean colour: learnable in a few steps."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(48) % 4
+    x = torch.randn(48, 3, 32, 32, generator=gen) * 0.5
+    x[:, 0] += (y == 1).float()[:, None, None] * 3.0
+    x[:, 1] += (y == 2).float()[:, None, None] * 3.0
+    x[:, 2] += (y == 3).float()[:, None, None] * 3.0
+    return x, y
+
+
+def _cfg(**kw: object) -> TrainConfig:
+    base: dict[str, object] = {"epochs": 2, "batch_size": 12, "learning_rate": 1e-2, "seed": 0}
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", ["activation", "input", "linear", "norm", "full"])
+def test_training_never_changes_the_backbone(bb: Backbone, data: tuple, method: str) -> None:
+    before = bb.parameter_fingerprint()
+    cfg = MethodConfig(4, (3,) if method == "activation" else ())
+    result = fit(bb, method, cfg, data, None, data, _cfg(epochs=1), classes=CLASSES)
+    assert bb.parameter_fingerprint() == before
+    assert not bb.model.training
+    assert all(not p.requires_grad for p in bb.model.parameters())
+    assert result.metrics["test"]["n"] == len(data[0])
+
+
+def test_fit_learns_and_reports_metrics(bb: Backbone, data: tuple) -> None:
+    epochs: list[EpochMetrics] = []
+    result = fit(
+        bb,
+        "activation",
+        MethodConfig(4, (3,)),
+        data,
+        data,
+        data,
+        _cfg(epochs=8, learning_rate=3e-2),
+        classes=CLASSES,
+        callbacks=TrainCallbacks(on_epoch_end=epochs.append),
+    )
+    m = result.metrics
+    assert [e.epoch for e in epochs] == list(range(1, 9))
+    assert epochs[-1].train_loss < epochs[0].train_loss
+    assert m["test"]["top1"] > 0.5  # chance is 0.25
+    assert m["test"]["top5"] >= m["test"]["top1"]
+    assert set(m["test"]["per_class"]) == set(CLASSES)
+    assert m["val"]["top1"] == pytest.approx(epochs[-1].val_accuracy)
+    assert m["train_seconds"] > 0 and m["first_layer"] == 3
+    assert result.artifact.metadata["metrics"]["test"]["top1"] == m["test"]["top1"]
+
+
+def test_feature_cache_gives_the_same_numbers(bb: Backbone, data: tuple) -> None:
+    row_bytes = bb.layers[3].full_params * 4
+    runs = {}
+    for label, limit in (("off", 0), ("partial", 20 * row_bytes), ("on", 1 << 30)):
+        result = fit(bb, "activation", MethodConfig(4, (3,)), data, None, data, _cfg(feature_cache_bytes=limit), classes=CLASSES)
+        runs[label] = result
+    assert runs["off"].metrics["feature_cache"]["rows"] == 0
+    assert runs["partial"].metrics["feature_cache"]["rows"] == 20
+    assert runs["on"].metrics["feature_cache"]["rows"] == len(data[0])
+    for label in ("partial", "on"):
+        a, b = runs["off"].artifact.tensors, runs[label].artifact.tensors
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{label}: {k} differs"
+        assert runs[label].metrics["test"]["top1"] == runs["off"].metrics["test"]["top1"]
+
+
+@pytest.mark.parametrize("method", ["activation", "norm"])
+def test_resume_from_checkpoint_equals_an_uninterrupted_run(bb: Backbone, data: tuple, method: str) -> None:
+    cfg = MethodConfig(4, (2, 4) if method == "activation" else ())
+    tcfg = _cfg(epochs=3, batch_size=16, warmup_epochs=1.0, optimizer="adamw", weight_decay=0.01)
+    checkpoints: list[Checkpoint] = []
+    full = fit(bb, method, cfg, data, None, None, tcfg, classes=CLASSES,
+               callbacks=TrainCallbacks(on_checkpoint=checkpoints.append))
+    assert [c.epoch for c in checkpoints] == [1, 2, 3]
+    restored = Checkpoint.from_bytes(checkpoints[0].to_bytes())  # as a worker would read it back
+    resumed = fit(bb, method, cfg, data, None, None, tcfg, classes=CLASSES, resume=restored)
+    for k, v in full.artifact.tensors.items():
+        assert torch.equal(v, resumed.artifact.tensors[k]), k
+    assert len(resumed.metrics["epochs"]) == 3
+    # A checkpoint from another run is refused, not silently mixed in.
+    with pytest.raises(MethodError):
+        fit(bb, "linear", MethodConfig(4), data, None, None, tcfg, classes=CLASSES, resume=restored)
+
+
+def test_cancellation_stops_within_a_step(bb: Backbone, data: tuple) -> None:
+    calls = 0
+
+    def should_stop() -> bool:
+        nonlocal calls
+        calls += 1
+        return calls > 4
+
+    with pytest.raises(TrainingCancelled) as info:
+        fit(bb, "activation", MethodConfig(4, (3,)), data, None, None, _cfg(), classes=CLASSES,
+            callbacks=TrainCallbacks(should_stop=should_stop))
+    assert calls == 5
+    assert info.value.code == "cancelled"
+
+
+def test_progress_events_are_bounded_and_monotone(bb: Backbone, data: tuple) -> None:
+    events: list[ProgressEvent] = []
+    fit(bb, "linear", MethodConfig(4), data, None, None, _cfg(epochs=2, batch_size=2), classes=CLASSES,
+        callbacks=TrainCallbacks(on_progress=events.append))
+    per_epoch = [sum(e.epoch == k for e in events) for k in (1, 2)]
+    assert all(1 <= n <= 11 for n in per_epoch), per_epoch
+    fractions = [e.fraction for e in events]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert all(e.steps == 24 for e in events)
+
+
+def test_augmentation_and_sgd_paths(bb: Backbone, data: tuple) -> None:
+    result = fit(bb, "activation", MethodConfig(4, (3,)), data, None, data,
+                 _cfg(epochs=2, augment=True, optimizer="sgd", label_smoothing=0.1, learning_rate=0.05),
+                 classes=CLASSES)
+    assert result.metrics["feature_cache"]["rows"] == 0  # augmentation changes the prefix every epoch
+    assert 0.0 <= result.metrics["test"]["top1"] <= 1.0
+
+
+def test_fixed_seed_is_deterministic_and_seed_matters(bb: Backbone, data: tuple) -> None:
+    runs = [fit(bb, "activation", MethodConfig(4, (4,)), data, None, None, _cfg(epochs=1, seed=s), classes=CLASSES)
+            for s in (7, 7, 8)]
+    assert runs[0].artifact.tensors["delta.4"].equal(runs[1].artifact.tensors["delta.4"])
+    assert not runs[0].artifact.tensors["delta.4"].equal(runs[2].artifact.tensors["delta.4"])
+
+
+def test_bad_hyperparameters_and_labels_fail_clearly(bb: Backbone, data: tuple) -> None:
+    with pytest.raises(EngineError) as info:
+        TrainConfig(epochs=0, optimizer="adam")
+    assert info.value.code == "invalid_hyperparameters" and "optimizer" in str(info.value)
+    x, y = data
+    with pytest.raises(MethodError, match="labels"):
+        fit(bb, "linear", MethodConfig(3), (x, y), None, None, _cfg(), classes=CLASSES[:3])
+
+
+def test_evaluate_counts_top1_top5_and_per_class(bb: Backbone, data: tuple) -> None:
+    module = create_method("linear", bb, MethodConfig(4))
+    with torch.no_grad():  # a head that always answers class 0, then 1, 2, 3 in that order
+        module.head.weight.zero_()
+        module.head.bias.copy_(torch.tensor([3.0, 2.0, 1.0, 0.0]))
+    x, y = data
+    out = evaluate(module, (x, y), classes=CLASSES)
+    assert out["top1"] == pytest.approx(float((y == 0).float().mean()))
+    assert out["top5"] == 1.0
+    assert out["per_class"] == {"a": 1.0, "b": 0.0, "c": 0.0, "d": 0.0}
+
+
+def test_auto_layer_search_follows_the_family_prior(bb: Backbone, data: tuple) -> None:
+    blocks = [i.index for i in bb.layers if i.kind == "block"]
+    cands = candidate_layers(bb, 3)
+    assert all(c >= blocks[len(blocks) // 2 - 1] for c in cands)  # CNN: the deep half
+    assert bb.recommended_layer in cands
+    budget = SearchBudget(max_candidates=2, max_train=64, max_val=32, epochs=1, batch_size=16)
+    best, rows = auto_select_layer(bb, data, None, budget=budget, num_classes=4)
+    assert best in [r["index"] for r in rows]
+    assert {r["index"] for r in rows} == set(candidate_layers(bb, 2))
+    assert max(r["val_accuracy"] for r in rows) == next(r["val_accuracy"] for r in rows if r["index"] == best)
+    vit = create_backbone(BackboneSpec("test_vit", model_kwargs={"img_size": 32}))
+    vit_blocks = [i.index for i in vit.layers if i.kind == "block"]
+    assert all(c <= vit_blocks[(len(vit_blocks) + 1) // 2 - 1] for c in candidate_layers(vit, 3))

@@ -1,0 +1,197 @@
+"""The serving path below HTTP: real ResNet-20, real artifacts, the batcher and both cache tiers."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from service.engine import Backbone, BackboneSpec
+from service.engine.artifacts import PromptArtifact
+from service.engine.mixed_batch import predict_single
+from service.serving.cache import MemorySource
+from service.serving.errors import PromptNotFoundError
+from service.serving.predictor import ServingConfig, ServingPredictor
+
+# prompts at different layers (input, stem, every stage) so that batches mix layers
+LAYERS = [(0,), (1,), (3,), (5,), (8,), (10,), (4, 9)]
+
+
+def _images(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))  # [n, 3, 32, 32]
+
+
+def _reference(bb: Backbone, art: PromptArtifact, x: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(predict_single(bb, art, x), dim=1)  # [n, K]
+
+
+@pytest.fixture()
+def prompts(make_artifact: Callable[..., PromptArtifact]) -> dict[str, PromptArtifact]:
+    """Twelve prompts of three 'tenants' (keys only: tenancy is resolved before the serving layer)."""
+    return {
+        f"tenant{i % 3}/p{i}": make_artifact(i, LAYERS[i % len(LAYERS)], num_classes=3 + i % 6)
+        for i in range(12)
+    }
+
+
+def _source(prompts: dict[str, PromptArtifact]) -> MemorySource:
+    return MemorySource({k: a.to_bytes() for k, a in prompts.items()})
+
+
+def test_concurrent_requests_equal_sequential_ones(
+    resnet20_spec: BackboneSpec, resnet20: Backbone, prompts: dict[str, PromptArtifact]
+) -> None:
+    keys = list(prompts)
+    requests = [(keys[i % len(keys)], _images(1 + i % 4, seed=i)) for i in range(36)]
+
+    async def run() -> None:
+        pred = ServingPredictor(_source(prompts), ServingConfig(max_wait_ms=20, max_batch_rows=32))
+        try:
+            sequential = [
+                (await pred.predict(spec_, [k], x))[0] for k, x in requests for spec_ in [resnet20_spec]
+            ]
+            batches_before = pred.stats()["backbones"]
+            concurrent = await asyncio.gather(
+                *(pred.predict(resnet20_spec, [k], x, tenant_id=k.split("/")[0]) for k, x in requests)
+            )
+            stats = next(iter(pred.stats()["backbones"].values()))["batches"]
+            before = next(iter(batches_before.values()))["batches"]
+            # the concurrent ones really were batched together (fewer passes than requests), mixing layers
+            assert stats["batches"] - before["batches"] < len(requests) / 3
+            for (k, x), seq, (con,) in zip(requests, sequential, concurrent, strict=True):
+                assert con.key == k and con.classes == prompts[k].classes
+                assert con.probabilities.shape == (x.shape[0], prompts[k].num_classes)
+                torch.testing.assert_close(con.probabilities, seq.probabilities, atol=1e-5, rtol=0)
+                torch.testing.assert_close(
+                    con.probabilities, _reference(resnet20, prompts[k], x), atol=1e-5, rtol=0
+                )
+                assert torch.equal(con.probabilities.argmax(1), seq.probabilities.argmax(1))
+        finally:
+            await pred.aclose()
+
+    asyncio.run(run())
+
+
+def test_deleted_prompt_is_never_served(
+    resnet20_spec: BackboneSpec, prompts: dict[str, PromptArtifact]
+) -> None:
+    key, other = "tenant0/p0", "tenant1/p1"
+    x = _images(2, seed=0)
+
+    async def run() -> None:
+        source = _source(prompts)
+        pred = ServingPredictor(source, ServingConfig(max_wait_ms=50))
+        try:
+            await pred.predict(resnet20_spec, [key], x)  # now cached on host and in a slot
+            srv = await pred.server(resnet20_spec)
+            assert key in pred.cache and key in srv.policy
+            # queued behind the batching window, then deleted before its pass: refused, not served stale
+            queued = asyncio.ensure_future(pred.predict(resnet20_spec, [key], x))
+            alive = asyncio.ensure_future(pred.predict(resnet20_spec, [other], x))
+            await asyncio.sleep(0.005)
+            del source.data[key]
+            pred.invalidate(key)
+            with pytest.raises(PromptNotFoundError):
+                await queued
+            assert (await alive)[0].key == other  # the rest of that batch is answered
+            assert key not in pred.cache and key not in srv.policy
+            with pytest.raises(PromptNotFoundError):
+                await pred.predict(resnet20_spec, [key], x)
+            # replaced under the same key: the new artifact is served, never the cached old one
+            source.data[key] = prompts[other].to_bytes()
+            pred.invalidate(key)
+            (out,) = await pred.predict(resnet20_spec, [key], x)
+            assert out.classes == prompts[other].classes
+        finally:
+            await pred.aclose()
+
+    asyncio.run(run())
+
+
+def test_cache_smaller_than_working_set_answers_everything(
+    resnet20_spec: BackboneSpec, resnet20: Backbone, prompts: dict[str, PromptArtifact]
+) -> None:
+    size = max(len(a.to_bytes()) for a in prompts.values())
+    config = ServingConfig(
+        host_cache_bytes=3 * size,
+        device_cache_bytes=1,
+        min_slots=4,
+        max_slots=4,
+        max_batch_rows=8,
+        max_wait_ms=2,
+    )
+    rng = random.Random(0)
+    keys = list(prompts)
+    requests = [(rng.choice(keys), _images(rng.randint(1, 3), seed=100 + i)) for i in range(60)]
+
+    async def run() -> None:
+        pred = ServingPredictor(_source(prompts), config)
+        try:
+            await pred.pin(resnet20_spec, keys[0])
+            outs = await asyncio.gather(*(pred.predict(resnet20_spec, [k], x) for k, x in requests))
+            for (k, x), (out,) in zip(requests, outs, strict=True):
+                torch.testing.assert_close(
+                    out.probabilities, _reference(resnet20, prompts[k], x), atol=1e-5, rtol=0
+                )
+            srv = await pred.server(resnet20_spec)
+            assert srv.policy.capacity == 4 and srv.policy.stats.evictions > 0
+            assert pred.cache.stats.evictions > 0 and pred.cache.resident_bytes <= 3 * size
+            assert keys[0] in pred.cache and keys[0] in srv.policy  # pinned: survived the pressure
+        finally:
+            await pred.aclose()
+
+    asyncio.run(run())
+
+
+def test_several_prompts_share_the_prefix(
+    resnet20_spec: BackboneSpec, resnet20: Backbone, make_artifact: Callable[..., PromptArtifact]
+) -> None:
+    arts = {f"m{i}": make_artifact(50 + i, (5 + i,), num_classes=4) for i in range(4)}  # layers 5..8
+    x = _images(3, seed=7)
+
+    async def run() -> None:
+        pred = ServingPredictor(_source(arts))
+        try:
+            srv = await pred.server(resnet20_spec)
+            seen: list[int] = []
+            stem = srv.backbone.model.get_submodule(srv.backbone.layers[1].name)
+            handle = stem.register_forward_hook(lambda _m, inp, _o: seen.append(int(inp[0].shape[0])))
+            try:
+                outs = await pred.predict(resnet20_spec, list(arts), x)
+            finally:
+                handle.remove()
+            assert seen == [3]  # the stem ran once on the 3 images, not on 3 x 4 rows
+            for out in outs:
+                torch.testing.assert_close(
+                    out.probabilities, _reference(resnet20, arts[out.key], x), atol=1e-5, rtol=0
+                )
+        finally:
+            await pred.aclose()
+
+    asyncio.run(run())
+
+
+def test_prompt_wider_than_the_slot_table_is_still_served(
+    resnet20_spec: BackboneSpec, resnet20: Backbone, make_artifact: Callable[..., PromptArtifact]
+) -> None:
+    arts = {"narrow": make_artifact(60, (8,), num_classes=3), "wide": make_artifact(61, (8,), num_classes=9)}
+    x = _images(2, seed=3)
+
+    async def run() -> None:
+        pred = ServingPredictor(_source(arts), ServingConfig(max_classes=4))
+        try:
+            outs = await pred.predict(resnet20_spec, ["wide", "narrow"], x)
+            assert [o.key for o in outs] == ["wide", "narrow"]
+            for out in outs:
+                torch.testing.assert_close(
+                    out.probabilities, _reference(resnet20, arts[out.key], x), atol=1e-5, rtol=0
+                )
+            srv = await pred.server(resnet20_spec)
+            assert "wide" not in srv.policy and "narrow" in srv.policy
+        finally:
+            await pred.aclose()
+
+    asyncio.run(run())
