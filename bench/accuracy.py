@@ -17,9 +17,10 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,7 @@ class BackbonePlan:
     variants: tuple[str, ...]
     seeds: tuple[int, ...]
     sweep_stride: int = 1  # 1 = every layer; k = every k-th plus the stem, the recommended and the last
+    lr_search: bool = True  # False: reuse the learning rates chosen for the first backbone
 
 
 @dataclass(frozen=True)
@@ -92,53 +94,65 @@ class Plan:
     backbones: dict[str, BackbonePlan]
     lr_grid: bool = True  # False: a single lr per method family (1e-2 / 3e-4)
     auto: bool = True
-    notes: list[str] = field(default_factory=list)
 
 
-ALL_VARIANTS = tuple(VARIANTS)
+ALL_VARIANTS = tuple(v for v in VARIANTS if v != "ap_layer")
+#: Order of work: ResNet-20 at seed 0, the ViT, ResNet-20's extra seeds, then ResNet-56, so a run cut
+#: by ``--max-minutes`` still covers the most important comparisons; a rerun resumes where it stopped.
 FULL = Plan(
     name="full",
-    n_train=2000,
-    n_val=400,
-    n_test=2000,
-    epochs=5,
-    batch_size=128,
-    sweep_n_train=1000,
-    sweep_epochs=4,
+    n_train=800,
+    n_val=200,
+    n_test=800,
+    epochs=3,
+    batch_size=32,
+    sweep_n_train=400,
+    sweep_epochs=3,
     datasets=("gtsrb", "tinyimagenet", "mnist"),
     backbones={
         "resnet20_cifar": BackbonePlan(ALL_VARIANTS, seeds=(0, 1, 2)),
-        "resnet56_cifar": BackbonePlan(
-            ("ap_recommended", "ap_best", "deep_ap", "vp_pad", "linear", "norm"), seeds=(0,), sweep_stride=3
-        ),
         "vit_cifar10_p4_d128_l6": BackbonePlan(
-            ("ap_recommended", "ap_best", "ap_channel", "deep_ap", "vp_pad", "linear", "norm"), seeds=(0,)
+            ("ap_recommended", "ap_best", "ap_channel", "deep_ap", "vp_pad", "linear", "norm"),
+            seeds=(0,),
+            lr_search=False,
+        ),
+        "resnet56_cifar": BackbonePlan(
+            ("ap_recommended", "ap_best", "deep_ap", "vp_pad", "linear", "norm"),
+            seeds=(0,),
+            sweep_stride=4,
+            lr_search=False,
         ),
     },
 )
 QUICK = Plan(
     name="quick",
-    n_train=500,
-    n_val=200,
-    n_test=500,
+    n_train=256,
+    n_val=128,
+    n_test=256,
     epochs=2,
-    batch_size=128,
-    sweep_n_train=500,
+    batch_size=32,
+    sweep_n_train=256,
     sweep_epochs=2,
     datasets=("gtsrb", "mnist"),
     backbones={
         "resnet20_cifar": BackbonePlan(
-            ("ap_recommended", "ap_best", "deep_ap", "vp_pad", "linear", "norm"), seeds=(0,), sweep_stride=3
+            ("ap_recommended", "ap_best", "deep_ap", "vp_pad", "linear", "norm"), seeds=(0,), sweep_stride=20
         ),
     },
     lr_grid=False,
 )
 
 
+#: Variants that backpropagate through (almost) the whole backbone: a 2-point grid keeps them affordable.
+EXPENSIVE = frozenset({"deep_ap", "vp_pad", "vp_additive", "norm", "full"})
+
+
 def lr_grid(variant: str, plan: Plan) -> tuple[float, ...]:
     if variant == "full":
-        return FULL_LRS if plan.lr_grid else (3e-4,)
-    return PROMPT_LRS if plan.lr_grid else (1e-2,)
+        return (FULL_LRS[1], FULL_LRS[2]) if plan.lr_grid else (3e-4,)
+    if not plan.lr_grid:
+        return (1e-2,)
+    return (PROMPT_LRS[1], PROMPT_LRS[2]) if variant in EXPENSIVE else PROMPT_LRS
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -170,12 +184,13 @@ def prepare(dataset: str, backbone: Any, plan: Plan) -> Prepared:
     split = split_train_val(pool, plan.n_val / (plan.n_train + plan.n_val), seed=0)
     assert split.val is not None
 
-    def tensors(images: ImageSet, limit: int | None = None) -> Tensors:
-        sub = images if limit is None else images.subset(np.arange(min(limit, len(images))))
-        x = preprocess(sub.images, backbone.input_size, backbone.spec.mean, backbone.spec.std)
-        return x, torch.from_numpy(sub.labels)
+    def tensors(images: ImageSet) -> Tensors:
+        x = preprocess(images.images, backbone.input_size, backbone.spec.mean, backbone.spec.std)
+        return x, torch.from_numpy(images.labels)
 
-    prepared = Prepared(ds.classes, tensors(split.train), tensors(split.val), tensors(ds.test, plan.n_test))
+    # a random test subset: some test arrays are sorted by class (mnist10k), so "the first n" is not a sample
+    test = ds.test.subset(np.sort(rng.permutation(len(ds.test))[: plan.n_test]))
+    prepared = Prepared(ds.classes, tensors(split.train), tensors(split.val), tensors(test))
     _DATA_CACHE[key] = prepared
     return prepared
 
@@ -191,6 +206,7 @@ def make_config(variant: str, backbone: Any, num_classes: int, layer: int | None
     spec = VARIANTS[variant]
     method = spec["method"]
     if method == "activation":
+        record: int | str
         if spec["layer"] == "all":
             layers, record = resolve_prompt_layers(backbone.layers, "all"), "all"
         else:
@@ -206,23 +222,35 @@ def make_config(variant: str, backbone: Any, num_classes: int, layer: int | None
 class Runner:
     """Trains and records runs; skips those already in the results file (so a cut run resumes)."""
 
-    def __init__(self, out_path: Path, plan: Plan) -> None:
+    def __init__(self, out_path: Path, plan: Plan, max_minutes: float | None = None) -> None:
         self.out_path = out_path
         self.plan = plan
+        self.deadline = None if not max_minutes else time.monotonic() + 60 * max_minutes
+        self.cpu0 = _cpu_seconds()
         old = read_json(out_path) or {}
         self.rows: list[dict[str, Any]] = list(old.get("results", [])) if old.get("plan") == plan.name else []
-        self.extra: dict[str, Any] = {"lr": {}, "best_layer": {}, "auto": []}
+        self.extra: dict[str, Any] = {"lr": {}, "best_layer": {}, "auto": [], "catalogs": {}}
         if old.get("plan") == plan.name:
             self.extra.update({k: old.get(k, v) for k, v in self.extra.items()})
         self.started = time.perf_counter()
+        same_plan = old.get("plan") == plan.name
+        self.previous_elapsed = float(old.get("elapsed_seconds", 0.0)) if same_plan else 0.0
+        self.previous_cpu = float(old.get("cpu_seconds", 0.0)) if same_plan else 0.0
+        self.complete = False
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
 
     @staticmethod
     def key(row: dict[str, Any]) -> str:
+        """What makes two runs the same training (the variant name and role do not)."""
         fields = (
             "backbone",
             "dataset",
-            "variant",
+            "method",
             "prompt_layer",
+            "prompt_shape",
+            "input_variant",
             "seed",
             "learning_rate",
             "n_train",
@@ -239,7 +267,9 @@ class Runner:
                 "machine": machine_info(),
                 "results": self.rows,
                 **self.extra,
-                "elapsed_seconds": time.perf_counter() - self.started,
+                "elapsed_seconds": self.previous_elapsed + time.perf_counter() - self.started,
+                "cpu_seconds": self.previous_cpu + _cpu_seconds() - self.cpu0,
+                "complete": self.complete,
             },
         )
 
@@ -258,7 +288,7 @@ class Runner:
         n_train: int | None = None,
         epochs: int | None = None,
     ) -> dict[str, Any]:
-        from service.engine.train import TrainConfig, fit
+        from service.engine.train import TrainConfig, evaluate, fit
 
         n = n_train or len(data.train[0])
         ep = epochs or self.plan.epochs
@@ -286,23 +316,28 @@ class Runner:
             self.rows.append(copy)
             self.save()
             return copy
+        if self.out_of_time():
+            raise OutOfTime
         cfg = TrainConfig(epochs=ep, batch_size=self.plan.batch_size, learning_rate=lr, seed=seed)
         t0 = time.perf_counter()
+        # val goes in fit()'s "test" slot: evaluated once at the end, not after every epoch (cheaper)
         result = fit(
             backbone,
             method,
             mcfg,
             (data.train[0][:n], data.train[1][:n]),
+            None,
             data.val,
-            data.test,
             cfg,
             classes=data.classes,
         )
         m = result.metrics
+        assert result.module is not None
+        test = evaluate(result.module, data.test, classes=data.classes)
         row.update(
             {
-                "test_accuracy": m["test"]["top1"],
-                "val_accuracy": m["val"]["top1"],
+                "test_accuracy": test["top1"],
+                "val_accuracy": m["test"]["top1"],
                 "trainable_params": m["trainable_params"],
                 "train_seconds": m["train_seconds"],
                 "wall_seconds": time.perf_counter() - t0,
@@ -313,7 +348,8 @@ class Runner:
         self.save()
         log(
             f"{backbone_name:>22} {dataset:>12} {variant:>14} layer={record!s:>4} seed={seed} lr={lr:g}: "
-            f"val {row['val_accuracy']:.3f} test {row['test_accuracy']:.3f} ({row['wall_seconds']:.0f}s, {role})"
+            f"val {row['val_accuracy']:.3f} test {row['test_accuracy']:.3f} "
+            f"({row['wall_seconds']:.0f}s, {role})"
         )
         return row
 
@@ -328,38 +364,58 @@ def sweep_layers(backbone: Any, stride: int) -> list[int]:
     return sorted({0, 1, backbone.recommended_layer, last, *range(1, last + 1, stride)})
 
 
-def run_backbone(runner: Runner, name: str, bplan: BackbonePlan, device: str) -> None:
+def _create(name: str, device: str) -> Any:
     from service.engine.backbones import BackboneSpec, create_backbone
 
-    plan = runner.plan
     entry = REAL_BACKBONES[name]
-    backbone = create_backbone(
+    return create_backbone(
         BackboneSpec(entry["model"], weights=Path(entry["weights"]).as_uri()), device=device
     )
-    rec = backbone.recommended_layer
-    lr_dataset = plan.datasets[0]
 
-    # 1. learning rate per variant, on the first dataset's validation split (seed 0)
-    lr_data = prepare(lr_dataset, backbone, plan)
+
+def choose_lrs(runner: Runner, name: str, backbone: Any, bplan: BackbonePlan) -> dict[str, float]:
+    """Learning rate per variant on the first dataset's validation split (seed 0), or transferred."""
+    plan = runner.plan
     chosen: dict[str, float] = runner.extra["lr"].setdefault(name, {})
+    if not bplan.lr_search:
+        first = next(iter(plan.backbones))
+        source = runner.extra["lr"].get(first, {})
+        for variant in bplan.variants:
+            chosen.setdefault(variant, source.get(variant, lr_grid(variant, plan)[0]))
+        runner.save()
+        return chosen
+    lr_dataset = plan.datasets[0]
+    data = prepare(lr_dataset, backbone, plan)
+    rec = backbone.recommended_layer
     for variant in bplan.variants:
-        if variant in ("ap_best", "ap_layer") or variant in chosen:
+        if variant == "ap_best" or variant in chosen:
             continue
-        grid = lr_grid(variant, plan)
         rows = [
             runner.train(
-                name, backbone, lr_dataset, lr_data, variant, seed=0, lr=lr, role="lr_search", layer=rec
+                name, backbone, lr_dataset, data, variant, seed=0, lr=lr, role="lr_search", layer=rec
             )
-            for lr in grid
+            for lr in lr_grid(variant, plan)
         ]
         chosen[variant] = max(rows, key=lambda r: r["val_accuracy"])["learning_rate"]
         runner.save()
-    ap_lr = chosen.get("ap_recommended", 1e-2)
-    chosen.setdefault("ap_best", ap_lr)
+    chosen.setdefault("ap_best", chosen.get("ap_recommended", 1e-2))
+    return chosen
 
+
+def run_backbone(runner: Runner, name: str, bplan: BackbonePlan, device: str, seeds: tuple[int, ...]) -> None:
+    """Learning rates, then per dataset: sweep, headline runs for ``seeds``, auto layer."""
+    plan = runner.plan
+    backbone = _create(name, device)
+    runner.extra.setdefault("catalogs", {})[name] = {
+        "layers": [{"index": li.index, "name": li.name, "shape": list(li.shape)} for li in backbone.layers],
+        "recommended_layer": backbone.recommended_layer,
+    }
+    rec = backbone.recommended_layer
+    chosen = choose_lrs(runner, name, backbone, bplan)
+    ap_lr = chosen.get("ap_recommended", 1e-2)
     for dataset in plan.datasets:
         data = prepare(dataset, backbone, plan)
-        # 2. layer sweep (one seed, the sweep budget); best layer by validation accuracy
+        # layer sweep (one seed, the sweep budget); best layer by validation accuracy
         sweep = [
             runner.train(
                 name,
@@ -380,10 +436,9 @@ def run_backbone(runner: Runner, name: str, bplan: BackbonePlan, device: str) ->
         best = max(candidates, key=lambda r: r["val_accuracy"])["prompt_layer"]
         runner.extra["best_layer"].setdefault(name, {})[dataset] = best
         runner.save()
-        # 3. headline runs
         for variant in bplan.variants:
             layer = best if variant == "ap_best" else rec
-            for seed in bplan.seeds:
+            for seed in seeds:
                 runner.train(
                     name,
                     backbone,
@@ -395,7 +450,6 @@ def run_backbone(runner: Runner, name: str, bplan: BackbonePlan, device: str) ->
                     role="headline",
                     layer=layer,
                 )
-        # 4. auto layer
         if plan.auto:
             run_auto(runner, name, backbone, dataset, data, sweep)
 
@@ -405,7 +459,7 @@ def _load_auto() -> Callable[..., Any] | None:
         from service.engine.layer_search import auto_select_layer
     except ImportError:
         return None
-    return auto_select_layer  # type: ignore[no-any-return]
+    return auto_select_layer
 
 
 def run_auto(
@@ -473,14 +527,37 @@ def run_auto(
     log(f"auto {name} {dataset}: layer {chosen} in {seconds:.0f}s (sweep best {best_layer['prompt_layer']})")
 
 
-def run(plan: Plan, out_dir: Path, device: str = "cpu") -> dict[str, Any]:
+class OutOfTime(Exception):
+    """The --max-minutes budget is spent; what finished is saved and a rerun resumes."""
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def run(plan: Plan, out_dir: Path, device: str = "cpu", max_minutes: float | None = None) -> dict[str, Any]:
     set_threads()
-    runner = Runner(out_dir / "accuracy.json", plan)
-    for name, bplan in plan.backbones.items():
-        log(f"accuracy: {name}")
-        run_backbone(runner, name, bplan, device)
+    runner = Runner(out_dir / "accuracy.json", plan, max_minutes)
+    try:
+        _run_phases(runner, plan, device)
+        runner.complete = True
+    except OutOfTime:
+        log(f"accuracy: --max-minutes {max_minutes} reached; rerun to resume")
     runner.save()
-    return read_json(runner.out_path)  # type: ignore[no-any-return]
+    return dict(read_json(runner.out_path))
+
+
+def _run_phases(runner: Runner, plan: Plan, device: str) -> None:
+    # seed 0 of the first two backbones, the first backbone's extra seeds, then the rest
+    names = list(plan.backbones)
+    order = [(n, plan.backbones[n].seeds[:1]) for n in names[:2]]
+    order += [(n, plan.backbones[n].seeds[1:]) for n in names[:1] if len(plan.backbones[n].seeds) > 1]
+    order += [(n, plan.backbones[n].seeds[:1]) for n in names[2:]]
+    order += [(n, plan.backbones[n].seeds[1:]) for n in names[1:] if len(plan.backbones[n].seeds) > 1]
+    for name, seeds in order:
+        log(f"accuracy: {name}, seeds {seeds}")
+        run_backbone(runner, name, plan.backbones[name], device, seeds)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -490,9 +567,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop starting runs after this")
     args = parser.parse_args(argv)
     out = args.out or results_dir(args.quick)
-    run(QUICK if args.quick else FULL, out, args.device)
+    run(QUICK if args.quick else FULL, out, args.device, args.max_minutes)
     log(f"wrote {out / 'accuracy.json'}")
 
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import random
 import sqlite3
 import statistics
@@ -25,12 +23,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.common import WEIGHTS_DIR, log, machine_info, md_table, results_dir, set_threads, write_json
 from service.engine import Backbone, BackboneSpec, create_backbone
 from service.engine.artifacts import PromptArtifact, load_module
 from service.engine.mixed_batch import PromptBank, forward_mixed, predict_single
@@ -39,9 +37,6 @@ from service.serving.errors import PromptNotFoundError
 from service.serving.predictor import ServingConfig, ServingPredictor
 from service.serving.synthetic import random_artifact
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("ACTPROMPT_SHARED_DIR", REPO.parent / "shared")).resolve()
-RESULTS = REPO / "bench" / "results"
 SYNTHETIC_NOTE = (
     "prompt artifacts are synthetic: random deltas and heads built through the engine's PromptArtifact "
     "(no training); serving cost depends on layer, shape and head only"
@@ -61,7 +56,7 @@ class BenchBackbone:
 
 
 def backbones() -> dict[str, BenchBackbone]:
-    r20 = (SHARED / "weights" / "resnet20-12fca82f.th").as_uri()
+    r20 = (WEIGHTS_DIR / "resnet20-12fca82f.th").as_uri()
     return {
         "resnet20_cifar": BenchBackbone(
             "resnet20_cifar", BackboneSpec("resnet20_cifar", weights=r20), 64, 64, 7, 3
@@ -71,10 +66,6 @@ def backbones() -> dict[str, BenchBackbone]:
             "vit_base_patch16_224", BackboneSpec("vit_base_patch16_224", weights="random"), 8, 4, 3, 2
         ),
     }
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -321,19 +312,16 @@ def bench_http(b: BenchBackbone, quick: bool) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------
 # Report
 # ------------------------------------------------------------------------------------------------------
-def _row(cells: list[object]) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
-def _table(header: list[str], rows: list[list[object]]) -> list[str]:
-    return [_row(list(header)), _row(["---"] * len(header)), *(_row(r) for r in rows)]
-
-
 def write_report(results: dict[str, Any], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "serving.json").write_text(json.dumps(results, indent=2) + "\n")
-    meta = results["meta"]
-    lines = ["# Serving benchmark", "", f"{meta['date']}, {meta['machine']}; {SYNTHETIC_NOTE}."]
+    write_json(out_dir / "serving.json", results)
+    m = results["meta"]["machine"]
+    lines = [
+        "# Serving benchmark",
+        "",
+        f"{m['timestamp']}, {m.get('cpu_model', m['device_name'])}, "
+        f"{m['torch_threads']} torch threads, load average {m.get('load_average')}; {SYNTHETIC_NOTE}.",
+    ]
     engine_rows = []
     for key, r in results["backbones"].items():
         e = r.get("engine")
@@ -348,7 +336,7 @@ def write_report(results: dict[str, Any], out_dir: Path) -> None:
         lines += ["", "## Engine level (one forward pass; rows/s, best of interleaved repetitions)", ""]
         header = ["backbone", "batch", *ENGINE_CASES, "mixed/one (>=0.95)", "mixed/bare (>=0.9)"]
         header += ["mixed/naive (>=10)", "mixed-layers/one", "mixed-layers/bare"]
-        lines += _table(header, engine_rows)
+        lines.append(md_table(header, engine_rows))
     http_keys = ["clients", "prompts", "tenants", "requests", "throughput_rps", "p50_ms", "p95_ms", "p99_ms"]
     http_keys.append("errors")
     http_rows = [
@@ -356,7 +344,7 @@ def write_report(results: dict[str, Any], out_dir: Path) -> None:
     ]
     if http_rows:
         lines += ["", "## HTTP level (`actprompt serve`, concurrent clients, several tenants)", ""]
-        lines += _table(["backbone", *http_keys], http_rows)
+        lines.append(md_table(["backbone", *http_keys], http_rows))
     scale_keys = ["prompts", "device_slots", "cold_load_p50_ms", "cold_load_p95_ms", "cold_request_p95_ms"]
     scale_keys.append("warm_request_p95_ms")
     scale_keys += [
@@ -378,15 +366,12 @@ def write_report(results: dict[str, Any], out_dir: Path) -> None:
             "## Scale (prompts in a database, cache smaller than all of them, uniform random traffic)",
             "",
         ]
-        lines += _table(["backbone", "host budget / all bytes", *scale_keys], scale_rows)
+        lines.append(md_table(["backbone", "host budget / all bytes", *scale_keys], scale_rows))
     (out_dir / "serving.md").write_text("\n".join(lines) + "\n")
     plot(results, out_dir / "serving.png")
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     engines = {k: r["engine"] for k, r in results["backbones"].items() if r.get("engine")}
@@ -414,19 +399,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller batches, fewer prompts and repetitions")
     parser.add_argument("--parts", default="engine,http,scale", help="comma list of engine,http,scale")
     parser.add_argument("--backbones", default=",".join(backbones()), help="comma list")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("ACTPROMPT_BENCH_THREADS", "2")))
+    parser.add_argument("--out", type=Path, default=None, help="default bench/results (quick: results/quick)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads()
+    out_dir = args.out or results_dir(args.quick)
     parts = set(args.parts.split(","))
     chosen = [backbones()[k] for k in args.backbones.split(",")]
     log(SYNTHETIC_NOTE)
     results: dict[str, Any] = {
         "meta": {
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()} CPU, torch {torch.__version__}, {args.threads} threads",
+            "machine": machine_info(),
             "quick": args.quick,
-            "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
             "note": SYNTHETIC_NOTE,
             "goals": GOALS,
         },
@@ -447,8 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         if part in top:
             results[part] = top[part]
     results["meta"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    write_report(results, args.out)
-    log(f"wrote {args.out / 'serving.json'}, serving.md, serving.png")
+    write_report(results, out_dir)
+    log(f"wrote {out_dir / 'serving.json'}, serving.md, serving.png")
     return 0
 
 

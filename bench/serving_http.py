@@ -1,4 +1,4 @@
-"""HTTP part of the serving benchmark: `actprompt serve` in a subprocess, concurrent clients of several tenants.
+"""HTTP part of the serving benchmark: `actprompt serve` in a subprocess, concurrent clients, several tenants.
 
 Tenants and the backbone are created through the admin API and every prompt is imported through
 ``POST /v1/prompts`` (synthetic artifacts, no training), so the numbers include auth, the database
@@ -26,6 +26,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from bench.serving import pct
 from service.engine import BackboneSpec, create_backbone
 from service.serving.synthetic import random_artifact
 
@@ -43,11 +44,6 @@ def _png(seed: int, size: tuple[int, int]) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))] if s else float("nan")
 
 
 def _metric_sum(text: str, name: str) -> float:
@@ -217,9 +213,9 @@ def run_http_bench(
             "requests": n,
             "images_per_request": images_per_request,
             "throughput_rps": round(len(lat) / wall, 2),
-            "p50_ms": round(1000 * _pct(lat, 50), 2),
-            "p95_ms": round(1000 * _pct(lat, 95), 2),
-            "p99_ms": round(1000 * _pct(lat, 99), 2),
+            "p50_ms": round(1000 * pct(lat, 50), 2),
+            "p95_ms": round(1000 * pct(lat, 95), 2),
+            "p99_ms": round(1000 * pct(lat, 99), 2),
             "errors": len(errors),
             "error_examples": errors[:3],
             "mean_batch_rows": round(rows / batches, 2) if batches else None,

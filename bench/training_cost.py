@@ -48,43 +48,56 @@ def backbone_spec(name: str) -> dict[str, Any]:
 
 
 def cost_plan(device: str, quick: bool) -> list[dict[str, Any]]:
-    """Per backbone: batch size, steps, and which layers get an AP configuration."""
+    """Per backbone: batch size, steps, which AP layers, and whether the extra configurations run.
+
+    On the CPU the 224-px models cost tens of seconds per step, so they get a small batch and the
+    essential configurations only (VP, linear, norm, AP at the stem / recommended / last layer).
+    """
     cuda = device.startswith("cuda")
-    plan = [
+    plan: list[dict[str, Any]] = [
         {
             "backbone": "resnet20_cifar",
             "batch": 128,
             "warmup": 2,
             "iters": 3 if quick else 5,
-            "layers": "all",
+            "layers": "few" if quick else "all",
+            "extras": not quick,
         },
     ]
-    if not quick or cuda:
-        big_batch = 64 if cuda else 8
-        iters = 10 if cuda else 2
+    if cuda:
         for name in ("resnet50", "vit_base_patch16_224"):
-            plan.append({"backbone": name, "batch": big_batch, "warmup": 1, "iters": iters, "layers": "some"})
+            plan.append(
+                {"backbone": name, "batch": 64, "warmup": 2, "iters": 10, "layers": "some", "extras": True}
+            )
+    elif not quick:
+        for name in ("resnet50", "vit_base_patch16_224"):
+            plan.append(
+                {"backbone": name, "batch": 4, "warmup": 1, "iters": 2, "layers": "few", "extras": False}
+            )
     return plan
 
 
-def configurations(entry: dict[str, Any], layers: list[dict[str, Any]], rec: int, quick: bool) -> list[dict]:
+def configurations(entry: dict[str, Any], layers: list[dict[str, Any]], rec: int) -> list[dict[str, Any]]:
     """The (method, layers) pairs measured for one backbone."""
     last = len(layers) - 1
-    if entry["layers"] == "all" and not quick:
+    if entry["layers"] == "all":
         ap_layers = list(range(1, last + 1))
+    elif entry["layers"] == "some":
+        quarter, half, three = (max(1, round(last * f)) for f in (0.25, 0.5, 0.75))
+        ap_layers = sorted({1, quarter, half, rec, three, last})
     else:
-        picks = {1, max(1, round(last / 4)), max(1, round(last / 2)), rec, max(1, round(3 * last / 4)), last}
-        ap_layers = sorted({1, rec, last} if quick else picks)
+        ap_layers = sorted({1, rec, last})
     configs: list[dict[str, Any]] = [
         {"method": "input", "input_variant": "pad", "prompt_layer": 0},
-        {"method": "input", "input_variant": "additive", "prompt_layer": 0},
         {"method": "linear", "prompt_layer": None},
         {"method": "norm", "prompt_layer": None},
     ]
+    if entry["extras"]:
+        configs.append({"method": "input", "input_variant": "additive", "prompt_layer": 0})
     configs += [{"method": "activation", "prompt_layer": i, "prompt_shape": "full"} for i in ap_layers]
-    configs.append({"method": "activation", "prompt_layer": rec, "prompt_shape": "channel"})
-    configs.append({"method": "activation", "prompt_layer": "all", "prompt_shape": "full"})
-    if not quick:
+    if entry["extras"]:
+        configs.append({"method": "activation", "prompt_layer": rec, "prompt_shape": "channel"})
+        configs.append({"method": "activation", "prompt_layer": "all", "prompt_shape": "full"})
         configs.append({"method": "full", "prompt_layer": None})
     return configs
 
@@ -105,10 +118,9 @@ def measure_one(cfg: dict[str, Any]) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(cfg["batch"], 3, h, w, generator=gen).to(device)
     y = torch.randint(0, NUM_CLASSES, (cfg["batch"],), generator=gen).to(device)
-    layer = cfg.get("prompt_layer")
     layers: tuple[int, ...] = ()
     if cfg["method"] == "activation":
-        layers = resolve_prompt_layers(backbone.layers, layer)
+        layers = resolve_prompt_layers(backbone.layers, cfg["prompt_layer"])
     mcfg = MethodConfig(
         num_classes=NUM_CLASSES,
         prompt_layers=layers,
@@ -134,7 +146,7 @@ def measure_one(cfg: dict[str, Any]) -> dict[str, Any]:
         times = time_calls(step, warmup=cfg["warmup"], iters=cfg["iters"], device=device)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
         cached_h = module.prefix(x)
-    cached = time_calls(lambda: step(cached_h), warmup=1, iters=cfg["iters"], device=device)
+    cached = time_calls(lambda: step(cached_h), warmup=0, iters=cfg["iters"], device=device)
     return {
         "step_seconds": median(times),
         "step_seconds_all": times,
@@ -189,8 +201,9 @@ def feature_cache_runs(device: str, quick: bool) -> list[dict[str, Any]]:
     ds = load_dataset(DATA_DIR / "gtsrb32.npz")
     n = 1000 if quick else 4000
     idx = np.random.default_rng(0).permutation(len(ds.train))[:n]
-    x = preprocess(ds.train.images[idx], bb.input_size, bb.spec.mean, bb.spec.std)  # type: ignore[index]
-    y = torch.from_numpy(ds.train.labels[idx])
+    images = ds.train.subset(idx).images
+    x = preprocess(images, bb.input_size, bb.spec.mean or (0.0,) * 3, bb.spec.std or (1.0,) * 3)
+    y = torch.from_numpy(ds.train.labels[idx])  # [n]
     last = len(bb.layers) - 1
     runs = []
     layer_choices: list[tuple[str, Any]] = [("recommended", bb.recommended_layer), ("last block", last)]
@@ -255,8 +268,20 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         )
 
 
-def run(quick: bool, device: str, out_dir: Path, timeout: float = 900.0) -> dict[str, Any]:
-    """Measure every configuration and write ``training_cost.json`` (rewritten after each row)."""
+def run(
+    quick: bool,
+    device: str,
+    out_dir: Path,
+    timeout: float = 900.0,
+    *,
+    only: set[str] | None = None,
+    feature_cache: bool = True,
+) -> dict[str, Any]:
+    """Measure every configuration and write ``training_cost.json`` (rewritten after each row).
+
+    ``only`` limits the backbones (the GPU script measures the 224-px ones, which need no files from
+    ../shared); ``feature_cache=False`` skips the part that trains on real data.
+    """
     set_threads()
     out_path = out_dir / "training_cost.json"
     payload: dict[str, Any] = {
@@ -273,9 +298,11 @@ def run(quick: bool, device: str, out_dir: Path, timeout: float = 900.0) -> dict
     t0 = time.perf_counter()
     for entry in cost_plan(device, quick):
         name = entry["backbone"]
+        if only is not None and name not in only:
+            continue
         layers, rec, size = catalog(name, device)
         payload["catalogs"][name] = {"layers": layers, "recommended_layer": rec}
-        for cfg in configurations(entry, layers, rec, quick):
+        for cfg in configurations(entry, layers, rec):
             job = {
                 **cfg,
                 "spec": backbone_spec(name),
@@ -306,6 +333,10 @@ def run(quick: bool, device: str, out_dir: Path, timeout: float = 900.0) -> dict
             )
             took = time.perf_counter() - t
             log(f"cost {name} {cfg['method']} layer={cfg.get('prompt_layer')}: {msg} ({took:.0f}s)")
+    if not feature_cache:
+        payload["total_seconds"] = time.perf_counter() - t0
+        write_json(out_path, payload)
+        return payload
     runs = feature_cache_runs(device, quick)
     primary = runs[0]
     payload["feature_cache"] = {
@@ -328,6 +359,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--backbones", default=None, help="comma list (default: all of the plan)")
+    parser.add_argument("--no-feature-cache", action="store_true", help="skip the epoch-timing part")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -335,7 +368,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     out = args.out or results_dir(args.quick)
     out.mkdir(parents=True, exist_ok=True)
-    run(args.quick, args.device, out)
+    only = set(args.backbones.split(",")) if args.backbones else None
+    run(args.quick, args.device, out, only=only, feature_cache=not args.no_feature_cache)
     log(f"wrote {out / 'training_cost.json'}")
 
 

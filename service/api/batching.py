@@ -28,6 +28,7 @@ from service.engine import BackboneSpec, EngineError
 from service.engine.data import decode_image
 from service.serving.errors import PinLimitError, PromptNotFoundError, ServingClosedError, ServingError
 from service.serving.predictor import PromptPrediction, ServingConfig, ServingPredictor
+from service.serving.ratelimit import RateLimiter, create_rate_limiter
 from service.settings import Settings
 
 
@@ -70,6 +71,16 @@ def serving_config(settings: Settings) -> ServingConfig:
     )
 
 
+def build_rate_limiter(settings: Settings) -> RateLimiter | None:
+    """Per-tenant token buckets: in Redis when one is configured (or is the broker), else in memory."""
+    if settings.rate_limit_per_second <= 0:
+        return None
+    url = settings.rate_limit_redis_url
+    if url is None and settings.broker_url and settings.broker_url.startswith(("redis://", "rediss://")):
+        url = settings.broker_url
+    return create_rate_limiter(settings.rate_limit_per_second, settings.rate_limit_burst, redis_url=url)
+
+
 def _domain_error(exc: Exception) -> DomainError:
     if isinstance(exc, PromptNotFoundError):
         return NotFound(str(exc), code="prompt_not_found", param="prompt")
@@ -88,6 +99,10 @@ class BatchingPredictor:
 
     def __init__(self, session_factory: sessionmaker[Session], settings: Settings) -> None:
         self.serving = ServingPredictor(DatabasePromptSource(session_factory), serving_config(settings))
+        try:  # built in the app's lifespan: remember the loop that owns the cache
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
 
     async def predict(
         self, prompt: PromptHandle, images: Sequence[bytes], top_k: int, *, tenant_id: str = ""
@@ -122,8 +137,20 @@ class BatchingPredictor:
         return self.serving.unpin(serving_key(prompt.key, prompt.sha256))
 
     def invalidate(self, key: int, sha256: str) -> None:
-        """Call after a deletion committed: no tier of this process serves the artifact again."""
-        self.serving.invalidate(serving_key(key, sha256))
+        """Call after a deletion committed: no tier of this process serves the artifact again.
+
+        Safe from a sync route's worker thread: the cache belongs to the event loop, so the invalidation
+        is queued there, ahead of the route's own response.
+        """
+        name = serving_key(key, sha256)
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if self._loop is None or running is self._loop:
+            self.serving.invalidate(name)
+        else:
+            self._loop.call_soon_threadsafe(self.serving.invalidate, name)
 
     async def aclose(self) -> None:
         await self.serving.aclose()

@@ -77,6 +77,7 @@ def _configure_logging(level: str, json_lines: bool) -> None:
     from service.log import configure_logging
 
     configure_logging(level, json_lines=json_lines)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # the start-up schema check is not news
 
 
 def _touch_forever(path: Path, every: float = 5.0) -> None:
@@ -126,7 +127,9 @@ def run_worker(args: argparse.Namespace) -> int:
 
         # A thread, not Celery's default child process: no fork in a process that may initialise CUDA, and
         # the schedule dies with the worker instead of outliving a SIGKILL.
-        beat = EmbeddedService(app, thread=True)
+        # celery.beat.Service defaults to the shelve-backed PersistentScheduler whatever the config says;
+        # pass ours (in-memory, see celeryconfig) so no schedule file lands in the working directory.
+        beat = EmbeddedService(app, thread=True, scheduler_cls=app.conf.beat_scheduler)
         beat.start()
 
     concurrency = max(1, int(args.concurrency))

@@ -418,7 +418,17 @@ class _JobRun:
             from service.engine.layer_search import auto_select_layer
 
             self._event("log", "searching the prompt layer (auto)")
-            index, rows = auto_select_layer(backbone, train, val)
+            index, rows = auto_select_layer(
+                backbone,
+                train,
+                val,
+                num_classes=len(dataset.classes),
+                on_row=lambda row: self._event(
+                    "layer_search",
+                    f"probed layer {row.get('index')}: val acc {row.get('val_accuracy')}",
+                    _jsonable(row),
+                ),
+            )
             layers = [int(index)]
             self._write(
                 event=(

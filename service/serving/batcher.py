@@ -121,9 +121,7 @@ class MicroBatcher:
         self._deferred.clear()
         while not self._queue.empty():
             pending.append(self._queue.get_nowait())
-        for req in pending:
-            if not req.future.done():
-                req.future.set_exception(ServingClosedError("the server is shutting down"))
+        _fail(pending, ServingClosedError("the server is shutting down"))
         if self._own_executor:
             self.executor.shutdown(wait=True)
 
@@ -194,7 +192,7 @@ class MicroBatcher:
             stale = next((p for p in req.prompts if not self.cache.is_current(p)), None)
             if stale is not None:
                 self.stats.stale_refused += 1
-                req.future.set_exception(PromptNotFoundError(f"prompt {stale.key!r} was deleted or replaced"))
+                _fail([req], PromptNotFoundError(f"prompt {stale.key!r} was deleted or replaced"))
                 continue
             if self.policy.try_acquire(grant, req.prompts):
                 taken.append(req)
@@ -205,63 +203,87 @@ class MicroBatcher:
         return taken, grant
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
-            taken, grant = self._admit(batch)
-            if not taken:
-                if self._deferred and self.policy.leased:
-                    await self.policy.wait_released()
-                elif self._deferred:
-                    # nothing leased and still no room: submit() bounds prompts per request by the slots
-                    # that pins leave free, so this is a bug; fail loudly rather than spin
-                    req = self._deferred.popleft()
-                    if not req.future.done():
-                        req.future.set_exception(ServingError("no free prompt slot for this request"))
-                continue
-            started = time.perf_counter()
-            for req in taken:
-                metrics.QUEUE_WAIT_SECONDS.labels(backbone=self.name).observe(started - req.enqueued)
-            # per request, per prompt: (slot, number of classes) to cut the padded logits back
-            slots_per_req = [
-                [(grant.slots[p.key], p.artifact.num_classes) for p in req.prompts] for req in taken
-            ]
             try:
-                results, seconds = await loop.run_in_executor(
-                    self.executor, self._run_batch, grant.writes, [r.x for r in taken], slots_per_req
-                )
-            except Exception as e:
-                log.exception("batch of %d requests failed on %s", len(taken), self.name)
-                self.policy.forget(p.key for _, p in grant.writes)
-                for req in taken:
-                    if not req.future.done():
-                        req.future.set_exception(e)
-                continue
-            finally:
-                self.policy.release(grant)
-            rows = sum(r.rows for r in taken)
-            self.stats.batches += 1
-            self.stats.rows += rows
-            self.stats.requests += len(taken)
-            self.stats.model_seconds += seconds
-            metrics.BATCH_ROWS.labels(backbone=self.name).observe(rows)
-            metrics.BATCH_PROMPTS.labels(backbone=self.name).observe(len(grant.slots))
-            metrics.MODEL_SECONDS.labels(backbone=self.name).observe(seconds)
-            for req, out in zip(taken, results, strict=True):
-                if not req.future.done():
-                    req.future.set_result(out)
+                await self._serve(batch)
+            except asyncio.CancelledError:  # shutdown mid-batch: nobody is left to answer these
+                _fail(batch, ServingClosedError("the server is shutting down"))
+                raise
+            except Exception as e:  # a bug here must fail this batch, not stop the collector for good
+                log.exception("serving a batch failed on %s", self.name)
+                _fail(batch, e)
+
+    async def _serve(self, batch: list[_Request]) -> None:
+        """Admit what fits, run it on the model thread, answer each request."""
+        taken, grant = self._admit(batch)
+        if not taken:
+            if self._deferred and self.policy.leased:
+                await self.policy.wait_released()
+            elif self._deferred:
+                # nothing leased and still no room: submit() bounds prompts per request by the slots
+                # that pins leave free, so this is a bug; fail loudly rather than spin
+                _fail([self._deferred.popleft()], ServingError("no free prompt slot for this request"))
+            return
+        started = time.perf_counter()
+        for req in taken:
+            metrics.QUEUE_WAIT_SECONDS.labels(backbone=self.name).observe(started - req.enqueued)
+        # per request, per prompt: (slot, number of classes) to cut the padded logits back
+        slots_per_req = [[(grant.slots[p.key], p.artifact.num_classes) for p in req.prompts] for req in taken]
+        loop = asyncio.get_running_loop()
+        try:
+            if grant.writes:  # a prompt that cannot be written fails its own requests, not the batch
+                failed = await loop.run_in_executor(self.executor, self._write_slots, grant.writes)
+                if failed:
+                    self.policy.forget(failed)
+                    for req in taken:
+                        bad = next((failed[p.key] for p in req.prompts if p.key in failed), None)
+                        if bad is not None:
+                            _fail([req], bad)
+                    taken = [r for r in taken if not r.future.done()]
+                    slots_per_req = [
+                        [(grant.slots[p.key], p.artifact.num_classes) for p in req.prompts] for req in taken
+                    ]
+                    if not taken:
+                        return
+            results, seconds = await loop.run_in_executor(
+                self.executor, self._run_batch, [r.x for r in taken], slots_per_req
+            )
+        except Exception as e:
+            log.exception("batch of %d requests failed on %s", len(taken), self.name)
+            _fail(taken, e)
+            return
+        finally:
+            self.policy.release(grant)
+        rows = sum(r.rows for r in taken)
+        self.stats.batches += 1
+        self.stats.rows += rows
+        self.stats.requests += len(taken)
+        self.stats.model_seconds += seconds
+        metrics.BATCH_ROWS.labels(backbone=self.name).observe(rows)
+        metrics.BATCH_PROMPTS.labels(backbone=self.name).observe(len(grant.slots))
+        metrics.MODEL_SECONDS.labels(backbone=self.name).observe(seconds)
+        for req, out in zip(taken, results, strict=True):
+            if not req.future.done():
+                req.future.set_result(out)
 
     # -- on the model thread ----------------------------------------------------------------------------
-    def _run_batch(
-        self,
-        writes: list[tuple[int, LoadedPrompt]],
-        xs: list[Tensor],
-        slots_per_req: list[list[tuple[int, int]]],
-    ) -> tuple[list[list[Tensor]], float]:
-        """Slot writes, then one forward pass; splits the padded logits back per request and prompt."""
-        t0 = time.perf_counter()
+    def _write_slots(self, writes: list[tuple[int, LoadedPrompt]]) -> dict[str, Exception]:
+        """Write new residents into their slots; returns key -> error for those that could not be."""
+        failed: dict[str, Exception] = {}
         for slot, prompt in writes:
-            self.runner.write(slot, prompt.artifact)
+            try:
+                self.runner.write(slot, prompt.artifact)
+            except Exception as e:  # ArtifactError, or a device error while copying
+                log.warning("writing prompt %s into slot %d failed: %s", prompt.key, slot, e)
+                failed[prompt.key] = e
+        return failed
+
+    def _run_batch(
+        self, xs: list[Tensor], slots_per_req: list[list[tuple[int, int]]]
+    ) -> tuple[list[list[Tensor]], float]:
+        """One forward pass over every request's images; splits the padded logits per request and prompt."""
+        t0 = time.perf_counter()
         x = xs[0] if len(xs) == 1 else torch.cat(xs)  # [M, 3, H, W]
         slot_rows: list[int] = []
         image_rows: list[int] = []
@@ -286,3 +308,9 @@ class MicroBatcher:
                 row += n
             out.append(per_prompt)
         return out, time.perf_counter() - t0
+
+
+def _fail(requests: Sequence[_Request], exc: BaseException) -> None:
+    for req in requests:
+        if not req.future.done():
+            req.future.set_exception(exc)

@@ -47,7 +47,7 @@ QUEUE_WAIT_SECONDS = Histogram(
 )
 MODEL_SECONDS = Histogram(
     "actprompt_serving_model_seconds",
-    "Model-thread time per batch: slot writes plus the forward pass.",
+    "Model-thread time of one batch's forward pass (slot writes not included).",
     ["backbone"],
     buckets=_SECOND_BUCKETS,
 )

@@ -146,7 +146,7 @@ class Api:
         body: dict[str, Any] = {
             "backbone": "tiny",
             "dataset_uri": (Path(self.settings.data_roots) / "tiny.npz").as_uri(),
-            "hyperparameters": {"epochs": 2, "batch_size": 16, "learning_rate": 0.05},
+            "hyperparameters": {"epochs": 10, "batch_size": 8, "learning_rate": 0.05},
         }
         body.update(overrides)
         return body

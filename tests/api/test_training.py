@@ -43,7 +43,7 @@ def test_train_then_predict_and_manage_prompts(trained) -> None:
     rest = c.get(f"/v1/jobs/{job['id']}/events", params={"after": page["next_cursor"]}, headers=t).json()
     assert [e["id"] for e in page["data"] + rest["data"]] == [e["id"] for e in events]
     checkpoints = c.get(f"/v1/jobs/{job['id']}/checkpoints", headers=t).json()["data"]
-    assert 1 <= len(checkpoints) <= api.settings.checkpoints_keep and checkpoints[0]["epoch"] == 2
+    assert 1 <= len(checkpoints) <= api.settings.checkpoints_keep and checkpoints[0]["epoch"] == 10
 
     # SSE on a finished job: every event, then `end`
     with c.stream("GET", f"/v1/jobs/{job['id']}/events", headers={**t, "Accept": "text/event-stream"}) as s:
@@ -188,7 +188,8 @@ def test_tenant_isolation_on_every_endpoint(trained) -> None:
     for method, url, kwargs in calls:
         r = c.request(method, url, headers=other, **kwargs)
         assert r.status_code == 404, (method, url, r.status_code, r.text)
-        assert jid not in r.text and "red" not in r.text
+        assert r.json()["error"]["code"].endswith("_not_found"), r.text
+        assert "red" not in r.text and "tiny.npz" not in r.text and "colours" not in r.text  # none of its data
     sse = c.get(f"/v1/jobs/{jid}/events", headers={**other, "Accept": "text/event-stream"})
     assert sse.status_code == 404
     assert c.get("/v1/jobs", headers=other).json()["data"] == []
@@ -235,3 +236,19 @@ def test_restart_picks_up_queued_job(make_api) -> None:
     second = make_api()  # same database, embedded worker on
     job = second.wait(job_id, t)
     assert job["status"] == "succeeded" and job["attempts"] == 1
+
+
+def test_auto_layer_records_the_sweep(api: Api) -> None:
+    api.tiny_backbone()
+    t = api.tenant()
+    body = api.job_body(prompt_layer="auto", hyperparameters={"epochs": 2, "batch_size": 8})
+    job = api.wait(api.client.post("/v1/jobs", json=body, headers=t).json()["id"], t)
+    assert job["status"] == "succeeded", job
+    assert job["prompt_layer"] == "auto" and len(job["resolved_layers"]) == 1
+    sweep = [
+        e for e in api.client.get(f"/v1/jobs/{job['id']}/events", headers=t).json()["data"] if e["type"] == "layer_search"
+    ]
+    chosen = [e for e in sweep if "layer" in (e["data"] or {})]
+    assert chosen and chosen[-1]["data"]["layer"] == job["resolved_layers"][0] and chosen[-1]["data"]["sweep"]
+    prompt = api.client.get(f"/v1/prompts/{job['prompt_id']}", headers=t).json()
+    assert prompt["prompt_layer"] == job["resolved_layers"]

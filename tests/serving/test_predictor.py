@@ -195,3 +195,34 @@ def test_prompt_wider_than_the_slot_table_is_still_served(
             await pred.aclose()
 
     asyncio.run(run())
+
+
+def test_a_prompt_that_cannot_be_written_fails_alone(
+    resnet20_spec: BackboneSpec, resnet20: Backbone, make_artifact: Callable[..., PromptArtifact]
+) -> None:
+    from service.engine import ArtifactError
+    from service.serving.synthetic import random_artifact
+
+    full = random_artifact(resnet20, layers=(), num_classes=3, seed=1, method="full")  # copies the backbone
+    arts = {"full": full, "ok": make_artifact(62, (8,), num_classes=3)}
+    x = _images(2, seed=4)
+
+    async def run() -> None:
+        pred = ServingPredictor(_source(arts), ServingConfig(max_wait_ms=50))
+        try:
+            bad, good = await asyncio.gather(
+                pred.predict(resnet20_spec, ["full"], x),
+                pred.predict(resnet20_spec, ["ok"], x),
+                return_exceptions=True,
+            )
+            assert isinstance(bad, ArtifactError), bad
+            assert not isinstance(good, BaseException)
+            torch.testing.assert_close(
+                good[0].probabilities, _reference(resnet20, arts["ok"], x), atol=1e-5, rtol=0
+            )
+            srv = await pred.server(resnet20_spec)
+            assert srv.batcher.stats.batches == 1 and "full" not in srv.policy
+        finally:
+            await pred.aclose()
+
+    asyncio.run(run())

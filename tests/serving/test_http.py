@@ -1,0 +1,178 @@
+"""Serving through the gateway: batched predicts over HTTP, pins, deletion, several prompts, rate limits."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.api.main import create_app
+from service.engine.artifacts import PromptArtifact
+from service.settings import Settings
+
+ADMIN = "serving-test-admin-key"
+LAYERS = [(1,), (5,), (8,), (10,), (3, 9)]
+
+
+def _png(seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@dataclass
+class Gateway:
+    client: TestClient
+    tenants: list[dict[str, str]]  # auth headers per tenant
+    prompts: list[tuple[int, str]]  # (tenant index, prompt id)
+
+    def predict(self, tenant: int, body: dict[str, Any]) -> Any:
+        return self.client.post("/v1/predict", json=body, headers=self.tenants[tenant])
+
+
+@pytest.fixture()
+def make_gateway(
+    tmp_path: Path, resnet20_uri: str, make_artifact: Callable[..., PromptArtifact]
+) -> Iterator[Callable[..., Gateway]]:
+    opened: list[TestClient] = []
+
+    def make(n_tenants: int = 3, per_tenant: int = 2, **overrides: Any) -> Gateway:
+        values: dict[str, Any] = {
+            "database_url": f"sqlite:///{tmp_path / f'serving{len(opened)}.db'}",
+            "admin_key": ADMIN,
+            "var_dir": tmp_path / "var",
+            "data_roots": str(tmp_path),
+            "device": "cpu",
+            "log_level": "WARNING",
+            "auto_migrate": True,
+            "embedded_worker": False,
+            "serving_max_wait_ms": 20.0,
+            "rate_limit_per_second": 1000.0,
+            "rate_limit_burst": 1000.0,
+            **overrides,
+        }
+        client = TestClient(create_app(Settings(**values)))
+        client.__enter__()
+        opened.append(client)
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        body = {"id": "r20", "model": "resnet20_cifar", "weights": resnet20_uri}
+        assert client.post("/v1/backbones", json=body, headers=admin).status_code == 201
+        tenants = []
+        for i in range(n_tenants):
+            r = client.post("/v1/tenants", json={"name": f"t{i}"}, headers=admin)
+            assert r.status_code == 201, r.text
+            tenants.append({"Authorization": f"Bearer {r.json()['api_key']}"})
+        prompts = []
+        for i in range(n_tenants * per_tenant):
+            art = make_artifact(200 + i, LAYERS[i % len(LAYERS)], num_classes=4 + i % 3)
+            files = {"artifact": ("a.safetensors", art.to_bytes(), "application/octet-stream")}
+            r = client.post("/v1/prompts", files=files, headers=tenants[i % n_tenants])
+            assert r.status_code == 201, r.text
+            prompts.append((i % n_tenants, r.json()["id"]))
+        return Gateway(client, tenants, prompts)
+
+    yield make
+    for client in reversed(opened):
+        client.__exit__(None, None, None)
+
+
+def _probs(resp: Any) -> list[list[tuple[str, float]]]:
+    assert resp.status_code == 200, resp.text
+    return [[(p["label"], p["probability"]) for p in row] for row in resp.json()["predictions"]]
+
+
+def _same(a: list[list[tuple[str, float]]], b: list[list[tuple[str, float]]]) -> None:
+    assert [[lab for lab, _ in row] for row in a] == [[lab for lab, _ in row] for row in b]
+    np.testing.assert_allclose(
+        [[p for _, p in row] for row in a], [[p for _, p in row] for row in b], atol=1e-5
+    )
+
+
+def _metric(client: TestClient, name: str) -> float:
+    text = client.get("/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_concurrent_tenants_get_what_sequential_requests_get(make_gateway: Callable[..., Gateway]) -> None:
+    gw = make_gateway()
+    requests = [
+        (t, {"prompt": pid, "images": [_png(i), _png(i + 1)][: 1 + i % 2], "top_k": 3})
+        for i, (t, pid) in enumerate(gw.prompts * 4)
+    ]
+    sequential = [_probs(gw.predict(t, body)) for t, body in requests]
+    batches_before = _metric(gw.client, "actprompt_serving_batch_rows_count")
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        concurrent = list(pool.map(lambda tb: _probs(gw.predict(*tb)), requests))
+    for seq, con in zip(sequential, concurrent, strict=True):
+        _same(seq, con)
+    batches = _metric(gw.client, "actprompt_serving_batch_rows_count") - batches_before
+    assert 0 < batches < len(requests)  # concurrent requests of different tenants shared passes
+    assert _metric(gw.client, "actprompt_predict_requests_total{") >= 2 * len(requests)
+
+
+def test_several_prompts_in_one_request(make_gateway: Callable[..., Gateway]) -> None:
+    gw = make_gateway(n_tenants=1, per_tenant=3)
+    ids = [pid for _, pid in gw.prompts]
+    images = [_png(7), _png(8)]
+    r = gw.predict(0, {"prompts": ids, "images": images, "top_k": 2})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [res["prompt"] for res in results] == [f"{pid}@1" for pid in ids]
+    for pid, res in zip(ids, results, strict=True):
+        single = _probs(gw.predict(0, {"prompt": pid, "images": images, "top_k": 2}))
+        _same(single, [[(p["label"], p["probability"]) for p in row] for row in res["predictions"]])
+    both = gw.predict(0, {"prompt": ids[0], "prompts": ids, "images": images})
+    assert both.status_code == 422 and both.json()["error"]["param"] is not None
+
+
+def test_pin_delete_and_isolation(make_gateway: Callable[..., Gateway]) -> None:
+    gw = make_gateway(n_tenants=2, per_tenant=1)
+    (owner, pid), (other, _) = gw.prompts
+    body = {"prompt": pid, "images": [_png(1)]}
+    assert gw.predict(owner, body).status_code == 200
+    foreign = gw.predict(other, body)
+    assert foreign.status_code == 404 and foreign.json()["error"]["code"] == "prompt_not_found"
+    assert gw.client.post(f"/v1/prompts/{pid}/pin", headers=gw.tenants[other]).status_code == 404
+    pinned = gw.client.post(f"/v1/prompts/{pid}/pin", headers=gw.tenants[owner])
+    assert pinned.status_code == 200 and pinned.json() == {
+        "object": "prompt_pin",
+        "prompt": f"{pid}@1",
+        "pinned": True,
+    }
+    cache = gw.client.app.state.predictor.serving.cache  # type: ignore[attr-defined]
+    (key,) = [k for k in cache.pinned]
+    assert key in cache
+    assert gw.client.delete(f"/v1/prompts/{pid}", headers=gw.tenants[owner]).status_code == 204
+    gone = gw.predict(owner, body)
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "prompt_not_found"
+    assert key not in cache and not cache.pinned  # dropped from every tier, pin included
+    unpin = gw.client.delete(f"/v1/prompts/{pid}/pin", headers=gw.tenants[owner])
+    assert unpin.status_code == 404
+
+
+@pytest.mark.parametrize("backend", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def test_rate_limit_answers_429_with_retry_after(make_gateway: Callable[..., Gateway], backend: str) -> None:
+    extra = {"rate_limit_redis_url": "redis://127.0.0.1:6379/0"} if backend == "redis" else {}
+    gw = make_gateway(n_tenants=2, per_tenant=1, rate_limit_per_second=0.2, rate_limit_burst=2, **extra)
+    (t0, p0), (t1, p1) = gw.prompts
+    assert gw.predict(t0, {"prompt": p0, "images": [_png(1)]}).status_code == 200
+    assert gw.predict(t0, {"prompt": p0, "images": [_png(1)]}).status_code == 200
+    refused = gw.predict(t0, {"prompt": p0, "images": [_png(1)]})
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "rate_limited" and set(refused.json()["error"]) == {
+        "code",
+        "message",
+        "param",
+    }
+    assert 1 <= int(refused.headers["Retry-After"]) <= 5
+    assert gw.predict(t1, {"prompt": p1, "images": [_png(1)]}).status_code == 200  # buckets are per tenant
