@@ -33,9 +33,16 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" "torc
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY workers ./workers
-RUN pip install . && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
+COPY migrations ./migrations
+# A regular (non-editable) install; the Alembic scripts go where `service.db.migrate.MIGRATIONS_DIR` looks
+# for them (beside the installed package; `cd /` so that the import is the installed copy, not ./service),
+# so `actprompt db upgrade` works from any directory.
+RUN pip install . \
+ && target="$(cd / && python -c 'import service.db.migrate as m; print(m.MIGRATIONS_DIR)')" \
+ && { [ -f "$target/env.py" ] || cp -r migrations "$target"; } \
+ && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
 
-# ---- runtime: the venv, the migrations, an unprivileged user --------------------------------------------
+# ---- runtime: the venv (project + migrations), an unprivileged user --------------------------------------------
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
@@ -43,11 +50,9 @@ ENV VIRTUAL_ENV=/opt/venv \
     PYTHONDONTWRITEBYTECODE=1 \
     ACTPROMPT_DATA_ROOTS=/data
 RUN useradd --create-home --uid 10001 actprompt && mkdir -p /data /app/var && chown actprompt /app/var
+ENV ACTPROMPT_VAR_DIR=/app/var
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
-# `actprompt db upgrade` reads the Alembic settings from pyproject.toml and the scripts from migrations/.
-COPY pyproject.toml ./
-COPY migrations ./migrations
 USER actprompt
 EXPOSE 8000
 ENTRYPOINT ["actprompt"]

@@ -290,7 +290,7 @@ class Runner:
     ) -> dict[str, Any]:
         from service.engine.train import TrainConfig, evaluate, fit
 
-        n = n_train or len(data.train[0])
+        n = min(n_train or len(data.train[0]), len(data.train[0]))
         ep = epochs or self.plan.epochs
         method, mcfg, record = make_config(variant, backbone, len(data.classes), layer)
         row: dict[str, Any] = {
@@ -491,6 +491,23 @@ def run_auto(
         runner.save()
         return
     seconds = time.perf_counter() - t0
+    if int(chosen) not in {r["prompt_layer"] for r in sweep}:  # a strided sweep skipped it: measure it
+        sweep = [
+            *sweep,
+            runner.train(
+                name,
+                backbone,
+                dataset,
+                data,
+                "ap_layer",
+                seed=0,
+                lr=runner.extra["lr"].get(name, {}).get("ap_recommended", 1e-2),
+                role="sweep",
+                layer=int(chosen),
+                n_train=runner.plan.sweep_n_train,
+                epochs=runner.plan.sweep_epochs,
+            ),
+        ]
     by_layer = {r["prompt_layer"]: r["test_accuracy"] for r in sweep}
     best_layer = max((r for r in sweep if r["prompt_layer"] != 0), key=lambda r: r["test_accuracy"])
     full_run = next(

@@ -115,17 +115,29 @@ def sync(device: torch.device) -> None:
 
 
 def time_calls(fn: Callable[[], Any], *, warmup: int, iters: int, device: torch.device) -> list[float]:
-    """Seconds of each of ``iters`` calls after ``warmup`` untimed ones (device synchronised)."""
+    """Wall seconds of each of ``iters`` calls after ``warmup`` untimed ones (device synchronised)."""
+    return timed_calls(fn, warmup=warmup, iters=iters, device=device)[0]
+
+
+def timed_calls(
+    fn: Callable[[], Any], *, warmup: int, iters: int, device: torch.device
+) -> tuple[list[float], list[float]]:
+    """(wall seconds, process CPU seconds) of each timed call.
+
+    On a shared CPU the wall clock measures the neighbours as much as the code; the process's CPU time
+    (one torch thread) barely depends on them, so CPU-side ratios are taken from it.
+    """
     for _ in range(warmup):
         fn()
     sync(device)
-    times = []
+    wall, cpu = [], []
     for _ in range(iters):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return wall, cpu
 
 
 def median(values: Sequence[float]) -> float:

@@ -35,6 +35,7 @@ from service.engine.mixed_batch import PromptBank, forward_mixed, predict_single
 from service.serving.cache import CallableSource
 from service.serving.errors import PromptNotFoundError
 from service.serving.predictor import ServingConfig, ServingPredictor
+from service.serving.slots import SlotTable
 from service.serving.synthetic import random_artifact
 
 SYNTHETIC_NOTE = (
@@ -122,18 +123,31 @@ def bench_engine(b: BenchBackbone, quick: bool) -> dict[str, Any]:
         "naive": naive,
         "naive_per_request": naive_per_request,
     }
-    seconds: dict[str, list[float]] = {k: [] for k in cases}
+    if b.key == "resnet20_cifar":  # one request, 4 prompts for the same images (`prompts: [...]`)
+        table = SlotTable(bb, 4, max_classes=10)
+        for i in range(4):
+            table.write(i, same[i])
+        n_img = batch // 4
+        rows = torch.arange(4).repeat_interleave(n_img)  # [B] prompt-major
+        image_index = torch.arange(n_img).repeat(4)  # [B] row -> image
+        cases["four_prompts_shared_prefix"] = lambda: table.forward(x[:n_img], rows, image_index)
+        cases["four_prompts_repeated"] = lambda: table.forward(x[:n_img][image_index], rows, None)
+    cpu: dict[str, list[float]] = {k: [] for k in cases}
+    wall: dict[str, list[float]] = {k: [] for k in cases}
     with torch.inference_mode():
         for fn in cases.values():  # warm-up (allocator, oneDNN primitives)
             fn()
         for _ in range(reps):  # interleaved so that load from other processes hits every case alike
             for name, fn in cases.items():
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 fn()
-                seconds[name].append(time.perf_counter() - t0)
-    # best of N (timeit's rule): on two cores shared with other work the median measures the neighbours
-    best = {k: min(v) for k, v in seconds.items()}
-    median = {k: statistics.median(v) for k, v in seconds.items()}
+                cpu[name].append(time.process_time() - c0)
+                wall[name].append(time.perf_counter() - t0)
+    # Ratios from CPU seconds (best of N): the five engineers' jobs on these two cores stretch wall time
+    # many-fold and unevenly, but not the CPU time this process spends (torch runs one thread here).
+    best = {k: min(v) for k, v in cpu.items()}
+    best_wall = {k: min(v) for k, v in wall.items()}
+    median = {k: statistics.median(v) for k, v in wall.items()}
     thr = {k: batch / best[k] for k in cases}
     out: dict[str, Any] = {
         "batch": batch,
@@ -141,9 +155,10 @@ def bench_engine(b: BenchBackbone, quick: bool) -> dict[str, Any]:
         "prompt_layer": layer,
         "mixed_layers": spread,
         "throughput_rows_per_s": {k: round(v, 2) for k, v in thr.items()},
-        "timing": "best of the interleaved repetitions (median_ms alongside)",
-        "best_ms": {k: round(1000 * v, 3) for k, v in best.items()},
-        "median_ms": {k: round(1000 * v, 3) for k, v in median.items()},
+        "timing": "rows per CPU-second of the process, best of interleaved repetitions; wall times beside",
+        "best_cpu_ms": {k: round(1000 * v, 3) for k, v in best.items()},
+        "best_wall_ms": {k: round(1000 * v, 3) for k, v in best_wall.items()},
+        "median_wall_ms": {k: round(1000 * v, 3) for k, v in median.items()},
         "mixed_vs_single": round(thr["mixed_prompts"] / thr["one_prompt"], 4),
         "mixed_vs_bare": round(thr["mixed_prompts"] / thr["bare"], 4),
         "mixed_vs_naive": round(thr["mixed_prompts"] / thr["naive"], 3),
@@ -151,7 +166,16 @@ def bench_engine(b: BenchBackbone, quick: bool) -> dict[str, Any]:
         "mixed_layers_vs_bare": round(thr["mixed_layers"] / thr["bare"], 4),
         "mixed_layers_vs_naive": round(thr["mixed_layers"] / thr["naive"], 3),
         "mixed_vs_naive_per_request": round(thr["mixed_prompts"] / thr["naive_per_request"], 3),
+        "wall_ratios": {  # the same ratios from best wall times (noisier on a shared machine)
+            "mixed_vs_single": round(best_wall["one_prompt"] / best_wall["mixed_prompts"], 4),
+            "mixed_vs_bare": round(best_wall["bare"] / best_wall["mixed_prompts"], 4),
+            "mixed_vs_naive": round(best_wall["naive"] / best_wall["mixed_prompts"], 3),
+        },
     }
+    if "four_prompts_shared_prefix" in thr:
+        out["shared_prefix_vs_repeated"] = round(
+            thr["four_prompts_shared_prefix"] / thr["four_prompts_repeated"], 3
+        )
     log(
         f"engine {b.key}: "
         + ", ".join(f"{k} {v:.1f} rows/s" for k, v in thr.items())
@@ -333,10 +357,22 @@ def write_report(results: dict[str, Any], out_dir: Path) -> None:
                 [key, e["batch"], *(f"{t[c]:.1f}" for c in ENGINE_CASES), *(e[r] for r in ratios)]
             )
     if engine_rows:
-        lines += ["", "## Engine level (one forward pass; rows/s, best of interleaved repetitions)", ""]
+        lines += [
+            "",
+            "## Engine level (one forward pass; rows per CPU-second, best of interleaved repetitions)",
+            "",
+        ]
         header = ["backbone", "batch", *ENGINE_CASES, "mixed/one (>=0.95)", "mixed/bare (>=0.9)"]
         header += ["mixed/naive (>=10)", "mixed-layers/one", "mixed-layers/bare"]
         lines.append(md_table(header, engine_rows))
+        for key, r in results["backbones"].items():
+            if "shared_prefix_vs_repeated" in r.get("engine", {}):
+                lines += [
+                    "",
+                    f"{key}: one request asking 4 prompts for the same images runs "
+                    f"{r['engine']['shared_prefix_vs_repeated']:.2f}x the throughput of repeating the images "
+                    "per prompt (the backbone before the earliest prompt layer runs once per image).",
+                ]
     http_keys = ["clients", "prompts", "tenants", "requests", "throughput_rps", "p50_ms", "p95_ms", "p99_ms"]
     http_keys.append("errors")
     http_rows = [

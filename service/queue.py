@@ -48,7 +48,13 @@ class CeleryQueue:
         }
 
     def enqueue(self, job_id: str) -> None:
-        self._app.send_task(TRAIN_TASK, args=[job_id], queue=self.queue_name)
+        self._app.send_task(
+            TRAIN_TASK,
+            args=[job_id],
+            queue=self.queue_name,
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
+        )
         log.info("job sent", extra={"job_id": job_id, "queue": self.queue_name})
 
     def ping(self) -> bool:

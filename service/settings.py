@@ -73,6 +73,40 @@ class Settings(BaseSettings):
     )
     page_size_max: int = Field(default=100, description="Largest page of a paginated listing.")
 
+    # --- serving (service/serving, docs/SERVING.md) ---------------------------------------------------
+    serving_max_wait_ms: float = Field(
+        default=5.0,
+        description="How long the micro-batcher waits for more rows (short against a forward pass).",
+    )
+    serving_max_batch_rows: int = Field(
+        default=64, description="Most image rows in one batched forward pass."
+    )
+    serving_max_classes: int = Field(
+        default=100,
+        description="Head padding of the slot table; prompts with more classes get a pass of their own.",
+    )
+    max_prompts_per_request: int = Field(default=16, description="Most prompts one predict request may name.")
+    prompt_cache_host_bytes: int = Field(
+        default=256 << 20, description="Host-memory tier of the prompt cache."
+    )
+    prompt_cache_device_bytes: int = Field(
+        default=256 << 20, description="Device tier (the slot table), in bytes."
+    )
+    prompt_cache_max_slots: int = Field(
+        default=1024, description="Upper bound on device slots whatever the bytes."
+    )
+    prompt_cache_pin_fraction: float = Field(
+        default=0.5, description="Share of either cache tier that pinned prompts may hold."
+    )
+    rate_limit_per_second: float = Field(
+        default=50.0, description="Predict requests per second per tenant; 0 = off."
+    )
+    rate_limit_burst: int = Field(default=100, description="Token-bucket burst of the per-tenant rate limit.")
+    rate_limit_redis_url: str | None = Field(
+        default=None,
+        description="Redis for shared rate limits; unset = the broker if it is Redis, else in memory.",
+    )
+
     # --- job leases and retries --------------------------------------------------------------------
     lease_seconds: float = Field(
         default=120.0,

@@ -11,6 +11,7 @@ workers). `--beat` also runs the reaper's schedule in a thread and consumes the 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import socket
@@ -120,6 +121,12 @@ def run_worker(args: argparse.Namespace) -> int:
         threading.Thread(
             target=_touch_forever, args=(args.health_file,), name="health-file", daemon=True
         ).start()
+
+    if any(q != maintenance_queue for q in queues):
+        # A training worker imports the job runner and the engine (torch, timm) now, not inside its first
+        # job: a broken install fails at start, and the first job (or a resumed one) starts training at once.
+        for module in ("service.domain.job_runner", "service.engine", "service.engine.train"):
+            importlib.import_module(module)
 
     beat = None
     if args.beat:

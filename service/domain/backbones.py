@@ -125,7 +125,9 @@ class BackboneCache:
             from service.engine import BackboneSpec, EngineError, create_backbone
 
             try:
-                backbone = _create_reproducibly(create_backbone, BackboneSpec.from_dict(dict(spec)), spec_hash, device)
+                backbone = _create_reproducibly(
+                    create_backbone, BackboneSpec.from_dict(dict(spec)), spec_hash, device
+                )
             except EngineError as exc:
                 raise from_engine_error(exc, default_param="backbone") from exc
             with self._lock:

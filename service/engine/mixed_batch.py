@@ -7,11 +7,12 @@ Semantics (row i of a batch, s = slot[i], every tensor below lives in the Prompt
     y_n[i]    <- y_n[i] * (1 + S_n[s]) + T_n[s]   for every norm module n (norm-tune rows)
     logits[i] = W[s] @ f[i] + b[s]       # W [Kmax, D], b [Kmax], b = -inf on padded classes
 
-A slot's rows are zero wherever its prompt does not act (P_l[s] = 0 at layers it does not use,
+A slot's entries are neutral wherever its prompt does not act (P_l[s] = 0 at layers it does not use,
 S = T = 0 without norm-tune, frame = 0 and keep = 1 without VP), so "rows whose prompt sits elsewhere
 add nothing there" holds exactly, and each row equals `predict_single` for its own artifact.
-The bank is the mechanism (a preallocated slot table written by index); which prompts are resident
-is the serving layer's policy.
+P_l[s] is stored as `table_l.data[table_l.rows[s]]` (row 0 = zeros), so a layer's table holds rows
+only for the slots prompting there. The bank is the mechanism (slots written by index); which prompts
+are resident is the serving layer's policy.
 """
 
 from __future__ import annotations
@@ -32,11 +33,60 @@ if TYPE_CHECKING:
     from service.engine.backbones import Backbone
 
 
-class PromptBank:
-    """Preallocated per-slot tensors for one backbone: deltas, norm affine, VP frames, heads.
+class RowTable:
+    """A growable table of per-slot rows behind an indirection: slot -> row, row 0 = the default.
 
-    Per-layer delta banks and the norm/VP banks are allocated on the first write that needs them
-    (then never reallocated), so a bank of deep prompts does not cost memory on layers nobody uses.
+    Only slots that actually use this table hold a row, so a layer's delta table costs memory in
+    proportion to the prompts at that layer, not to the bank's capacity. Rows are recycled on clear;
+    the table doubles when full (on write, never on the forward path).
+    """
+
+    def __init__(self, capacity: int, shape: tuple[int, ...], fill: float, device: torch.device) -> None:
+        self.shape, self.fill, self.device = shape, fill, device
+        self.rows = torch.zeros(capacity, dtype=torch.long, device=device)  # [S] slot -> row
+        self._host_rows = [0] * capacity
+        self.data = torch.full((1 + min(capacity, 4), *shape), fill, device=device)  # [R, *shape]
+        self._free = list(range(self.data.shape[0] - 1, 0, -1))
+
+    def put(self, slot: int, value: Tensor) -> int:
+        """Store `value` (broadcast to the row shape) for `slot`; returns the row's bytes."""
+        row = self._host_rows[slot]
+        if row == 0:
+            if not self._free:
+                old = self.data.shape[0]
+                grown = torch.full((old * 2 - 1, *self.shape), self.fill, device=self.device)
+                grown[:old] = self.data
+                self.data = grown
+                self._free = list(range(grown.shape[0] - 1, old - 1, -1))
+            row = self._free.pop()
+            self._host_rows[slot] = row
+            self.rows[slot] = row
+        self.data[row] = value.to(self.device).expand(self.shape)
+        return self.data[row].numel() * self.data.element_size()
+
+    def drop(self, slot: int) -> None:
+        row = self._host_rows[slot]
+        if row:
+            self.data[row].fill_(self.fill)
+            self._free.append(row)
+            self._host_rows[slot] = 0
+            self.rows[slot] = 0
+
+    def gather(self, idx: Tensor) -> Tensor:
+        """Rows for slots idx [B] -> [B, *shape] (the default row for slots without one)."""
+        return self.data.index_select(0, self.rows.index_select(0, idx))
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + self.rows.numel() * 8
+
+
+class PromptBank:
+    """Per-slot tensors for one backbone: heads (preallocated), deltas, norm affine, VP frames.
+
+    Heads and per-slot scalars are preallocated for `capacity` slots. Per-layer delta tables and the
+    VP frame tables are RowTables created on the first write that needs them and grown on demand, so
+    a bank does not cost memory on layers nobody prompts.
     """
 
     def __init__(self, backbone: Backbone, capacity: int, max_classes: int) -> None:
@@ -49,11 +99,11 @@ class PromptBank:
         d = backbone.num_features
         self.head_w = torch.zeros(capacity, max_classes, d, device=dev)  # [S, Kmax, D]
         self.head_b = torch.full((capacity, max_classes), float("-inf"), device=dev)  # [S, Kmax]
-        self.deltas: dict[int, Tensor] = {}  # layer -> [S, *layer shape]
+        self.deltas: dict[int, RowTable] = {}  # layer -> rows of [*layer shape]
         self.norm_scale: dict[str, Tensor] = {}  # norm name -> [S, C]
         self.norm_shift: dict[str, Tensor] = {}  # norm name -> [S, C]
-        self.vp_frame: Tensor | None = None  # [S, 3, H, W]: VP frame (zero inside) or additive delta
-        self.vp_keep: Tensor | None = None  # [S, 1, H, W]: 1 where the (shrunk) image shows
+        self.vp_frame: RowTable | None = None  # rows of [3, H, W]: VP frame (zero inside) or additive delta
+        self.vp_keep: RowTable | None = None  # rows of [1, H, W]: 1 where the (shrunk) image shows
         self.vp_scale: Tensor | None = None  # [S, 2]: (sx, sy) of the shrink, 1 for non-pad slots
         self.vp_pad: Tensor | None = None  # [S] bool: the slot shrinks its image
         # Routing metadata, on the host so that a batch needs no device sync to plan its pass.
@@ -70,10 +120,10 @@ class PromptBank:
         if not 0 <= slot < self.capacity:
             raise IndexError(f"slot {slot} outside 0..{self.capacity - 1}")
 
-    def _delta_bank(self, layer: int) -> Tensor:
+    def _delta_table(self, layer: int) -> RowTable:
         if layer not in self.deltas:
             shape = tuple(self.backbone.layers[layer].shape)
-            self.deltas[layer] = torch.zeros(self.capacity, *shape, device=self.backbone.device)
+            self.deltas[layer] = RowTable(self.capacity, shape, 0.0, self.backbone.device)
         return self.deltas[layer]
 
     def _ensure_norm(self) -> None:
@@ -86,12 +136,12 @@ class PromptBank:
                     self.capacity, n.num_features, device=self.backbone.device
                 )
 
-    def _ensure_vp(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _ensure_vp(self) -> tuple[RowTable, RowTable, Tensor, Tensor]:
         if self.vp_frame is None or self.vp_keep is None or self.vp_scale is None or self.vp_pad is None:
             h, w = self.backbone.input_size
             dev, s = self.backbone.device, self.capacity
-            self.vp_frame = torch.zeros(s, 3, h, w, device=dev)
-            self.vp_keep = torch.ones(s, 1, h, w, device=dev)
+            self.vp_frame = RowTable(s, (3, h, w), 0.0, dev)
+            self.vp_keep = RowTable(s, (1, h, w), 1.0, dev)
             self.vp_scale = torch.ones(s, 2, device=dev)
             self.vp_pad = torch.zeros(s, dtype=torch.bool, device=dev)
         return self.vp_frame, self.vp_keep, self.vp_scale, self.vp_pad
@@ -118,9 +168,7 @@ class PromptBank:
             self.head_b[slot, :k] = t["head.bias"].to(dev)
             nbytes += (self.head_w[slot].numel() + self.head_b[slot].numel()) * 4
             for layer in module.prompt_layers if artifact.method == "activation" else ():
-                bank = self._delta_bank(layer)
-                bank[slot] = t[delta_key(layer)].to(dev).expand(bank.shape[1:])  # channel -> full
-                nbytes += bank[slot].numel() * 4
+                nbytes += self._delta_table(layer).put(slot, t[delta_key(layer)])  # channel -> full
             if artifact.method == "norm":
                 self._ensure_norm()
                 for name in self.norm_scale:
@@ -129,16 +177,15 @@ class PromptBank:
                     nbytes += 2 * self.norm_scale[name][slot].numel() * 4
             if INPUT_KEY in t:
                 frame, keep, scale, pad = self._ensure_vp()
-                frame[slot] = t[INPUT_KEY].to(dev)
+                nbytes += frame.put(slot, t[INPUT_KEY])
                 if artifact.metadata.get("input_variant") == "pad":
                     p = int(artifact.metadata["pad_size"])
                     size = self.backbone.input_size
-                    keep[slot] = 1.0 - frame_mask(size, p, dev)
+                    nbytes += keep.put(slot, 1.0 - frame_mask(size, p, dev))
                     scale[slot] = torch.tensor(shrink_scale(size, p), device=dev)
                     pad[slot] = True
                     self._pad[slot] = True
                 self._vp[slot] = True
-                nbytes += (frame[slot].numel() + keep[slot].numel()) * 4
         self._layers[slot] = frozenset(module.prompt_layers if artifact.method == "activation" else ())
         self._first[slot] = module.first_layer
         self._norm[slot] = artifact.method == "norm"
@@ -153,15 +200,15 @@ class PromptBank:
             self.head_w[slot].zero_()
             self.head_b[slot].fill_(float("-inf"))
             for layer in self._layers[slot]:
-                self.deltas[layer][slot].zero_()
+                self.deltas[layer].drop(slot)
             if self._norm[slot]:
                 for name in self.norm_scale:
                     self.norm_scale[name][slot].zero_()
                     self.norm_shift[name][slot].zero_()
             if self._vp[slot] and self.vp_frame is not None and self.vp_keep is not None:
                 assert self.vp_scale is not None and self.vp_pad is not None
-                self.vp_frame[slot].zero_()
-                self.vp_keep[slot].fill_(1.0)
+                self.vp_frame.drop(slot)
+                self.vp_keep.drop(slot)
                 self.vp_scale[slot].fill_(1.0)
                 self.vp_pad[slot] = False
         self._layers[slot] = frozenset()
@@ -182,10 +229,11 @@ class PromptBank:
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.head_w, self.head_b, *self.deltas.values(), *self.norm_scale.values()]
-        tensors += list(self.norm_shift.values())
-        tensors += [t for t in (self.vp_frame, self.vp_keep, self.vp_scale) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Device bytes the bank holds now (grows as row tables grow)."""
+        tensors = [self.head_w, self.head_b, *self.norm_scale.values(), *self.norm_shift.values()]
+        tensors += [t for t in (self.vp_scale, self.vp_pad) if t is not None]
+        tables = [*self.deltas.values(), *(t for t in (self.vp_frame, self.vp_keep) if t is not None)]
+        return sum(t.numel() * t.element_size() for t in tensors) + sum(t.nbytes for t in tables)
 
 
 def _slot_list(slots: Tensor | Sequence[int]) -> list[int]:
@@ -211,7 +259,7 @@ def forward_mixed_from(
 
     def delta(i: int) -> Tensor:
         if i not in gathered:
-            gathered[i] = bank.deltas[i].index_select(0, idx)  # [B, *shape_i]
+            gathered[i] = bank.deltas[i].gather(idx)  # [B, *shape_i]
         return gathered[i]
 
     if start == 0 and any(bank._vp[s] for s in host):
@@ -248,9 +296,9 @@ def _apply_input(bank: PromptBank, x: Tensor, idx: Tensor, any_pad: bool) -> Ten
     """VP rows: shrink into the frame (pad slots) and add the frame / additive delta."""
     frame, keep, scale, pad = bank._ensure_vp()
     if any_pad:
-        shrunk = shrink_images(x, scale.index_select(0, idx)) * keep.index_select(0, idx)  # [B, 3, H, W]
+        shrunk = shrink_images(x, scale.index_select(0, idx)) * keep.gather(idx)  # [B, 3, H, W]
         x = torch.where(pad.index_select(0, idx)[:, None, None, None], shrunk, x)
-    return x + frame.index_select(0, idx)
+    return x + frame.gather(idx)
 
 
 def forward_mixed(backbone: Backbone, bank: PromptBank, x: Tensor, slots: Tensor | Sequence[int]) -> Tensor:

@@ -122,8 +122,8 @@ class MicroBatcher:
         while not self._queue.empty():
             pending.append(self._queue.get_nowait())
         _fail(pending, ServingClosedError("the server is shutting down"))
-        if self._own_executor:
-            self.executor.shutdown(wait=True)
+        if self._own_executor:  # let a running pass finish, without blocking the event loop meanwhile
+            await asyncio.to_thread(self.executor.shutdown, True)
 
     async def run_on_model_thread(self, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn(*args)`` on the model thread, ordered with the batches (pins, oversized prompts)."""

@@ -86,7 +86,7 @@ def test_serve_train_resnet20_on_gtsrb_and_predict(server: tuple[str, str, Path]
     assert GTSRB.is_file() and RESNET20.is_file()
     data = np.load(GTSRB)
     rng = np.random.default_rng(0)
-    train_idx = rng.permutation(len(data["y_train"]))[:2000]
+    train_idx = rng.permutation(len(data["y_train"]))[:1500]
     test_idx = rng.permutation(len(data["y_test"]))[:256]
     np.savez(
         data_root / "gtsrb_subset.npz",
@@ -110,7 +110,7 @@ def test_serve_train_resnet20_on_gtsrb_and_predict(server: tuple[str, str, Path]
             json={
                 "backbone": "resnet20",
                 "dataset_uri": (data_root / "gtsrb_subset.npz").as_uri(),
-                "hyperparameters": {"epochs": 6, "batch_size": 64, "learning_rate": 0.01},
+                "hyperparameters": {"epochs": 4, "batch_size": 64, "learning_rate": 0.02},
             },
             headers={**t, "Idempotency-Key": "e2e-1"},
         )

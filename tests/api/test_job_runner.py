@@ -130,7 +130,7 @@ def test_reaper_requeues_expired_leases_and_resends_lost_messages(setup) -> None
 
 def test_interrupted_job_resumes_from_checkpoint(setup) -> None:
     api, factory, submit, job = setup
-    job_id = submit(hyperparameters={"epochs": 30, "batch_size": 4})
+    job_id = submit(hyperparameters={"epochs": 12, "batch_size": 4})
     stop = threading.Event()
     result: list[RunOutcome] = []
     th = threading.Thread(

@@ -5,10 +5,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import time
+from datetime import timedelta
 
 import numpy as np
 import pytest
 
+from service.db.base import utcnow
+from service.db.repositories import JobLeaseRepository
+from service.db.session import make_engine, make_session_factory
 from tests.api.conftest import Api, make_images, png_bytes
 
 
@@ -189,7 +193,9 @@ def test_tenant_isolation_on_every_endpoint(trained) -> None:
         r = c.request(method, url, headers=other, **kwargs)
         assert r.status_code == 404, (method, url, r.status_code, r.text)
         assert r.json()["error"]["code"].endswith("_not_found"), r.text
-        assert "red" not in r.text and "tiny.npz" not in r.text and "colours" not in r.text  # none of its data
+        assert (
+            "red" not in r.text and "tiny.npz" not in r.text and "colours" not in r.text
+        )  # none of its data
     sse = c.get(f"/v1/jobs/{jid}/events", headers={**other, "Accept": "text/event-stream"})
     assert sse.status_code == 404
     assert c.get("/v1/jobs", headers=other).json()["data"] == []
@@ -230,12 +236,26 @@ def test_restart_picks_up_queued_job(make_api) -> None:
     first.tiny_backbone()
     t = first.tenant()
     job_id = first.client.post("/v1/jobs", json=first.job_body(), headers=t).json()["id"]
+    crashed_id = first.client.post("/v1/jobs", json=first.job_body(), headers=t).json()["id"]
+    # the second job was running when the process died: its lease is still "alive" for a long time
+    engine = make_engine(first.settings.database_url)
+    with make_session_factory(engine)() as s:
+        now = utcnow()
+        assert JobLeaseRepository(s).claim(crashed_id, "embedded-old-pid", now, now + timedelta(hours=1))
+        s.commit()
+    engine.dispose()
     time.sleep(0.3)
     assert first.client.get(f"/v1/jobs/{job_id}", headers=t).json()["status"] == "queued"
-    first.client.__exit__(None, None, None)  # the process "stops" with the job queued
+    first.client.__exit__(None, None, None)  # the process "stops" with one job queued and one running
     second = make_api()  # same database, embedded worker on
     job = second.wait(job_id, t)
     assert job["status"] == "succeeded" and job["attempts"] == 1
+    crashed = second.wait(crashed_id, t)
+    assert (
+        crashed["status"] == "succeeded"
+        and crashed["attempts"] == 2
+        and crashed["worker_id"] != "embedded-old-pid"
+    )
 
 
 def test_auto_layer_records_the_sweep(api: Api) -> None:
@@ -246,9 +266,38 @@ def test_auto_layer_records_the_sweep(api: Api) -> None:
     assert job["status"] == "succeeded", job
     assert job["prompt_layer"] == "auto" and len(job["resolved_layers"]) == 1
     sweep = [
-        e for e in api.client.get(f"/v1/jobs/{job['id']}/events", headers=t).json()["data"] if e["type"] == "layer_search"
+        e
+        for e in api.client.get(f"/v1/jobs/{job['id']}/events", headers=t).json()["data"]
+        if e["type"] == "layer_search"
     ]
     chosen = [e for e in sweep if "layer" in (e["data"] or {})]
     assert chosen and chosen[-1]["data"]["layer"] == job["resolved_layers"][0] and chosen[-1]["data"]["sweep"]
     prompt = api.client.get(f"/v1/prompts/{job['prompt_id']}", headers=t).json()
     assert prompt["prompt_layer"] == job["resolved_layers"]
+
+
+def test_sse_streams_a_live_job_to_its_end(api: Api) -> None:
+    api.tiny_backbone()
+    t = api.tenant()
+    job_id = api.client.post("/v1/jobs", json=api.job_body(), headers=t).json()["id"]
+    events: list[tuple[str, str]] = []
+    with api.client.stream(
+        "GET", f"/v1/jobs/{job_id}/events", headers={**t, "Accept": "text/event-stream"}
+    ) as s:
+        kind = ""
+        for line in s.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                events.append((kind, line[6:]))
+    kinds = [k for k, _ in events]
+    assert kinds[-1] == "end" and '"succeeded"' in events[-1][1]
+    assert (
+        "epoch" in kinds and kinds.count("state") == 3
+    )  # queued, running, succeeded: streamed as they happened
+    # resuming with Last-Event-ID sends only what came after
+    with api.client.stream(
+        "GET", f"/v1/jobs/{job_id}/events", headers={**t, "Accept": "text/event-stream", "Last-Event-ID": "1"}
+    ) as s:
+        resumed = [line for line in s.iter_lines() if line.startswith("id: ")]
+    assert resumed and all(int(line[4:]) > 1 for line in resumed)

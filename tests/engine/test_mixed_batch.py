@@ -161,3 +161,26 @@ def test_bank_rejects_what_it_cannot_serve(bb: Backbone) -> None:
         bank.write(0, random_artifact(other, "linear", MethodConfig(2), 0))
     with pytest.raises(IndexError):
         bank.write(2, random_artifact(bb, "linear", MethodConfig(2), 0))
+
+
+def test_layer_tables_grow_with_use_and_recycle_rows(bb: Backbone) -> None:
+    """Delta tables hold rows only for slots prompting there; cleared rows are reused, not leaked."""
+    blocks = resolve_prompt_layers(bb.layers, "all")
+    layer = blocks[-1]
+    arts = [random_artifact(bb, "activation", MethodConfig(2, (layer,)), seed) for seed in range(7)]
+    bank = PromptBank(bb, capacity=64, max_classes=2)
+    for slot, art in enumerate(arts):
+        bank.write(slot * 9, art)
+    table = bank.deltas[layer]
+    assert set(bank.deltas) == {layer}
+    assert 7 < table.data.shape[0] <= 1 + 16  # grew from a few rows, far below the 64 slots
+    rows_before = table.data.shape[0]
+    for slot in range(0, 63, 9):
+        bank.clear(slot)
+    for slot, art in enumerate(arts):
+        bank.write(slot + 1, art)
+    assert table.data.shape[0] == rows_before
+    x = _images(bb, 7)
+    out = forward_mixed(bb, bank, x, list(range(1, 8)))
+    for i in range(7):
+        torch.testing.assert_close(out[i], predict_single(bb, arts[i], x[i : i + 1])[0], atol=1e-5, rtol=0)

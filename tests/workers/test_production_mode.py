@@ -218,3 +218,40 @@ def test_cancel_running_job_ends_cancelled_quickly_and_worker_takes_the_next(
         f"\n[fault] cancelled {long_job} at epoch {job.progress['epoch']}/50 in {took:.1f}s; "
         "the next job succeeded on the same worker"
     )
+
+
+def test_sigterm_hands_the_running_job_to_another_worker_at_once(
+    deployment: Deployment, tenant_id: str, resnet20_backbone: str, gtsrb_subset: Path
+) -> None:
+    """`docker stop`: a warm shutdown gives the attempt back and re-sends the job (no lease wait)."""
+    workers = [deployment.start_worker(wait=False), deployment.start_worker(beat=False, wait=False)]
+    for w in workers:
+        wait_for(lambda w=w: "ready." in w.log() or not w.alive(), 90, f"{w.name} ready")
+        assert w.alive(), w.log()
+    job_id = deployment.submit(
+        tenant_id, resnet20_backbone, gtsrb_subset, prompt_layer=SLOW_LAYER, hyperparameters={"epochs": 4}
+    )
+    wait_for(
+        lambda: (deployment.job(job_id).progress or {}).get("epoch", 0) >= 2,
+        120,
+        "the first checkpoint",
+        on_timeout=deployment.diagnostics,
+    )
+    owner_id = deployment.job(job_id).worker_id
+    owner = next(w for w in workers if owner_id.startswith(f"{w.name}."))
+    other = next(w for w in workers if w is not owner)
+    owner.proc.send_signal(signal.SIGTERM)
+    assert owner.proc.wait(timeout=30) == 0  # a clean exit, after handing the job back
+    job = deployment.wait_status(job_id, ("succeeded", "failed", "cancelled"), 120)
+    assert job.status == "succeeded", (job.error, deployment.diagnostics())
+    assert job.worker_id.startswith(f"{other.name}.")
+    assert job.attempts == 1  # the interrupted attempt was given back, not counted as a crash
+    events = deployment.events(job_id)
+    assert any(e.type == "state" and e.message.startswith("interrupted by a worker shutdown") for e in events)
+    resumed = [e for e in events if e.type == "log" and e.message.startswith("resuming from the checkpoint")]
+    assert len(resumed) == 1 and resumed[0].data["epoch"] >= 1
+    assert not any("stopped renewing its lease" in e.message for e in events)  # no lease expiry involved
+    print(
+        f"\n[fault] SIGTERM {owner.name} during epoch 2/4 of {job_id}; {other.name} resumed after epoch "
+        f"{resumed[0].data['epoch']}; final {job.status}, attempts {job.attempts}"
+    )

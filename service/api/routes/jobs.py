@@ -119,7 +119,12 @@ def create_job(
                 raise Conflict("concurrent request with the same Idempotency-Key", code="conflict") from None
             job, created = winner, False
     if created:
-        queue.enqueue(job.id)  # only after the commit: a worker must find the row
+        try:
+            queue.enqueue(job.id)  # only after the commit: a worker must find the row
+        except Exception:  # broker down: the job is safe in the database; the reaper sends it later
+            log.warning(
+                "enqueue failed; the reaper will send the job", exc_info=True, extra={"job_id": job.id}
+            )
     else:
         response.headers["Idempotent-Replayed"] = "true"
     return job_public(job)
