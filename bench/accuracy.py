@@ -553,11 +553,18 @@ def _cpu_seconds() -> float:
     return t.user + t.system
 
 
-def run(plan: Plan, out_dir: Path, device: str = "cpu", max_minutes: float | None = None) -> dict[str, Any]:
+def run(
+    plan: Plan,
+    out_dir: Path,
+    device: str = "cpu",
+    max_minutes: float | None = None,
+    only: set[str] | None = None,
+) -> dict[str, Any]:
+    """Run the plan (``only``: these backbones) into ``out_dir/accuracy.json``, resuming what is there."""
     set_threads()
     runner = Runner(out_dir / "accuracy.json", plan, max_minutes)
     try:
-        _run_phases(runner, plan, device)
+        _run_phases(runner, plan, device, only)
         runner.complete = True
     except OutOfTime:
         log(f"accuracy: --max-minutes {max_minutes} reached; rerun to resume")
@@ -565,7 +572,7 @@ def run(plan: Plan, out_dir: Path, device: str = "cpu", max_minutes: float | Non
     return dict(read_json(runner.out_path))
 
 
-def _run_phases(runner: Runner, plan: Plan, device: str) -> None:
+def _run_phases(runner: Runner, plan: Plan, device: str, only: set[str] | None = None) -> None:
     # seed 0 of the first two backbones, the first backbone's extra seeds, then the rest
     names = list(plan.backbones)
     order = [(n, plan.backbones[n].seeds[:1]) for n in names[:2]]
@@ -573,6 +580,8 @@ def _run_phases(runner: Runner, plan: Plan, device: str) -> None:
     order += [(n, plan.backbones[n].seeds[:1]) for n in names[2:]]
     order += [(n, plan.backbones[n].seeds[1:]) for n in names[1:] if len(plan.backbones[n].seeds) > 1]
     for name, seeds in order:
+        if only is not None and name not in only:
+            continue
         log(f"accuracy: {name}, seeds {seeds}")
         run_backbone(runner, name, plan.backbones[name], device, seeds)
 
@@ -585,9 +594,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop starting runs after this")
+    parser.add_argument("--backbones", default=None, help="comma list: only these backbones of the plan")
     args = parser.parse_args(argv)
     out = args.out or results_dir(args.quick)
-    run(QUICK if args.quick else FULL, out, args.device, args.max_minutes)
+    only = set(args.backbones.split(",")) if args.backbones else None
+    run(QUICK if args.quick else FULL, out, args.device, args.max_minutes, only)
     log(f"wrote {out / 'accuracy.json'}")
 
 

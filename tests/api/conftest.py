@@ -146,7 +146,7 @@ class Api:
         body: dict[str, Any] = {
             "backbone": "tiny",
             "dataset_uri": (Path(self.settings.data_roots) / "tiny.npz").as_uri(),
-            "hyperparameters": {"epochs": 10, "batch_size": 8, "learning_rate": 0.05},
+            "hyperparameters": {"epochs": 4, "batch_size": 8, "learning_rate": 0.1},
         }
         body.update(overrides)
         return body
@@ -175,7 +175,7 @@ def settings_for(database_url: str, data_root: Path, tmp_path: Path, **overrides
         "heartbeat_seconds": 0.5,
         "cancel_poll_seconds": 0.1,
         "lease_seconds": 30,
-        "progress_event_seconds": 0.0,
+        "progress_event_seconds": 0.5,
         "auto_migrate": True,
     }
     values.update(overrides)

@@ -78,7 +78,7 @@ def test_bad_job_inputs(qapi: Api, tmp_path: Path) -> None:
     assert auto["prompt_layer"] == "auto" and auto["resolved_layers"] is None
     default = post().json()
     rec = next(x["index"] for x in layers if x["recommended"])
-    assert default["resolved_layers"] == [rec] and default["hyperparameters"]["epochs"] == 10
+    assert default["resolved_layers"] == [rec] and default["hyperparameters"]["epochs"] == 4
     assert default["hyperparameters"]["optimizer"] == "adamw"  # defaults filled in
     linear = post(method="linear").json()
     assert linear["method"] == "linear" and linear["resolved_layers"] == []

@@ -192,7 +192,7 @@ def write_zip(path: Path, files: dict[str, bytes]) -> Path:
 
 
 def write_tar(path: Path, files: dict[str, bytes], mode: str = "w:gz") -> Path:
-    with tarfile.open(path, mode) as tf:
+    with tarfile.open(path, mode) as tf:  # type: ignore[call-overload]
         for name, data in files.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -358,6 +358,7 @@ def test_npz_without_classes_and_grayscale(tmp_path: Path) -> None:
     x = np.zeros((6, 4, 4), dtype=np.uint8)
     np.savez(tmp_path / "g.npz", x_train=x, y_train=np.array([0, 1, 0, 1, 0, 1]))
     ds = load_dataset(tmp_path / "g.npz")
+    assert isinstance(ds.train.images, np.ndarray)
     assert ds.classes == ["0", "1"] and ds.train.images.shape == (6, 4, 4, 1)
 
 
@@ -379,7 +380,8 @@ def test_real_mnist(data_dir: Path) -> None:
     ds = load_dataset(data_dir / "mnist10k.npz")
     assert ds.classes == [str(i) for i in range(10)]
     assert isinstance(ds.train.images, np.ndarray) and ds.train.images.shape == (8000, 28, 28, 1)
-    assert ds.test is not None and ds.test.images.shape == (2000, 28, 28, 1)
+    assert ds.test is not None and isinstance(ds.test.images, np.ndarray)
+    assert ds.test.images.shape == (2000, 28, 28, 1)
     assert ds.report.num_train == 8000 and sum(ds.report.images_per_class.values()) == 8000
     x = preprocess(ds.train.images[:64], (32, 32), MEAN, STD)
     assert x.shape == (64, 3, 32, 32) and torch.isfinite(x).all()
@@ -415,6 +417,7 @@ def test_split_is_stratified_deterministic_and_disjoint() -> None:
     assert not np.array_equal(a.val.images, c.val.images)
     assert np.bincount(a.val.labels, minlength=4).tolist() == [10, 6, 2, 0]
     assert np.bincount(a.train.labels, minlength=4).tolist() == [40, 24, 8, 2]
+    assert isinstance(a.train.images, np.ndarray) and isinstance(a.val.images, np.ndarray)
     ids = np.concatenate([a.train.images[:, 0, 0, 0], a.val.images[:, 0, 0, 0]])
     assert sorted(ids.tolist()) == list(range(92))  # a partition: nothing lost, nothing duplicated
     assert (a.report.num_train, a.report.num_val) == (74, 18)

@@ -229,7 +229,7 @@ def test_sigterm_hands_the_running_job_to_another_worker_at_once(
         wait_for(lambda w=w: "ready." in w.log() or not w.alive(), 90, f"{w.name} ready")
         assert w.alive(), w.log()
     job_id = deployment.submit(
-        tenant_id, resnet20_backbone, gtsrb_subset, prompt_layer=SLOW_LAYER, hyperparameters={"epochs": 4}
+        tenant_id, resnet20_backbone, gtsrb_subset, prompt_layer=SLOW_LAYER, hyperparameters={"epochs": 3}
     )
     wait_for(
         lambda: (deployment.job(job_id).progress or {}).get("epoch", 0) >= 2,
@@ -252,6 +252,6 @@ def test_sigterm_hands_the_running_job_to_another_worker_at_once(
     assert len(resumed) == 1 and resumed[0].data["epoch"] >= 1
     assert not any("stopped renewing its lease" in e.message for e in events)  # no lease expiry involved
     print(
-        f"\n[fault] SIGTERM {owner.name} during epoch 2/4 of {job_id}; {other.name} resumed after epoch "
+        f"\n[fault] SIGTERM {owner.name} during epoch 2/3 of {job_id}; {other.name} resumed after epoch "
         f"{resumed[0].data['epoch']}; final {job.status}, attempts {job.attempts}"
     )
