@@ -482,7 +482,7 @@ def run_auto(
         kwargs["classes"] = data.classes
     if "num_classes" in params:
         kwargs["num_classes"] = len(data.classes)
-    n = runner.plan.n_train
+    n = len(data.train[0])
     t0 = time.perf_counter()
     try:
         chosen, rows = auto(backbone, data.train, data.val, **kwargs)

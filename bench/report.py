@@ -209,7 +209,14 @@ def auto_section(acc: dict[str, Any]) -> str:
     if not autos:
         return "No auto-layer results."
     rows, ok, frac = [], [], []
+    full_runs = {
+        (r["backbone"], r["dataset"]): r["wall_seconds"]
+        for r in acc.get("results", [])
+        if r.get("role") == "headline" and r["variant"] == "ap_recommended" and r["seed"] == 0
+    }
     for a in autos:
+        if "error" not in a and not a.get("cost_fraction") and (a["backbone"], a["dataset"]) in full_runs:
+            a = {**a, "cost_fraction": a["auto_seconds"] / full_runs[(a["backbone"], a["dataset"])]}
         if "error" in a:
             rows.append([a["backbone"], a["dataset"], "error: " + a["error"], "", "", "", ""])
             continue
@@ -281,7 +288,9 @@ def cost_section(
                     f"{r['step_seconds'] * 1000:.0f} ms",
                     f"{r['step_cpu_seconds'] * 1000:.0f} ms" if cpu else "",
                     f"{r.get('step_ratio_to_vp', float('nan')):.2f}",
-                    f"{r.get('cached_step_ratio_to_vp', float('nan')):.2f}",
+                    "(same step)"
+                    if r.get("first_layer") == 0
+                    else f"{r.get('cached_step_ratio_to_vp', float('nan')):.2f}",
                     fmt_bytes(r["peak_memory_bytes"]),
                     f"{r['memory_ratio_to_vp']:.2f}" if r.get("memory_ratio_to_vp") is not None else "n/a",
                     fmt_params(r["trainable_params"]),
@@ -410,7 +419,9 @@ def cost_section(
             (
                 f"feature cache: later epochs ≤ {goals['cache_ratio']}× epoch 1 (AP, recommended layer)",
                 fc["ratio"] <= goals["cache_ratio"],
-                f"{fc['ratio']:.2f}×",
+                f"{fc['ratio']:.3f}× (last block: {fc['runs'][1]['ratio']:.3f}×)"
+                if len(fc.get("runs", [])) > 1
+                else f"{fc['ratio']:.3f}×",
             )
         )
     return "\n\n".join(parts), checks

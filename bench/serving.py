@@ -21,14 +21,23 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.common import WEIGHTS_DIR, log, machine_info, md_table, results_dir, set_threads, write_json
+from bench.common import (
+    WEIGHTS_DIR,
+    log,
+    machine_info,
+    md_table,
+    read_json,
+    results_dir,
+    set_threads,
+    write_json,
+)
 from service.engine import Backbone, BackboneSpec, create_backbone
 from service.engine.artifacts import PromptArtifact, load_module
 from service.engine.mixed_batch import PromptBank, forward_mixed, predict_single
@@ -60,7 +69,7 @@ def backbones() -> dict[str, BenchBackbone]:
     r20 = (WEIGHTS_DIR / "resnet20-12fca82f.th").as_uri()
     return {
         "resnet20_cifar": BenchBackbone(
-            "resnet20_cifar", BackboneSpec("resnet20_cifar", weights=r20), 64, 64, 7, 3
+            "resnet20_cifar", BackboneSpec("resnet20_cifar", weights=r20), 64, 64, 15, 5
         ),
         "resnet50": BenchBackbone("resnet50", BackboneSpec("resnet50", weights="random"), 16, 8, 3, 2),
         "vit_base_patch16_224": BenchBackbone(
@@ -69,7 +78,7 @@ def backbones() -> dict[str, BenchBackbone]:
     }
 
 
-def pct(values: list[float], q: float) -> float:
+def pct(values: Collection[float], q: float) -> float:
     if not values:
         return float("nan")
     s = sorted(values)
@@ -436,6 +445,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default="engine,http,scale", help="comma list of engine,http,scale")
     parser.add_argument("--backbones", default=",".join(backbones()), help="comma list")
     parser.add_argument("--out", type=Path, default=None, help="default bench/results (quick: results/quick)")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other backbones' results already in serving.json (each keeps its own measured_at)",
+    )
     args = parser.parse_args(argv)
     set_threads()
     out_dir = args.out or results_dir(args.quick)
@@ -451,8 +465,11 @@ def main(argv: list[str] | None = None) -> int:
         },
         "backbones": {},
     }
+    previous = read_json(out_dir / "serving.json") if args.merge else None
+    if previous:
+        results["backbones"].update(previous.get("backbones", {}))
     for b in chosen:
-        r: dict[str, Any] = {}
+        r: dict[str, Any] = {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         if "engine" in parts:
             r["engine"] = bench_engine(b, args.quick)
         # HTTP and scale on ResNet-20 (the 224 px models would take minutes per batch on two cores)

@@ -57,10 +57,7 @@ def configure(settings: Settings | None = None, *, maintenance_queue: str = MAIN
 
 def worker_settings() -> Settings:
     """The settings this worker process runs with (after command-line overrides)."""
-    if _settings is None:
-        configure()
-    assert _settings is not None
-    return _settings
+    return _settings if _settings is not None else get_settings()
 
 
 def maintenance_queue() -> str:
@@ -96,4 +93,7 @@ def worker_id(nodename: str | None) -> str:
     return f"{nodename or socket.gethostname()}/{os.getpid()}"
 
 
-configure()
+# Lazy: evaluated when the configuration is first read (by `celery -A workers.celery_app worker`, or inside
+# `configure()`), so importing this module costs nothing and resolving `device=auto` (which imports torch)
+# happens only with the settings the process really runs with.
+app.add_defaults(lambda: build_config(worker_settings(), maintenance_queue=_maintenance_queue))

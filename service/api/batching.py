@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 from collections.abc import Sequence
 
-import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.domain.errors import (
@@ -25,7 +24,6 @@ from service.domain.errors import (
 from service.domain.predict import Prediction
 from service.domain.prompts import PromptHandle, load_artifact_bytes
 from service.engine import BackboneSpec, EngineError
-from service.engine.data import decode_image
 from service.serving.errors import PinLimitError, PromptNotFoundError, ServingClosedError, ServingError
 from service.serving.predictor import PromptPrediction, ServingConfig, ServingPredictor
 from service.serving.ratelimit import RateLimiter, create_rate_limiter
@@ -117,11 +115,10 @@ class BatchingPredictor:
         specs = {p.backbone_spec_hash for p in prompts}
         if len(specs) > 1:
             raise InvalidInput("prompts: all prompts of one request must share a backbone", param="prompts")
-        decoded = await asyncio.to_thread(_decode_all, list(images))
         spec = BackboneSpec.from_dict(prompts[0].backbone_spec)
         keys = [serving_key(p.key, p.sha256) for p in prompts]
         try:
-            outs = await self.serving.predict_images(spec, keys, decoded, tenant_id=tenant_id)
+            outs = await self.serving.predict_images(spec, keys, list(images), tenant_id=tenant_id)
         except (ServingError, EngineError) as exc:
             raise _domain_error(exc) from exc
         return [_rows(out, top_k) for out in outs]
@@ -154,16 +151,6 @@ class BatchingPredictor:
 
     async def aclose(self) -> None:
         await self.serving.aclose()
-
-
-def _decode_all(images: list[bytes]) -> list[np.ndarray]:
-    out: list[np.ndarray] = []
-    for i, data in enumerate(images):
-        try:
-            out.append(decode_image(data))
-        except EngineError as exc:
-            raise InvalidInput(f"image {i}: {exc}", code="invalid_image", param=f"images[{i}]") from exc
-    return out
 
 
 def _rows(out: PromptPrediction, top_k: int) -> list[list[Prediction]]:

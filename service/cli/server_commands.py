@@ -68,7 +68,10 @@ def _serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     app = create_app(settings)
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
+    # Open SSE streams would hold a graceful shutdown until their jobs end: give them 10 s.
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_config=None, access_log=False, timeout_graceful_shutdown=10
+    )
     return 0
 
 

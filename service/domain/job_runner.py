@@ -355,19 +355,12 @@ class _JobRun:
     def _train(self) -> Any:
         import torch
 
-        from service.engine import (
-            Checkpoint as EngineCheckpoint,
-        )
-        from service.engine import (
-            MethodConfig,
-            TrainCallbacks,
-            TrainConfig,
-            fit,
-            load_dataset,
-            preprocess,
-            resolve_dataset_uri,
-            split_train_val,
-        )
+        # The contract's module paths (docs/CONTRACTS.md §1); `fit` is looked up at call time.
+        from service.engine import train as engine_train
+        from service.engine.data import load_dataset, preprocess, resolve_dataset_uri, split_train_val
+        from service.engine.methods import MethodConfig
+        from service.engine.train import Checkpoint as EngineCheckpoint
+        from service.engine.train import TrainCallbacks, TrainConfig
 
         settings, job = self.settings, self.job
         hp = job.hyperparameters
@@ -471,7 +464,7 @@ class _JobRun:
             f"on {device}",
             {"layers": list(method_config.prompt_layers), "device": device},
         )
-        result = fit(
+        result = engine_train.fit(
             backbone,
             job.method,
             method_config,

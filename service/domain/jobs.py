@@ -45,7 +45,7 @@ class JobRequest:
 
 
 def servable_methods() -> list[str]:
-    from service.engine import list_methods
+    from service.engine.methods import list_methods
 
     return list(list_methods(servable_only=True))
 

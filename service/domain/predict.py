@@ -62,7 +62,7 @@ class SimplePredictor:
         self._backbones.clear()
 
     def _artifact(self, prompt: PromptHandle) -> Any:
-        from service.engine import PromptArtifact
+        from service.engine.artifacts import PromptArtifact
 
         key = (prompt.key, prompt.sha256)
         with self._cache_lock:
@@ -79,7 +79,9 @@ class SimplePredictor:
     def _predict_sync(self, prompt: PromptHandle, images: list[bytes], top_k: int) -> list[list[Prediction]]:
         import torch
 
-        from service.engine import EngineError, decode_image, predict_single, preprocess
+        from service.engine import EngineError
+        from service.engine.data import decode_image, preprocess
+        from service.engine.mixed_batch import predict_single
 
         decoded = []
         for i, data in enumerate(images):

@@ -111,7 +111,8 @@ def import_prompt(
     session: Session, tenant_id: str, data: bytes, *, name: str | None, prompt_id: str | None
 ) -> Prompt:
     """Store an uploaded artifact; it must decode and match a registered backbone."""
-    from service.engine import EngineError, PromptArtifact
+    from service.engine import EngineError
+    from service.engine.artifacts import PromptArtifact
 
     try:
         artifact = PromptArtifact.from_bytes(data)
@@ -158,7 +159,7 @@ def import_prompt(
 
 
 def _servable() -> list[str]:
-    from service.engine import list_methods
+    from service.engine.methods import list_methods
 
     return list(list_methods(servable_only=True))
 

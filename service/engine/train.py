@@ -297,7 +297,10 @@ def fit(
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
         perm = torch.randperm(n, generator=gen)
         module.train()
-        loss_sum, correct, seen = 0.0, 0, 0
+        # Running sums stay on the device: a host sync only when a progress event is due.
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        seen = 0
         for step in range(steps):
             if cb.should_stop is not None and cb.should_stop():
                 raise TrainingCancelled(f"training cancelled at epoch {epoch + 1}, step {step + 1}")
@@ -314,8 +317,8 @@ def fit(
             loss.backward()
             opt.step()
             sched.step()
-            loss_sum += float(loss.detach()) * len(idx)
-            correct += int((logits.detach().argmax(1) == yb).sum())
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.detach().argmax(1) == yb).sum()
             seen += len(idx)
             if cb.on_progress is not None and ((step + 1) % progress_every == 0 or step + 1 == steps):
                 cb.on_progress(
@@ -324,18 +327,20 @@ def fit(
                         epochs=config.epochs,
                         step=step + 1,
                         steps=steps,
-                        loss=loss_sum / seen,
-                        accuracy=correct / seen,
+                        loss=float(loss_sum) / seen,
+                        accuracy=int(correct) / seen,
                         fraction=(epoch * steps + step + 1) / total,
                     )
                 )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the epoch's time includes its queued kernels
         seconds = time.perf_counter() - t_epoch
         val_acc = None
         if val is not None:
             val_acc = evaluate(module, val, classes=classes, batch_size=config.eval_batch_size, amp=use_amp)[
                 "top1"
             ]
-        em = EpochMetrics(epoch + 1, loss_sum / seen, correct / seen, val_acc, seconds)
+        em = EpochMetrics(epoch + 1, float(loss_sum) / seen, int(correct) / seen, val_acc, seconds)
         history.append(asdict(em))
         if cb.on_epoch_end is not None:
             cb.on_epoch_end(em)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -96,7 +96,8 @@ class CacheStats:
     misses: int = 0
     evictions: int = 0
     bypassed: int = 0  # loaded and served but too big to keep (every resident byte pinned)
-    load_seconds: list[float] = field(default_factory=list)  # cold loads: source read + decode
+    # cold loads (source read + decode), the latest ones only: a long-running server must not grow it forever
+    load_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
 
     def to_dict(self) -> dict[str, float | int]:
         return {

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from service.engine import Backbone, BackboneSpec, create_backbone
-from service.engine.data import preprocess
+from service.engine import Backbone, BackboneSpec, ImageDecodeError, create_backbone
+from service.engine.data import decode_image, preprocess
 from service.engine.mixed_batch import predict_single
 from service.serving import metrics
 from service.serving.batcher import MicroBatcher
@@ -265,13 +265,35 @@ class ServingPredictor:
         return await srv.batcher.run_on_model_thread(run)
 
     async def predict_images(
-        self, spec: BackboneSpec, keys: Sequence[str], images: Sequence[np.ndarray], *, tenant_id: str = ""
+        self,
+        spec: BackboneSpec,
+        keys: Sequence[str],
+        images: Sequence[bytes | np.ndarray],
+        *,
+        tenant_id: str = "",
     ) -> list[PromptPrediction]:
-        """Like :meth:`predict` for decoded uint8 HWC images: preprocessed off the event loop."""
+        """Like :meth:`predict` for encoded image files or decoded uint8 HWC arrays.
+
+        Decoding and preprocessing share one hop off the event loop. Raises ImageDecodeError naming
+        ``images[i]`` for a file that does not decode.
+        """
         srv = await self.server(spec)
-        s = srv.backbone.spec
-        assert s.input_size is not None and s.mean is not None and s.std is not None  # resolved spec
-        x = await asyncio.to_thread(preprocess, list(images), s.input_size, s.mean, s.std)  # [N, 3, H, W]
+        size, mean, std = srv.backbone.spec.input_size, srv.backbone.spec.mean, srv.backbone.spec.std
+        assert size is not None and mean is not None and std is not None  # a resolved spec
+
+        def prepare() -> Tensor:
+            decoded = []
+            for i, im in enumerate(images):
+                if isinstance(im, np.ndarray):
+                    decoded.append(im)
+                    continue
+                try:
+                    decoded.append(decode_image(im))
+                except ImageDecodeError as exc:
+                    raise ImageDecodeError(f"image {i}: {exc}", param=f"images[{i}]") from exc
+            return preprocess(decoded, size, mean, std)  # [N, 3, H, W]
+
+        x = await asyncio.to_thread(prepare)
         return await self.predict(spec, keys, x, tenant_id=tenant_id)
 
     # -- introspection and shutdown --------------------------------------------------------------------

@@ -161,12 +161,12 @@ def test_interrupted_job_resumes_from_checkpoint(setup) -> None:
 
 def test_crash_retries_then_fails(setup, monkeypatch) -> None:
     api, factory, submit, job = setup
-    import service.engine
+    import service.engine.train
 
     def boom(*args, **kwargs):
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(service.engine, "fit", boom)
+    monkeypatch.setattr(service.engine.train, "fit", boom)
     job_id = submit()
     assert run_job(job_id, session_factory=factory, worker_id="w", settings=api.settings) == RunOutcome.RETRY
     row = job(job_id)

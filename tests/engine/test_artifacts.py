@@ -28,7 +28,9 @@ def artifact(bb: Backbone) -> PromptArtifact:
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(24, 3, 32, 32, generator=gen), torch.arange(24) % 3
     cfg = MethodConfig(3, (3, 4), prompt_shape="channel")
-    return fit(bb, "activation", cfg, (x, y), None, (x, y), TrainConfig(epochs=1, batch_size=8), classes=CLASSES).artifact
+    return fit(
+        bb, "activation", cfg, (x, y), None, (x, y), TrainConfig(epochs=1, batch_size=8), classes=CLASSES
+    ).artifact
 
 
 def test_round_trip_keeps_tensors_metadata_and_predictions(bb: Backbone, artifact: PromptArtifact) -> None:
@@ -51,7 +53,11 @@ def test_metadata_describes_the_prompt(bb: Backbone, artifact: PromptArtifact) -
     assert m["prompt_layers"] == [3, 4]
     assert m["prompt_layer_names"] == [bb.layers[3].name, bb.layers[4].name]
     assert m["classes"] == CLASSES and artifact.num_classes == 3
-    assert m["preprocessing"] == {"input_size": [32, 32], "mean": list(bb.spec.mean), "std": list(bb.spec.std)}
+    assert m["preprocessing"] == {
+        "input_size": [32, 32],
+        "mean": list(bb.spec.mean),
+        "std": list(bb.spec.std),
+    }
     assert 0.0 <= m["metrics"]["test"]["top1"] <= 1.0
     assert m["created_at"]
     assert len(artifact.to_bytes()) < 16_000  # kilobytes, the backbone is referenced not copied
@@ -104,8 +110,8 @@ def test_corrupt_bytes_are_rejected_with_a_clear_error(artifact: PromptArtifact)
 def test_tensors_that_do_not_fit_the_method_are_rejected(bb: Backbone, artifact: PromptArtifact) -> None:
     tensors = dict(artifact.tensors)
     tensors["delta.3"] = torch.zeros(7)
-    with pytest.raises(ArtifactError, match="delta.3"):
+    with pytest.raises(ArtifactError, match=r"delta\.3"):
         load_module(PromptArtifact(tensors, artifact.metadata), bb)
     del tensors["delta.3"]
-    with pytest.raises(ArtifactError, match="lacks tensor 'delta.3'"):
+    with pytest.raises(ArtifactError, match=r"lacks tensor 'delta\.3'"):
         load_module(PromptArtifact(tensors, artifact.metadata), bb)

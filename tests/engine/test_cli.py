@@ -43,8 +43,10 @@ def test_train_then_predict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     x[y == 1, :, :, 0] += 150  # class "red" is red
     np.savez(tmp_path / "tiny.npz", x_train=x, y_train=y, classes=np.array(["gray", "red"]))
     out = tmp_path / "prompt.safetensors"
-    args = ["train", "--backbone", "test_resnet", "--input-size", "32", "--dataset", str(tmp_path / "tiny.npz"),
-            "--out", str(out), "--layer", "3", "--epochs", "6", "--batch-size", "8", "--lr", "0.05"]  # fmt: skip
+    dataset = str(tmp_path / "tiny.npz")
+    args = ["train", "--backbone", "test_resnet", "--input-size", "32", "--dataset", dataset,
+            "--out", str(out), "--layer", "3", "--epochs", "6", "--batch-size", "8",
+            "--lr", "0.05"]  # fmt: skip
     # weights="random" draws from the global RNG: seed it so train and predict build the same backbone.
     torch.manual_seed(0)
     assert main(args) == 0

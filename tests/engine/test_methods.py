@@ -98,7 +98,9 @@ def test_zero_init_prompts_leave_the_backbone_function_unchanged(backbone: Backb
 def _block_modules(bb: Backbone) -> dict[int, list[nn.Module]]:
     """Modules of each block layer (by the catalog's module path)."""
     named = dict(bb.model.named_modules())
-    return {info.index: [named[info.name]] for info in bb.layers if info.kind == "block" and info.name in named}
+    return {
+        info.index: [named[info.name]] for info in bb.layers if info.kind == "block" and info.name in named
+    }
 
 
 @pytest.mark.parametrize("which", ["mid", "last"])

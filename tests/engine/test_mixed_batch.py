@@ -35,6 +35,11 @@ def random_artifact(bb: Backbone, method: str, cfg: MethodConfig, seed: int) -> 
     return PromptArtifact.from_module(module, classes=[f"c{i}" for i in range(cfg.num_classes)])
 
 
+@pytest.fixture(scope="module")
+def arts(bb: Backbone) -> list[PromptArtifact]:
+    return mix(bb)
+
+
 def mix(bb: Backbone) -> list[PromptArtifact]:
     blocks = resolve_prompt_layers(bb.layers, "all")
     mid, late = blocks[len(blocks) // 2], blocks[-1]
@@ -57,12 +62,13 @@ def _images(bb: Backbone, n: int) -> torch.Tensor:
     return torch.randn(n, 3, *bb.input_size, generator=torch.Generator().manual_seed(99))
 
 
-def _per_row(bb: Backbone, arts: list[PromptArtifact], x: torch.Tensor, slots: list[int]) -> list[torch.Tensor]:
+def _per_row(
+    bb: Backbone, arts: list[PromptArtifact], x: torch.Tensor, slots: list[int]
+) -> list[torch.Tensor]:
     return [predict_single(bb, arts[s], x[i : i + 1])[0] for i, s in enumerate(slots)]
 
 
-def test_mixed_batch_equals_per_row_scoring(bb: Backbone) -> None:
-    arts = mix(bb)
+def test_mixed_batch_equals_per_row_scoring(bb: Backbone, arts: list[PromptArtifact]) -> None:
     bank = PromptBank(bb, capacity=12, max_classes=8)
     for slot, art in enumerate(arts):
         assert bank.write(slot, art) > 0
@@ -76,9 +82,8 @@ def test_mixed_batch_equals_per_row_scoring(bb: Backbone) -> None:
         assert torch.isneginf(logits[i, k:]).all()
 
 
-def test_rows_are_independent_of_their_neighbours(bb: Backbone) -> None:
+def test_rows_are_independent_of_their_neighbours(bb: Backbone, arts: list[PromptArtifact]) -> None:
     """A row scores the same whatever else shares its batch (deep AP next to VP next to norm)."""
-    arts = mix(bb)
     bank = PromptBank(bb, capacity=len(arts), max_classes=8)
     for slot, art in enumerate(arts):
         bank.write(slot, art)
@@ -88,8 +93,7 @@ def test_rows_are_independent_of_their_neighbours(bb: Backbone) -> None:
     torch.testing.assert_close(mixed[[0, 2]], alone[[0, 2]], atol=1e-5, rtol=0)
 
 
-def test_one_forward_pass_per_batch(bb: Backbone) -> None:
-    arts = mix(bb)
+def test_one_forward_pass_per_batch(bb: Backbone, arts: list[PromptArtifact]) -> None:
     bank = PromptBank(bb, capacity=len(arts), max_classes=8)
     for slot, art in enumerate(arts):
         bank.write(slot, art)

@@ -38,7 +38,9 @@ def _subset(data_dir: Path, bb: Backbone) -> tuple[tuple[torch.Tensor, torch.Ten
 
 
 def test_activation_prompt_beats_linear_probe_on_gtsrb(weights_dir: Path, data_dir: Path) -> None:
-    bb = create_backbone(BackboneSpec("resnet20_cifar", weights=(weights_dir / "resnet20-12fca82f.th").as_uri()))
+    bb = create_backbone(
+        BackboneSpec("resnet20_cifar", weights=(weights_dir / "resnet20-12fca82f.th").as_uri())
+    )
     train, test = _subset(data_dir, bb)
     classes = [str(c) for c in np.load(data_dir / "gtsrb32.npz")["classes"]]
     assert len(classes) == 43

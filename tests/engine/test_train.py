@@ -84,7 +84,16 @@ def test_feature_cache_gives_the_same_numbers(bb: Backbone, data: tuple) -> None
     row_bytes = bb.layers[3].full_params * 4
     runs = {}
     for label, limit in (("off", 0), ("partial", 20 * row_bytes), ("on", 1 << 30)):
-        result = fit(bb, "activation", MethodConfig(4, (3,)), data, None, data, _cfg(feature_cache_bytes=limit), classes=CLASSES)
+        result = fit(
+            bb,
+            "activation",
+            MethodConfig(4, (3,)),
+            data,
+            None,
+            data,
+            _cfg(feature_cache_bytes=limit),
+            classes=CLASSES,
+        )
         runs[label] = result
     assert runs["off"].metrics["feature_cache"]["rows"] == 0
     assert runs["partial"].metrics["feature_cache"]["rows"] == 20
@@ -102,8 +111,17 @@ def test_resume_from_checkpoint_equals_an_uninterrupted_run(bb: Backbone, data: 
     cfg = MethodConfig(4, (2, 4) if method == "activation" else ())
     tcfg = _cfg(epochs=3, batch_size=16, warmup_epochs=1.0, optimizer="adamw", weight_decay=0.01)
     checkpoints: list[Checkpoint] = []
-    full = fit(bb, method, cfg, data, None, None, tcfg, classes=CLASSES,
-               callbacks=TrainCallbacks(on_checkpoint=checkpoints.append))
+    full = fit(
+        bb,
+        method,
+        cfg,
+        data,
+        None,
+        None,
+        tcfg,
+        classes=CLASSES,
+        callbacks=TrainCallbacks(on_checkpoint=checkpoints.append),
+    )
     assert [c.epoch for c in checkpoints] == [1, 2, 3]
     restored = Checkpoint.from_bytes(checkpoints[0].to_bytes())  # as a worker would read it back
     resumed = fit(bb, method, cfg, data, None, None, tcfg, classes=CLASSES, resume=restored)
@@ -124,16 +142,34 @@ def test_cancellation_stops_within_a_step(bb: Backbone, data: tuple) -> None:
         return calls > 4
 
     with pytest.raises(TrainingCancelled) as info:
-        fit(bb, "activation", MethodConfig(4, (3,)), data, None, None, _cfg(), classes=CLASSES,
-            callbacks=TrainCallbacks(should_stop=should_stop))
+        fit(
+            bb,
+            "activation",
+            MethodConfig(4, (3,)),
+            data,
+            None,
+            None,
+            _cfg(),
+            classes=CLASSES,
+            callbacks=TrainCallbacks(should_stop=should_stop),
+        )
     assert calls == 5
     assert info.value.code == "cancelled"
 
 
 def test_progress_events_are_bounded_and_monotone(bb: Backbone, data: tuple) -> None:
     events: list[ProgressEvent] = []
-    fit(bb, "linear", MethodConfig(4), data, None, None, _cfg(epochs=2, batch_size=2), classes=CLASSES,
-        callbacks=TrainCallbacks(on_progress=events.append))
+    fit(
+        bb,
+        "linear",
+        MethodConfig(4),
+        data,
+        None,
+        None,
+        _cfg(epochs=2, batch_size=2),
+        classes=CLASSES,
+        callbacks=TrainCallbacks(on_progress=events.append),
+    )
     per_epoch = [sum(e.epoch == k for e in events) for k in (1, 2)]
     assert all(1 <= n <= 11 for n in per_epoch), per_epoch
     fractions = [e.fraction for e in events]
@@ -142,16 +178,27 @@ def test_progress_events_are_bounded_and_monotone(bb: Backbone, data: tuple) -> 
 
 
 def test_augmentation_and_sgd_paths(bb: Backbone, data: tuple) -> None:
-    result = fit(bb, "activation", MethodConfig(4, (3,)), data, None, data,
-                 _cfg(epochs=2, augment=True, optimizer="sgd", label_smoothing=0.1, learning_rate=0.05),
-                 classes=CLASSES)
+    result = fit(
+        bb,
+        "activation",
+        MethodConfig(4, (3,)),
+        data,
+        None,
+        data,
+        _cfg(epochs=2, augment=True, optimizer="sgd", label_smoothing=0.1, learning_rate=0.05),
+        classes=CLASSES,
+    )
     assert result.metrics["feature_cache"]["rows"] == 0  # augmentation changes the prefix every epoch
     assert 0.0 <= result.metrics["test"]["top1"] <= 1.0
 
 
 def test_fixed_seed_is_deterministic_and_seed_matters(bb: Backbone, data: tuple) -> None:
-    runs = [fit(bb, "activation", MethodConfig(4, (4,)), data, None, None, _cfg(epochs=1, seed=s), classes=CLASSES)
-            for s in (7, 7, 8)]
+    runs = [
+        fit(
+            bb, "activation", MethodConfig(4, (4,)), data, None, None, _cfg(epochs=1, seed=s), classes=CLASSES
+        )
+        for s in (7, 7, 8)
+    ]
     assert runs[0].artifact.tensors["delta.4"].equal(runs[1].artifact.tensors["delta.4"])
     assert not runs[0].artifact.tensors["delta.4"].equal(runs[2].artifact.tensors["delta.4"])
 

@@ -132,7 +132,11 @@ def test_several_prompts_in_one_request(make_gateway: Callable[..., Gateway]) ->
         single = _probs(gw.predict(0, {"prompt": pid, "images": images, "top_k": 2}))
         _same(single, [[(p["label"], p["probability"]) for p in row] for row in res["predictions"]])
     both = gw.predict(0, {"prompt": ids[0], "prompts": ids, "images": images})
-    assert both.status_code == 422 and both.json()["error"]["param"] is not None
+    assert both.status_code == 422 and both.json()["error"]["param"] == "prompts"
+    junk = base64.b64encode(b"not an image").decode()
+    bad = gw.predict(0, {"prompts": ids, "images": [images[0], junk]})
+    assert bad.status_code == 422
+    assert bad.json()["error"]["code"] == "invalid_image" and bad.json()["error"]["param"] == "images[1]"
 
 
 def test_pin_delete_and_isolation(make_gateway: Callable[..., Gateway]) -> None:

@@ -45,7 +45,8 @@ class FullFineTune(PromptModule):
 
     def _load_prompt(self, tensors: Mapping[str, Tensor]) -> None:
         state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-        missing, _ = self.model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k in dict(self.model.state_dict())]
-        if any(self.model.state_dict()[k].is_floating_point() for k in missing):
-            raise ArtifactError(f"artifact lacks model tensors: {missing[:5]}")
+        own = self.model.state_dict()
+        missing = [k for k, v in own.items() if v.is_floating_point() and k not in state]
+        if missing:
+            raise ArtifactError(f"artifact lacks model tensors, e.g. {missing[:3]}")
+        self.model.load_state_dict(state, strict=False)
