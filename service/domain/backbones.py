@@ -125,9 +125,7 @@ class BackboneCache:
             from service.engine import BackboneSpec, EngineError, create_backbone
 
             try:
-                backbone = _create_reproducibly(
-                    create_backbone, BackboneSpec.from_dict(dict(spec)), spec_hash, device
-                )
+                backbone = create_backbone(BackboneSpec.from_dict(dict(spec)), device)
             except EngineError as exc:
                 raise from_engine_error(exc, default_param="backbone") from exc
             with self._lock:
@@ -137,15 +135,3 @@ class BackboneCache:
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
-
-
-def _create_reproducibly(create: Any, spec: Any, spec_hash: str, device: str) -> Any:
-    """`weights: random` must give the same network in every process (the gateway serves what a worker
-    trained), so its initialisation is seeded from the spec hash, without touching the global RNG."""
-    if spec.weights != "random":
-        return create(spec, device)
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(spec_hash[:8], 16))
-        return create(spec, device)

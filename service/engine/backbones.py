@@ -346,7 +346,11 @@ def create_backbone(spec: BackboneSpec, device: str | torch.device = "cpu") -> B
     target = resolve_device(device)
     kwargs = dict(resolved.model_kwargs)
     try:
-        model = timm.create_model(resolved.model, pretrained=resolved.weights == "hub", **kwargs)
+        # `random` must give the same network in every process (a gateway serves what a worker
+        # trained), so its initialisation is seeded from the spec hash, leaving the global RNG alone.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(resolved.spec_hash()[:8], 16))
+            model = timm.create_model(resolved.model, pretrained=resolved.weights == "hub", **kwargs)
     except EngineError:
         raise
     except Exception as exc:  # timm raises RuntimeError/TypeError/OSError for bad names, kwargs, downloads

@@ -93,3 +93,15 @@ def test_resnet20_reproduces_its_cifar10_accuracy(resnet20_uri: str, data_dir: P
             logits = backbone.model((x - mean) / std)
             correct += int((logits.argmax(1).numpy() == data["y_test"][start : start + 2000]).sum())
     assert correct / len(data["y_test"]) == pytest.approx(0.8103, abs=0.0005)
+
+
+def test_random_weights_are_the_same_in_every_process() -> None:
+    """A gateway must serve the network a worker trained, so `random` is seeded from the spec."""
+    a = create_backbone(BackboneSpec("test_resnet"))
+    torch.manual_seed(12345)
+    b = create_backbone(BackboneSpec("test_resnet"))
+    assert a.parameter_fingerprint() == b.parameter_fingerprint()
+    assert (
+        a.parameter_fingerprint()
+        != create_backbone(BackboneSpec("test_resnet", input_size=(64, 64))).parameter_fingerprint()
+    )
