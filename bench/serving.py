@@ -230,7 +230,7 @@ def synthetic_variants(template: PromptArtifact, n: int, seed: int) -> list[byte
 
 def bench_scale(b: BenchBackbone, quick: bool) -> dict[str, Any]:
     n_prompts = 1000 if quick else 10_000
-    n_requests = 300 if quick else 2000
+    n_requests = 300 if quick else 5000
     concurrency = 32
     bb = create_backbone(b.spec, "cpu")
     layers = mixed_layers(bb, 4)

@@ -78,7 +78,8 @@ def build_config(settings: Settings, *, maintenance_queue: str = MAINTENANCE_QUE
         # --- pool -------------------------------------------------------------------------------------
         # One training task per GPU, in the worker's own process: the solo pool never forks, so CUDA is
         # initialised in exactly one process (fork after CUDA init breaks it). `actprompt worker
-        # --concurrency N` switches to the thread pool (still no fork) for CPU workers.
+        # --concurrency N` (CPU workers only) switches to the prefork pool, whose children are forked at
+        # start, before any job, and each hold their own backbone (a backbone serves one caller at a time).
         "worker_pool": "solo",
         "worker_concurrency": 1,
         # --- serialisation: JSON only; a task takes one job id, nothing else crosses the broker.

@@ -4,8 +4,10 @@
 
 Production mode needs ACTPROMPT_BROKER_URL (redis://...) and ACTPROMPT_DATABASE_URL (postgresql+psycopg://...).
 By default the worker runs the solo pool: one training task at a time, in this process, so CUDA is initialised
-in exactly one process and nothing forks after it. `--concurrency N` > 1 switches to a thread pool (for CPU
-workers). `--beat` also runs the reaper's schedule in a thread and consumes the maintenance queue.
+in exactly one process and nothing forks after it. `--concurrency N` > 1 (CPU workers only) switches to the
+prefork pool: N child processes, forked before any job runs (a loaded backbone serves one caller at a time,
+so N jobs need N processes, not N threads). `--beat` also runs the reaper's schedule in a thread and
+consumes the maintenance queue.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "-c",
         type=int,
         default=1,
-        help="training tasks at once; 1 = solo pool (one per GPU), N > 1 = thread pool (never forks)",
+        help="training tasks at once; 1 = solo pool (the only choice on a GPU: run one worker per GPU), "
+        "N > 1 = prefork pool of N processes (CPU workers)",
     )
     parser.add_argument(
         "--beat",
@@ -98,20 +101,33 @@ def run_worker(args: argparse.Namespace) -> int:
     if not settings.broker_url:
         print("actprompt worker needs ACTPROMPT_BROKER_URL (e.g. redis://localhost:6379/0)", file=sys.stderr)
         return 2
+    concurrency = max(1, int(args.concurrency))
+    if concurrency > 1 and settings.resolved_device() == "cuda":
+        print(
+            "actprompt worker: one training task per GPU; run one worker per GPU instead of --concurrency",
+            file=sys.stderr,
+        )
+        return 2
+    pool = "solo" if concurrency == 1 else "prefork"
     _configure_logging(args.loglevel or settings.log_level, settings.log_json)
 
     from service.db.migrate import DatabaseNotMigrated, check_migrated
+    from service.db.session import make_engine
     from workers import celery_app
     from workers.celeryconfig import MAINTENANCE_QUEUE
 
     maintenance_queue = args.maintenance_queue or MAINTENANCE_QUEUE
     app = celery_app.configure(settings, maintenance_queue=maintenance_queue)
-    try:  # fail at start, not at the first job, on a database the migrations have not reached
-        engine = celery_app.session_factory().kw["bind"]
+    # Fail at start, not at the first job, on a database the migrations have not reached. A throw-away
+    # engine: prefork children must not inherit open connections.
+    engine = make_engine(settings.database_url)
+    try:
         check_migrated(engine)
     except DatabaseNotMigrated as exc:
         print(f"actprompt worker: {exc}", file=sys.stderr)
         return 2
+    finally:
+        engine.dispose()
     queues = [q.strip() for q in (args.queues or settings.train_queue()).split(",") if q.strip()]
     if args.beat and maintenance_queue not in queues:
         queues.append(maintenance_queue)
@@ -139,14 +155,13 @@ def run_worker(args: argparse.Namespace) -> int:
         beat = EmbeddedService(app, thread=True, scheduler_cls=app.conf.beat_scheduler)
         beat.start()
 
-    concurrency = max(1, int(args.concurrency))
     logger.info(
         "worker starting",
         extra={
             "hostname": hostname,
             "queues": queues,
             "device": settings.device,
-            "pool": "solo" if concurrency == 1 else "threads",
+            "pool": pool,
             "concurrency": concurrency,
             "beat": bool(args.beat),
         },
@@ -154,7 +169,7 @@ def run_worker(args: argparse.Namespace) -> int:
     worker = app.Worker(
         hostname=hostname,
         queues=queues,
-        pool_cls="solo" if concurrency == 1 else "threads",
+        pool_cls=pool,
         concurrency=concurrency,
         loglevel=(args.loglevel or settings.log_level).upper(),
         # The database, not the cluster, coordinates the workers: no gossip, mingle or event heartbeats.

@@ -59,11 +59,13 @@ def test_worker_command_options() -> None:
     assert (defaults.device, defaults.queues, defaults.concurrency, defaults.beat) == (None, None, 1, False)
 
 
-def _run_worker(env_updates: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+def _run_worker(
+    env_updates: dict[str, str], tmp_path: Path, *options: str
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACTPROMPT_")}
     env.update(env_updates)
     return subprocess.run(
-        [ACTPROMPT, "worker", "--device", "cpu"],
+        [ACTPROMPT, "worker", *(options or ("--device", "cpu"))],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -87,3 +89,10 @@ def test_worker_refuses_an_unmigrated_database(tmp_path: Path) -> None:
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "actprompt db upgrade" in result.stderr
+
+
+def test_worker_refuses_several_tasks_per_gpu(tmp_path: Path) -> None:
+    result = _run_worker(
+        {"ACTPROMPT_BROKER_URL": "redis://127.0.0.1:6379/5"}, tmp_path, "--device", "cuda", "-c", "2"
+    )
+    assert result.returncode == 2 and "one training task per GPU" in result.stderr

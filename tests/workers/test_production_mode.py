@@ -103,6 +103,9 @@ def test_worker_sigkilled_mid_training_job_resumes_from_checkpoint_on_a_new_work
     assert job.status == "succeeded", (job.error, deployment.diagnostics())
     assert job.attempts == 2
     assert job.worker_id and job.worker_id.startswith("w1.")
+    claims = _claims(deployment, job_id)
+    assert [c.data["worker_id"].split(".")[0] for c in claims] == ["w0", "w1"]
+    assert [c.data["attempt"] for c in claims] == [1, 2]
     events = deployment.events(job_id)
     resumed = [e for e in events if e.type == "log" and e.message.startswith("resuming from the checkpoint")]
     assert len(resumed) == 1 and resumed[0].data["epoch"] >= 1, [e.message for e in events]

@@ -22,7 +22,7 @@ logger = logging.getLogger("actprompt.workers.train")
 
 #: Set when the worker begins a warm shutdown (SIGTERM, `docker stop`): the running job stops at its next
 #: step, gives its attempt back and is sent to the broker again, so another worker resumes it from its last
-#: checkpoint instead of waiting for the lease to expire.
+#: checkpoint instead of waiting for the lease to expire. (Solo pool; prefork children finish their job.)
 SHUTDOWN = threading.Event()
 
 
