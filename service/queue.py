@@ -21,8 +21,8 @@ log = logging.getLogger("actprompt.queue")
 
 #: The Celery task that trains one job (workers register it under exactly this name).
 TRAIN_TASK = "actprompt.train_prompt"
-#: The periodic reaper task (workers' beat schedule).
-REAP_TASK = "actprompt.reap"
+#: The periodic reaper task (sent only by the workers' own beat schedule).
+REAP_TASK = "actprompt.reap_jobs"
 
 
 class JobQueue(Protocol):

@@ -16,10 +16,10 @@ from typing import Any
 from service import queue as service_queue
 from service.settings import Settings
 
-#: Dotted task names. The training task's name is defined once, by the gateway's queue that sends it (the
-#: gateway sends by name and never imports this package); the reaper's is only sent by our own beat schedule.
+#: Dotted task names, defined once in the gateway's queue module (the gateway sends by name and never
+#: imports this package); the reaper's is only sent by our own beat schedule.
 TRAIN_TASK = service_queue.TRAIN_TASK
-REAP_TASK = "actprompt.reap_jobs"
+REAP_TASK = service_queue.REAP_TASK
 
 #: Queues per device kind, so CPU and GPU workers can share one broker (`Settings.train_queue()` picks one).
 GPU_QUEUE = "actprompt.gpu"
