@@ -10,13 +10,13 @@ from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from service.api.batching import BatchingPredictor, build_rate_limiter
 from service.api.errors import install_error_handlers
 from service.api.observability import Metrics, RequestMiddleware
-from service.api.routes import backbones, health, jobs, predict, prompts, tenants
+from service.api.routes import backbones, health, jobs, predict, prompts, serving, tenants
 from service.db.migrate import check_migrated, upgrade
 from service.db.session import make_engine, make_session_factory
-from service.domain.predict import Predictor, SimplePredictor
-from service.domain.prompts import load_artifact_bytes
+from service.domain.predict import Predictor
 from service.domain.tenants import load_or_create_admin_key
 from service.log import configure_logging
 from service.queue import InProcessQueue, create_queue
@@ -26,13 +26,8 @@ log = logging.getLogger("actprompt.api")
 
 
 def build_predictor(settings: Settings, session_factory: sessionmaker[Session]) -> Predictor:
-    """The predict path (the serving layer swaps in its micro-batcher here)."""
-
-    def load(key: int) -> bytes:
-        with session_factory() as session:
-            return load_artifact_bytes(session, key)
-
-    return SimplePredictor(load, device=settings.resolved_device())
+    """The predict path: every tenant's requests micro-batched on one shared backbone per device."""
+    return BatchingPredictor(session_factory, settings)
 
 
 def resolve_admin_key(settings: Settings) -> Settings:
@@ -55,6 +50,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.session_factory = session_factory
     app.state.queue = queue
     app.state.predictor = build_predictor(settings, session_factory)
+    app.state.rate_limiter = build_rate_limiter(settings)
     if not settings.admin_key:
         log.warning("no ACTPROMPT_ADMIN_KEY: admin endpoints answer 401")
     if isinstance(queue, InProcessQueue):
@@ -74,6 +70,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         else:
             queue.close()
         await app.state.predictor.aclose()
+        if app.state.rate_limiter is not None:
+            await app.state.rate_limiter.aclose()
         engine.dispose()
 
 
@@ -95,6 +93,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_bytes=lambda: app.state.settings.max_upload_bytes,
         metrics=lambda: app.state.metrics,
     )
-    for module in (health, tenants, backbones, jobs, prompts, predict):
+    for module in (health, tenants, backbones, jobs, prompts, serving, predict):
         app.include_router(module.router)
     return app

@@ -4,36 +4,64 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api.batching import BatchingPredictor
 from service.api.deps import PredictorDep, SessionFactoryDep, SettingsDep, TenantIdDep
 from service.api.schemas.common import ERROR_RESPONSES
-from service.api.schemas.predict import PredictionPublic, PredictRequest, PredictResponse
+from service.api.schemas.predict import PredictionPublic, PredictRequest, PredictResponse, PromptPredictions
 from service.domain import prompts
-from service.domain.errors import InvalidInput
+from service.domain.errors import DomainError, InvalidInput
+from service.serving import metrics as serving_metrics
+from service.serving.ratelimit import RateLimiter
 from service.settings import Settings
 
+log = logging.getLogger("actprompt.api")
 router = APIRouter(tags=["predict"], responses=ERROR_RESPONSES)
 
 _MULTIPART_SCHEMA = {
     "type": "object",
-    "required": ["prompt", "images"],
+    "required": ["images"],
     "properties": {
         "prompt": {"type": "string"},
+        "prompts": {"type": "array", "items": {"type": "string"}},
         "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
         "top_k": {"type": "integer", "default": 5},
     },
 }
 
 
+async def rate_limit(request: Request, tenant_id: TenantIdDep) -> None:
+    """Per-tenant token bucket: 429 with `Retry-After` (whole seconds) while the tenant is over its rate."""
+    limiter: RateLimiter | None = getattr(request.app.state, "rate_limiter", None)
+    if limiter is None:
+        return
+    try:
+        decision = await limiter.acquire(tenant_id)
+    except Exception:  # the bucket store (Redis) is down: serving beats refusing everyone
+        log.warning("rate limiter unavailable; request let through", exc_info=True)
+        return
+    if not decision.allowed:
+        serving_metrics.RATE_LIMITED.labels(tenant=tenant_id).inc()
+        raise StarletteHTTPException(
+            429,
+            detail=f"rate limit exceeded for this tenant; retry in {decision.retry_after_header} s",
+            headers={"Retry-After": decision.retry_after_header},
+        )
+
+
 @router.post(
     "/v1/predict",
     response_model=PredictResponse,
+    response_model_exclude_none=True,
+    dependencies=[Depends(rate_limit)],
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -51,33 +79,57 @@ async def predict(
     settings: SettingsDep,
     predictor: PredictorDep,
 ) -> PredictResponse:
-    ref, images, top_k = await _parse(request, settings)
+    refs, images, top_k, several = await _parse(request, settings)
 
-    def resolve() -> prompts.PromptHandle:
+    def resolve() -> list[prompts.PromptHandle]:
         with factory() as session:
-            return prompts.resolve_for_predict(session, tenant_id, ref)
+            handles = []
+            for i, ref in enumerate(refs):
+                try:
+                    handles.append(prompts.resolve_for_predict(session, tenant_id, ref))
+                except DomainError as exc:
+                    if several:
+                        exc.param = f"prompts[{i}]"
+                    raise
+            return handles
 
-    handle = await run_in_threadpool(resolve)
-    rows = await predictor.predict(handle, images, top_k)
-    return PredictResponse(
-        prompt=handle.ref,
-        predictions=[
-            [PredictionPublic(label=p.label, index=p.index, probability=p.probability) for p in row]
-            for row in rows
-        ],
-    )
+    handles = await run_in_threadpool(resolve)
+    if isinstance(predictor, BatchingPredictor):
+        per_prompt = await predictor.predict_many(handles, images, top_k, tenant_id=tenant_id)
+    else:  # the simple per-request path: one prompt at a time
+        per_prompt = [await predictor.predict(h, images, top_k) for h in handles]
+    results = [
+        PromptPredictions(
+            prompt=h.ref,
+            predictions=[
+                [PredictionPublic(label=p.label, index=p.index, probability=p.probability) for p in row]
+                for row in rows
+            ],
+        )
+        for h, rows in zip(handles, per_prompt, strict=True)
+    ]
+    if several:
+        return PredictResponse(results=results)
+    return PredictResponse(prompt=results[0].prompt, predictions=results[0].predictions)
 
 
-async def _parse(request: Request, settings: Settings) -> tuple[str, list[bytes], int]:
-    """(prompt ref, image bytes, top_k) from either body kind, with the request limits applied."""
+async def _parse(request: Request, settings: Settings) -> tuple[list[str], list[bytes], int, bool]:
+    """(prompt refs, image bytes, top_k, whether `prompts` was used) from either body kind, with limits."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
-        form = await request.form(max_files=settings.max_images_per_request + 1, max_fields=16)
+        form = await request.form(
+            max_files=settings.max_images_per_request + 1, max_fields=16 + settings.max_prompts_per_request
+        )
         prompt = form.get("prompt")
-        if not isinstance(prompt, str) or not prompt:
+        listed = [p for p in form.getlist("prompts") if isinstance(p, str) and p]
+        if (not isinstance(prompt, str) or not prompt) and not listed:
             raise RequestValidationError(
                 [{"loc": ("body", "prompt"), "msg": "Field required", "type": "missing"}]
             )
+        several = bool(listed)
+        refs = listed or [str(prompt)]
+        if several and isinstance(prompt, str) and prompt:
+            raise InvalidInput("give exactly one of prompt and prompts", param="prompts")
         files = [f for f in form.getlist("images") if isinstance(f, UploadFile)]
         raw_k = form.get("top_k")
         try:
@@ -92,7 +144,11 @@ async def _parse(request: Request, settings: Settings) -> tuple[str, list[bytes]
             raise RequestValidationError(
                 [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
             ) from None
-        prompt, top_k, images = body.prompt, body.top_k, []
+        if (body.prompt is None) == (body.prompts is None):
+            raise InvalidInput("give exactly one of prompt and prompts", param="prompts")
+        several = body.prompts is not None
+        refs = body.prompts or [str(body.prompt)]
+        top_k, images = body.top_k, []
         for i, text in enumerate(body.images):
             try:
                 images.append(
@@ -112,4 +168,8 @@ async def _parse(request: Request, settings: Settings) -> tuple[str, list[bytes]
         )
     if not 1 <= top_k <= settings.max_top_k:
         raise InvalidInput(f"top_k: between 1 and {settings.max_top_k}", param="top_k")
-    return prompt, images, top_k
+    if len(refs) > settings.max_prompts_per_request:
+        raise InvalidInput(
+            f"prompts: at most {settings.max_prompts_per_request} prompts per request", param="prompts"
+        )
+    return refs, images, top_k, several

@@ -6,7 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
-from service.api.deps import SessionDep, SettingsDep, TenantIdDep, page_limit, paginate
+from service.api.batching import BatchingPredictor
+from service.api.deps import PredictorDep, SessionDep, SettingsDep, TenantIdDep, page_limit, paginate
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
 from service.api.schemas.prompts import PromptPublic
 from service.db.models import Prompt
@@ -103,8 +104,19 @@ def download_artifact(prompt_ref: str, tenant_id: TenantIdDep, session: SessionD
 
 
 @router.delete("/v1/prompts/{prompt_ref}", status_code=204)
-def delete_prompt(prompt_ref: str, tenant_id: TenantIdDep, session: SessionDep) -> Response:
-    """`id` deletes every version; `id@version` deletes one."""
+def delete_prompt(
+    prompt_ref: str, tenant_id: TenantIdDep, session: SessionDep, predictor: PredictorDep
+) -> Response:
+    """`id` deletes every version; `id@version` deletes one. No cache serves them afterwards."""
+    prompt_id, version = prompts.parse_ref(prompt_ref, param="prompt_id")
+    doomed = [
+        (p.key, p.sha256)
+        for p in prompts.list_versions(session, tenant_id, prompt_id)
+        if version is None or p.version == version
+    ]
     prompts.delete_prompt(session, tenant_id, prompt_ref)
     session.commit()
+    if isinstance(predictor, BatchingPredictor):
+        for key, sha256 in doomed:
+            predictor.invalidate(key, sha256)
     return Response(status_code=204)
