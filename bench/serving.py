@@ -469,14 +469,16 @@ def main(argv: list[str] | None = None) -> int:
     if previous:
         results["backbones"].update(previous.get("backbones", {}))
     for b in chosen:
-        r: dict[str, Any] = {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        # with --merge a part not run now keeps its earlier result (each part records when it was measured)
+        r: dict[str, Any] = dict(results["backbones"].get(b.key, {}))
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         if "engine" in parts:
-            r["engine"] = bench_engine(b, args.quick)
+            r["engine"] = {"measured_at": now, **bench_engine(b, args.quick)}
         # HTTP and scale on ResNet-20 (the 224 px models would take minutes per batch on two cores)
         if "http" in parts and b.key == "resnet20_cifar":
-            r["http"] = bench_http(b, args.quick)
+            r["http"] = {"measured_at": now, **bench_http(b, args.quick)}
         if "scale" in parts and b.key == "resnet20_cifar":
-            r["scale"] = bench_scale(b, args.quick)
+            r["scale"] = {"measured_at": now, **bench_scale(b, args.quick)}
         results["backbones"][b.key] = r
     top = results["backbones"].get("resnet20_cifar", {})
     for part in ("engine", "http", "scale"):
