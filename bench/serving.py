@@ -69,7 +69,7 @@ def backbones() -> dict[str, BenchBackbone]:
     r20 = (WEIGHTS_DIR / "resnet20-12fca82f.th").as_uri()
     return {
         "resnet20_cifar": BenchBackbone(
-            "resnet20_cifar", BackboneSpec("resnet20_cifar", weights=r20), 64, 64, 15, 5
+            "resnet20_cifar", BackboneSpec("resnet20_cifar", weights=r20), 64, 64, 25, 5
         ),
         "resnet50": BenchBackbone("resnet50", BackboneSpec("resnet50", weights="random"), 16, 8, 3, 2),
         "vit_base_patch16_224": BenchBackbone(
@@ -146,8 +146,12 @@ def bench_engine(b: BenchBackbone, quick: bool) -> dict[str, Any]:
     with torch.inference_mode():
         for fn in cases.values():  # warm-up (allocator, oneDNN primitives)
             fn()
-        for _ in range(reps):  # interleaved so that load from other processes hits every case alike
-            for name, fn in cases.items():
+        order = list(cases)
+        shuffle = random.Random(0).shuffle
+        for _ in range(reps):  # interleaved, in a fresh order each time: no case always follows another
+            shuffle(order)
+            for name in order:
+                fn = cases[name]
                 c0, t0 = time.process_time(), time.perf_counter()
                 fn()
                 cpu[name].append(time.process_time() - c0)

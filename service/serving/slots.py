@@ -22,9 +22,9 @@ __all__ = ["SlotTable", "slot_bytes"]
 def slot_bytes(backbone: Backbone, max_classes: int) -> int:
     """Device bytes one slot can cost at most on ``backbone``: what sizes the table from a byte budget.
 
-    The bank allocates a per-layer delta table for every slot the first time any prompt uses that layer,
-    so the bound counts a padded head plus a full-shape delta at every layer of the catalog, the norm-tune
-    affine of every norm module and a VP frame (float32 throughout).
+    A padded head plus a full-shape delta at every layer of the catalog, the norm-tune affine of every norm
+    module and a VP frame (float32 throughout). The bank's per-layer tables only hold rows for the prompts
+    that use them, so real use is usually far below this bound (``SlotTable.device_bytes`` says how far).
     """
     floats = max_classes * (backbone.num_features + 1)  # head W [Kmax, D] + b [Kmax]
     floats += sum(math.prod(layer.shape) for layer in backbone.layers)  # deltas at every layer, input incl.
