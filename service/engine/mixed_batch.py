@@ -254,24 +254,31 @@ def forward_mixed_from(
         if not bank.occupied(s):
             raise ArtifactError(f"slot {s} holds no prompt")
     idx = torch.as_tensor(host, dtype=torch.long, device=backbone.device)  # [B]
-    active = sorted(set().union(*(bank._layers[s] for s in host)))
-    gathered: dict[int, Tensor] = {}
+    # Per layer, the batch positions whose prompt acts there (planned on the host, no device sync).
+    acting: dict[int, list[int]] = {}
+    for pos, s in enumerate(host):
+        for layer in bank._layers[s]:
+            acting.setdefault(layer, []).append(pos)
 
-    def delta(i: int) -> Tensor:
-        if i not in gathered:
-            gathered[i] = bank.deltas[i].gather(idx)  # [B, *shape_i]
-        return gathered[i]
+    def add_delta(i: int, a: Tensor, *, inplace: bool) -> Tensor:
+        positions = acting[i]
+        if len(positions) == len(host):  # every row prompts here: one dense gather + add
+            return a + bank.deltas[i].gather(idx)  # [B, *shape_i]
+        # Only the rows that act at layer i: gather and add B_i rows, not B (memory-bound on CPU).
+        pos = torch.as_tensor(positions, dtype=torch.long, device=a.device)  # [B_i]
+        rows = bank.deltas[i].gather(idx.index_select(0, pos)).to(a.dtype)  # [B_i, *shape_i]
+        return a.index_add_(0, pos, rows) if inplace else a.index_add(0, pos, rows)
 
     if start == 0 and any(bank._vp[s] for s in host):
         h = _apply_input(bank, h, idx, any(bank._pad[s] for s in host))
-    if start in active:
-        h = h + delta(start)
+    if start in acting:
+        h = add_delta(start, h, inplace=False)  # h may be a prefix shared with other prompts
     layer_fn = None
-    if active:
-        active_set = set(active)
+    if acting:
 
         def layer_fn(i: int, a: Tensor) -> Tensor:
-            return a + delta(i) if i in active_set else a
+            # A segment's output is a fresh tensor; in place is safe when no autograd graph needs it.
+            return add_delta(i, a, inplace=not torch.is_grad_enabled()) if i in acting else a
 
     norm_fn = None
     if any(bank._norm[s] for s in host):
