@@ -38,20 +38,16 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.api.main import create_app, resolve_admin_key
-    from service.db.migrate import DatabaseNotMigrated, check_migrated
-    from service.db.session import make_engine
+    from service.db.migrate import DatabaseNotMigrated, check_migrated_url
     from service.settings import get_settings
 
     settings = resolve_admin_key(get_settings())
     if not settings.should_auto_migrate:
-        engine = make_engine(settings.database_url)
         try:
-            check_migrated(engine)
+            check_migrated_url(settings.database_url)
         except DatabaseNotMigrated as exc:
             print(f"actprompt: refusing to start: {exc}", file=sys.stderr)
             return 2
-        finally:
-            engine.dispose()
     url = f"http://{args.host}:{args.port}"
     roots = settings.data_root_paths
     print(

@@ -111,23 +111,18 @@ def run_worker(args: argparse.Namespace) -> int:
     pool = "solo" if concurrency == 1 else "prefork"
     _configure_logging(args.loglevel or settings.log_level, settings.log_json)
 
-    from service.db.migrate import DatabaseNotMigrated, check_migrated
-    from service.db.session import make_engine
+    from service.db.migrate import DatabaseNotMigrated, check_migrated_url
     from workers import celery_app
     from workers.celeryconfig import MAINTENANCE_QUEUE
 
     maintenance_queue = args.maintenance_queue or MAINTENANCE_QUEUE
     app = celery_app.configure(settings, maintenance_queue=maintenance_queue)
-    # Fail at start, not at the first job, on a database the migrations have not reached. A throw-away
-    # engine: prefork children must not inherit open connections.
-    engine = make_engine(settings.database_url)
+    # Fail at start, not at the first job, on a database the migrations have not reached.
     try:
-        check_migrated(engine)
+        check_migrated_url(settings.database_url)
     except DatabaseNotMigrated as exc:
         print(f"actprompt worker: {exc}", file=sys.stderr)
         return 2
-    finally:
-        engine.dispose()
     queues = [q.strip() for q in (args.queues or settings.train_queue()).split(",") if q.strip()]
     if args.beat and maintenance_queue not in queues:
         queues.append(maintenance_queue)

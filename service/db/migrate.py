@@ -40,6 +40,17 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
 
+def check_migrated_url(database_url: str) -> None:
+    """`check_migrated` on a throw-away engine (start-up checks: forked children must not inherit it)."""
+    from service.db.session import make_engine
+
+    engine = make_engine(database_url)
+    try:
+        check_migrated(engine)
+    finally:
+        engine.dispose()
+
+
 def check_migrated(engine: Engine) -> None:
     """Raise `DatabaseNotMigrated` with the command that fixes it."""
     current, head = current_revision(engine), head_revision()
