@@ -246,6 +246,16 @@ def auto_section(acc: dict[str, Any]) -> str:
             lo, hi, avg = min(frac), max(frac), sum(frac) / len(frac)
             summary += f"; its cost is {lo:.2f}–{hi:.2f}× one full AP training run (mean {avg:.2f}×)"
         summary += "."
+    rerun = acc.get("auto_rerun")
+    if rerun:
+        before = [
+            a["within_1_point"] for a in rerun.get("previous_auto", []) if a.get("within_1_point") is not None
+        ]
+        summary += (
+            f" These rows were re-measured after a change to the search ({rerun['note'].split(';')[0]}); "
+            f"before it, auto was within 1 point in {sum(before)}/{len(before)} cases. The cost ratios "
+            "divide by full-run times measured earlier on a more loaded machine, so they flatter the rerun."
+        )
     heads = [
         "backbone",
         "dataset",

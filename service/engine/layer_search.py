@@ -1,7 +1,8 @@
 """`prompt_layer: auto`: a short, budgeted probe over candidate layers with the family's prior.
 
-The prior (CNN: deep blocks, ViT: shallow blocks) picks the candidates; a few epochs of AP on a
-subsample decide among them, and the sweep rows go into the job's events so a user sees why.
+Candidates span the depth; the family prior (CNN: a late block, ViT: an early one) adds its default
+and breaks ties. A few epochs of AP on a subsample decide among them, and the sweep rows go into the
+job's events so a user sees why.
 """
 
 from __future__ import annotations
@@ -35,17 +36,18 @@ class SearchBudget:
 
 
 def candidate_layers(backbone: Backbone, max_candidates: int) -> list[int]:
-    """Block layers in the family's preferred half (CNN: the later, ViT: the earlier), evenly spaced.
+    """`max_candidates` layers evenly spaced from the stem to the last block, plus the recommended one.
 
-    The catalog's recommended layer is always among them.
+    The family prior adds its default layer and breaks ties (see `auto_select_layer`) rather than
+    excluding half the network: measured sweeps (bench/results/REPORT.md) put ResNet-20's best layer
+    in its middle stage and the CIFAR ViT's at the patch embedding, which a search confined to the
+    "preferred half" (CNN deep, ViT shallow) never tried.
     """
-    blocks = [layer.index for layer in backbone.layers if layer.kind == "block"]
-    if not blocks:
+    prompts = [layer.index for layer in backbone.layers if layer.kind in ("stem", "block")]
+    if not prompts:
         return [backbone.recommended_layer]
-    half = max(1, (len(blocks) + 1) // 2)
-    pool = blocks[-half:] if backbone.family == "cnn" else blocks[:half]
-    k = max(1, min(max_candidates, len(pool)))
-    picks = {pool[round(j * (len(pool) - 1) / max(1, k - 1))] for j in range(k)}
+    k = max(1, min(max_candidates, len(prompts)))
+    picks = {prompts[round(j * (len(prompts) - 1) / max(1, k - 1))] for j in range(k)}
     picks.add(backbone.recommended_layer)
     return sorted(picks)
 
