@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -47,9 +47,9 @@ class Settings(BaseSettings):
     allow_http_datasets: bool = Field(
         default=True, description="Allow http(s):// dataset URIs (public addresses only)."
     )
-    max_dataset_bytes: int = Field(default=2 << 30, description="Largest dataset download, in bytes.")
+    max_dataset_bytes: int = Field(ge=1, default=2 << 30, description="Largest dataset download, in bytes.")
     min_images_per_class: int = Field(
-        default=2, description="Classes with fewer images fail dataset validation."
+        ge=1, default=2, description="Classes with fewer images fail dataset validation."
     )
 
     # --- compute -----------------------------------------------------------------------------------
@@ -64,44 +64,50 @@ class Settings(BaseSettings):
 
     # --- request limits ----------------------------------------------------------------------------
     max_upload_bytes: int = Field(
-        default=32 << 20, description="Largest request body (uploads, base64 images); 413 above."
+        ge=1, default=32 << 20, description="Largest request body (uploads, base64 images); 413 above."
     )
-    max_images_per_request: int = Field(default=64, description="Most images in one predict request.")
-    max_top_k: int = Field(default=20, description="Largest top_k a predict request may ask for.")
+    max_images_per_request: int = Field(ge=1, default=64, description="Most images in one predict request.")
+    max_top_k: int = Field(ge=1, default=20, description="Largest top_k a predict request may ask for.")
     max_active_jobs_per_tenant: int = Field(
-        default=32, description="Jobs a tenant may have queued or running at once; 429 above."
+        ge=1, default=32, description="Jobs a tenant may have queued or running at once; 429 above."
     )
-    page_size_max: int = Field(default=100, description="Largest page of a paginated listing.")
+    page_size_max: int = Field(ge=1, default=100, description="Largest page of a paginated listing.")
 
     # --- serving (service/serving, docs/SERVING.md) ---------------------------------------------------
     serving_max_wait_ms: float = Field(
+        ge=0,
         default=5.0,
         description="How long the micro-batcher waits for more rows (short against a forward pass).",
     )
     serving_max_batch_rows: int = Field(
-        default=64, description="Most image rows in one batched forward pass."
+        ge=1, default=64, description="Most image rows in one batched forward pass."
     )
     serving_max_classes: int = Field(
+        ge=1,
         default=100,
         description="Head padding of the slot table; prompts with more classes get a pass of their own.",
     )
-    max_prompts_per_request: int = Field(default=16, description="Most prompts one predict request may name.")
+    max_prompts_per_request: int = Field(
+        ge=1, default=16, description="Most prompts one predict request may name."
+    )
     prompt_cache_host_bytes: int = Field(
-        default=256 << 20, description="Host-memory tier of the prompt cache."
+        ge=1, default=256 << 20, description="Host-memory tier of the prompt cache."
     )
     prompt_cache_device_bytes: int = Field(
-        default=256 << 20, description="Device tier (the slot table), in bytes."
+        ge=1, default=256 << 20, description="Device tier (the slot table), in bytes."
     )
     prompt_cache_max_slots: int = Field(
-        default=1024, description="Upper bound on device slots whatever the bytes."
+        ge=1, default=1024, description="Upper bound on device slots whatever the bytes."
     )
     prompt_cache_pin_fraction: float = Field(
-        default=0.5, description="Share of either cache tier that pinned prompts may hold."
+        ge=0, le=1, default=0.5, description="Share of either cache tier that pinned prompts may hold."
     )
     rate_limit_per_second: float = Field(
-        default=50.0, description="Predict requests per second per tenant; 0 = off."
+        ge=0, default=50.0, description="Predict requests per second per tenant; 0 = off."
     )
-    rate_limit_burst: int = Field(default=100, description="Token-bucket burst of the per-tenant rate limit.")
+    rate_limit_burst: int = Field(
+        ge=1, default=100, description="Token-bucket burst of the per-tenant rate limit."
+    )
     rate_limit_redis_url: str | None = Field(
         default=None,
         description="Redis for shared rate limits; unset = the broker if it is Redis, else in memory.",
@@ -109,36 +115,54 @@ class Settings(BaseSettings):
 
     # --- job leases and retries --------------------------------------------------------------------
     lease_seconds: float = Field(
+        gt=0,
         default=120.0,
         description="How long a worker's claim on a job lasts without a heartbeat before it can be re-run.",
     )
-    heartbeat_seconds: float = Field(default=10.0, description="How often a running job renews its lease.")
+    heartbeat_seconds: float = Field(
+        gt=0, default=10.0, description="How often a running job renews its lease."
+    )
     cancel_poll_seconds: float = Field(
-        default=1.0, description="How often a running job reads its status to notice a cancel request."
+        gt=0, default=1.0, description="How often a running job reads its status to notice a cancel request."
     )
     max_attempts: int = Field(
-        default=3, description="Runs of a job (crashes included) before it ends failed."
+        ge=1, default=3, description="Runs of a job (crashes included) before it ends failed."
     )
     max_requeues: int = Field(
-        default=10, description="Times the reaper re-sends a queued job nobody claimed before it ends failed."
+        ge=0,
+        default=10,
+        description="Times the reaper re-sends a queued job nobody claimed before it ends failed.",
     )
     queued_stale_seconds: float = Field(
+        gt=0,
         default=900.0,
         description="A job queued this long without a claim is sent again (the broker may have lost it).",
     )
     reaper_interval_seconds: float = Field(
-        default=30.0, description="How often the reaper looks for lost jobs."
+        gt=0, default=30.0, description="How often the reaper looks for lost jobs."
     )
     checkpoints_keep: int = Field(
-        default=2, description="Latest checkpoints kept per job; older ones are deleted."
+        ge=1, default=2, description="Latest checkpoints kept per job; older ones are deleted."
     )
     progress_event_seconds: float = Field(
-        default=2.0, description="Least interval between progress events written for one job (throttle)."
+        ge=0,
+        default=2.0,
+        description="Least interval between progress events written for one job (throttle).",
     )
 
     # --- logging -----------------------------------------------------------------------------------
     log_level: str = Field(default="INFO", description="Root log level.")
     log_json: bool = Field(default=True, description="Emit one JSON object per log line.")
+
+    @model_validator(mode="after")
+    def _heartbeat_renews_the_lease(self) -> Settings:
+        """A heartbeat slower than the lease would let a live job's lease expire and the job run twice."""
+        if self.heartbeat_seconds >= self.lease_seconds:
+            raise ValueError(
+                f"heartbeat_seconds ({self.heartbeat_seconds}) must be below "
+                f"lease_seconds ({self.lease_seconds})"
+            )
+        return self
 
     # --- derived -----------------------------------------------------------------------------------
     @property
