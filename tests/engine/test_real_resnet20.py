@@ -14,6 +14,7 @@ import torch
 
 from service.engine import BackboneSpec, create_backbone
 from service.engine.backbones import Backbone
+from service.engine.data import preprocess
 from service.engine.methods import MethodConfig
 from service.engine.train import TrainConfig, fit
 
@@ -27,13 +28,11 @@ def _subset(data_dir: Path, bb: Backbone) -> tuple[tuple[torch.Tensor, torch.Ten
     """A seeded random subset (the file is sorted by class), normalised with the backbone's mean/std."""
     d = np.load(data_dir / "gtsrb32.npz")
     rng = np.random.default_rng(0)
-    mean = torch.tensor(bb.spec.mean).view(1, 3, 1, 1)
-    std = torch.tensor(bb.spec.std).view(1, 3, 1, 1)
     out = []
     for split, n in (("train", N_TRAIN), ("test", N_TEST)):
         idx = np.sort(rng.permutation(len(d[f"y_{split}"]))[:n])
-        x = torch.from_numpy(d[f"x_{split}"][idx]).permute(0, 3, 1, 2).float() / 255.0
-        out.append(((x - mean) / std, torch.from_numpy(d[f"y_{split}"][idx]).long()))
+        x = preprocess(d[f"x_{split}"][idx], bb.input_size, bb.spec.mean, bb.spec.std)  # type: ignore[arg-type]
+        out.append((x, torch.from_numpy(d[f"y_{split}"][idx]).long()))
     return tuple(out)
 
 
