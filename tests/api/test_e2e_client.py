@@ -186,7 +186,8 @@ def _client_alone_in_fresh_venv(tmp: Path, url: str, key: str, ref: str, image: 
     # alone; pip finds httpx and pydantic through the machine's configured index or cache
     wheels = tmp / "wheels"
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(client_dir)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "-w", str(wheels), str(client_dir)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert build.returncode == 0, build.stderr
