@@ -24,9 +24,13 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def run_server(tmp_path: Path, **env_overrides: str) -> Iterator[tuple[str, str, Path]]:
-    """`actprompt serve` in embedded mode on a free port; yields (url, admin key, data root)."""
+    """`actprompt serve` on a free port; yields (url, admin key, data root).
+
+    Embedded mode (SQLite under tmp_path, in-process jobs) unless `env_overrides` name a database, a broker
+    or an admin key: they are applied last.
+    """
     data_root = tmp_path / "data"
-    data_root.mkdir()
+    data_root.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     env = {
         **os.environ,
@@ -35,10 +39,10 @@ def run_server(tmp_path: Path, **env_overrides: str) -> Iterator[tuple[str, str,
         "ACTPROMPT_DATA_ROOTS": str(data_root),
         "ACTPROMPT_DEVICE": "cpu",
         "ACTPROMPT_PROGRESS_EVENT_SECONDS": "1",
-        **env_overrides,
     }
     for name in ("ACTPROMPT_ADMIN_KEY", "ACTPROMPT_BROKER_URL"):
         env.pop(name, None)
+    env.update(env_overrides)
     log = open(tmp_path / "serve.log", "w+")  # noqa: SIM115
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "actprompt"), "serve", "--port", str(port)],
