@@ -22,10 +22,15 @@ from service.db.repositories import (
     PromptRepository,
 )
 from service.domain.backbones import get_backbone, resolve_layers
-from service.domain.errors import BadRequest, Conflict, InvalidInput, NotFound, TooManyRequests
+from service.domain.errors import (
+    BadRequest,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    TooManyRequests,
+    from_engine_error,
+)
 from service.settings import Settings
-
-SERVABLE_METHODS_FALLBACK = ("activation", "input", "linear", "norm")
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,40 @@ def servable_methods() -> list[str]:
     from service.engine.methods import list_methods
 
     return list(list_methods(servable_only=True))
+
+
+def check_method(backbone: Any, request: JobRequest) -> list[int] | None:
+    """The cheap synchronous checks of the method and its options (the registry and the engine's own
+    per-method config decide); returns the resolved prompt layers (None = "auto", probed by the runner)."""
+    from service.engine import EngineError, MethodConfig, get_method_class
+
+    methods = servable_methods()
+    if request.method not in methods:
+        raise InvalidInput(
+            f"unknown method {request.method!r}; one of {', '.join(methods)}",
+            code="invalid_method",
+            param="method",
+        )
+    resolved: list[int] | None = []
+    if get_method_class(request.method).uses_prompt_layers():
+        auto = request.prompt_layer == "auto"
+        resolved = None if auto else list(resolve_layers(backbone, request.prompt_layer))
+    try:
+        MethodConfig.for_method(
+            request.method,
+            num_classes=2,
+            prompt_layers=tuple(resolved or ()) if request.prompt_layer != "auto" else (),
+            prompt_shape=request.prompt_shape,
+        )
+        if request.prompt_layer is not None and not get_method_class(request.method).uses_prompt_layers():
+            raise EngineError(
+                f"prompt_layer does not apply to method {request.method!r}",
+                code="option_not_applicable",
+                param="prompt_layer",
+            )
+    except EngineError as exc:
+        raise from_engine_error(exc) from exc
+    return resolved
 
 
 def check_dataset_uri(uri: str, settings: Settings) -> None:
@@ -97,25 +136,7 @@ def create_job(
         if existing is not None:
             return existing, False
     backbone = get_backbone(session, request.backbone, param="backbone")
-    methods = servable_methods()
-    if request.method not in methods:
-        raise InvalidInput(
-            f"unknown method {request.method!r}; one of {', '.join(methods)}",
-            code="invalid_method",
-            param="method",
-        )
-    if request.method == "activation":
-        resolved: list[int] | None = (
-            None if request.prompt_layer == "auto" else list(resolve_layers(backbone, request.prompt_layer))
-        )
-    else:
-        if request.prompt_layer is not None:
-            raise InvalidInput(
-                f"prompt_layer applies to method 'activation' only, not {request.method!r}",
-                code="invalid_prompt_layer",
-                param="prompt_layer",
-            )
-        resolved = []
+    resolved = check_method(backbone, request)
     check_dataset_uri(request.dataset_uri, settings)
     if request.prompt_id is not None and not PromptRepository(session, tenant_id).exists(request.prompt_id):
         raise NotFound(f"no prompt {request.prompt_id!r}", code="prompt_not_found", param="prompt_id")
@@ -128,7 +149,7 @@ def create_job(
     job = Job(
         id=new_id("job"),
         tenant_id=tenant_id,
-        status="queued",
+        status="validating",
         backbone_id=backbone.id,
         dataset_uri=request.dataset_uri,
         method=request.method,
@@ -150,7 +171,9 @@ def create_job(
         updated_at=now,
     )
     jobs.add(job)
-    JobEventRepository.add(session, job, "state", "job created and validated; queued", {"status": "queued"})
+    JobEventRepository.add(
+        session, job, "state", "job created; its dataset is validated next", {"status": "validating"}
+    )
     return job, True
 
 
@@ -180,15 +203,14 @@ def list_jobs(
 
 
 def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
-    """Queued → cancelled at once; running → cancelling (the runner ends it); finished → Conflict."""
+    """Not yet claimed → cancelled at once; claimed (validating or running) → cancelling (the runner ends
+    it); finished → Conflict."""
     job = get_job(session, tenant_id, job_id)
     lease = JobLeaseRepository(session)
     now = utcnow()
-    if lease.update_if_status(
-        job.id, ("validating", "queued"), status="cancelled", finished_at=now, updated_at=now
-    ):
+    if lease.cancel_unclaimed(job.id, now):
         JobEventRepository.add(session, job, "state", "cancelled before it ran", {"status": "cancelled"})
-    elif lease.update_if_status(job.id, ("running",), status="cancelling", updated_at=now):
+    elif lease.update_if_status(job.id, ("validating", "running"), status="cancelling", updated_at=now):
         JobEventRepository.add(session, job, "state", "cancel requested", {"status": "cancelling"})
     else:
         session.refresh(job)

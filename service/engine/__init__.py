@@ -34,13 +34,28 @@ from service.engine.errors import (
 )
 from service.engine.layer_search import SearchBudget, auto_select_layer
 from service.engine.layers import LayerInfo, NormLayerInfo, channel_shape, resolve_prompt_layers
-from service.engine.methods import MethodConfig, PromptModule, create_method, list_methods, register_method
+from service.engine.methods import (
+    MethodConfig,
+    PromptModule,
+    create_method,
+    get_method_class,
+    list_methods,
+    register_method,
+)
 from service.engine.mixed_batch import (
     PromptBank,
     forward_mixed,
     forward_mixed_from,
     forward_multi,
     predict_single,
+)
+from service.engine.pipeline import (
+    PipelineCallbacks,
+    PipelineResult,
+    PreparedData,
+    SplitSpec,
+    prepare_dataset,
+    train_prompt,
 )
 from service.engine.train import (
     Checkpoint,
@@ -70,11 +85,15 @@ __all__ = [
     "MethodConfig",
     "MethodError",
     "NormLayerInfo",
+    "PipelineCallbacks",
+    "PipelineResult",
+    "PreparedData",
     "ProgressEvent",
     "PromptArtifact",
     "PromptBank",
     "PromptModule",
     "SearchBudget",
+    "SplitSpec",
     "TrainCallbacks",
     "TrainConfig",
     "TrainResult",
@@ -90,15 +109,18 @@ __all__ = [
     "forward_mixed",
     "forward_mixed_from",
     "forward_multi",
+    "get_method_class",
     "list_layers",
     "list_methods",
     "load_checkpoint_state",
     "load_dataset",
     "load_module",
     "predict_single",
+    "prepare_dataset",
     "preprocess",
     "register_method",
     "resolve_dataset_uri",
     "resolve_prompt_layers",
     "split_train_val",
+    "train_prompt",
 ]

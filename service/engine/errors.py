@@ -6,6 +6,8 @@ so a bad layer, dataset or image is always a clear 4xx and never a 500.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class EngineError(Exception):
     """Base of every error the engine raises on purpose."""
@@ -13,9 +15,18 @@ class EngineError(Exception):
     code: str = "engine_error"
     param: str | None = None
 
-    def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
+        #: JSON-able context (a failed dataset's validation report), kept beside the message.
+        self.details = details
         if code is not None:
             self.code = code
         if param is not None:
