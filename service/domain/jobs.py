@@ -49,6 +49,49 @@ class JobRequest:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()
 
 
+#: Bounds on a job's free `metadata` (a 300-deep value once broke the fingerprint and every list call).
+METADATA_MAX_DEPTH = 8
+METADATA_MAX_BYTES = 16_384
+METADATA_MAX_KEYS = 256
+
+
+def check_metadata(value: Any) -> str | None:
+    """What is wrong with `value` as job metadata (naming the limit), or None; iterative (any depth)."""
+    if not isinstance(value, dict):
+        return "metadata must be a JSON object"
+    keys = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > METADATA_MAX_DEPTH:
+                return f"metadata is nested deeper than {METADATA_MAX_DEPTH} levels"
+            if isinstance(item, dict):
+                keys += len(item)
+                if keys > METADATA_MAX_KEYS:
+                    return f"metadata has more than {METADATA_MAX_KEYS} keys"
+                if not all(isinstance(k, str) for k in item):
+                    return "metadata keys must be strings"
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    try:
+        size = len(json.dumps(value, separators=(",", ":")).encode())
+    except (TypeError, ValueError):
+        return "metadata must be plain JSON"
+    if size > METADATA_MAX_BYTES:
+        return f"metadata is larger than {METADATA_MAX_BYTES} bytes ({size} bytes as JSON)"
+    return None
+
+
+def stored_metadata(value: Any) -> dict[str, Any]:
+    """A stored row's metadata as the API shows it: a row written before the bounds existed (too deep,
+    too big) is replaced by a note, so one bad row never makes a list endpoint fail."""
+    problem = check_metadata(value if value is not None else {})
+    if problem is not None:
+        return {"_unavailable": f"stored metadata exceeds the current limits: {problem}"}
+    return dict(value or {})
+
+
 def servable_methods() -> list[str]:
     from service.engine.methods import list_methods
 
@@ -80,8 +123,8 @@ def check_method(backbone: Any, request: JobRequest) -> list[int] | None:
         )
         if request.prompt_layer is not None and not get_method_class(request.method).uses_prompt_layers():
             raise EngineError(
-                f"prompt_layer does not apply to method {request.method!r}",
-                code="option_not_applicable",
+                f"prompt_layer applies to methods with prompt layers, not {request.method!r}",
+                code="invalid_prompt_layer",
                 param="prompt_layer",
             )
     except EngineError as exc:

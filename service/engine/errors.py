@@ -1,7 +1,11 @@
-"""Typed engine errors: each carries a stable `code` and the request field (`param`) it is about.
+"""The one error hierarchy of the product, rooted here (the engine imports nothing of ours, so the root
+lives in the lowest layer): every error raised on purpose is an `ActpromptError` with a stable `code`,
+a `message`, the request field (`param`) it is about and the kind of failure (`status`, an HTTP status).
 
-The gateway turns them into `{"error": {"code", "message", "param"}}` without knowing the engine,
-so a bad layer, dataset or image is always a clear 4xx and never a 500.
+The engine's errors derive from `EngineError`; the use cases' from `service.domain.errors.DomainError`;
+serving's from `service.serving.errors.ServingError`. The gateway has one handler for the root and turns
+any of them into `{"error": {"code", "message", "param"}}`, so bad input is always a 4xx, never a 500.
+This module imports nothing heavy (no torch), so any layer can import it.
 """
 
 from __future__ import annotations
@@ -9,10 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 
-class EngineError(Exception):
-    """Base of every error the engine raises on purpose."""
+class ActpromptError(Exception):
+    """Root of every error the product raises on purpose: (code, message, param) plus a status."""
 
-    code: str = "engine_error"
+    status: int = 400
+    code: str = "invalid_request"
     param: str | None = None
 
     def __init__(
@@ -25,12 +30,23 @@ class EngineError(Exception):
     ) -> None:
         super().__init__(message)
         self.message = message
-        #: JSON-able context (a failed dataset's validation report), kept beside the message.
-        self.details = details
         if code is not None:
             self.code = code
         if param is not None:
             self.param = param
+        #: JSON-able context (a failed dataset's validation report), kept beside the message.
+        self.details = details
+
+    def to_dict(self) -> dict[str, str | None]:
+        """The body of the API's error object."""
+        return {"code": self.code, "message": self.message, "param": self.param}
+
+
+class EngineError(ActpromptError):
+    """Base of every error the engine raises on purpose: a request the engine cannot carry out (422)."""
+
+    status = 422
+    code = "engine_error"
 
 
 class BackboneError(EngineError):
@@ -78,4 +94,5 @@ class ArtifactError(EngineError):
 class TrainingCancelled(EngineError):
     """Raised by `fit` when the caller's `should_stop()` returned True."""
 
+    status = 409
     code = "cancelled"

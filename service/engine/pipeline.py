@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from service.engine import train as train_module
 from service.engine.data import (
     ImageSet,
     LoadedDataset,
@@ -28,7 +29,7 @@ from service.engine.errors import DatasetError, MethodError
 from service.engine.layer_search import auto_select_layer
 from service.engine.layers import resolve_prompt_layers
 from service.engine.methods import MethodConfig, get_method_class
-from service.engine.train import Checkpoint, TrainCallbacks, TrainConfig, TrainResult, fit
+from service.engine.train import Checkpoint, TrainCallbacks, TrainConfig, TrainResult
 
 if TYPE_CHECKING:
     from service.engine.backbones import Backbone
@@ -251,7 +252,7 @@ def train_prompt(
     train_config = config or TrainConfig()
     if cb.on_start is not None:
         cb.on_start(method, method_config, train_config)
-    result = fit(
+    result = train_module.fit(  # looked up at call time (a test can replace it)
         backbone,
         method,
         method_config,

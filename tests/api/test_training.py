@@ -40,7 +40,7 @@ def test_train_then_predict_and_manage_prompts(trained) -> None:
     assert job["prompt"] == f"{job['prompt_id']}@1" and job["worker_id"].startswith("embedded-")
     events = c.get(f"/v1/jobs/{job['id']}/events", headers=t).json()["data"]
     states = [e["data"]["status"] for e in events if e["type"] == "state"]
-    assert states == ["queued", "running", "succeeded"]
+    assert states == ["validating", "validating", "running", "succeeded"]
     assert {"validation", "epoch"} <= {e["type"] for e in events}
     assert [e["id"] for e in events] == sorted(e["id"] for e in events)
     page = c.get(f"/v1/jobs/{job['id']}/events", params={"limit": 2}, headers=t).json()
@@ -245,7 +245,7 @@ def test_restart_picks_up_queued_job(make_api) -> None:
         s.commit()
     engine.dispose()
     time.sleep(0.3)
-    assert first.client.get(f"/v1/jobs/{job_id}", headers=t).json()["status"] == "queued"
+    assert first.client.get(f"/v1/jobs/{job_id}", headers=t).json()["status"] == "validating"
     first.client.__exit__(None, None, None)  # the process "stops" with one job queued and one running
     second = make_api()  # same database, embedded worker on
     job = second.wait(job_id, t)

@@ -74,7 +74,7 @@ class MethodConfig:
                 takes = ", ".join(allowed) or "no options"
                 raise MethodError(
                     f"{key} does not apply to method {method!r} (it takes {takes})",
-                    code="option_not_applicable",
+                    code="invalid_prompt_layer" if key == "prompt_layers" else "option_not_applicable",
                     param="prompt_layer" if key == "prompt_layers" else key,
                 )
         kept = {k: v for k, v in options.items() if k in allowed and v is not None}
