@@ -31,8 +31,9 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
+# BUDGET=full: the issue's full budget (CPU-hours); default: ~40 min on a quiet 2-core CPU
 bench: $(STAMP)
-	$(PY) -m bench.run_all
+	$(PY) -m bench.run_all $(if $(BUDGET),--budget $(BUDGET))
 
 bench-quick: $(STAMP)
 	$(PY) -m bench.run_all --quick
