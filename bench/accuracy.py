@@ -114,6 +114,7 @@ class Scope:
     variants: tuple[str, ...] = ALL_VARIANTS
     grid_points: int = 3  # initial learning-rate grid size (then extended at an edge)
     sweep_stride: int = 1  # AP layer sweep: every layer (1) or every k-th plus the ends and recommended
+    max_extensions: int = MAX_EXTENSIONS  # grid points added while the best sits at an edge
 
     @property
     def name(self) -> str:
@@ -139,12 +140,25 @@ DEFAULT = Plan(
     name="default",
     note="sized for ~40 min of a quiet 2-core CPU; `make bench BUDGET=full` is the issue's full budget",
     scopes=(
-        _r20("gtsrb", n_train=2000, n_val=500, n_test=2000, epochs=4, batch_size=64, seeds=(0, 1, 2)),
+        _r20("gtsrb", n_train=2000, n_val=500, n_test=2000, epochs=3, batch_size=64, seeds=(0, 1, 2)),
         _r20("mnist", n_train=800, n_val=200, n_test=1000, epochs=3, batch_size=64, grid_points=2),
-        _r20("tinyimagenet", n_train=800, n_val=400, n_test=1000, epochs=3, batch_size=64, grid_points=2),
+        _r20("tinyimagenet", n_train=800, n_val=200, n_test=1000, epochs=3, batch_size=64, grid_points=2),
         Scope("vit_cifar10_p4_d128_l6", "gtsrb", 800, 200, 1000, 3, 64, grid_points=2),
-        Scope("resnet56_cifar", "gtsrb", 800, 200, 1000, 3, 64, grid_points=2, sweep_stride=4),
-        Scope("mobilenetv2_100", "gtsrb", 256, 128, 400, 2, 32, grid_points=1, sweep_stride=4),
+        Scope("resnet56_cifar", "gtsrb", 800, 200, 1000, 3, 64, grid_points=2, sweep_stride=6),
+        # 224-px inputs: a small stated budget, one learning rate per method (the grid's centre), and
+        # neither the second LoRA rank nor the padding VP (the budget does not stretch to them).
+        Scope(
+            "mobilenetv2_100",
+            "gtsrb",
+            192,
+            96,
+            300,
+            2,
+            32,
+            variants=tuple(v for v in ALL_VARIANTS if v not in ("lora_r16", "vp_pad")),
+            grid_points=1,
+            sweep_stride=6,
+        ),
     ),
 )
 #: The issue's budget: full training sets, 10 epochs, batch 128, 3 seeds on ResNet-20, every dataset
@@ -173,26 +187,27 @@ QUICK = Plan(
     scopes=(
         _r20(
             "gtsrb",
-            n_train=192,
+            n_train=128,
             n_val=96,
-            n_test=192,
+            n_test=128,
             epochs=1,
             batch_size=64,
             seeds=(0, 1),
             grid_points=2,
             sweep_stride=4,
+            max_extensions=1,
         ),
         Scope(
             "mobilenetv2_100",
             "gtsrb",
             32,
-            32,
+            16,
             32,
             1,
             16,
             variants=("linear", "ap", "lora_r4", "deep_ap_norm"),
             grid_points=1,
-            sweep_stride=8,
+            sweep_stride=20,
         ),
     ),
 )
@@ -202,7 +217,7 @@ PLANS = {p.name: p for p in (QUICK, DEFAULT, FULL)}
 # --- one run (in a worker process) ----------------------------------------------------------------
 
 _BACKBONES: dict[str, Any] = {}
-_DATA: dict[tuple[Any, ...], tuple[list[str], Tensors, Tensors, Tensors]] = {}
+_DATA: dict[tuple[Any, ...], Any] = {}
 
 
 def _backbone(name: str, device: str) -> Any:
@@ -213,29 +228,17 @@ def _backbone(name: str, device: str) -> Any:
     return _BACKBONES[name]
 
 
-def prepare(scope: Scope, backbone: Any) -> tuple[list[str], Tensors, Tensors, Tensors]:
-    """Fixed subsets (seed 0) of a dataset, preprocessed for the backbone: same images for every method."""
-    from service.engine.data import ImageSet, LoadedDataset, load_dataset, preprocess, split_train_val
+def prepare(scope: Scope, backbone: Any) -> Any:
+    """Fixed subsets (seed 0) of a dataset, preprocessed for the backbone: same images for every method.
+
+    The product's own pipeline (`prepare_dataset`) with sizes: what is measured is what a job runs."""
+    from service.engine.pipeline import SplitSpec, prepare_dataset
 
     key = (scope.dataset, scope.backbone, scope.n_train, scope.n_val, scope.n_test)
-    if key in _DATA:
-        return _DATA[key]
-    _DATA.clear()  # one scope's tensors at a time (224-px inputs are large)
-    ds = load_dataset(DATA_DIR / DATASETS[scope.dataset])
-    assert ds.test is not None
-    rng = np.random.default_rng(0)
-    pick = rng.permutation(len(ds.train))[: scope.n_train + scope.n_val]
-    pool = LoadedDataset(ds.classes, ds.train.subset(pick), None, None, ds.report)
-    split = split_train_val(pool, scope.n_val / (scope.n_train + scope.n_val), seed=0)
-    assert split.val is not None
-
-    def tensors(images: ImageSet) -> Tensors:
-        x = preprocess(images.images, backbone.input_size, backbone.spec.mean, backbone.spec.std)
-        return x, torch.from_numpy(images.labels)
-
-    # a random test subset: some test arrays are sorted by class (mnist10k), so "the first n" is not a sample
-    test = ds.test.subset(np.sort(rng.permutation(len(ds.test))[: scope.n_test]))
-    _DATA[key] = (list(ds.classes), tensors(split.train), tensors(split.val), tensors(test))
+    if key not in _DATA:
+        _DATA.clear()  # one scope's tensors at a time (224-px inputs are large)
+        split = SplitSpec(seed=0, n_train=scope.n_train, n_val=scope.n_val, n_test=scope.n_test)
+        _DATA[key] = prepare_dataset(DATA_DIR / DATASETS[scope.dataset], backbone, split)
     return _DATA[key]
 
 
@@ -265,9 +268,8 @@ def train_row(
     scope: Scope, config: dict[str, Any], device: str, out_dir: str, identity: tuple[str, bool, str]
 ) -> dict[str, Any]:
     """Train one configuration with the engine's `fit`, evaluate it, cache and return the row."""
-    from service.engine.layers import resolve_prompt_layers
-    from service.engine.methods import MethodConfig
-    from service.engine.train import TrainConfig, evaluate, fit
+    from service.engine.pipeline import PreparedData, train_prompt
+    from service.engine.train import TrainConfig, evaluate
 
     torch.set_num_threads(int(os.environ.get("ACTPROMPT_BENCH_THREADS", "1")))
     cache = RowCache(Path(out_dir), identity)
@@ -276,29 +278,27 @@ def train_row(
         return hit
     started = now()
     backbone = _backbone(config["backbone"], device)
-    classes, train, val, test = prepare(scope, backbone)
+    data = prepare(scope, backbone)
     vc = config["variant_config"]
-    layers: tuple[int, ...] = ()
+    request: Any = None
     if config["method"] == "deep_activation":
-        layers = resolve_prompt_layers(backbone.layers, "all")
+        request = "all"
     elif config["method"] == "activation":
-        layers = (int(config["prompt_layer"]),)
-    mcfg = MethodConfig(
-        len(classes),
-        prompt_layers=layers,
-        prompt_shape=vc.get("prompt_shape", "full"),
-        input_variant=vc.get("input_variant", "pad"),
-        lora_rank=vc.get("lora_rank", 4),
-    )
+        request = int(config["prompt_layer"])
     tcfg = TrainConfig(
         epochs=config["epochs"],
         batch_size=config["batch_size"],
         learning_rate=config["lr"],
         seed=config["seed"],
     )
+    # val in the "test" slot: evaluated once at the end, not after every epoch
+    view = PreparedData(data.classes, data.train, None, data.val, data.report)
     with PeakMemory(torch.device(device)) as mem:
-        # val in fit()'s "test" slot: evaluated once at the end, not after every epoch
-        result = fit(backbone, config["engine_method"], mcfg, train, None, val, tcfg, classes=classes)
+        trained = train_prompt(
+            backbone, view, config["engine_method"], prompt_layer=request, method_options=vc, config=tcfg
+        )
+    result = trained.result
+    classes, test = data.classes, data.test
     assert result.module is not None
     test_metrics = evaluate(result.module, test, classes=classes)
     m = result.metrics
@@ -358,7 +358,7 @@ class Protocol:
     ) -> tuple[float, list[float], list[dict[str, Any]]] | None:
         """(chosen lr, grid, grid rows) once the grid has settled, else None (and the runs it needs)."""
         grid = initial_grid(variant, scope.grid_points)
-        for _ in range(MAX_EXTENSIONS + 1):
+        for _ in range(scope.max_extensions + 1):
             rows = []
             for lr in grid:
                 cfg, row = self._row(scope, variant, lr, 0, layer)
@@ -368,7 +368,7 @@ class Protocol:
             if any(r is None for r in rows):
                 return None
             best = max(range(len(grid)), key=lambda i: rows[i]["val_accuracy"])
-            if scope.grid_points == 1 or len(grid) >= scope.grid_points + MAX_EXTENSIONS:
+            if scope.grid_points == 1 or len(grid) >= scope.grid_points + scope.max_extensions:
                 break
             i = _ladder_index(grid[best])
             if best == 0 and i > 0:

@@ -180,6 +180,11 @@ def lr_section(acc: dict[str, Any]) -> str:
         else f"{len(grids)} learning-rate selections, none at an edge of its (extended) grid"
     )
     del extended
+    single = [g for g in grids if len(g["lr_grid"]) == 1]
+    if single:
+        text += f" {len(single)} selections used a single rate, not tuned (plan: grid of 1): " + ", ".join(
+            sorted({f"{g['backbone']}/{g['dataset']}" for g in single})
+        )
     return text + "."
 
 
@@ -365,32 +370,40 @@ def budget_section(acc: dict[str, Any], cost: dict[str, Any]) -> list[str]:
     return lines
 
 
-def full_budget_estimate(acc: dict[str, Any]) -> str:
-    """CPU-hours of `--budget full`, from this run's measured seconds per (image x epoch) per method."""
+def plan_cpu_seconds(acc: dict[str, Any], plan_name: str) -> tuple[float, set[str]]:
+    """Training CPU-seconds a plan needs, from this run's measured seconds per (image x epoch) per
+    (backbone, method), with the typical run count (grid + one extension, plus the extra seeds, plus the
+    sweep). Backbones this run did not measure are returned as missing."""
     rate: dict[tuple[str, str], float] = {}
     for r in [*acc.get("results", []), *acc.get("sweep", [])]:
         per = r["train_seconds"] / max(1, r["train_images"] * r["epochs"])
         rate.setdefault((r["backbone"], r.get("variant", "ap")), per)
-    if not rate:
-        return ""
     total, missing = 0.0, set()
-    for s in PLANS["full"].scopes:
-        runs_per_variant = (s.grid_points + 1) + (len(s.seeds) - 1)  # grid (+1 extension, typical) + seeds
+    for s in PLANS[plan_name].scopes:
+        grid_runs = s.grid_points + (1 if s.grid_points > 1 else 0)
         for v in s.variants:
-            r = rate.get((s.backbone, v))
+            r = rate.get((s.backbone, v)) or rate.get((s.backbone, "ap" if v.startswith("ap") else v))
             if r is None:
-                missing.add(s.backbone)
+                missing.add(f"{s.backbone}/{v}")
                 continue
-            total += r * s.n_train * s.epochs * runs_per_variant
+            total += r * s.n_train * s.epochs * (grid_runs + len(s.seeds) - 1)
         sweep = rate.get((s.backbone, "ap"))
-        if sweep is not None:
+        if sweep is not None and ("ap" in s.variants):
             n_layers = len(acc.get("catalogs", {}).get(s.backbone, {}).get("layers", [])) or 10
             total += sweep * s.n_train * s.epochs * (n_layers / max(1, s.sweep_stride))
-    note = f" (no measurement for {', '.join(sorted(missing))}: not counted)" if missing else ""
+    return total, missing
+
+
+def full_budget_estimate(acc: dict[str, Any]) -> str:
+    """CPU-hours of `--budget full`, from this run's measured seconds per image-epoch."""
+    if not acc.get("results"):
+        return ""
+    total, missing = plan_cpu_seconds(acc, "full")
+    note = f" (not counted, no measurement: {', '.join(sorted(missing)[:6])})" if missing else ""
     return (
         f"Estimated cost of `make bench BUDGET=full` (the issue's budget) from the seconds per image-epoch "
         f"measured in this run: about **{total / 3600:.0f} CPU-hours** of training{note}, i.e. "
-        f"{total / 3600 / 2:.0f} h wall on these 2 cores; not run here."
+        f"{total / 3600 / 2:.0f} h wall on 2 cores; not run here."
     )
 
 

@@ -64,7 +64,7 @@ def test_second_delivery_while_leased_does_nothing(setup) -> None:
     out = run_job(job_id, session_factory=factory, worker_id="worker-b", settings=api.settings)
     assert out == RunOutcome.NOT_CLAIMED
     row = job(job_id)
-    assert (row.status, row.lease_owner, row.attempts) == ("running", "worker-a", 1)
+    assert (row.status, row.lease_owner, row.attempts) == ("validating", "worker-a", 1)
     with factory() as s:  # the same worker cannot claim twice either
         assert not JobLeaseRepository(s).claim(job_id, "worker-a", now, now + timedelta(seconds=60))
 
@@ -106,7 +106,8 @@ def test_reaper_requeues_expired_leases_and_resends_lost_messages(setup) -> None
         report.requeued == [lost] and report.resent == [stale] and sorted(queue.sent) == sorted([lost, stale])
     )
     row = job(lost)
-    assert (row.status, row.lease_owner, row.attempts) == ("queued", None, 1)
+    # it died while validating: validated again by the next claimer
+    assert (row.status, row.lease_owner, row.attempts) == ("validating", None, 1)
     assert job(stale).requeues == 1
     assert reap(factory, ListQueue(), api.settings).requeued == []  # nothing more to do
 

@@ -192,18 +192,32 @@ def build_dataset(
     """
     warns = list(collected.warnings)
     train_labels = [s.label for s in collected.samples if s.split == "train"]
-    if not train_labels:
-        detail = f" ({collected.num_undecodable} file(s) did not decode)" if collected.num_undecodable else ""
-        raise DatasetError(f"the dataset has no decodable training images{detail}")
     names = list(classes) if classes is not None else sort_class_names(train_labels)
-    if len(names) < 2:
-        raise DatasetError(f"a classification dataset needs at least 2 classes, found {len(names)}")
-    index = {name: i for i, name in enumerate(names)}
     counts = Counter(train_labels)
     images_per_class = {name: int(counts.get(name, 0)) for name in names}
     below = [name for name in names if images_per_class[name] < min_images_per_class]
+
+    def failed(message: str) -> DatasetError:
+        """The error with what validation found attached (the job stores it as its validation_report)."""
+        partial = ValidationReport(
+            num_classes=len(names),
+            images_per_class=images_per_class,
+            undecodable=list(collected.undecodable),
+            num_undecodable=collected.num_undecodable,
+            classes_below_minimum=below,
+            num_train=len(train_labels),
+            warnings=[*warns, message],
+        )
+        return DatasetError(message, details=partial.to_dict())
+
+    if not train_labels:
+        detail = f" ({collected.num_undecodable} file(s) did not decode)" if collected.num_undecodable else ""
+        raise failed(f"the dataset has no decodable training images{detail}")
+    if len(names) < 2:
+        raise failed(f"a classification dataset needs at least 2 classes, found {len(names)}")
+    index = {name: i for i, name in enumerate(names)}
     if below:
-        raise DatasetError(below_minimum_message(below, images_per_class, min_images_per_class))
+        raise failed(below_minimum_message(below, images_per_class, min_images_per_class))
 
     splits: dict[str, ImageSet | None] = {}
     for split in SPLITS:

@@ -14,10 +14,11 @@ from service.engine.methods import deep_activation_norm  # noqa: F401  (register
 from service.engine.methods import lora  # noqa: F401  (registers "lora")
 
 # isort: on
-from service.engine.methods.base import MethodConfig, PromptModule, norm_layer_segments
+from service.engine.methods.base import PROMPT_SHAPES, MethodConfig, PromptModule, norm_layer_segments
 from service.engine.methods.registry import create_method, get_method_class, list_methods, register_method
 
 __all__ = [
+    "PROMPT_SHAPES",
     "MethodConfig",
     "PromptModule",
     "create_method",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 @register_method("deep_activation_norm")
 class DeepActivationNorm(ActivationPrompt):
     """`h_l <- h_l + P_l` at every prompt layer and `y_n <- y_n * (1 + S_n) + T_n` at every norm n."""
+
+    default_prompt_layer: ClassVar[str | None] = "all"
 
     def __init__(self, backbone: Backbone, config: MethodConfig) -> None:
         if not config.prompt_layers:

@@ -47,6 +47,7 @@ class LoRA(PromptModule):
     """peft LoRA adapters (rank r, alpha = r) on a private copy of the backbone, plus the head."""
 
     servable: ClassVar[bool] = False
+    options = ("lora_rank",)
 
     def __init__(self, backbone: Backbone, config: MethodConfig) -> None:
         super().__init__(backbone, config)
