@@ -468,9 +468,16 @@ def catalogs_for(plan: Plan, device: str) -> dict[str, dict[str, Any]]:
 
 
 def execute(
-    plan: Plan, cache: RowCache, out_dir: Path, device: str, jobs: int, deadline: float | None
+    plan: Plan,
+    cache: RowCache,
+    out_dir: Path,
+    device: str,
+    jobs: int,
+    deadline: float | None,
+    failed: dict[str, str],
 ) -> bool:
-    """Run what the protocol needs until nothing is missing (True) or the deadline passes (False)."""
+    """Run what the protocol needs until nothing is missing (True), or the deadline passes or only
+    failed runs remain (False; `failed` maps their codes to the error)."""
     catalogs = catalogs_for(plan, device)
     protocol = Protocol(plan, cache, catalogs)
     ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch thread pools
@@ -479,8 +486,9 @@ def execute(
         while True:
             needs, _ = protocol.walk()
             todo = {row_code(n.config): n for n in sorted(needs, key=lambda n: n.priority)}
+            todo = {c: n for c, n in todo.items() if c not in failed}  # never retried in this run
             if not todo and not in_flight:
-                return True
+                return not failed
             out_of_time = deadline is not None and time.monotonic() > deadline
             for code, need in todo.items():
                 if len(in_flight) >= jobs or out_of_time:
@@ -493,7 +501,12 @@ def execute(
                 return False
             done, _ = cf.wait(in_flight.values(), return_when=cf.FIRST_COMPLETED)
             for code in [c for c, f in in_flight.items() if f in done]:
-                row = in_flight.pop(code).result()
+                try:
+                    row = in_flight.pop(code).result()
+                except Exception as exc:  # one broken configuration must not end the whole benchmark
+                    failed[code] = repr(exc)[:500]
+                    log(f"run {code} failed: {failed[code]}")
+                    continue
                 log(
                     f"{row['backbone']:>22} {row['dataset']:>12} {row['method']:>20} "
                     f"layer={row['prompt_layer']!s:>4} seed={row['seed']} lr={row['lr']:g}: "
@@ -575,8 +588,10 @@ def run(
         plan = replace(plan, scopes=tuple(s for s in plan.scopes if s.name in only or s.backbone in only))
     deadline = None if not max_minutes else time.monotonic() + 60 * max_minutes
     cache = RowCache(out_dir)
-    execute(plan, cache, out_dir, device, jobs, deadline)
+    failed: dict[str, str] = {}
+    execute(plan, cache, out_dir, device, jobs, deadline, failed)
     payload = collect(plan, cache, device)
+    payload["errors"] = failed
     if old is not None:  # merge by scope: rows of the other scopes stay, with their own provenance
         mine = {(s.backbone, s.dataset) for s in plan.scopes}
         for key in ("results", "lr_search", "sweep"):

@@ -634,6 +634,9 @@ def build(out_dir: Path) -> Path:
                 "",
                 f"**Incomplete:** still missing {', '.join(acc.get('missing', [])[:12])}; rerun to resume.",
             ]
+        if acc.get("errors"):
+            errs = "; ".join(f"{k}: {v}" for k, v in list(acc["errors"].items())[:5])
+            lines += ["", f"**{len(acc['errors'])} runs failed** (not retried in that run): {errs}"]
         body += ["## Accuracy (test %, mean ± std over seeds)", "", accuracy_tables(acc), ""]
         f = findings(acc)
         if f:
