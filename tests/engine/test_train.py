@@ -197,19 +197,17 @@ def test_progress_events_are_bounded_and_monotone(bb: Backbone, data: tuple) -> 
     assert all(e.steps == 24 for e in events)
 
 
-def test_augmentation_and_sgd_paths(bb: Backbone, data: tuple) -> None:
-    result = fit(
-        bb,
-        "activation",
-        MethodConfig(4, (3,)),
-        data,
-        None,
-        data,
-        _cfg(epochs=2, augment=True, optimizer="sgd", label_smoothing=0.1, learning_rate=0.05),
-        classes=CLASSES,
-    )
+def test_augmentation_and_sgd_paths(bb: Backbone, spatial: PreparedData) -> None:
+    """Augmentation + label smoothing still learn what only the prompt carries (the probe cannot); SGD
+    descends (a zero-initialised prompt needs large SGD steps, so its loss is checked, not its accuracy)."""
+    cfg = _cfg(epochs=10, batch_size=32, augment=True, label_smoothing=0.1, learning_rate=3e-2)
+    result = train_prompt(bb, spatial, "activation", prompt_layer=2, config=cfg)
     assert result.metrics["feature_cache"]["rows"] == 0  # augmentation changes the prefix every epoch
-    assert 0.0 <= result.metrics["test"]["top1"] <= 1.0
+    acc = result.accuracy("test")
+    assert acc is not None and acc >= 0.75, acc
+    sgd_cfg = _cfg(epochs=4, batch_size=32, optimizer="sgd", learning_rate=1.0)
+    history = train_prompt(bb, spatial, "activation", prompt_layer=2, config=sgd_cfg).metrics["epochs"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
 
 
 def test_fixed_seed_is_deterministic_and_seed_matters(bb: Backbone, data: tuple) -> None:

@@ -175,6 +175,28 @@ def below_minimum_message(below: list[str], counts: dict[str, int], minimum: int
     )
 
 
+def dataset_refused(
+    message: str,
+    images_per_class: dict[str, int],
+    below: list[str],
+    *,
+    undecodable: Sequence[str] = (),
+    num_undecodable: int = 0,
+    warnings: Sequence[str] = (),
+) -> DatasetError:
+    """The error with what validation found attached (the job stores it as its validation_report)."""
+    partial = ValidationReport(
+        num_classes=len(images_per_class),
+        images_per_class=dict(images_per_class),
+        undecodable=list(undecodable),
+        num_undecodable=num_undecodable,
+        classes_below_minimum=list(below),
+        num_train=sum(images_per_class.values()),
+        warnings=[*warnings, message],
+    )
+    return DatasetError(message, details=partial.to_dict())
+
+
 def build_dataset(
     collected: Collected,
     *,
@@ -198,17 +220,14 @@ def build_dataset(
     below = [name for name in names if images_per_class[name] < min_images_per_class]
 
     def failed(message: str) -> DatasetError:
-        """The error with what validation found attached (the job stores it as its validation_report)."""
-        partial = ValidationReport(
-            num_classes=len(names),
-            images_per_class=images_per_class,
-            undecodable=list(collected.undecodable),
+        return dataset_refused(
+            message,
+            images_per_class,
+            below,
+            undecodable=collected.undecodable,
             num_undecodable=collected.num_undecodable,
-            classes_below_minimum=below,
-            num_train=len(train_labels),
-            warnings=[*warns, message],
+            warnings=warns,
         )
-        return DatasetError(message, details=partial.to_dict())
 
     if not train_labels:
         detail = f" ({collected.num_undecodable} file(s) did not decode)" if collected.num_undecodable else ""
