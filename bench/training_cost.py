@@ -89,7 +89,7 @@ def cost_plan(device: str, quick: bool) -> list[dict[str, Any]]:
                     "batch": 128,
                     "warmup": 1,
                     "iters": 3,
-                    "layers": "all" if name.startswith("vit") else "some",
+                    "layers": "all" if name.startswith("vit") else "few",
                     "extras": True,
                     "cache_images": 800,
                 }
