@@ -591,8 +591,11 @@ def run(
     max_minutes: float | None = None,
     only: set[str] | None = None,
     allow_mixed: bool = False,
+    identity: tuple[str, bool, str] | None = None,
 ) -> dict[str, Any]:
-    """Run ``plan`` (``only``: these scopes or backbones) and write ``out_dir/accuracy.json``."""
+    """Run ``plan`` (``only``: these scopes or backbones) and write ``out_dir/accuracy.json``.
+
+    ``identity``: the code identity the row cache is keyed by (default: this checkout's, now)."""
     started = now()
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
     path = out_dir / "accuracy.json"
@@ -601,7 +604,7 @@ def run(
         plan = replace(plan, scopes=tuple(s for s in plan.scopes if s.name in only or s.backbone in only))
     max_minutes = max_minutes if max_minutes is not None else plan.max_minutes
     deadline = None if not max_minutes else time.monotonic() + 60 * max_minutes
-    cache = RowCache(out_dir)
+    cache = RowCache(out_dir, identity)
     failed: dict[str, str] = {}
     execute(plan, cache, out_dir, device, jobs, deadline, failed)
     payload = collect(plan, cache, device)
