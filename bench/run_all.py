@@ -33,6 +33,19 @@ def run_http(out: Path, quick: bool) -> None:
     entry(["--out", str(out), *(["--quick"] if quick else [])])
 
 
+#: Written by bench/engine_reference_run.py (a separate, hours-long run), not by this script.
+KEEP = ("engine_reference_run.json", "engine_reference_run.md")
+
+
+def clear_outputs(out: Path) -> None:
+    """A whole run starts from an empty results folder (the row cache aside), so no figure survives
+    from an earlier run or from a file this version no longer writes."""
+    for path in sorted(out.iterdir()):
+        if path.is_file() and path.suffix in (".json", ".md", ".png") and path.name not in KEEP:
+            path.unlink()
+            log(f"removed stale {path.name}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -56,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     parts = set(PARTS) if only is None or not (only & set(PARTS)) else only & set(PARTS)
     scopes = (only - set(PARTS)) if only else set()
     t0 = time.perf_counter()
+    if only is None:
+        clear_outputs(out)
     if "cost" in parts:
         log("training cost")
         training_cost.run(quick, args.device, out, workers=args.jobs)
