@@ -637,7 +637,17 @@ def build(out_dir: Path) -> Path:
         if acc.get("errors"):
             errs = "; ".join(f"{k}: {v}" for k, v in list(acc["errors"].items())[:5])
             lines += ["", f"**{len(acc['errors'])} runs failed** (not retried in that run): {errs}"]
-        body += ["## Accuracy (test %, mean ± std over seeds)", "", accuracy_tables(acc), ""]
+        body += [
+            "## Accuracy (test %, mean ± std over seeds)",
+            "",
+            "Train time: `fit`'s own epoch timer (wall clock). Peak memory: the worker's resident high-water "
+            "mark above its level before the run (the feature cache included), in a worker that ran other "
+            "configurations before, so freed pages it reuses are not counted: a lower bound. The training-cost "
+            "section measures memory in a fresh process per configuration.",
+            "",
+            accuracy_tables(acc),
+            "",
+        ]
         f = findings(acc)
         if f:
             body += ["In numbers (a difference within the seeds' std, or 0.5 point, is called noise):", ""]
