@@ -642,7 +642,8 @@ def build(out_dir: Path) -> Path:
             "",
             "Train time: `fit`'s own epoch timer (wall clock). Peak memory: the worker's resident high-water "
             "mark above its level before the run (the feature cache included), in a worker that ran other "
-            "configurations before, so freed pages it reuses are not counted: a lower bound. The training-cost "
+            "configurations before, so freed pages it reuses are not counted: a lower bound. The "
+            "training-cost "
             "section measures memory in a fresh process per configuration.",
             "",
             accuracy_tables(acc),
