@@ -83,7 +83,7 @@ def backbones() -> dict[str, BenchBackbone]:
     return out
 
 
-def spread(values: Collection[float]) -> float:
+def iqr(values: Collection[float]) -> float:
     """Interquartile range: the spread a difference between two medians must exceed to count."""
     return pct(values, 75) - pct(values, 25)
 
@@ -92,10 +92,10 @@ def compare(a: list[float], b: list[float]) -> dict[str, Any]:
     """Median ratio of two timed cases, and "no difference" when the medians differ by less than the
     larger of their spreads."""
     ma, mb = statistics.median(a), statistics.median(b)
-    noise = max(spread(a), spread(b))
+    noise = max(iqr(a), iqr(b))
     return {
         "median_ms": [round(1000 * ma, 3), round(1000 * mb, 3)],
-        "spread_ms": [round(1000 * spread(a), 3), round(1000 * spread(b), 3)],
+        "spread_ms": [round(1000 * iqr(a), 3), round(1000 * iqr(b), 3)],
         "ratio": round(mb / ma, 4) if ma else None,
         "verdict": "no difference" if abs(ma - mb) <= noise else ("faster" if ma < mb else "slower"),
     }
@@ -207,7 +207,7 @@ def bench_engine(b: BenchBackbone, quick: bool) -> dict[str, Any]:
         "best_wall_ms": {k: round(1000 * v, 3) for k, v in best_wall.items()},
         "median_wall_ms": {k: round(1000 * v, 3) for k, v in median.items()},
         "median_cpu_ms": {k: round(1000 * statistics.median(v), 3) for k, v in cpu.items()},
-        "spread_cpu_ms": {k: round(1000 * spread(v), 3) for k, v in cpu.items()},
+        "spread_cpu_ms": {k: round(1000 * iqr(v), 3) for k, v in cpu.items()},
         "comparisons": comparisons,
         "cold_request": cold,
         "mixed_vs_true_single": round(thr["mixed_prompts"] / thr["single_prompt_module"], 4),
@@ -401,9 +401,9 @@ def cold_requests(bb: Backbone, reps: int) -> dict[str, Any]:
     return {
         "n": len(times),
         "cold_median_ms": round(1000 * statistics.median(times), 3),
-        "cold_spread_ms": round(1000 * spread(times), 3),
+        "cold_spread_ms": round(1000 * iqr(times), 3),
         "warm_median_ms": round(1000 * statistics.median(warm), 3),
-        "warm_spread_ms": round(1000 * spread(warm), 3),
+        "warm_spread_ms": round(1000 * iqr(warm), 3),
     }
 
 
