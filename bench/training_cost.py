@@ -178,38 +178,8 @@ def measure_one(cfg: dict[str, Any]) -> dict[str, Any]:
         loss.backward()
         opt.step()
 
-    with PeakMemory(device) as mem:
-        times, cpu = timed_calls(step, warmup=cfg["warmup"], iters=cfg["iters"], device=device)
-    # The cached step through the real cache path (FeatureCache, as fit() uses it), with the cache
-    # filled for `cache_images` rows inside the measured region: its peak memory includes the cache.
-    from service.engine.feature_cache import FeatureCache
-    from service.engine.train import TrainConfig
-
-    n_cache = int(cfg.get("cache_images", cfg["batch"]))
-    pool = x.repeat((n_cache + cfg["batch"] - 1) // cfg["batch"], 1, 1, 1)[:n_cache]  # [N, 3, H, W]
-    gen_idx = torch.Generator().manual_seed(1)
-    with PeakMemory(device) as cached_mem:
-        fc = FeatureCache(module.prefix, pool, max_bytes=TrainConfig().feature_cache_bytes, device=device)
-        for start in range(0, n_cache, cfg["batch"]):  # epoch 1 fills the cache
-            fc.get(torch.arange(start, min(n_cache, start + cfg["batch"])))
-
-        def cached_step() -> None:
-            idx = torch.randint(0, n_cache, (cfg["batch"],), generator=gen_idx)
-            step(fc.get(idx))
-
-        cached, cached_cpu = timed_calls(cached_step, warmup=1, iters=cfg["iters"], device=device)
-    return {
-        "step_seconds": median(times),
-        "step_seconds_all": times,
-        "cached_step_seconds": median(cached),
-        "step_cpu_seconds": median(cpu),
-        "cached_step_cpu_seconds": median(cached_cpu),
-        "peak_memory_bytes": mem.used,
-        "cached_peak_memory_bytes": cached_mem.used,
-        "feature_cache_bytes": fc.nbytes,
-        "feature_cache_rows": fc.capacity,
-        "cache_images": n_cache,
-        "memory_method": mem.method,
+    phase = cfg.get("phase", "both")
+    out: dict[str, Any] = {
         "trainable_params": module.num_trainable(),
         "first_layer": module.first_layer,
         "resolved_layers": list(layers),
@@ -217,6 +187,60 @@ def measure_one(cfg: dict[str, Any]) -> dict[str, Any]:
         "num_layers": len(backbone.layers) - 1,
         "recommended_layer": backbone.recommended_layer,
     }
+    if phase in ("step", "both"):
+        with PeakMemory(device) as mem:
+            times, cpu = timed_calls(step, warmup=cfg["warmup"], iters=cfg["iters"], device=device)
+        out.update(
+            {
+                "step_seconds": median(times),
+                "step_seconds_all": times,
+                "step_cpu_seconds": median(cpu),
+                "peak_memory_bytes": mem.used,
+                "memory_method": mem.method,
+            }
+        )
+    if phase in ("cached", "both"):
+        # The cached step through the real cache path (FeatureCache, as fit() uses it), with the cache
+        # filled for `cache_images` rows inside the measured region: its peak memory includes the cache.
+        # Its own process ("cached" phase): pages freed by the other phase would hide part of its peak.
+        from service.engine.feature_cache import FeatureCache
+        from service.engine.train import TrainConfig
+
+        n_cache = int(cfg.get("cache_images", cfg["batch"]))
+        pool = x.repeat((n_cache + cfg["batch"] - 1) // cfg["batch"], 1, 1, 1)[:n_cache]  # [N, 3, H, W]
+        gen_idx = torch.Generator().manual_seed(1)
+        with PeakMemory(device) as cached_mem:
+            fc = FeatureCache(module.prefix, pool, max_bytes=TrainConfig().feature_cache_bytes, device=device)
+            for start in range(0, n_cache, cfg["batch"]):  # epoch 1 fills the cache
+                fc.get(torch.arange(start, min(n_cache, start + cfg["batch"])))
+
+            def cached_step() -> None:
+                idx = torch.randint(0, n_cache, (cfg["batch"],), generator=gen_idx)
+                step(fc.get(idx))
+
+            cached, cached_cpu = timed_calls(cached_step, warmup=1, iters=cfg["iters"], device=device)
+        out.update(
+            {
+                "cached_step_seconds": median(cached),
+                "cached_step_cpu_seconds": median(cached_cpu),
+                "cached_peak_memory_bytes": cached_mem.used,
+                "feature_cache_bytes": fc.nbytes,
+                "feature_cache_rows": fc.capacity,
+                "cache_images": n_cache,
+            }
+        )
+    return out
+
+
+def measure(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Both phases of one configuration, each in a fresh interpreter (their peaks do not mix)."""
+    step = run_subprocess({**cfg, "phase": "step"}, timeout)
+    if "error" in step:
+        return step
+    cached = run_subprocess({**cfg, "phase": "cached"}, timeout)
+    if "error" in cached:
+        return {**step, "error": "cached phase: " + cached["error"]}
+    return {**cached, **step}
 
 
 def run_subprocess(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -402,7 +426,7 @@ def run(
         ]
         # One fresh subprocess per configuration, `workers` at a time (CPU-time ratios: robust to that).
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for cfg, result in zip(jobs, pool.map(lambda j: run_subprocess(j, timeout), jobs), strict=True):
+            for cfg, result in zip(jobs, pool.map(lambda j: measure(j, timeout), jobs), strict=True):
                 row = {
                     "backbone": name,
                     "input_size": list(size),
