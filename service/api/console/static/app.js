@@ -126,7 +126,7 @@ async function route() {
   } catch (err) {
     if (err && err.name === 'AbortError') return;
     showError(err);
-    if (view.textContent.trim() === 'Loading…') clear(view, h('p', { class: 'muted' }, 'This page could not be loaded: see the error above.'));
+    if (view.textContent.trim() === 'Loading…') clear(view, h('p', { class: 'muted' }, 'This page could not be loaded: see the error above. ', h('a', { href: fallback }, 'Back')));
   }
   view.focus({ preventScroll: true });
 }

@@ -51,7 +51,8 @@ export const fmt = {
   layer: (job) => {
     const l = job.resolved_layers && job.resolved_layers.length ? job.resolved_layers : job.prompt_layer;
     if (l === null || l === undefined) return 'recommended';
-    return Array.isArray(l) ? l.join(', ') : String(l);
+    const text = Array.isArray(l) ? l.join(', ') : String(l);
+    return job.prompt_layer === 'auto' && text !== 'auto' ? `${text} (auto)` : text;
   },
 };
 

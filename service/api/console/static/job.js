@@ -127,9 +127,11 @@ export async function renderJob(ctx) {
       if (ev.event === 'end') break;
       const e = ev.data || {};
       const d = e.data || {};
+      const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 24;
       log.append(h('li', { class: `lvl-${e.level || 'info'}`, 'data-type': e.type },
         h('time', { datetime: e.created_at }, e.created_at ? new Date(e.created_at).toLocaleTimeString() : ''), ' ',
         h('span', { class: 'tag' }, e.type), ' ', e.message || ''));
+      if (atBottom) log.scrollTop = log.scrollHeight;
       if (e.type === 'progress' && typeof d.loss === 'number') {
         const x = (d.epoch - 1) + d.step / Math.max(1, d.steps);
         curves.loss.push([x, d.loss]);

@@ -19,7 +19,7 @@ function layerPicker(backbone, onPick) {
     const input = h('input', { type: 'radio', name: 'prompt_layer', value, checked, 'aria-describedby': `layer-sub-${value}` });
     input.addEventListener('change', () => onPick(value));
     return h('label', { class: `layer ${recommended ? 'recommended' : ''}`, 'data-testid': 'layer-option', 'data-value': value },
-      input, block, h('span', { class: 'layer-title' }, title),
+      input, h('span', { class: 'pic' }, block), h('span', { class: 'layer-title' }, title),
       h('span', { class: 'layer-sub', id: `layer-sub-${value}` }, sub),
       recommended ? h('span', { class: 'badge' }, '★ recommended') : null);
   };

@@ -40,7 +40,7 @@ export async function renderPlayground(ctx) {
     const preds = results.get(`${ref}|${topk.value}`);
     clear(grid, images.map((img, i) => h('figure', { class: 'card pred', 'data-testid': 'prediction-card' },
       h('img', { src: img.url, alt: img.file.name, width: 96, height: 96 }),
-      h('figcaption', {}, h('div', { class: 'small muted' }, img.file.name),
+      h('figcaption', {}, h('div', { class: 'small muted' }, img.file.name, preds ? ` · ${ref}` : ''),
         preds ? h('ol', { class: 'preds' }, preds[i].map((p) => h('li', { 'data-testid': 'prediction-row', 'data-label': p.label, 'data-index': p.index },
           h('span', { class: 'plabel' }, p.label),
           h('progress', { max: 1, value: p.probability, 'aria-label': `${p.label} probability` }),

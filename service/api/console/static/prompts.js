@@ -15,7 +15,7 @@ async function download(ref, signal) {
 function promptRow(p, ctx, refresh, { isVersion = false } = {}) {
   const test = p.metrics && p.metrics.test ? p.metrics.test.top1 : null;
   const versions = h('tr', { class: 'versions', hidden: true });
-  const actions = h('td', { class: 'actions' },
+  const actions = h('td', {}, h('div', { class: 'actions' },
     isVersion ? null : h('button', {
       type: 'button', 'aria-expanded': 'false',
       onclick: async (e) => {
@@ -40,7 +40,7 @@ function promptRow(p, ctx, refresh, { isVersion = false } = {}) {
         if (!window.confirm(isVersion ? `Delete version ${p.ref}?` : `Delete ${p.id} and all its versions?`)) return;
         try { await api(`/v1/prompts/${encodeURIComponent(target)}`, { method: 'DELETE', signal: ctx.signal }); await refresh(); } catch (err) { ctx.showError(err); }
       },
-    }, 'Delete'));
+    }, 'Delete')));
   const tr = h('tr', { 'data-testid': 'prompt-row', 'data-ref': p.ref },
     h('td', {}, h('code', {}, p.ref), p.name ? h('div', { class: 'small muted' }, p.name) : null),
     h('td', {}, p.backbone), h('td', {}, p.method === 'activation' ? (p.prompt_layer || []).join(', ') : p.method),
