@@ -31,6 +31,7 @@ from service.db.repositories import (
     JobLeaseRepository,
 )
 from service.domain.backbones import BackboneCache
+from service.domain.datasets import resolve_dataset
 from service.domain.prompts import store_prompt
 from service.settings import Settings
 
@@ -357,20 +358,14 @@ class _JobRun:
 
         # The contract's module paths (docs/CONTRACTS.md §1); `fit` is looked up at call time.
         from service.engine import train as engine_train
-        from service.engine.data import load_dataset, preprocess, resolve_dataset_uri, split_train_val
+        from service.engine.data import load_dataset, preprocess, split_train_val
         from service.engine.methods import MethodConfig
         from service.engine.train import Checkpoint as EngineCheckpoint
         from service.engine.train import TrainCallbacks, TrainConfig
 
         settings, job = self.settings, self.job
         hp = job.hyperparameters
-        path = resolve_dataset_uri(
-            job.dataset_uri,
-            roots=settings.data_root_paths,
-            allow_http=settings.allow_http_datasets,
-            max_bytes=settings.max_dataset_bytes,
-            cache_dir=settings.cache_dir,
-        )
+        path = resolve_dataset(self.session_factory, job.tenant_id, job.dataset_uri, settings)
         self._check_stop()
         dataset = load_dataset(path, min_images_per_class=settings.min_images_per_class)
         dataset = split_train_val(dataset, float(hp.get("val_fraction", 0.1)), int(hp.get("seed", 0)))

@@ -21,6 +21,7 @@ from service.db.repositories import (
     JobRepository,
     PromptRepository,
 )
+from service.domain import files
 from service.domain.backbones import get_backbone, resolve_layers
 from service.domain.errors import BadRequest, Conflict, InvalidInput, NotFound, TooManyRequests
 from service.settings import Settings
@@ -86,6 +87,14 @@ def check_dataset_uri(uri: str, settings: Settings) -> None:
         )
 
 
+def check_dataset(session: Session, tenant_id: str, uri: str, settings: Settings) -> None:
+    """An uploaded file of this tenant (a foreign or unknown id is a 404), or a URI that passes the checks."""
+    if files.is_file_id(uri):
+        files.get_file(session, tenant_id, uri, param="dataset_uri")
+    else:
+        check_dataset_uri(uri, settings)
+
+
 def create_job(
     session: Session, tenant_id: str, request: JobRequest, *, idempotency_key: str | None, settings: Settings
 ) -> tuple[Job, bool]:
@@ -116,7 +125,7 @@ def create_job(
                 param="prompt_layer",
             )
         resolved = []
-    check_dataset_uri(request.dataset_uri, settings)
+    check_dataset(session, tenant_id, request.dataset_uri, settings)
     if request.prompt_id is not None and not PromptRepository(session, tenant_id).exists(request.prompt_id):
         raise NotFound(f"no prompt {request.prompt_id!r}", code="prompt_not_found", param="prompt_id")
     if jobs.count_active() >= settings.max_active_jobs_per_tenant:
