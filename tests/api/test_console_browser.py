@@ -1,8 +1,9 @@
 """The web console end to end in headless Chromium, against a real `actprompt serve` subprocess.
 
-Real ResNet-20 weights and GTSRB images; every page is screenshotted under test-artifacts/console/ (gitignored)
-so a person can look at what the browser drew. The browser may reach only the server: any other request
-(a CDN, a font) fails the test, which is how "works offline" is checked for /console and /docs alike.
+Real ResNet-20 weights and GTSRB images; every page is screenshotted under test-artifacts/console/
+(gitignored) so a person can look at what the browser drew. The browser may reach only the server: any
+other request (a CDN, a font) fails the test, which is how "works offline" is checked for /console and
+/docs alike.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,6 @@ from playwright import sync_api as playwright_api
 
 from tests.api.conftest import png_bytes
 from tests.conftest import DATA_DIR, REPO_ROOT, WEIGHTS_DIR
-
 
 CHROMIUM = os.environ.get("ACTPROMPT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -173,10 +174,24 @@ def small_gtsrb(root: Path) -> tuple[Path, np.ndarray, np.ndarray, list[str]]:
     return path, d["x_test"][test_idx], d["y_test"][test_idx], classes
 
 
+def as_zip(npz: Path, out: Path) -> Path:
+    """The same images as class folders in a zip (train/<class>/*.png, test/<class>/*.png): an upload."""
+    d = np.load(npz)
+    with zipfile.ZipFile(out, "w") as z:
+        for split in ("train", "test"):
+            for i, (img, label) in enumerate(zip(d[f"x_{split}"], d[f"y_{split}"], strict=True)):
+                folder = str(d["classes"][label]).replace(
+                    "/", "_"
+                )  # "Speed limit (20km/h)": no "/" in a path
+                z.writestr(f"{split}/{folder}/{i:04d}.png", png_bytes(img))
+    return out
+
+
 def wait_for_final(pg: playwright_api.Page) -> str:
     """The job page's status once final (the page updates itself from the SSE stream; no reload)."""
-    final = "['succeeded', 'failed', 'cancelled'].includes(document.querySelector('h1 [data-testid=job-status]')?.dataset.status)"
-    pg.wait_for_function(f"() => {final}", timeout=JOB_TIMEOUT_MS)
+    status = "document.querySelector('h1 [data-testid=job-status]')?.dataset.status"
+    final = f"() => ['succeeded', 'failed', 'cancelled'].includes({status})"
+    pg.wait_for_function(final, timeout=JOB_TIMEOUT_MS)
     return str(pg.locator("h1 [data-testid=job-status]").get_attribute("data-status"))
 
 
@@ -207,7 +222,7 @@ def test_docs_render_offline(page: playwright_api.Page, server: Server) -> None:
 @pytest.mark.slow
 def test_console_admin_train_watch_and_playground(page: playwright_api.Page, server: Server) -> None:
     assert GTSRB.is_file() and RESNET20.is_file()
-    dataset, x_test, _y_test, classes = small_gtsrb(server.data_root)
+    dataset, x_test, _y_test, _classes = small_gtsrb(server.data_root)
 
     # --- admin: a tenant (its key shown once) and a backbone, through the admin view -----------------
     sign_in(page, server, server.admin_key)
@@ -240,7 +255,8 @@ def test_console_admin_train_watch_and_playground(page: playwright_api.Page, ser
     assert recommended.locator("input").is_checked()
     picked = next(layer for layer in catalog["layers"] if layer["index"] == catalog["recommended_layer"] - 2)
     page.locator(f"[data-testid=layer-option][data-value='{picked['index']}']").click()
-    page.get_by_test_id("dataset-uri").fill(dataset.as_uri())
+    upload = as_zip(dataset, server.data_root.parent / "gtsrb5.zip")
+    page.get_by_test_id("dataset-file").set_input_files(str(upload))
     page.get_by_test_id("epochs").fill("4")
     page.get_by_test_id("learning-rate").fill("0.05")
     shot(page, "03-new-job")
@@ -251,6 +267,8 @@ def test_console_admin_train_watch_and_playground(page: playwright_api.Page, ser
     job_id = page.url.rsplit("/", 1)[-1]
     assert wait_for_final(page) == "succeeded", page.get_by_test_id("event-log").inner_text()
     job = httpx.get(f"{server.url}/v1/jobs/{job_id}", headers=t).json()
+    stored = httpx.get(f"{server.url}/v1/files/{job['dataset_uri']}", headers=t).json()  # uploaded, not a URI
+    assert stored["bytes"] == upload.stat().st_size and stored["filename"] == upload.name
     assert job["resolved_layers"] == [picked["index"]]  # the layer clicked in the picture is the one trained
     curve = page.get_by_test_id("job-curve")
     assert int(curve.get_attribute("data-points") or 0) >= 4  # at least one point per epoch
@@ -315,7 +333,7 @@ def test_console_admin_train_watch_and_playground(page: playwright_api.Page, ser
             arg=api[0]["label"],
         )
         assert [r.get_attribute("data-label") for r in rows.all()] == [p["label"] for p in api]
-        assert api[0]["label"] in classes
+        assert api[0]["label"] in httpx.get(f"{server.url}/v1/prompts/{prompt}", headers=t).json()["classes"]
         shot(page, f"08-playground-{which}")
 
     # --- an API error on a page is the API's message, not a blank page -----------------------------------

@@ -46,7 +46,7 @@ export const fmt = {
     return `${(n / 1024 ** 2).toFixed(1)} MiB`;
   },
   int: (n) => (typeof n === 'number' ? n.toLocaleString('en-US') : '—'),
-  time: (iso) => (iso ? new Date(iso).toLocaleString() : '—'),
+  time: (iso) => (iso ? new Date(iso).toLocaleString(undefined, { dateStyle: 'short', timeStyle: 'medium' }) : '—'),
   shape: (shape) => (Array.isArray(shape) ? shape.join('×') : '—'),
   layer: (job) => {
     const l = job.resolved_layers && job.resolved_layers.length ? job.resolved_layers : job.prompt_layer;
