@@ -51,7 +51,7 @@ ENV VIRTUAL_ENV=/opt/venv \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     ACTPROMPT_DATA_ROOTS=/data
-RUN useradd --create-home --uid 10001 actprompt && mkdir -p /data /app/var && chown actprompt /app/var
+RUN useradd --create-home --uid 10001 actprompt && mkdir -p /data /app/var /files && chown actprompt /app/var /files
 ENV ACTPROMPT_VAR_DIR=/app/var
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app

@@ -192,13 +192,16 @@ def _watch(args: argparse.Namespace, c: Client, job_id: str) -> int:
                 continue
             assert bar is not None
             data = event.data or {}
-            if event.type == "progress" and "fraction" in data:
-                bar.n = round(100 * float(data["fraction"]))
+            if (event.type == "progress" and "fraction" in data) or event.type == "end":
+                done = event.type == "end" and data.get("status") == "succeeded"
+                bar.n = 100 if done else round(100 * float(data.get("fraction", bar.n / 100)))
                 bar.refresh()
-            elif event.type == "epoch":
-                bar.write(event.message)
-            elif event.type in ("state", "validation", "layer_search", "end") or event.level != "info":
-                bar.write(f"[{event.type}] {event.message}" if event.type != "end" else "")
+            elif event.type == "epoch" or event.level != "info" or event.type in ("state", "validation"):
+                # lines on stdout, the bar on stderr: `watch ... > log` keeps a clean record
+                bar.write(
+                    event.message if event.type == "epoch" else f"[{event.type}] {event.message}",
+                    file=sys.stdout,
+                )
     finally:
         if bar is not None:
             bar.close()
