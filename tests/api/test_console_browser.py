@@ -11,14 +11,8 @@ from __future__ import annotations
 import base64
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
-import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -27,6 +21,8 @@ import pytest
 from playwright import sync_api as playwright_api
 
 from tests.api.conftest import png_bytes
+from tests.api.serve import run_server
+from tests.api.test_e2e_client import gtsrb_zip
 from tests.conftest import DATA_DIR, REPO_ROOT, WEIGHTS_DIR
 
 CHROMIUM = os.environ.get("ACTPROMPT_CHROMIUM", "/usr/bin/chromium")
@@ -34,7 +30,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "console"
 GTSRB = DATA_DIR / "gtsrb32.npz"
 RESNET20 = WEIGHTS_DIR / "resnet20-12fca82f.th"
-NUM_CLASSES = 5
 #: Long enough for a small CPU training job; the assertions are about states, never about time.
 JOB_TIMEOUT_MS = 400_000
 
@@ -44,62 +39,15 @@ class Server:
     url: str
     admin_key: str
     data_root: Path
-    log: Path
-    offsite: list[str] = field(default_factory=list)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("console")
-    data_root = tmp / "data"
-    data_root.mkdir()
-    port = _free_port()
-    env = {
-        **os.environ,
-        "ACTPROMPT_DATABASE_URL": f"sqlite:///{tmp / 'var' / 'actprompt.db'}",
-        "ACTPROMPT_VAR_DIR": str(tmp / "var"),
-        "ACTPROMPT_DATA_ROOTS": str(data_root),
-        "ACTPROMPT_DEVICE": "cpu",
-        "ACTPROMPT_PROGRESS_EVENT_SECONDS": "0.2",
-    }
-    for name in ("ACTPROMPT_ADMIN_KEY", "ACTPROMPT_BROKER_URL"):
-        env.pop(name, None)
-    log_path = tmp / "serve.log"
-    with open(log_path, "w+") as log:
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "actprompt"), "serve", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=tmp,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            while True:  # the fixture's own timeout (pytest-timeout) bounds this
-                assert proc.poll() is None, log_path.read_text()
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.3)
-            printed = log_path.read_text()
-            match = re.search(r"admin key: (\S+)", printed)
-            assert match, printed
-            assert f"{url}/console" in printed, "`actprompt serve` must print the console URL"
-            yield Server(url, match.group(1), data_root, log_path)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with run_server(tmp, ACTPROMPT_PROGRESS_EVENT_SECONDS="0.2") as (url, admin_key, data_root):
+        printed = (tmp / "serve.log").read_text()
+        assert f"{url}/console" in printed, "`actprompt serve` must print the console URL"
+        yield Server(url, admin_key, data_root)
 
 
 @pytest.fixture(scope="module")
@@ -151,42 +99,6 @@ def sign_in(pg: playwright_api.Page, server: Server, key: str) -> None:
     pg.get_by_test_id("sign-in").click()
 
 
-def small_gtsrb(root: Path) -> tuple[Path, np.ndarray, np.ndarray, list[str]]:
-    """The first NUM_CLASSES GTSRB classes, 150 training images each: a job of seconds on a CPU."""
-    d = np.load(GTSRB)
-    rng = np.random.default_rng(0)
-    train_idx = np.concatenate(
-        [rng.permutation(np.flatnonzero(d["y_train"] == c))[:150] for c in range(NUM_CLASSES)]
-    )
-    test_idx = np.concatenate(
-        [rng.permutation(np.flatnonzero(d["y_test"] == c))[:20] for c in range(NUM_CLASSES)]
-    )
-    classes = [str(c) for c in d["classes"][:NUM_CLASSES]]
-    path = root / "gtsrb5.npz"
-    np.savez(
-        path,
-        x_train=d["x_train"][train_idx],
-        y_train=d["y_train"][train_idx],
-        x_test=d["x_test"][test_idx],
-        y_test=d["y_test"][test_idx],
-        classes=np.array(classes),
-    )
-    return path, d["x_test"][test_idx], d["y_test"][test_idx], classes
-
-
-def as_zip(npz: Path, out: Path) -> Path:
-    """The same images as class folders in a zip (train/<class>/*.png, test/<class>/*.png): an upload."""
-    d = np.load(npz)
-    with zipfile.ZipFile(out, "w") as z:
-        for split in ("train", "test"):
-            for i, (img, label) in enumerate(zip(d[f"x_{split}"], d[f"y_{split}"], strict=True)):
-                folder = str(d["classes"][label]).replace(
-                    "/", "_"
-                )  # "Speed limit (20km/h)": no "/" in a path
-                z.writestr(f"{split}/{folder}/{i:04d}.png", png_bytes(img))
-    return out
-
-
 def wait_for_final(pg: playwright_api.Page) -> str:
     """The job page's status once final (the page updates itself from the SSE stream; no reload)."""
     status = "document.querySelector('h1 [data-testid=job-status]')?.dataset.status"
@@ -222,7 +134,8 @@ def test_docs_render_offline(page: playwright_api.Page, server: Server) -> None:
 @pytest.mark.slow
 def test_console_admin_train_watch_and_playground(page: playwright_api.Page, server: Server) -> None:
     assert GTSRB.is_file() and RESNET20.is_file()
-    dataset, x_test, _y_test, _classes = small_gtsrb(server.data_root)
+    # 5 GTSRB classes as PNG class folders in a zip: uploaded by the first job, a file:// URI for the second
+    dataset = gtsrb_zip(server.data_root / "gtsrb5.zip", num_classes=5, train_per_class=150)
 
     # --- admin: a tenant (its key shown once) and a backbone, through the admin view -----------------
     sign_in(page, server, server.admin_key)
@@ -255,8 +168,7 @@ def test_console_admin_train_watch_and_playground(page: playwright_api.Page, ser
     assert recommended.locator("input").is_checked()
     picked = next(layer for layer in catalog["layers"] if layer["index"] == catalog["recommended_layer"] - 2)
     page.locator(f"[data-testid=layer-option][data-value='{picked['index']}']").click()
-    upload = as_zip(dataset, server.data_root.parent / "gtsrb5.zip")
-    page.get_by_test_id("dataset-file").set_input_files(str(upload))
+    page.get_by_test_id("dataset-file").set_input_files(str(dataset))
     page.get_by_test_id("epochs").fill("4")
     page.get_by_test_id("learning-rate").fill("0.05")
     shot(page, "03-new-job")
@@ -268,7 +180,7 @@ def test_console_admin_train_watch_and_playground(page: playwright_api.Page, ser
     assert wait_for_final(page) == "succeeded", page.get_by_test_id("event-log").inner_text()
     job = httpx.get(f"{server.url}/v1/jobs/{job_id}", headers=t).json()
     stored = httpx.get(f"{server.url}/v1/files/{job['dataset_uri']}", headers=t).json()  # uploaded, not a URI
-    assert stored["bytes"] == upload.stat().st_size and stored["filename"] == upload.name
+    assert stored["bytes"] == dataset.stat().st_size and stored["filename"] == dataset.name
     assert job["resolved_layers"] == [picked["index"]]  # the layer clicked in the picture is the one trained
     curve = page.get_by_test_id("job-curve")
     assert int(curve.get_attribute("data-points") or 0) >= 4  # at least one point per epoch
@@ -313,7 +225,7 @@ def test_console_admin_train_watch_and_playground(page: playwright_api.Page, ser
 
     # --- playground: the same top-1 as POST /v1/predict, for either prompt -------------------------------
     image = server.data_root.parent / "sign.png"
-    image.write_bytes(png_bytes(x_test[0]))
+    image.write_bytes(png_bytes(np.load(GTSRB)["x_test"][0]))
     page.goto(f"{server.url}/console#/playground?a={job['prompt']}&b={auto_job['prompt']}")
     page.get_by_test_id("playground-image").set_input_files(str(image))
     rows = page.get_by_test_id("prediction-row")
