@@ -99,6 +99,15 @@ def sign_in(pg: playwright_api.Page, server: Server, key: str) -> None:
     pg.get_by_test_id("sign-in").click()
 
 
+def assert_log_is_the_jobs_events(pg: playwright_api.Page, url: str, job_id: str, t: dict[str, str]) -> None:
+    """The event log lists exactly the job's events, in order (no keep-alive or other blank entries)."""
+    events = httpx.get(f"{url}/v1/jobs/{job_id}/events?limit=1000", headers=t).json()["data"]
+    count = "document.querySelectorAll('[data-testid=event-log] li').length"
+    pg.wait_for_function(f"n => {count} >= n", arg=len(events))  # the stream may trail the status by a poll
+    shown = pg.get_by_test_id("event-log").locator("li")
+    assert [li.get_attribute("data-type") for li in shown.all()] == [e["type"] for e in events]
+
+
 def wait_for_final(pg: playwright_api.Page) -> str:
     """The job page's status once final (the page updates itself from the SSE stream; no reload)."""
     status = "document.querySelector('h1 [data-testid=job-status]')?.dataset.status"
@@ -156,7 +165,7 @@ def test_console_admin_train_watch_and_playground(page: playwright_api.Page, ser
     # --- tenant: a job at a layer picked from the catalog picture ------------------------------------
     page.get_by_test_id("sign-out").click()
     sign_in(page, server, tenant_key)
-    page.get_by_role("heading", name="Jobs").wait_for()
+    page.get_by_test_id("jobs-empty").wait_for()
     shot(page, "02-jobs-empty")
     page.get_by_test_id("new-job").click()
     catalog = httpx.get(f"{server.url}/v1/backbones/resnet20", headers=t).json()
@@ -187,6 +196,7 @@ def test_console_admin_train_watch_and_playground(page: playwright_api.Page, ser
     assert curve.locator("path.line").count() >= 1
     assert page.get_by_test_id("event-log").locator("li[data-type=epoch]").count() == 4
     assert page.get_by_test_id("job-prompt").inner_text() == job["prompt"]
+    assert_log_is_the_jobs_events(page, server.url, job_id, t)
     assert "num classes" in page.get_by_test_id("validation-report").inner_text()
     shot(page, "04-job-succeeded")
 
@@ -205,6 +215,7 @@ def test_console_admin_train_watch_and_playground(page: playwright_api.Page, ser
     assert int(sweep.get_attribute("data-bars") or 0) >= 2
     assert page.locator("[data-testid=layer-sweep] rect.best").count() == 1
     assert auto_job["resolved_layers"] and len(auto_job["resolved_layers"]) == 1
+    assert_log_is_the_jobs_events(page, server.url, auto_id, t)
     shot(page, "05-job-auto-sweep")
 
     # --- the list shows both, with test accuracy ---------------------------------------------------------

@@ -121,6 +121,7 @@ export async function* events(path, { signal, key = auth.key } = {}) {
             else if (field === 'data') msg.data += (msg.data ? '\n' : '') + val;
           }
           if (msg.id !== null) lastId = msg.id;
+          if (!msg.data) continue; // a comment (": keepalive") or an empty block: nothing to dispatch (SSE spec)
           let data = msg.data;
           try { data = JSON.parse(msg.data); } catch { /* plain text */ }
           yield { id: msg.id, event: msg.event, data };

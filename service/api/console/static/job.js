@@ -125,7 +125,8 @@ export async function renderJob(ctx) {
   (async () => {
     for await (const ev of stream) {
       if (ev.event === 'end') break;
-      const e = ev.data || {};
+      const e = ev.data;
+      if (!e || typeof e !== 'object' || !e.type) continue;
       const d = e.data || {};
       const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 24;
       log.append(h('li', { class: `lvl-${e.level || 'info'}`, 'data-type': e.type },

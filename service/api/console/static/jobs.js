@@ -40,7 +40,7 @@ export async function renderJobs(ctx) {
   async function refresh() {
     const page = await api(`/v1/jobs?limit=50${status ? `&status=${status}` : ''}`, { signal: ctx.signal });
     clear(tbody, page.data.length ? page.data.map(row)
-      : h('tr', {}, h('td', { colspan: 7, class: 'muted' }, 'No jobs yet. ', h('a', { href: '#/new' }, 'Start one.'))));
+      : h('tr', {}, h('td', { colspan: 7, class: 'muted', 'data-testid': 'jobs-empty' }, 'No jobs yet. ', h('a', { href: '#/new' }, 'Start one.'))));
     more.textContent = page.has_more ? 'Showing the 50 newest jobs.' : '';
     return page.data.some((j) => !TERMINAL.has(j.status));
   }
