@@ -130,7 +130,16 @@ def test_train_on_upload_then_evaluate(api: Api) -> None:
     assert m["top5"] == 1.0  # three classes: the true one is always in the top 5
     assert {k: v["support"] for k, v in m["per_class"].items()} == {"blue": 5, "green": 5, "red": 5}
     assert m["top1"] > 0.6  # learnable synthetic classes; chance is 1/3
-    # the same prediction through /v1/predict agrees with the evaluation's confusion row for one image
+    # the evaluation agrees with /v1/predict image by image: the confusion matrix is rebuilt from predictions
+    x, y = make_images(5, num_classes=3, seed=7)
+    names = ["red", "green", "blue"]  # folder_zip's label order; the prompt's classes are sorted by name
+    files = [("images", (f"{i}.png", png_bytes(img), "image/png")) for i, img in enumerate(x)]
+    r = api.client.post("/v1/predict", data={"prompt": ev["prompt"], "top_k": "1"}, files=files, headers=t)
+    assert r.status_code == 200, r.text
+    expected = np.zeros((3, 3), dtype=int)
+    for label, row in zip(y, r.json()["predictions"], strict=True):
+        expected[m["classes"].index(names[int(label)]), row[0]["index"]] += 1
+    assert cm.tolist() == expected.tolist()
     listed = api.client.get("/v1/evaluations", headers=t).json()
     assert [e["id"] for e in listed["data"]] == [ev["id"]]
 
@@ -173,3 +182,17 @@ def test_orphaned_evaluation_fails_at_startup(make_api, database_url: str) -> No
     ev = again.client.get("/v1/evaluations/eval_orphan", headers=t).json()
     assert ev["status"] == "failed" and ev["error"]["code"] == "evaluation_interrupted", ev
     engine.dispose()
+
+
+def test_score_rows_are_true_classes_and_top5_counts_any_rank() -> None:
+    from service.domain.evaluations import score
+
+    # true labels and each image's ranked guesses (indices into the three classes)
+    m = score([0, 0, 1, 2], [[1, 0, 2], [0, 1, 2], [1, 2, 0], [0, 2, 1]], ["a", "b", "c"])
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 1, 0], [1, 0, 0]]  # row = truth, column = top-1 guess
+    assert (m["top1"], m["top5"]) == (0.5, 1.0)
+    assert m["per_class"] == {
+        "a": {"support": 2, "accuracy": 0.5},
+        "b": {"support": 1, "accuracy": 1.0},
+        "c": {"support": 1, "accuracy": 0.0},
+    }
