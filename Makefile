@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test test-quick lint typecheck pytest bench bench-quick worker clean
+.PHONY: serve test test-quick lint typecheck pytest bench bench-quick worker clean chromium
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-pytest: $(STAMP)
+# The console's browser tests drive Debian's chromium through Playwright (no browser download): install it
+# when missing and we may (root, as in CI); otherwise the test names what is missing.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || test -x "$${ACTPROMPT_CHROMIUM:-/usr/bin/chromium}" || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+	  echo "chromium is missing (apt-get install -y chromium): the console tests will fail"
+
+pytest: $(STAMP) chromium
 	$(PY) -m pytest -q --durations=15
 
 test: lint typecheck pytest

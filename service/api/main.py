@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from service.api.batching import BatchingPredictor, build_rate_limiter
+from service.api.console import install_console
 from service.api.errors import install_error_handlers
 from service.api.evaluations import EvaluationRunner
 from service.api.observability import Metrics, RequestMiddleware
@@ -25,6 +26,7 @@ from service.api.routes import (
     serving,
     tenants,
 )
+from service.api.routes.docs import install_docs
 from service.db.migrate import check_migrated, upgrade
 from service.db.session import make_engine, make_session_factory
 from service.domain.predict import Predictor
@@ -109,6 +111,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Activation prompts for frozen vision backbones, trained and served per tenant.",
         lifespan=lifespan,
+        docs_url=None,  # served from local assets by install_docs: /docs works offline
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.session_factory = None
@@ -121,4 +125,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for module in (health, tenants, backbones, files, jobs, prompts, serving, predict, evaluations):
         app.include_router(module.router)
+    install_docs(app)
+    install_console(app)
     return app
