@@ -78,3 +78,13 @@ def test_options_that_do_not_apply_are_refused_at_submission(api: Api) -> None:
     assert (
         r.json()["error"]["code"] == "option_not_applicable" and r.json()["error"]["param"] == "prompt_shape"
     )
+
+
+def test_openapi_documents_readiness_and_metrics(api: Api) -> None:
+    paths = api.client.get("/openapi.json").json()["paths"]
+    ready = paths["/readyz"]["get"]["responses"]
+    assert ready["503"]["content"]["application/json"]["schema"]["$ref"].endswith("/NotReady")
+    assert ready["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/Ready")
+    metrics = paths["/metrics"]["get"]["responses"]["200"]["content"]
+    served = api.client.get("/metrics").headers["content-type"]
+    assert list(metrics) == [served]
