@@ -12,8 +12,19 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.batching import BatchingPredictor, build_rate_limiter
 from service.api.errors import install_error_handlers
+from service.api.evaluations import EvaluationRunner
 from service.api.observability import Metrics, RequestMiddleware
-from service.api.routes import backbones, health, jobs, predict, prompts, serving, tenants
+from service.api.routes import (
+    backbones,
+    evaluations,
+    files,
+    health,
+    jobs,
+    predict,
+    prompts,
+    serving,
+    tenants,
+)
 from service.db.migrate import check_migrated, upgrade
 from service.db.session import make_engine, make_session_factory
 from service.domain.predict import Predictor
@@ -21,6 +32,7 @@ from service.domain.tenants import load_or_create_admin_key
 from service.log import configure_logging
 from service.queue import InProcessQueue, create_queue
 from service.settings import Settings, get_settings
+from service.storage import create_storage
 
 log = logging.getLogger("actprompt.api")
 
@@ -28,6 +40,13 @@ log = logging.getLogger("actprompt.api")
 def build_predictor(settings: Settings, session_factory: sessionmaker[Session]) -> Predictor:
     """The predict path: every tenant's requests micro-batched on one shared backbone per device."""
     return BatchingPredictor(session_factory, settings)
+
+
+def body_limit(settings: Settings, path: str) -> int:
+    """Request bodies are small everywhere but the file upload, which streams up to `max_file_bytes`."""
+    if path.rstrip("/") == "/v1/files":
+        return settings.max_file_bytes + files.MULTIPART_SLACK
+    return settings.max_upload_bytes
 
 
 def resolve_admin_key(settings: Settings) -> Settings:
@@ -51,6 +70,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.queue = queue
     app.state.predictor = build_predictor(settings, session_factory)
     app.state.rate_limiter = build_rate_limiter(settings)
+    app.state.storage = create_storage(settings.files_root)
+    app.state.evaluations = EvaluationRunner(
+        session_factory, app.state.predictor, app.state.storage, settings
+    )
+    await run_in_threadpool(app.state.evaluations.fail_orphans)  # left running by a crashed API process
+    app.state.evaluations.start()
     if not settings.admin_key:
         log.warning("no ACTPROMPT_ADMIN_KEY: admin endpoints answer 401")
     if isinstance(queue, InProcessQueue):
@@ -69,6 +94,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await run_in_threadpool(queue.stop)
         else:
             queue.close()
+        await app.state.evaluations.aclose()
         await app.state.predictor.aclose()
         if app.state.rate_limiter is not None:
             await app.state.rate_limiter.aclose()
@@ -90,9 +116,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(
         RequestMiddleware,
-        max_body_bytes=lambda: app.state.settings.max_upload_bytes,
+        max_body_bytes=lambda path: body_limit(app.state.settings, path),
         metrics=lambda: app.state.metrics,
     )
-    for module in (health, tenants, backbones, jobs, prompts, serving, predict):
+    for module in (health, tenants, backbones, files, jobs, prompts, serving, predict, evaluations):
         app.include_router(module.router)
     return app
