@@ -112,9 +112,10 @@ def check_method(backbone: Any, request: JobRequest) -> list[int] | None:
             param="method",
         )
     resolved: list[int] | None = []
-    if get_method_class(request.method).uses_prompt_layers():
-        auto = request.prompt_layer == "auto"
-        resolved = None if auto else list(resolve_layers(backbone, request.prompt_layer))
+    cls = get_method_class(request.method)
+    if cls.uses_prompt_layers():
+        requested = request.prompt_layer if request.prompt_layer is not None else cls.default_prompt_layer
+        resolved = None if requested == "auto" else list(resolve_layers(backbone, requested))
     try:
         MethodConfig.for_method(
             request.method,
@@ -122,7 +123,7 @@ def check_method(backbone: Any, request: JobRequest) -> list[int] | None:
             prompt_layers=tuple(resolved or ()) if request.prompt_layer != "auto" else (),
             prompt_shape=request.prompt_shape,
         )
-        if request.prompt_layer is not None and not get_method_class(request.method).uses_prompt_layers():
+        if request.prompt_layer is not None and not cls.uses_prompt_layers():
             raise EngineError(
                 f"prompt_layer applies to methods with prompt layers, not {request.method!r}",
                 code="invalid_prompt_layer",
