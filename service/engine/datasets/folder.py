@@ -139,7 +139,7 @@ def _check_chunk(limits: ArchiveLimits, name: str, size: int, compressed: int | 
         )
     if limits.total_read > limits.max_total_bytes:
         raise DatasetError(
-            f"archive member {name!r} takes the archive past the limit of "
+            f"archive member {name!r} takes the archive to more than the limit of "
             f"{limits.max_total_bytes} bytes in all"
         )
     if compressed is not None and size > _RATIO_FLOOR and size > limits.max_ratio * max(compressed, 1):
