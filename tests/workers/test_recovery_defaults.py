@@ -38,6 +38,18 @@ def _claims(dep: Deployment, job_id: str) -> list[Any]:
     return [e for e in dep.events(job_id) if e.type == "state" and (e.data or {}).get("status") == "running"]
 
 
+def test_default_recovery_budget_fits_the_goals() -> None:
+    """The arithmetic behind the defaults: a dead worker's job is re-queued within lease + one reaper pass,
+    a lost message is re-sent within staleness + one pass, and a live job renews its lease 6 times per lease
+    (so a false takeover needs 30 s without a single successful heartbeat)."""
+    s = Settings()
+    assert s.lease_seconds + s.reaper_interval_seconds <= 45  # + model load: resumed <= 60 s after a kill
+    assert (
+        s.queued_stale_seconds + s.reaper_interval_seconds <= 60
+    )  # + a small job: done <= 3 min after a loss
+    assert s.lease_seconds / s.heartbeat_seconds >= 6
+
+
 def test_job_submitted_while_the_broker_is_down_is_sent_when_it_is_back(
     deployment: Deployment, tenant_id: str, resnet20_backbone: str, gtsrb_subset: Path
 ) -> None:
@@ -130,7 +142,8 @@ def test_sigkilled_worker_job_resumes_on_another_worker_with_the_default_lease(
         job = deployment.job(job_id)
         return job.status == "running" and job.attempts == 2
 
-    wait_for(resumed, 180, "another worker to resume the job", on_timeout=deployment.diagnostics)
+    # Guard only (the default budget is lease + reaper interval = 40 s; main's 120 + 30 s would miss it).
+    wait_for(resumed, 90, "another worker to resume the job", on_timeout=deployment.diagnostics)
     resumed_after = time.monotonic() - killed
     job = deployment.job(job_id)
     assert job.worker_id.startswith(f"{spare.name}.")
