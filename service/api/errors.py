@@ -126,12 +126,20 @@ async def _http(request: Request, exc: Exception) -> JSONResponse:
 RETRY_AFTER_SECONDS = 1
 
 
-async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     """A dead connection or an unreachable database: a handled 503 (the keep-alive connection survives).
 
-    Registered for SQLAlchemy's `OperationalError` (connection refused, terminated, too many clients, a
-    pool timeout) and disconnects; any other database error stays a bug and a 500.
+    Handled here rather than by the catch-all: Starlette's last-resort handler re-raises to the server,
+    which then drops the connection and every request already pipelined on it. `OperationalError`
+    (connection refused or terminated, too many clients, a deadlock), a disconnect and a pool timeout are
+    transient: 503 with `Retry-After`. Any other database error is a bug: 500, still handled.
     """
+    transient = isinstance(exc, OperationalError | SATimeoutError) or (
+        isinstance(exc, DBAPIError) and is_disconnect(exc)
+    )
+    if not transient:
+        log.error("database error", extra={"path": request.url.path}, exc_info=exc)
+        return error_response(500, "internal_error", "internal server error")
     log.warning(
         "database unavailable", extra={"path": request.url.path, "error": str(exc).splitlines()[0][:200]}
     )
@@ -144,8 +152,6 @@ async def _database_unavailable(request: Request, exc: Exception) -> JSONRespons
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    if isinstance(exc, DBAPIError) and is_disconnect(exc):
-        return await _database_unavailable(request, exc)
     log.exception("unhandled error", extra={"path": request.url.path}, exc_info=exc)
     return error_response(500, "internal_error", "internal server error")
 
@@ -154,6 +160,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(DomainError, _domain)
     app.add_exception_handler(StarletteHTTPException, _http)
-    app.add_exception_handler(OperationalError, _database_unavailable)
-    app.add_exception_handler(SATimeoutError, _database_unavailable)
+    app.add_exception_handler(DBAPIError, _database_error)
+    app.add_exception_handler(SATimeoutError, _database_error)
     app.add_exception_handler(Exception, _unexpected)
