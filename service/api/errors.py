@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from service.db.session import is_disconnect
-from service.domain.errors import DomainError
+from service.engine.errors import ActpromptError
 
 log = logging.getLogger("actprompt.api")
 
@@ -82,9 +82,10 @@ async def _validation(_: Request, exc: Exception) -> JSONResponse:
     return error_response(422, code, message, param)
 
 
-async def _domain(_: Request, exc: Exception) -> JSONResponse:
-    if not isinstance(exc, DomainError):
-        raise TypeError(f"not a DomainError: {exc!r}")
+async def _product(_: Request, exc: Exception) -> JSONResponse:
+    """Any error of the one hierarchy (domain, engine, serving): its own status, code and param."""
+    if not isinstance(exc, ActpromptError):
+        return error_response(500, "internal_error", "internal server error")
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
     return error_response(exc.status, exc.code, exc.message, exc.param, headers)
 
@@ -158,7 +159,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation)
-    app.add_exception_handler(DomainError, _domain)
+    app.add_exception_handler(ActpromptError, _product)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(SATimeoutError, _database_error)
