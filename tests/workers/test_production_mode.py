@@ -29,8 +29,8 @@ def _state_events(dep: Deployment, job_id: str) -> list[Any]:
 
 
 def _claims(dep: Deployment, job_id: str) -> list[Any]:
-    """One `running on <worker>` state event per successful claim (= per training attempt)."""
-    return [e for e in _state_events(dep, job_id) if (e.data or {}).get("status") == "running"]
+    """One state event per successful claim (= per attempt): the one that names the claiming worker."""
+    return [e for e in _state_events(dep, job_id) if "worker_id" in (e.data or {})]
 
 
 def test_job_through_redis_and_worker_succeeds_with_a_prompt_that_predicts(

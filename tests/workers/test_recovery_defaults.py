@@ -35,7 +35,8 @@ def _use_default_recovery(dep: Deployment) -> None:
 
 
 def _claims(dep: Deployment, job_id: str) -> list[Any]:
-    return [e for e in dep.events(job_id) if e.type == "state" and (e.data or {}).get("status") == "running"]
+    """One state event per successful claim: the one that names the claiming worker."""
+    return [e for e in dep.events(job_id) if e.type == "state" and "worker_id" in (e.data or {})]
 
 
 def test_default_recovery_budget_fits_the_goals() -> None:
