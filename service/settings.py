@@ -130,13 +130,18 @@ class Settings(BaseSettings):
     )
 
     # --- job leases and retries --------------------------------------------------------------------
+    # Recovery budget after a worker dies (SIGKILL, OOM, lost node): its lease runs out at most
+    # `lease_seconds` after the kill, the next reaper pass (every `reaper_interval_seconds`) re-queues the
+    # job, and an idle worker claims it at once: 30 + 10 = at most 40 s, plus the model load, within the
+    # 60 s goal. A live job renews every 5 s, so a false takeover needs 6 heartbeats in a row to fail
+    # (30 s without one database write from the heartbeat thread, which a loaded CPU does not cause).
     lease_seconds: float = Field(
         gt=0,
-        default=120.0,
+        default=30.0,
         description="How long a worker's claim on a job lasts without a heartbeat before it can be re-run.",
     )
     heartbeat_seconds: float = Field(
-        gt=0, default=10.0, description="How often a running job renews its lease."
+        gt=0, default=5.0, description="How often a running job renews its lease (a sixth of the lease)."
     )
     cancel_poll_seconds: float = Field(
         gt=0, default=1.0, description="How often a running job reads its status to notice a cancel request."
@@ -149,13 +154,18 @@ class Settings(BaseSettings):
         default=10,
         description="Times the reaper re-sends a queued job nobody claimed before it ends failed.",
     )
+    # A message lost by the broker (a flush, a restart without persistence) is noticed once its job has
+    # waited `queued_stale_seconds` and the reaper finds no message for it in Redis: at most 45 + 10 s after
+    # the loss. A job whose send failed (broker down at submission) is marked unsent and goes out at the
+    # next reaper pass after the broker is back. A job whose message is still waiting is never re-sent.
     queued_stale_seconds: float = Field(
         gt=0,
-        default=900.0,
-        description="A job queued this long without a claim is sent again (the broker may have lost it).",
+        default=45.0,
+        description="A job queued this long without a claim is checked against the broker and re-sent if "
+        "its message is missing.",
     )
     reaper_interval_seconds: float = Field(
-        gt=0, default=30.0, description="How often the reaper looks for lost jobs."
+        gt=0, default=10.0, description="How often the reaper looks for lost jobs."
     )
     checkpoints_keep: int = Field(
         ge=1, default=2, description="Latest checkpoints kept per job; older ones are deleted."

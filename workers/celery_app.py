@@ -83,7 +83,8 @@ def job_queue() -> BrokerJobQueue:
             from workers.broker import BrokerJobQueue
 
             settings = worker_settings()
-            assert settings.broker_url, "workers run in production mode only (ACTPROMPT_BROKER_URL)"
+            if not settings.broker_url:
+                raise RuntimeError("workers run in production mode only: set ACTPROMPT_BROKER_URL")
             _queue = BrokerJobQueue(settings.broker_url, settings.train_queue())
         return _queue
 

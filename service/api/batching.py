@@ -89,8 +89,7 @@ def _domain_error(exc: Exception) -> DomainError:
         return Unavailable(str(exc), code=exc.code)
     if isinstance(exc, EngineError):
         return from_engine_error(exc, default_param="prompt")
-    assert isinstance(exc, ServingError)
-    return Unavailable(str(exc), code=exc.code)
+    return Unavailable(str(exc), code=getattr(exc, "code", "unavailable"))
 
 
 class BatchingPredictor:

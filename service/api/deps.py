@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.db.session import retry_read
 from service.domain.errors import Forbidden
 from service.domain.predict import Predictor
 from service.domain.tenants import Principal, authenticate
@@ -39,18 +40,35 @@ SessionFactoryDep = Annotated[sessionmaker[Session], Depends(_session_factory)]
 SessionDep = Annotated[Session, Depends(_session)]
 
 
-def _principal(
-    factory: SessionFactoryDep,
-    settings: SettingsDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+def bearer_token(request: Request) -> str | None:
+    """The `Authorization: Bearer <key>` token of a request, if any."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
+
+
+def authenticate_request(request: Request) -> Principal:
+    """Who is calling, resolved once per request (the edge check and the dependency share the answer)."""
+    cached: Principal | None = getattr(request.state, "principal", None)
+    if cached is not None:
+        return cached
+    settings: Settings = request.app.state.settings
+    factory: sessionmaker[Session] = request.app.state.session_factory
+    principal = retry_read(
+        factory, lambda session: authenticate(session, bearer_token(request), admin_key=settings.admin_key)
+    )
+    request.state.principal = principal
+    return principal
+
+
+def authenticate_dependency(
+    request: Request,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    with factory() as session:
-        return authenticate(
-            session, credentials.credentials if credentials else None, admin_key=settings.admin_key
-        )
+    # `_bearer` stays a dependency so that OpenAPI documents the security scheme.
+    return authenticate_request(request)
 
 
-PrincipalDep = Annotated[Principal, Depends(_principal)]
+PrincipalDep = Annotated[Principal, Depends(authenticate_dependency)]
 
 
 def _tenant_id(principal: PrincipalDep) -> str:

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
+from service.db.session import is_disconnect
 from service.engine.errors import ActpromptError
 
 log = logging.getLogger("actprompt.api")
@@ -57,7 +62,8 @@ def _param(loc: tuple[Any, ...]) -> str | None:
 
 
 async def _validation(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
+    if not isinstance(exc, RequestValidationError):
+        raise TypeError(f"not a RequestValidationError: {exc!r}")
     errors = list(exc.errors())
     if not errors:
         return error_response(422, "invalid_value", "invalid request")
@@ -84,10 +90,66 @@ async def _product(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status, exc.code, exc.message, exc.param, headers)
 
 
-async def _http(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, StarletteHTTPException)
+def _leaf_routes(routes: list[Any]) -> Iterator[Any]:
+    """The app's routes, with FastAPI's included routers (included without a prefix here) flattened."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from _leaf_routes(included.routes)
+        else:
+            yield route
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette's own 405 names only the first route's)."""
+    methods: set[str] = set()
+    for route in _leaf_routes(request.app.router.routes):
+        match, _ = route.matches({**request.scope, "method": "\x00"})
+        if match is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
+async def _http(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, StarletteHTTPException):
+        raise TypeError(f"not an HTTPException: {exc!r}")
     code = _HTTP_CODES.get(exc.status_code, "error")
-    return error_response(exc.status_code, code, str(exc.detail), None, dict(exc.headers or {}) or None)
+    headers = dict(exc.headers or {})
+    message = str(exc.detail)
+    if exc.status_code == 405:
+        allowed = allowed_methods(request)
+        headers["Allow"] = ", ".join(allowed)
+        message = f"method {request.method} not allowed here; allowed: {', '.join(allowed)}"
+    return error_response(exc.status_code, code, message, None, headers or None)
+
+
+#: How long a client should wait before retrying after a transient dependency failure.
+RETRY_AFTER_SECONDS = 1
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    """A dead connection or an unreachable database: a handled 503 (the keep-alive connection survives).
+
+    Handled here rather than by the catch-all: Starlette's last-resort handler re-raises to the server,
+    which then drops the connection and every request already pipelined on it. `OperationalError`
+    (connection refused or terminated, too many clients, a deadlock), a disconnect and a pool timeout are
+    transient: 503 with `Retry-After`. Any other database error is a bug: 500, still handled.
+    """
+    transient = isinstance(exc, OperationalError | SATimeoutError) or (
+        isinstance(exc, DBAPIError) and is_disconnect(exc)
+    )
+    if not transient:
+        log.error("database error", extra={"path": request.url.path}, exc_info=exc)
+        return error_response(500, "internal_error", "internal server error")
+    log.warning(
+        "database unavailable", extra={"path": request.url.path, "error": str(exc).splitlines()[0][:200]}
+    )
+    return error_response(
+        503,
+        "database_unavailable",
+        "the database is unavailable; retry shortly",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -99,4 +161,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(ActpromptError, _product)
     app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(DBAPIError, _database_error)
+    app.add_exception_handler(SATimeoutError, _database_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -11,28 +11,48 @@ web console: {url}/console   (sign in with the admin key below, or a tenant's AP
 mode: {mode}   database: {database}
 admin key: {admin_key}
 
-Walkthrough (copy-paste; needs curl and jq):
+Walkthrough (copy-paste into a second terminal as is; needs curl and jq):
 
   export AP={url} ADMIN={admin_key}
+  # 0. a small dataset under the data root ({data_roots}): 3 colour classes, 40 images each,
+  #    and one image to predict (walkthrough.png, in the current folder)
+  mkdir -p {first_root} && {python} -c "
+import numpy as np; from PIL import Image
+rng = np.random.default_rng(0); y = np.repeat(np.arange(3), 40)
+x = (rng.integers(0, 60, (120, 32, 32, 3)) + 150 * (y[:, None, None, None] == np.arange(3))).astype(np.uint8)
+np.savez('{first_root}/walkthrough.npz', x_train=x, y_train=y, classes=np.array(['red', 'green', 'blue']))
+Image.fromarray(x[40]).save('walkthrough.png')"
   # 1. a tenant and its API key
   export KEY=$(curl -s -X POST $AP/v1/tenants -H "Authorization: Bearer $ADMIN" \\
       -H 'Content-Type: application/json' -d '{{"name": "demo"}}' | jq -r .api_key)
-  # 2. a backbone (admin): offline from a local checkpoint, or "weights": "hub" for timm's own weights
+  # 2. a backbone (admin): {weights_note}
   curl -s -X POST $AP/v1/backbones -H "Authorization: Bearer $ADMIN" -H 'Content-Type: application/json' \\
-      -d '{{"id": "resnet20", "model": "resnet20_cifar",
-           "weights": "file:///abs/path/resnet20-12fca82f.th"}}' \\
-      | jq '{{id, recommended_layer, layers: [.layers[] | {{index, name, shape}}]}}'
-  # 3. a training job on a dataset under a data root ({data_roots})
+      -d '{{"id": "resnet20", "model": "resnet20_cifar", "weights": "{weights}"}}' \\
+      | jq -c '{{id, recommended_layer, layers: [.layers[] | "\\(.index) \\(.name)"]}}'
+  # 3. a training job (an Idempotency-Key makes a retried POST return the same job)
   export JOB=$(curl -s -X POST $AP/v1/jobs -H "Authorization: Bearer $KEY" \\
-      -H 'Content-Type: application/json' \\
-      -d '{{"backbone": "resnet20", "dataset_uri": "file://{first_root}/my_dataset.npz",
-           "hyperparameters": {{"epochs": 5}}}}' | jq -r .id)
-  # 4. follow it (Ctrl-C when it ends), then read the result
+      -H 'Content-Type: application/json' -H 'Idempotency-Key: walkthrough-1' \\
+      -d '{{"backbone": "resnet20", "dataset_uri": "file://{first_root}/walkthrough.npz",
+           "hyperparameters": {{"epochs": 3}}}}' | jq -r .id)
+  # 4. live progress (the stream ends when the job does), then the result
   curl -sN $AP/v1/jobs/$JOB/events -H "Authorization: Bearer $KEY" -H 'Accept: text/event-stream'
   export PROMPT=$(curl -s $AP/v1/jobs/$JOB -H "Authorization: Bearer $KEY" | jq -r .prompt)
-  # 5. predict
-  curl -s -X POST $AP/v1/predict -H "Authorization: Bearer $KEY" -F prompt=$PROMPT -F images=@some_image.png
+  # 5. predict (the image is class "green")
+  curl -s -X POST $AP/v1/predict -H "Authorization: Bearer $KEY" -F prompt=$PROMPT -F images=@walkthrough.png
 """
+
+#: Where the development checkout keeps the real ResNet-20 checkpoint (../shared beside the repository).
+_LOCAL_RESNET20 = ("..", "shared", "weights", "resnet20-12fca82f.th")
+
+
+def _walkthrough_weights() -> tuple[str, str]:
+    """The local checkpoint when this checkout has one (offline, real accuracy), else random weights."""
+    from pathlib import Path
+
+    path = Path.cwd().joinpath(*_LOCAL_RESNET20).resolve()
+    if path.is_file():
+        return path.as_uri(), 'the local ResNet-20 checkpoint ("hub" loads timm\'s own weights online)'
+    return "random", 'random weights, so it runs anywhere (give a file:// checkpoint or "hub" for accuracy)'
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -51,6 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
     url = f"http://{args.host}:{args.port}"
     roots = settings.data_root_paths
+    weights, weights_note = _walkthrough_weights()
     print(
         WALKTHROUGH.format(
             url=url,
@@ -61,6 +82,9 @@ def _serve(args: argparse.Namespace) -> int:
             admin_key=settings.admin_key or "(ACTPROMPT_ADMIN_KEY is not set: admin calls are refused)",
             data_roots=":".join(map(str, roots)),
             first_root=roots[0] if roots else "/data",
+            python=sys.executable,
+            weights=weights,
+            weights_note=weights_note,
         ),
         flush=True,
     )

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 SessionFactory = sessionmaker[Session]
+T = TypeVar("T")
+log = logging.getLogger("actprompt.db")
 
 
 def normalize_url(url: str) -> str:
@@ -45,3 +50,26 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
 def make_session_factory(engine: Engine) -> SessionFactory:
     return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """A database error that means "the connection died" (backend terminated, server restarted, network)."""
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def retry_read(factory: SessionFactory, read: Callable[[Session], T]) -> T:
+    """Run a read-only unit of work; once more, on a fresh connection, if its connection died mid-flight.
+
+    Pre-ping catches a connection that died while it sat in the pool, but not one that dies between the
+    ping and the query (`pg_terminate_backend`, a failover): SQLAlchemy then invalidates it and raises.
+    A read has no side effect, so one retry on a new connection is safe; a write is never retried here.
+    """
+    try:
+        with factory() as session:
+            return read(session)
+    except DBAPIError as exc:
+        if not is_disconnect(exc):
+            raise
+        log.warning("database connection lost during a read; retrying once", extra={"error": str(exc)[:200]})
+    with factory() as session:
+        return read(session)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.db.base import utcnow
@@ -32,6 +34,8 @@ from service.domain.errors import (
     from_engine_error,
 )
 from service.settings import Settings
+
+log = logging.getLogger("actprompt.jobs")
 
 
 @dataclass(frozen=True)
@@ -228,6 +232,62 @@ def create_job(
         session, job, "state", "job created; its dataset is validated next", {"status": "validating"}
     )
     return job, True
+
+
+def submit_job(
+    session: Session, tenant_id: str, request: JobRequest, *, idempotency_key: str | None, settings: Settings
+) -> tuple[Job, bool]:
+    """Create and commit a job; with an `Idempotency-Key`, every concurrent caller gets the one job.
+
+    Two requests with the same key can both miss the existing row and both insert: the database's unique
+    index (tenant, key) lets one commit and fails the other, at the flush or at the commit depending on the
+    interleaving and the engine (PostgreSQL waits for the winner, then raises). The loser rolls back and
+    answers with the winner's job (`created=False`), as a plain replay would.
+    """
+    try:
+        job, created = create_job(
+            session, tenant_id, request, idempotency_key=idempotency_key, settings=settings
+        )
+        if created:
+            session.commit()
+        return job, created
+    except IntegrityError:
+        session.rollback()
+        if not idempotency_key:
+            raise
+    winner = find_idempotent_job(session, tenant_id, idempotency_key, request.fingerprint())
+    if winner is None:  # the other request rolled back after all: the caller may simply retry
+        raise Conflict(
+            "a concurrent request with the same Idempotency-Key did not complete; retry",
+            code="idempotency_conflict",
+            param="Idempotency-Key",
+        )
+    return winner, False
+
+
+class _Enqueuer(Protocol):
+    def enqueue(self, job_id: str) -> None: ...
+
+
+def dispatch(session: Session, queue: _Enqueuer, job: Job) -> bool:
+    """Send a committed job to the queue; if the broker is down, mark it unsent for the reaper's next pass.
+
+    `enqueued_at = NULL` means "no message was ever sent": the reaper re-sends such jobs at its next pass
+    (`Settings.reaper_interval_seconds`), without waiting for `queued_stale_seconds`, so a job submitted
+    during a broker outage starts as soon as the broker and a reaper are back. Returns whether it was sent.
+    """
+    try:
+        queue.enqueue(job.id)  # only after the commit: a worker must find the row
+        return True
+    except Exception:
+        log.warning("enqueue failed; the reaper will send the job", exc_info=True, extra={"job_id": job.id})
+    try:
+        JobLeaseRepository(session).update_if_status(job.id, ("validating", "queued"), enqueued_at=None)
+        session.commit()
+    except Exception:  # the database too: the job still goes out once its queued_stale_seconds are up
+        session.rollback()
+        log.exception("could not mark the job unsent", extra={"job_id": job.id})
+    return False
 
 
 def find_idempotent_job(session: Session, tenant_id: str, key: str, fingerprint: str) -> Job | None:

@@ -81,3 +81,38 @@ def test_serve_train_resnet20_on_gtsrb_and_predict(server: tuple[str, str, Path]
             f"e2e: GTSRB subset accuracy {accuracy:.3f} over {len(y_test)} test images; job {job['metrics']}"
         )
         assert accuracy > 0.25  # chance is 1/43 = 2.3%
+
+
+def _printed_walkthrough(printed: str) -> str:
+    """The shell commands of the walkthrough `actprompt serve` printed, exactly as a user would copy them."""
+    block = printed.split("Walkthrough", 1)[1].split("\n", 1)[1]
+    lines = []
+    for line in block.splitlines():
+        if line.startswith("{"):  # the server's own JSON log lines follow the walkthrough
+            break
+        lines.append(line)
+    return "\n".join(lines).strip() + "\n"
+
+
+def test_printed_walkthrough_runs_as_is(server: tuple[str, str, Path], tmp_path: Path) -> None:
+    """Paste the printed walkthrough into bash: every step works, the last one predicts (issue 9, 14)."""
+    printed = (tmp_path / "serve.log").read_text()
+    script = _printed_walkthrough(printed)
+    assert "/abs/path" not in script and "some_image" not in script
+    work = tmp_path / "user"
+    work.mkdir()
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    import json
+
+    answer = json.loads(last)
+    assert answer["object"] == "predictions" and len(answer["predictions"]) == 1, last
+    assert answer["predictions"][0][0]["label"] in ("red", "green", "blue")
+    assert "event: end" in result.stdout and '"status": "succeeded"' in result.stdout

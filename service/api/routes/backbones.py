@@ -5,13 +5,14 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from service.api.deps import AdminDep, PrincipalDep, SessionDep
+from service.api.routing import CheckedRoute
 from service.api.schemas.backbones import BackboneCreate, BackbonePublic, BackboneSummary, LayerPublic
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
 from service.db.models import Backbone
 from service.domain import backbones
 from service.domain.backbones import BackboneRequest
 
-router = APIRouter(tags=["backbones"], responses=ERROR_RESPONSES)
+router = APIRouter(route_class=CheckedRoute, tags=["backbones"], responses=ERROR_RESPONSES)
 
 
 def to_request(body: BackboneCreate) -> BackboneRequest:

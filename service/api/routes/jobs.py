@@ -11,7 +11,6 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import (
@@ -23,18 +22,17 @@ from service.api.deps import (
     page_limit,
     paginate,
 )
+from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
 from service.api.schemas.jobs import CheckpointPublic, JobCreate, JobEventPublic, JobPublic, Progress
-from service.db.models import JOB_STATES, TERMINAL_JOB_STATES, Job, JobEvent
+from service.db.models import TERMINAL_JOB_STATES, Job, JobEvent
 from service.domain import jobs
-from service.domain.errors import Conflict
 from service.domain.jobs import JobRequest
 
 log = logging.getLogger("actprompt.api.jobs")
-router = APIRouter(tags=["jobs"], responses=ERROR_RESPONSES)
+router = APIRouter(route_class=CheckedRoute, tags=["jobs"], responses=ERROR_RESPONSES)
 
 JobStatus = Literal["validating", "queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
-assert set(JobStatus.__args__) == set(JOB_STATES)  # type: ignore[attr-defined]
 
 
 def to_request(body: JobCreate) -> JobRequest:
@@ -103,28 +101,11 @@ def create_job(
     queue: QueueDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
 ) -> JobPublic:
-    request = to_request(body)
-    job, created = jobs.create_job(
-        session, tenant_id, request, idempotency_key=idempotency_key, settings=settings
+    job, created = jobs.submit_job(
+        session, tenant_id, to_request(body), idempotency_key=idempotency_key, settings=settings
     )
     if created:
-        try:
-            session.commit()
-        except IntegrityError:  # the same Idempotency-Key raced us: answer with the winner
-            session.rollback()
-            if not idempotency_key:
-                raise
-            winner = jobs.find_idempotent_job(session, tenant_id, idempotency_key, request.fingerprint())
-            if winner is None:
-                raise Conflict("concurrent request with the same Idempotency-Key", code="conflict") from None
-            job, created = winner, False
-    if created:
-        try:
-            queue.enqueue(job.id)  # only after the commit: a worker must find the row
-        except Exception:  # broker down: the job is safe in the database; the reaper sends it later
-            log.warning(
-                "enqueue failed; the reaper will send the job", exc_info=True, extra={"job_id": job.id}
-            )
+        jobs.dispatch(session, queue, job)
     else:
         response.headers["Idempotent-Replayed"] = "true"
     return job_public(job)

@@ -9,14 +9,17 @@ import logging
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.batching import BatchingPredictor
 from service.api.deps import PredictorDep, SessionFactoryDep, SettingsDep, TenantIdDep
+from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES
 from service.api.schemas.predict import PredictionPublic, PredictRequest, PredictResponse, PromptPredictions
+from service.db.session import retry_read
 from service.domain import prompts
 from service.domain.errors import DomainError, InvalidInput
 from service.serving import metrics as serving_metrics
@@ -24,7 +27,7 @@ from service.serving.ratelimit import RateLimiter
 from service.settings import Settings
 
 log = logging.getLogger("actprompt.api")
-router = APIRouter(tags=["predict"], responses=ERROR_RESPONSES)
+router = APIRouter(route_class=CheckedRoute, tags=["predict"], responses=ERROR_RESPONSES)
 
 _MULTIPART_SCHEMA = {
     "type": "object",
@@ -81,19 +84,18 @@ async def predict(
 ) -> PredictResponse:
     refs, images, top_k, several = await _parse(request, settings)
 
-    def resolve() -> list[prompts.PromptHandle]:
-        with factory() as session:
-            handles = []
-            for i, ref in enumerate(refs):
-                try:
-                    handles.append(prompts.resolve_for_predict(session, tenant_id, ref))
-                except DomainError as exc:
-                    if several:
-                        exc.param = f"prompts[{i}]"
-                    raise
-            return handles
+    def resolve(session: Session) -> list[prompts.PromptHandle]:
+        handles = []
+        for i, ref in enumerate(refs):
+            try:
+                handles.append(prompts.resolve_for_predict(session, tenant_id, ref))
+            except DomainError as exc:
+                if several:
+                    exc.param = f"prompts[{i}]"
+                raise
+        return handles
 
-    handles = await run_in_threadpool(resolve)
+    handles = await run_in_threadpool(retry_read, factory, resolve)
     if isinstance(predictor, BatchingPredictor):
         per_prompt = await predictor.predict_many(handles, images, top_k, tenant_id=tenant_id)
     else:  # the simple per-request path: one prompt at a time
@@ -113,13 +115,27 @@ async def predict(
     return PredictResponse(prompt=results[0].prompt, predictions=results[0].predictions)
 
 
+def too_many_images(settings: Settings) -> InvalidInput:
+    """One limit, one error, whatever the encoding (multipart files or JSON base64 strings)."""
+    return InvalidInput(
+        f"images: at most {settings.max_images_per_request} images per request",
+        code="too_many_images",
+        param="images",
+    )
+
+
 async def _parse(request: Request, settings: Settings) -> tuple[list[str], list[bytes], int, bool]:
     """(prompt refs, image bytes, top_k, whether `prompts` was used) from either body kind, with limits."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
-        form = await request.form(
-            max_files=settings.max_images_per_request + 1, max_fields=16 + settings.max_prompts_per_request
-        )
+        try:
+            form = await request.form(
+                max_files=settings.max_images_per_request, max_fields=16 + settings.max_prompts_per_request
+            )
+        except StarletteHTTPException as exc:  # Starlette's own 400: the same 422 as the JSON body's
+            if not str(exc.detail).startswith("Too many files"):
+                raise
+            raise too_many_images(settings) from None
         prompt = form.get("prompt")
         listed = [p for p in form.getlist("prompts") if isinstance(p, str) and p]
         if (not isinstance(prompt, str) or not prompt) and not listed:
@@ -163,9 +179,7 @@ async def _parse(request: Request, settings: Settings) -> tuple[list[str], list[
     if not images:
         raise InvalidInput("images: at least one image is required", param="images")
     if len(images) > settings.max_images_per_request:
-        raise InvalidInput(
-            f"images: at most {settings.max_images_per_request} images per request", param="images"
-        )
+        raise too_many_images(settings)
     if not 1 <= top_k <= settings.max_top_k:
         raise InvalidInput(f"top_k: between 1 and {settings.max_top_k}", param="top_k")
     if len(refs) > settings.max_prompts_per_request:

@@ -8,12 +8,13 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
 from service.api.batching import BatchingPredictor
 from service.api.deps import PredictorDep, SessionDep, SettingsDep, TenantIdDep, page_limit, paginate
+from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
 from service.api.schemas.prompts import PromptPublic
 from service.db.models import Prompt
 from service.domain import prompts
 
-router = APIRouter(tags=["prompts"], responses=ERROR_RESPONSES)
+router = APIRouter(route_class=CheckedRoute, tags=["prompts"], responses=ERROR_RESPONSES)
 
 
 def prompt_public(p: Prompt) -> PromptPublic:

@@ -14,12 +14,13 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.batching import BatchingPredictor
 from service.api.deps import PredictorDep, SessionFactoryDep, TenantIdDep
+from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES
 from service.domain import prompts
 from service.domain.errors import Conflict
 from service.domain.predict import Predictor
 
-router = APIRouter(tags=["prompts"], responses=ERROR_RESPONSES)
+router = APIRouter(route_class=CheckedRoute, tags=["prompts"], responses=ERROR_RESPONSES)
 
 
 class PinPublic(BaseModel):

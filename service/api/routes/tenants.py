@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Response
 
 from service.api.deps import AdminDep, SessionDep, SettingsDep, page_limit, paginate
+from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
 from service.api.schemas.tenants import (
     KeyCreate,
@@ -17,7 +18,7 @@ from service.api.schemas.tenants import (
 from service.db.models import ApiKey, Tenant
 from service.domain import tenants
 
-router = APIRouter(tags=["admin"], responses=ERROR_RESPONSES)
+router = APIRouter(route_class=CheckedRoute, tags=["admin"], responses=ERROR_RESPONSES)
 
 
 def _tenant(t: Tenant) -> TenantPublic:

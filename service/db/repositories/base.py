@@ -30,5 +30,10 @@ class TenantScopedRepository(Generic[M]):
         self.session = session
         self.tenant_id = tenant_id
 
+    def check_tenant(self, row: Any) -> None:
+        """A row written here must belong to the tenant (a bug otherwise, caught even under -O)."""
+        if row.tenant_id != self.tenant_id:
+            raise ValueError(f"row of tenant {row.tenant_id!r} written through tenant {self.tenant_id!r}")
+
     def base_statement(self) -> Select[M]:
         return select(self.model).where(self.model.tenant_id == self.tenant_id)

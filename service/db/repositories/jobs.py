@@ -16,7 +16,7 @@ class JobRepository(TenantScopedRepository[Job]):
     model = Job
 
     def add(self, job: Job) -> Job:
-        assert job.tenant_id == self.tenant_id
+        self.check_tenant(job)
         self.session.add(job)
         self.session.flush()
         return job

@@ -13,7 +13,7 @@ class PromptRepository(TenantScopedRepository[Prompt]):
     model = Prompt
 
     def add(self, prompt: Prompt) -> Prompt:
-        assert prompt.tenant_id == self.tenant_id
+        self.check_tenant(prompt)
         self.session.add(prompt)
         self.session.flush()
         return prompt

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.engine.errors import DatasetError, ImageDecodeError
 
@@ -89,12 +89,59 @@ class LoadedDataset:
     report: ValidationReport
 
 
+#: Pillow modes `Image.convert("RGB")` maps correctly (8 bits per channel, or 1-bit), alpha dropped.
+_RGB_CONVERTIBLE = frozenset(
+    {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
+)
+#: Single-channel modes with more than 8 bits: `convert` would clip them (a 16-bit PNG turns white).
+_WIDE_GRAY = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+
+
+def _wide_gray_to_rgb(img: Image.Image) -> np.ndarray:
+    """16-bit, 32-bit integer and float grayscale scaled to 8 bits, then replicated to RGB.
+
+    16-bit images use their full range (0..65535 -> 0..255). A 32-bit integer image whose values fit 16 bits
+    is read as 16-bit (Pillow opens some 16-bit files as mode "I"); a float image in [0, 1] as a fraction;
+    anything else is scaled from its own min..max (the only mapping that keeps the picture visible).
+    """
+    values = np.asarray(img, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if img.mode == "F" and low >= 0.0 and high <= 1.0:
+        scaled = values * 255.0
+    elif img.mode.startswith("I;16") or (img.mode == "I" and low >= 0 and high <= 65535):
+        scaled = values / 257.0
+    elif high > low:
+        scaled = (values - low) * (255.0 / (high - low))
+    else:
+        scaled = np.zeros_like(values)
+    gray = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    if img.mode in _WIDE_GRAY:
+        return _wide_gray_to_rgb(img)
+    if img.mode not in _RGB_CONVERTIBLE:
+        raise ImageDecodeError(
+            f"unsupported image mode {img.mode!r}: send 8-bit (L, RGB, RGBA, P, CMYK) or 16-bit grayscale"
+        )
+    if img.mode in ("P", "PA") or "transparency" in img.info:
+        img = img.convert("RGBA")  # so transparent pixels do not turn into palette garbage
+    return np.array(img.convert("RGB"), dtype=np.uint8)  # a writable copy
+
+
 def decode_image(data: bytes) -> np.ndarray:
     """Decode image bytes with Pillow into uint8 HWC RGB (EXIF orientation applied, first frame).
 
+    Every Pillow mode either converts faithfully (16/32-bit and float grayscale are scaled to 8 bits, not
+    clipped) or is refused with its name.
+
     Raises:
-        ImageDecodeError: the bytes are not an image Pillow can read, or the image is absurdly large.
+        ImageDecodeError: the bytes are not an image Pillow can read, use an unsupported mode, or are
+            absurdly large.
     """
+    if not data:
+        raise ImageDecodeError("the image is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -105,11 +152,11 @@ def decode_image(data: bytes) -> np.ndarray:
                 opened.seek(0)
                 opened.load()
                 img: Image.Image = ImageOps.exif_transpose(opened)
-                if img.mode in ("P", "LA", "PA") or "transparency" in img.info:
-                    img = img.convert("RGBA")  # so transparent pixels do not turn into palette garbage
-                arr = np.array(img.convert("RGB"), dtype=np.uint8)  # a writable copy
+                arr = _to_rgb(img)
     except ImageDecodeError:
         raise
+    except UnidentifiedImageError:  # its message names a BytesIO object, which helps nobody
+        raise ImageDecodeError(f"not an image in a known format ({len(data)} bytes)") from None
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError, bomb errors)
         raise ImageDecodeError(f"cannot decode image: {exc}") from exc
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:

@@ -112,30 +112,98 @@ def _safe_parts(name: str) -> tuple[str, ...]:
     return tuple(p for p in clean.split("/") if p not in ("", "."))
 
 
+#: One image file above this is refused (a 64 MiB image is ~22 megapixels of raw RGB: no dataset image).
+DEFAULT_MAX_MEMBER_BYTES = 64 << 20
+#: Inflated / compressed size above which a member is a bomb (photos: ~1; raw bitmaps: < 20; zeros: 1000).
+DEFAULT_MAX_RATIO = 200
+#: The ratio is judged only past this many inflated bytes (tiny files compress oddly well, harmlessly).
+_RATIO_FLOOR = 1 << 20
+_CHUNK = 1 << 20
+
+
+@dataclass
+class ArchiveLimits:
+    """Bounds on what an archive may inflate to, checked on the bytes really read (never the headers)."""
+
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+    max_total_bytes: int = 8 << 30
+    max_ratio: float = DEFAULT_MAX_RATIO
+    total_read: int = 0  # across members: the budget is shared
+
+
+def _check_chunk(limits: ArchiveLimits, name: str, size: int, compressed: int | None) -> None:
+    if size > limits.max_member_bytes:
+        raise DatasetError(
+            f"archive member {name!r} inflates to more than the limit of "
+            f"{limits.max_member_bytes} bytes per file"
+        )
+    if limits.total_read > limits.max_total_bytes:
+        raise DatasetError(
+            f"archive member {name!r} takes the archive to more than the limit of "
+            f"{limits.max_total_bytes} bytes in all"
+        )
+    if compressed is not None and size > _RATIO_FLOOR and size > limits.max_ratio * max(compressed, 1):
+        raise DatasetError(
+            f"archive member {name!r} inflates more than {limits.max_ratio:g} times its compressed size "
+            f"({compressed} bytes): refusing a likely zip bomb"
+        )
+
+
 def _bounded_reader(
-    open_member: Callable[[], IO[bytes] | None], limit: int, name: str
+    open_member: Callable[[], IO[bytes] | None], limits: ArchiveLimits, name: str, compressed: int | None
 ) -> Callable[[], bytes]:
-    """A reader that never pulls more than ``limit`` bytes, whatever the member's header claims."""
+    """A reader that streams a member in chunks and stops at the first limit it crosses, naming it.
+
+    At most one chunk past a limit is ever held, whatever the member's header claims about its size.
+    ``compressed`` is the member's compressed size (zip), or None (tar: the archive's own ratio applies).
+    """
 
     def read() -> bytes:
         fh = open_member()
         if fh is None:
             raise DatasetError(f"archive member {name!r} cannot be read")
+        chunks: list[bytes] = []
+        size = 0
         with fh:
-            data = fh.read(limit + 1)
-        if len(data) > limit:
-            raise DatasetError(f"archive member {name!r} is larger than {limit} bytes")
-        return data
+            while chunk := fh.read(_CHUNK):
+                size += len(chunk)
+                limits.total_read += len(chunk)
+                _check_chunk(limits, name, size, compressed)
+                chunks.append(chunk)
+        return b"".join(chunks)
 
     return read
 
 
+def _tar_ratio_checked(
+    read: Callable[[], bytes], limits: ArchiveLimits, name: str, path: Path
+) -> Callable[[], bytes]:
+    """A compressed tar is one stream: its ratio is what the members read so far inflate from the file."""
+    archive_size = max(path.stat().st_size, 1)
+
+    def checked() -> bytes:
+        data = read()
+        if limits.total_read > _RATIO_FLOOR and limits.total_read > limits.max_ratio * archive_size:
+            raise DatasetError(
+                f"archive member {name!r} takes the archive past {limits.max_ratio:g} times its size on "
+                f"disk ({archive_size} bytes): refusing a likely decompression bomb"
+            )
+        return data
+
+    return checked
+
+
 @contextmanager
-def open_archive(path: Path, *, max_bytes: int, max_members: int) -> Iterator[list[Entry]]:
+def open_archive(
+    path: Path, *, max_bytes: int, max_members: int, limits: ArchiveLimits | None = None
+) -> Iterator[list[Entry]]:
     """The regular-file members of a zip or tar archive, readable while the context is open.
 
     Links, devices and folders are skipped; a member name that escapes the root refuses the archive.
+    Reading a member enforces ``limits``: per member, in total (at most ``max_bytes``), and the ratio.
     """
+    limits = limits or ArchiveLimits()
+    limits.max_total_bytes = min(limits.max_total_bytes, max_bytes)
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
@@ -147,9 +215,8 @@ def open_archive(path: Path, *, max_bytes: int, max_members: int) -> Iterator[li
                 is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
                 if info.is_dir() or is_link or not parts:
                     continue
-                entries.append(
-                    Entry(parts, _bounded_reader(partial(zf.open, info), max_bytes, info.filename))
-                )
+                reader = _bounded_reader(partial(zf.open, info), limits, info.filename, info.compress_size)
+                entries.append(Entry(parts, reader))
             yield entries
         return
     try:
@@ -164,9 +231,8 @@ def open_archive(path: Path, *, max_bytes: int, max_members: int) -> Iterator[li
             parts = _safe_parts(member.name)
             if not member.isfile() or not parts:  # symlinks, hard links, devices, folders
                 continue
-            entries.append(
-                Entry(parts, _bounded_reader(partial(tf.extractfile, member), max_bytes, member.name))
-            )
+            reader = _bounded_reader(partial(tf.extractfile, member), limits, member.name, None)
+            entries.append(Entry(parts, _tar_ratio_checked(reader, limits, member.name, path)))
         yield entries
 
 

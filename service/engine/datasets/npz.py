@@ -57,11 +57,21 @@ def _labels(y: np.ndarray, n: int, num_classes: int | None, key: str) -> np.ndar
 
 def load_npz(path: Path, *, min_images_per_class: int) -> LoadedDataset:
     """Load a packed dataset; ``classes`` (when present) gives the names in label order."""
+    # np.load takes anything that is not a zip for a pickle and then complains about allow_pickle: a
+    # truncated or corrupt file must be called what it is.
+    if not zipfile.is_zipfile(path):
+        raise DatasetError(f"{path.name} is not a valid .npz file (not a zip archive of .npy arrays)")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise DatasetError(f"{path.name} is not a readable .npz without pickled objects: {exc}") from exc
+    except ValueError as exc:
+        if "pickle" in str(exc):
+            raise DatasetError(
+                f"{path.name} holds object (pickled) arrays, which are refused: store plain numeric arrays"
+            ) from exc
+        raise DatasetError(f"{path.name} is not a valid .npz file: {exc}") from exc
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise DatasetError(f"{path.name} is not a valid .npz file: {exc}") from exc
     if "x_train" not in arrays or "y_train" not in arrays:
         raise DatasetError(f"{path.name} needs arrays x_train and y_train, has {sorted(arrays)}")
     names: list[str] | None = None
