@@ -71,7 +71,8 @@ def test_upload_refusals(make_api) -> None:
     r = upload(api, t, b"hello", name="notes.txt")
     assert r.status_code == 422 and r.json()["error"]["code"] == "unsupported_file_type"
     r = api.client.post("/v1/files", json={"file": "x"}, headers=t)
-    assert r.status_code == 422 and r.json()["error"]["code"] == "unsupported_media_type"
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+    assert "multipart/form-data" in r.json()["error"]["message"]
     r = api.client.post("/v1/files", files={"other": ("a.zip", b"x")}, headers=t)
     assert r.status_code == 422 and r.json()["error"]["param"] == "file"
     assert api.client.post("/v1/files", files={"file": ("a.zip", b"x")}).status_code == 401

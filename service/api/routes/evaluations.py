@@ -9,12 +9,13 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import SessionDep, SettingsDep, TenantIdDep, page_limit, paginate
 from service.api.evaluations import EvaluationRunner
+from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
 from service.api.schemas.evaluations import EvaluationCreate, EvaluationPublic
 from service.db.models import Evaluation
 from service.domain import evaluations
 
-router = APIRouter(tags=["evaluations"], responses=ERROR_RESPONSES)
+router = APIRouter(route_class=CheckedRoute, tags=["evaluations"], responses=ERROR_RESPONSES)
 
 
 def evaluation_public(e: Evaluation) -> EvaluationPublic:

@@ -10,6 +10,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import SessionDep, SettingsDep, TenantIdDep, page_limit, paginate
+from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
 from service.api.schemas.files import FilePublic
 from service.db.models import File
@@ -17,7 +18,7 @@ from service.domain import files
 from service.domain.errors import BadRequest, InvalidInput, PayloadTooLarge
 from service.storage import Storage, StorageWriter
 
-router = APIRouter(tags=["files"], responses=ERROR_RESPONSES)
+router = APIRouter(route_class=CheckedRoute, tags=["files"], responses=ERROR_RESPONSES)
 
 #: Bytes of multipart framing (boundaries, part headers, small fields) allowed beyond `max_file_bytes`.
 MULTIPART_SLACK = 64 << 10

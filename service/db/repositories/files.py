@@ -16,7 +16,7 @@ class FileRepository(TenantScopedRepository[File]):
     model = File
 
     def add(self, row: File) -> File:
-        assert row.tenant_id == self.tenant_id
+        self.check_tenant(row)
         self.session.add(row)
         self.session.flush()
         return row
@@ -51,7 +51,7 @@ class EvaluationRepository(TenantScopedRepository[Evaluation]):
     model = Evaluation
 
     def add(self, row: Evaluation) -> Evaluation:
-        assert row.tenant_id == self.tenant_id
+        self.check_tenant(row)
         self.session.add(row)
         self.session.flush()
         return row
