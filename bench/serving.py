@@ -38,6 +38,7 @@ from bench.common import (
     set_threads,
     write_json,
 )
+from bench.synthetic import random_artifact
 from service.engine import Backbone, BackboneSpec, create_backbone
 from service.engine.artifacts import PromptArtifact, load_module
 from service.engine.mixed_batch import PromptBank, forward_mixed, predict_single
@@ -45,7 +46,6 @@ from service.serving.cache import CallableSource
 from service.serving.errors import PromptNotFoundError
 from service.serving.predictor import ServingConfig, ServingPredictor
 from service.serving.slots import SlotTable
-from service.serving.synthetic import random_artifact
 
 SYNTHETIC_NOTE = (
     "prompt artifacts are synthetic: random deltas and heads built through the engine's PromptArtifact "

@@ -27,8 +27,8 @@ import numpy as np
 from PIL import Image
 
 from bench.serving import pct
+from bench.synthetic import random_artifact
 from service.engine import BackboneSpec, create_backbone
-from service.serving.synthetic import random_artifact
 
 REPO = Path(__file__).resolve().parent.parent
 

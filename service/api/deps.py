@@ -1,4 +1,4 @@
-"""Typed dependency aliases: settings, the request's session, the caller, the queue, the predictor."""
+"""Typed dependency aliases: settings, the request's session, the caller, the queue, the predictor, caches."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from service.domain.errors import Forbidden
-from service.domain.predict import Predictor
-from service.domain.tenants import Principal, authenticate
+from service.domain.predict import Predictor, PromptResolver
+from service.domain.tenants import Authenticator, Principal
 from service.queue import JobQueue
 from service.settings import Settings
 
@@ -39,15 +40,14 @@ SessionFactoryDep = Annotated[sessionmaker[Session], Depends(_session_factory)]
 SessionDep = Annotated[Session, Depends(_session)]
 
 
-def _principal(
-    factory: SessionFactoryDep,
-    settings: SettingsDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+async def _principal(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Principal:
-    with factory() as session:
-        return authenticate(
-            session, credentials.credentials if credentials else None, admin_key=settings.admin_key
-        )
+    """A remembered key answers on the loop; a miss queries the database in a thread."""
+    auth: Authenticator = request.app.state.authenticator
+    raw = credentials.credentials if credentials else None
+    hit = auth.cached(raw)
+    return hit if hit is not None else await run_in_threadpool(auth.authenticate, raw)
 
 
 PrincipalDep = Annotated[Principal, Depends(_principal)]
@@ -79,8 +79,20 @@ def _predictor(request: Request) -> Predictor:
     return predictor
 
 
+def _resolver(request: Request) -> PromptResolver:
+    resolver: PromptResolver = request.app.state.prompt_resolver
+    return resolver
+
+
+def _authenticator(request: Request) -> Authenticator:
+    auth: Authenticator = request.app.state.authenticator
+    return auth
+
+
 QueueDep = Annotated[JobQueue, Depends(_queue)]
 PredictorDep = Annotated[Predictor, Depends(_predictor)]
+ResolverDep = Annotated[PromptResolver, Depends(_resolver)]
+AuthenticatorDep = Annotated[Authenticator, Depends(_authenticator)]
 
 
 def page_limit(limit: int, settings: Settings) -> int:
