@@ -322,3 +322,33 @@ def test_predict_url_refuses_private_addresses_by_default(
     r = gw.predict(0, {"prompt": pid, "images": [f"{image_server}/sign.png"]})
     assert r.status_code == 422 and r.json()["error"]["param"] == "images[0]"
     assert "non-public address" in r.json()["error"]["message"]
+
+
+def test_metrics_and_readiness_when_the_database_is_down(
+    make_gateway: Callable[..., Gateway], capfd: pytest.CaptureFixture[str]
+) -> None:
+    from service.db.session import make_engine, make_session_factory
+
+    gw = make_gateway(n_tenants=1, per_tenant=1)
+    (_, pid) = gw.prompts[0]
+    assert gw.predict(0, {"prompt": pid, "images": [_png(1)]}).status_code == 200
+    text = gw.client.get("/metrics").text
+    assert 'actprompt_jobs{status="queued"} 0.0' in text and "actprompt_jobs_scrape_ok 1.0" in text
+    assert 'tenant="-"' in text and "ten_" not in text  # no per-tenant series unless asked for
+    state = gw.client.app.state  # type: ignore[attr-defined]
+    state.session_factory = make_session_factory(
+        make_engine("postgresql+psycopg://postgres@127.0.0.1:1/nowhere?connect_timeout=1")
+    )
+    text = gw.client.get("/metrics").text
+    assert "actprompt_jobs{" not in text  # absent, not zero
+    assert "actprompt_jobs_scrape_ok 0.0" in text
+    ready = gw.client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["checks"]["database"] == "down"
+    assert "readiness: database check failed: OperationalError" in capfd.readouterr().err  # says why
+
+
+def test_per_tenant_metric_labels_are_opt_in(make_gateway: Callable[..., Gateway]) -> None:
+    gw = make_gateway(n_tenants=1, per_tenant=1, metrics_per_tenant=True)
+    (_, pid) = gw.prompts[0]
+    assert gw.predict(0, {"prompt": pid, "images": [_png(1)]}).status_code == 200
+    assert 'tenant="ten_' in gw.client.get("/metrics").text

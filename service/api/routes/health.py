@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
+log = logging.getLogger("actprompt.api")
 router = APIRouter(tags=["health"])
 
 
@@ -25,11 +28,14 @@ async def readyz(request: Request) -> JSONResponse:
             with state.session_factory() as session:
                 session.execute(text("SELECT 1"))
             return True
-        except Exception:
+        except Exception as exc:
+            log.warning("readiness: database check failed: %s: %s", type(exc).__name__, exc)
             return False
 
     database = await run_in_threadpool(check_db)
     queue = await run_in_threadpool(state.queue.ping)
+    if not queue:
+        log.warning("readiness: the job queue (broker) does not answer its ping")
     checks = {"database": "ok" if database else "down", "queue": "ok" if queue else "down"}
     if database and queue:
         return JSONResponse({"status": "ok", "checks": checks})
