@@ -73,7 +73,10 @@ class Metrics:
             with factory() as session:
                 return job_counts(session)
 
-        self.registry.register(JobStateCollector(counts))
+        collector = JobStateCollector(counts)
+        self.registry.register(collector)
+        self.jobs_registry = CollectorRegistry()  # the database-counted part alone (multi-process /metrics)
+        self.jobs_registry.register(collector)
 
 
 class RequestMiddleware:

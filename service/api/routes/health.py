@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
@@ -50,6 +52,16 @@ async def readyz(request: Request) -> JSONResponse:
 
 @router.get("/metrics", response_class=Response)
 def metrics(request: Request) -> Response:
-    # The app's own registry (requests, job states) plus the process-wide one (serving, process stats).
-    body = generate_latest(request.app.state.metrics.registry) + generate_latest(REGISTRY)
+    """One process: its app registry (requests, job states) plus the process-wide one (serving, process).
+
+    Several (`actprompt serve --workers N`): counters and histograms of every process, summed from the
+    files under PROMETHEUS_MULTIPROC_DIR, plus the job states counted in the database once.
+    """
+    app_metrics = request.app.state.metrics
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        body = generate_latest(registry) + generate_latest(app_metrics.jobs_registry)
+    else:
+        body = generate_latest(app_metrics.registry) + generate_latest(REGISTRY)
     return Response(content=body, media_type=CONTENT_TYPE_LATEST)
