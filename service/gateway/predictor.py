@@ -91,6 +91,13 @@ class BatchingPredictor:
 
     def __init__(self, session_factory: sessionmaker[Session], settings: Settings) -> None:
         self.serving = ServingPredictor(DatabasePromptSource(session_factory), serving_config(settings))
+        self._specs: dict[str, BackboneSpec] = {}  # backbone spec hash -> parsed spec (parsed once)
+
+    def _spec(self, handle: PromptHandle) -> BackboneSpec:
+        spec = self._specs.get(handle.backbone_spec_hash)
+        if spec is None:
+            spec = self._specs[handle.backbone_spec_hash] = BackboneSpec.from_dict(handle.backbone_spec)
+        return spec
 
     async def predict_many(
         self, prompts: Sequence[PromptHandle], images: Sequence[bytes], top_k: int, *, tenant_id: str = ""
@@ -99,7 +106,7 @@ class BatchingPredictor:
         specs = {p.backbone_spec_hash for p in prompts}
         if len(specs) > 1:
             raise InvalidInput("prompts: all prompts of one request must share a backbone", param="prompts")
-        spec = BackboneSpec.from_dict(prompts[0].backbone_spec)
+        spec = self._spec(prompts[0])
         keys = [serving_key(p.key, p.sha256) for p in prompts]
         try:
             outs = await self.serving.predict_images(spec, keys, list(images), tenant_id=tenant_id)
@@ -109,7 +116,7 @@ class BatchingPredictor:
 
     async def pin(self, prompt: PromptHandle) -> int:
         try:
-            spec = BackboneSpec.from_dict(prompt.backbone_spec)
+            spec = self._spec(prompt)
             return await self.serving.pin(spec, serving_key(prompt.key, prompt.sha256))
         except (ServingError, EngineError) as exc:
             raise _domain_error(exc) from exc

@@ -8,6 +8,7 @@ spec before calling here; this layer sees neither tenants' ids nor the database,
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +99,7 @@ class ServingPredictor:
         self._servers: dict[str, _Server] = {}
         self._starting: dict[str, asyncio.Task[tuple[Backbone, SlotTable]]] = {}
         self._closed = False
+        self._spec_keys: dict[str, str] = {}  # canonical spec JSON -> spec_hash
 
     # -- backbones --------------------------------------------------------------------------------------
     async def server(self, spec: BackboneSpec) -> _Server:
@@ -108,7 +110,7 @@ class ServingPredictor:
         """
         if self._closed:
             raise ServingClosedError("the server is shutting down")
-        key = spec.spec_hash()
+        key = self._key_of(spec)
         srv = self._servers.get(key)
         if srv is not None:
             return srv
@@ -128,6 +130,14 @@ class ServingPredictor:
             srv = self._servers[key] = self._make_server(spec, backbone, table)
         srv.batcher.start()
         return srv
+
+    def _key_of(self, spec: BackboneSpec) -> str:
+        """spec_hash() resolves the spec through timm (deep-copying its config): once per spec, not per call."""
+        raw = json.dumps(spec.to_dict(), sort_keys=True, default=str)
+        key = self._spec_keys.get(raw)
+        if key is None:
+            key = self._spec_keys[raw] = spec.spec_hash()
+        return key
 
     def _load_backbone(self, spec: BackboneSpec) -> tuple[Backbone, SlotTable]:
         """Off the loop: weights and the preallocated slot table (no asyncio objects here)."""
