@@ -132,7 +132,7 @@ class ServingPredictor:
         return srv
 
     def _key_of(self, spec: BackboneSpec) -> str:
-        """spec_hash() resolves the spec through timm (deep-copying its config): once per spec, not per call."""
+        """spec_hash() resolves through timm (deep-copying its config): once per spec, not per call."""
         raw = json.dumps(spec.to_dict(), sort_keys=True, default=str)
         key = self._spec_keys.get(raw)
         if key is None:
