@@ -14,7 +14,6 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -609,7 +608,3 @@ class _JobRun:
 class _TrainOutput:
     result: Any
     layers: list[int]
-
-
-#: Signature both queues call (kept for type checks of callers).
-RunJob = Callable[..., RunOutcome]

@@ -25,8 +25,6 @@ from service.domain.backbones import get_backbone, resolve_layers
 from service.domain.errors import BadRequest, Conflict, InvalidInput, NotFound, TooManyRequests
 from service.settings import Settings
 
-SERVABLE_METHODS_FALLBACK = ("activation", "input", "linear", "norm")
-
 
 @dataclass(frozen=True)
 class JobRequest:
