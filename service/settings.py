@@ -151,6 +151,12 @@ class Settings(BaseSettings):
         description="Also fetch predict image URLs from private, loopback and link-local addresses "
         "(tests, on-prem); off = public addresses only, as for dataset downloads.",
     )
+    torch_threads: int = Field(
+        ge=0,
+        default=0,
+        description="Intra-op threads of torch in this process (process-wide: serving and embedded training); "
+        "0 = torch's default (every core). `serve --workers N` sets cores / N unless given.",
+    )
     metrics_per_tenant: bool = Field(
         default=False,
         description="Label serving metrics with the tenant id (a series per tenant: small deployments only).",

@@ -75,6 +75,8 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.admin_key:
         os.environ["ACTPROMPT_ADMIN_KEY"] = settings.admin_key
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="actprompt-metrics-"))
+    if not settings.torch_threads:  # N processes x every core each would oversubscribe the cores
+        os.environ["ACTPROMPT_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.workers))
     uvicorn.run(
         "service.api.main:create_app",
         factory=True,

@@ -90,6 +90,10 @@ class BatchingPredictor:
     """
 
     def __init__(self, session_factory: sessionmaker[Session], settings: Settings) -> None:
+        if settings.torch_threads > 0:  # N API processes on C cores: C / N each, not C each (oversubscribed)
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
         self.serving = ServingPredictor(DatabasePromptSource(session_factory), serving_config(settings))
         self._specs: dict[str, BackboneSpec] = {}  # backbone spec hash -> parsed spec (parsed once)
 
