@@ -154,7 +154,7 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         ge=0,
         default=0,
-        description="Intra-op threads of torch in this process (process-wide: serving and embedded training); "
+        description="Intra-op threads of torch in this process (serving and embedded training alike); "
         "0 = torch's default (every core). `serve --workers N` sets cores / N unless given.",
     )
     metrics_per_tenant: bool = Field(
