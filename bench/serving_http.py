@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         default=REPO / "bench" / "results" / "serving.json",
         help="serving.json whose `http_vs_engine` key is rewritten (only that key)",
     )
-    parser.add_argument("--modes", default="embedded,embedded_w2,production,peer")
+    parser.add_argument("--modes", default="embedded,embedded_w2,production,production_w2,peer")
     args = parser.parse_args(argv)
     modes = args.modes.split(",")
     spec = BackboneSpec("resnet20_cifar", weights=(WEIGHTS_DIR / "resnet20-12fca82f.th").as_uri())
