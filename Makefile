@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test lint typecheck pytest bench bench-quick worker clean
+.PHONY: serve test test-quick lint typecheck pytest bench bench-quick worker clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ pytest: $(STAMP)
 	$(PY) -m pytest -q --durations=15
 
 test: lint typecheck pytest
+
+# Fast local loop: no PostgreSQL, no Redis, no slow real-data runs. `make test` (what CI runs) is the whole suite.
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not postgres and not redis"
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from bench.common import (
@@ -158,65 +157,35 @@ def lr_grid(variant: str, plan: Plan) -> tuple[float, ...]:
 # --- data ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class Prepared:
-    classes: list[str]
-    train: Tensors
-    val: Tensors
-    test: Tensors
+_DATA_CACHE: dict[tuple[Any, ...], Any] = {}
 
 
-_DATA_CACHE: dict[tuple[Any, ...], Prepared] = {}
+def prepare(dataset: str, backbone: Any, plan: Plan) -> Any:
+    """Fixed subsets (seed 0) of a dataset, preprocessed for the backbone; same images for every method.
 
-
-def prepare(dataset: str, backbone: Any, plan: Plan) -> Prepared:
-    """Fixed subsets (seed 0) of a dataset, preprocessed for the backbone; same images for every method."""
-    from service.engine.data import ImageSet, LoadedDataset, load_dataset, preprocess, split_train_val
+    The product's own pipeline (`prepare_dataset`), with sizes: what is measured is what a job runs."""
+    from service.engine.pipeline import SplitSpec, prepare_dataset
 
     key = (dataset, backbone.input_size, backbone.spec.mean, backbone.spec.std, plan.n_train, plan.n_val)
-    if key in _DATA_CACHE:
-        return _DATA_CACHE[key]
-    ds = load_dataset(DATA_DIR / DATASETS[dataset])
-    assert ds.test is not None
-    rng = np.random.default_rng(0)
-    pick = rng.permutation(len(ds.train))[: plan.n_train + plan.n_val]
-    pool = LoadedDataset(ds.classes, ds.train.subset(pick), None, None, ds.report)
-    split = split_train_val(pool, plan.n_val / (plan.n_train + plan.n_val), seed=0)
-    assert split.val is not None
-
-    def tensors(images: ImageSet) -> Tensors:
-        x = preprocess(images.images, backbone.input_size, backbone.spec.mean, backbone.spec.std)
-        return x, torch.from_numpy(images.labels)
-
-    # a random test subset: some test arrays are sorted by class (mnist10k), so "the first n" is not a sample
-    test = ds.test.subset(np.sort(rng.permutation(len(ds.test))[: plan.n_test]))
-    prepared = Prepared(ds.classes, tensors(split.train), tensors(split.val), tensors(test))
-    _DATA_CACHE[key] = prepared
-    return prepared
+    if key not in _DATA_CACHE:
+        split = SplitSpec(seed=0, n_train=plan.n_train, n_val=plan.n_val, n_test=plan.n_test)
+        _DATA_CACHE[key] = prepare_dataset(DATA_DIR / DATASETS[dataset], backbone, split)
+    return _DATA_CACHE[key]
 
 
 # --- one training run ---------------------------------------------------------------------------
 
 
-def make_config(variant: str, backbone: Any, num_classes: int, layer: int | None) -> tuple[str, Any, Any]:
-    """(engine method, MethodConfig, the prompt_layer to record)."""
-    from service.engine.layers import resolve_prompt_layers
-    from service.engine.methods import MethodConfig
-
+def make_config(variant: str, backbone: Any, layer: int | None) -> tuple[str, Any, dict[str, Any], Any]:
+    """(engine method, the prompt_layer request, the method's options, the prompt_layer to record)."""
     spec = VARIANTS[variant]
     method = spec["method"]
     if method == "activation":
-        record: int | str
-        if spec["layer"] == "all":
-            layers, record = resolve_prompt_layers(backbone.layers, "all"), "all"
-        else:
-            assert layer is not None
-            layers, record = (layer,), layer
-        cfg = MethodConfig(num_classes, prompt_layers=layers, prompt_shape=spec["prompt_shape"])
-        return method, cfg, record
+        request: Any = "all" if spec["layer"] == "all" else layer
+        return method, request, {"prompt_shape": spec["prompt_shape"]}, request
     if method == "input":
-        return method, MethodConfig(num_classes, input_variant=spec["input_variant"]), 0
-    return method, MethodConfig(num_classes), None
+        return method, None, {"input_variant": spec["input_variant"]}, 0
+    return method, None, {}, None
 
 
 class Runner:
@@ -278,7 +247,7 @@ class Runner:
         backbone_name: str,
         backbone: Any,
         dataset: str,
-        data: Prepared,
+        data: Any,
         variant: str,
         *,
         seed: int,
@@ -288,19 +257,20 @@ class Runner:
         n_train: int | None = None,
         epochs: int | None = None,
     ) -> dict[str, Any]:
-        from service.engine.train import TrainConfig, evaluate, fit
+        from service.engine.pipeline import PreparedData, train_prompt
+        from service.engine.train import TrainConfig, evaluate
 
         n = min(n_train or len(data.train[0]), len(data.train[0]))
         ep = epochs or self.plan.epochs
-        method, mcfg, record = make_config(variant, backbone, len(data.classes), layer)
+        method, request, options, record = make_config(variant, backbone, layer)
         row: dict[str, Any] = {
             "backbone": backbone_name,
             "dataset": dataset,
             "method": method,
             "variant": variant,
             "prompt_layer": record,
-            "prompt_shape": mcfg.prompt_shape if method == "activation" else None,
-            "input_variant": mcfg.input_variant if method == "input" else None,
+            "prompt_shape": options.get("prompt_shape"),
+            "input_variant": options.get("input_variant"),
             "seed": seed,
             "learning_rate": lr,
             "n_train": n,
@@ -320,17 +290,12 @@ class Runner:
             raise OutOfTime
         cfg = TrainConfig(epochs=ep, batch_size=self.plan.batch_size, learning_rate=lr, seed=seed)
         t0 = time.perf_counter()
-        # val goes in fit()'s "test" slot: evaluated once at the end, not after every epoch (cheaper)
-        result = fit(
-            backbone,
-            method,
-            mcfg,
-            (data.train[0][:n], data.train[1][:n]),
-            None,
-            data.val,
-            cfg,
-            classes=data.classes,
+        # val goes in the "test" slot: evaluated once at the end, not after every epoch (cheaper)
+        view = PreparedData(data.classes, (data.train[0][:n], data.train[1][:n]), None, data.val, data.report)
+        trained = train_prompt(
+            backbone, view, method, prompt_layer=request, method_options=options, config=cfg
         )
+        result = trained.result
         m = result.metrics
         assert result.module is not None
         test = evaluate(result.module, data.test, classes=data.classes)
@@ -462,9 +427,7 @@ def _load_auto() -> Callable[..., Any] | None:
     return auto_select_layer
 
 
-def run_auto(
-    runner: Runner, name: str, backbone: Any, dataset: str, data: Prepared, sweep: list[dict]
-) -> None:
+def run_auto(runner: Runner, name: str, backbone: Any, dataset: str, data: Any, sweep: list[dict]) -> None:
     """Does auto land within 1 point of the sweep's best (test) layer, and what does it cost?"""
     done = {(a["backbone"], a["dataset"]) for a in runner.extra["auto"]}
     if (name, dataset) in done:

@@ -13,28 +13,13 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from service.engine import BackboneSpec, create_backbone, resolve_prompt_layers
-from service.engine.backbones import Backbone
-from service.engine.data import preprocess
-from service.engine.methods import MethodConfig
-from service.engine.train import TrainConfig, fit
+from service.engine import BackboneSpec, create_backbone
+from service.engine.pipeline import SplitSpec, prepare_dataset, train_prompt
+from service.engine.train import TrainConfig
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-
-
-def load_subset(path: Path, bb: Backbone, n_train: int, n_test: int, seed: int) -> tuple:
-    """A seeded random subset (the file is sorted by class), normalised with the backbone's mean/std."""
-    d = np.load(path)
-    rng = np.random.default_rng(seed)
-    out = []
-    for split, n in (("train", n_train), ("test", n_test)):
-        idx = np.sort(rng.permutation(len(d[f"y_{split}"]))[:n])
-        x = preprocess(d[f"x_{split}"][idx], bb.input_size, bb.spec.mean, bb.spec.std)  # type: ignore[arg-type]
-        out.append((x, torch.from_numpy(d[f"y_{split}"][idx]).long()))
-    return out[0], out[1], [str(c) for c in d["classes"]]
 
 
 def main() -> None:
@@ -52,13 +37,16 @@ def main() -> None:
 
     weights = (SHARED / "weights" / "resnet20-12fca82f.th").as_uri()
     bb = create_backbone(BackboneSpec("resnet20_cifar", weights=weights))
-    train, test, classes = load_subset(SHARED / "data" / "gtsrb32.npz", bb, args.train, args.test, seed=0)
+    split = SplitSpec(seed=0, n_train=args.train, n_val=0, n_test=args.test)
+    data = prepare_dataset(SHARED / "data" / "gtsrb32.npz", bb, split)
+    train, classes = data.train, data.classes
     cfg = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, optimizer="adamw"
     )
     k = len(classes)
     print(
-        f"ResNet-20 -> GTSRB-{k}: {len(train[1])} train, {len(test[1])} test, {args.epochs} epochs, "
+        f"ResNet-20 -> GTSRB-{k}: {len(train[1])} train, {len(data.test[1]) if data.test else 0} test, "
+        f"{args.epochs} epochs, "
         f"batch {args.batch_size}, AdamW lr {args.lr}, {args.threads} threads, no augmentation",
         flush=True,
     )
@@ -69,22 +57,18 @@ def main() -> None:
     )
     rows = []
     for item in args.methods.split(","):
-        if item.startswith("ap:"):
-            layers = resolve_prompt_layers(bb.layers, item[3:])
-            method, mcfg = "activation", MethodConfig(k, layers)
-        elif item == "input":
-            method, mcfg = "input", MethodConfig(k, input_variant="pad")
-        else:
-            method, mcfg = item, MethodConfig(k)
+        layer: str | None = item[3:] if item.startswith("ap:") else None
+        method = "activation" if layer is not None else item
+        options = {"input_variant": "pad"} if method == "input" else {}
         t0 = time.perf_counter()
-        res = fit(bb, method, mcfg, train, None, test, cfg, classes=classes)
-        m = res.metrics
+        trained = train_prompt(bb, data, method, prompt_layer=layer, method_options=options, config=cfg)
+        m = trained.metrics
         ep = [e["seconds"] for e in m["epochs"]]
         later = sum(ep[1:]) / max(1, len(ep) - 1)
         prompt_params = m["trainable_params"] - (bb.num_features + 1) * k
         row = {
             "method": method if not item.startswith("ap:") else f"activation@{item[3:]}",
-            "layers": list(mcfg.prompt_layers),
+            "layers": trained.layers,
             "prompt_params": prompt_params,
             "test_top1": round(m["test"]["top1"], 4),
             "test_top5": round(m["test"]["top5"], 4),

@@ -90,6 +90,11 @@ class Settings(BaseSettings):
     max_prompts_per_request: int = Field(
         ge=1, default=16, description="Most prompts one predict request may name."
     )
+    training_backbones_bytes: int = Field(
+        ge=1,
+        default=4 << 30,
+        description="Bound on the backbones a worker keeps loaded for training (least recently used go).",
+    )
     prompt_cache_host_bytes: int = Field(
         ge=1, default=256 << 20, description="Host-memory tier of the prompt cache."
     )

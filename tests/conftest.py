@@ -18,6 +18,27 @@ DATA_DIR = SHARED_DIR / "data"
 torch.set_num_threads(int(os.environ.get("ACTPROMPT_TEST_THREADS", "2")))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses a service fixture (directly or through another fixture) for its service."""
+    from tests.services import SERVICE_FIXTURES
+
+    for item in items:
+        for name in getattr(item, "fixturenames", ()):
+            service = SERVICE_FIXTURES.get(name)
+            if service is not None and item.get_closest_marker(service) is None:
+                item.add_marker(getattr(pytest.mark, service))
+
+
+@pytest.fixture(autouse=True)
+def _services_up(request: pytest.FixtureRequest) -> None:
+    """Ping PostgreSQL / Redis before a test marked for them: one clear line when one is down."""
+    from tests.services import require
+
+    for service in ("postgres", "redis"):
+        if request.node.get_closest_marker(service) is not None:
+            require(service)
+
+
 @pytest.fixture(scope="session")
 def weights_dir() -> Path:
     assert WEIGHTS_DIR.is_dir(), f"real weights expected at {WEIGHTS_DIR}"

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.domain.errors import DomainError
+from service.engine.errors import ActpromptError
 
 log = logging.getLogger("actprompt.api")
 
@@ -76,8 +76,10 @@ async def _validation(_: Request, exc: Exception) -> JSONResponse:
     return error_response(422, code, message, param)
 
 
-async def _domain(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, DomainError)
+async def _product(_: Request, exc: Exception) -> JSONResponse:
+    """Any error of the one hierarchy (domain, engine, serving): its own status, code and param."""
+    if not isinstance(exc, ActpromptError):
+        return error_response(500, "internal_error", "internal server error")
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
     return error_response(exc.status, exc.code, exc.message, exc.param, headers)
 
@@ -95,6 +97,6 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation)
-    app.add_exception_handler(DomainError, _domain)
+    app.add_exception_handler(ActpromptError, _product)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(Exception, _unexpected)

@@ -101,48 +101,15 @@ def _parse_layer(value: str | None) -> int | str | list[int | str] | None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
 
-    from service.engine import EngineError, create_backbone, resolve_prompt_layers
-    from service.engine.data import load_dataset, preprocess, split_train_val
-    from service.engine.layer_search import auto_select_layer
-    from service.engine.methods import MethodConfig
-    from service.engine.train import ProgressEvent, TrainCallbacks, TrainConfig, fit
+    from service.engine import EngineError, create_backbone
+    from service.engine.pipeline import PipelineCallbacks, SplitSpec, prepare_dataset, train_prompt
+    from service.engine.train import ProgressEvent, TrainConfig
 
     try:
         bb = create_backbone(_spec(args.backbone, args.weights, args.input_size), device=args.device)
-        ds = split_train_val(load_dataset(args.dataset), args.val_fraction, args.seed)
-        size, mean, std = bb.input_size, bb.spec.mean or (), bb.spec.std or ()
-
-        def tensors(split: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-            if split is None or len(split.labels) == 0:
-                return None
-            return preprocess(split.images, size, mean, std), torch.as_tensor(split.labels, dtype=torch.int64)
-
-        train, val, test = tensors(ds.train), tensors(ds.val), tensors(ds.test)
-        assert train is not None
-        layers: tuple[int, ...] = ()
-        requested = _parse_layer(args.layer)
-        if args.method == "activation":
-            if requested is None:
-                requested = bb.recommended_layer
-            if requested == "auto":
-                best, rows = auto_select_layer(bb, train, val, num_classes=len(ds.classes))
-                for row in rows:
-                    print(
-                        f"auto: layer {row['index']:>3} {row['name']:<24} val top-1 {row['val_accuracy']:.3f}"
-                    )
-                layers = (best,)
-            else:
-                layers = resolve_prompt_layers(bb.layers, requested)
-        mcfg = MethodConfig(
-            num_classes=len(ds.classes),
-            prompt_layers=layers,
-            prompt_shape=args.shape,
-            input_variant=args.input_variant,
-            pad_size=args.pad_size,
-        )
+        data = prepare_dataset(args.dataset, bb, SplitSpec(val_fraction=args.val_fraction, seed=args.seed))
         tcfg = TrainConfig(
             epochs=args.epochs,
             batch_size=args.batch_size,
@@ -154,7 +121,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             augment=args.augment,
             seed=args.seed,
         )
-        print(f"training {args.method} on {len(train[1])} images, {len(ds.classes)} classes, layers {layers}")
+        # every option is passed: one the method does not take is refused unless left at its default
+        options = {"prompt_shape": args.shape, "input_variant": args.input_variant, "pad_size": args.pad_size}
         with tqdm(total=1000, unit="‰", desc=args.method, file=sys.stderr) as bar:
 
             def progress(e: ProgressEvent) -> None:
@@ -162,10 +130,23 @@ def cmd_train(args: argparse.Namespace) -> int:
                 bar.set_postfix(epoch=f"{e.epoch}/{e.epochs}", loss=f"{e.loss:.3f}", acc=f"{e.accuracy:.3f}")
                 bar.refresh()
 
-            result = fit(
-                bb, args.method, mcfg, train, val, test, tcfg,
-                classes=ds.classes, callbacks=TrainCallbacks(on_progress=progress),
-            )  # fmt: skip
+            def probed(row: dict[str, Any]) -> None:
+                print(f"auto: layer {row['index']:>3} {row['name']:<24} val top-1 {row['val_accuracy']:.3f}")
+
+            def started(method: str, mcfg: Any, _tcfg: Any) -> None:
+                n, k = len(data.train[1]), data.num_classes
+                print(f"training {method} on {n} images, {k} classes, layers {mcfg.prompt_layers}")
+
+            trained = train_prompt(
+                bb,
+                data,
+                args.method,
+                prompt_layer=_parse_layer(args.layer),
+                method_options=options,
+                config=tcfg,
+                callbacks=PipelineCallbacks(on_progress=progress, on_layer_probe=probed, on_start=started),
+            )
+        result = trained.result
     except EngineError as exc:
         return _fail(exc)
     args.out.write_bytes(result.artifact.to_bytes())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -104,24 +105,57 @@ def resolve_layers(backbone: Backbone, value: int | str | Sequence[int | str] | 
         raise from_engine_error(exc, default_param="prompt_layer") from exc
 
 
-class BackboneCache:
-    """Loaded backbones of this process, one per (spec hash, device); built once, shared, never mutated."""
+def _model_bytes(backbone: Any) -> int:
+    """Bytes of a loaded backbone's parameters and buffers (what holding it costs)."""
+    model = getattr(backbone, "model", None)
+    if model is None:
+        return 0
+    tensors = [*model.parameters(), *model.buffers()]
+    return int(sum(t.numel() * t.element_size() for t in tensors))
 
-    def __init__(self) -> None:
+
+class BackboneCache:
+    """Loaded backbones of this process, one per (spec hash, device); built once, shared, never mutated.
+
+    Bounded: beyond `max_bytes` the least recently used backbones are dropped (a worker that trained on
+    many backbones does not keep them all). The one just built stays even when it alone exceeds the bound.
+    """
+
+    def __init__(self, max_bytes: int | None = None) -> None:
         self._lock = threading.Lock()
-        self._items: dict[tuple[str, str], Any] = {}
+        self._items: OrderedDict[tuple[str, str], tuple[Any, int]] = OrderedDict()
         self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self.max_bytes = max_bytes
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(size for _, size in self._items.values())
+
+    def keys(self) -> list[tuple[str, str]]:
+        """(spec hash, device) of the held backbones, least recently used first."""
+        with self._lock:
+            return list(self._items)
+
+    def _take(self, key: tuple[str, str]) -> Any | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        self._items.move_to_end(key)
+        return item[0]
 
     def get(self, spec: Mapping[str, Any], spec_hash: str, device: str) -> Any:
         key = (spec_hash, device)
         with self._lock:
-            if key in self._items:
-                return self._items[key]
+            found = self._take(key)
+            if found is not None:
+                return found
             build_lock = self._locks.setdefault(key, threading.Lock())
         with build_lock:
             with self._lock:
-                if key in self._items:
-                    return self._items[key]
+                found = self._take(key)
+                if found is not None:
+                    return found
             from service.engine import BackboneSpec, EngineError, create_backbone
 
             try:
@@ -129,8 +163,19 @@ class BackboneCache:
             except EngineError as exc:
                 raise from_engine_error(exc, default_param="backbone") from exc
             with self._lock:
-                self._items[key] = backbone
+                self._items[key] = (backbone, _model_bytes(backbone))
+                self._evict(keep=key)
             return backbone
+
+    def _evict(self, keep: tuple[str, str]) -> None:
+        if self.max_bytes is None:
+            return
+        while sum(size for _, size in self._items.values()) > self.max_bytes:
+            oldest = next(k for k in self._items)
+            if oldest == keep:
+                return
+            del self._items[oldest]
+            self._locks.pop(oldest, None)
 
     def clear(self) -> None:
         with self._lock:

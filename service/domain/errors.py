@@ -1,20 +1,17 @@
-"""Errors of the use cases; `status` is the kind of failure, which the gateway maps to an HTTP status."""
+"""Errors of the use cases: the product's one hierarchy (`ActpromptError`: code, message, param, status)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from service.engine.errors import ActpromptError
 
-class DomainError(Exception):
-    status: int = 400
-    code: str = "invalid_request"
 
-    def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if code is not None:
-            self.code = code
-        self.param = param
+class DomainError(ActpromptError):
+    """A use case refused the request; `status` is the kind of failure (an HTTP status)."""
+
+    status = 400
+    code = "invalid_request"
 
 
 class BadRequest(DomainError):

@@ -22,7 +22,14 @@ from service.db.repositories import (
     PromptRepository,
 )
 from service.domain.backbones import get_backbone, resolve_layers
-from service.domain.errors import BadRequest, Conflict, InvalidInput, NotFound, TooManyRequests
+from service.domain.errors import (
+    BadRequest,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    TooManyRequests,
+    from_engine_error,
+)
 from service.settings import Settings
 
 
@@ -42,10 +49,87 @@ class JobRequest:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()
 
 
+#: Bounds on a job's free `metadata` (a 300-deep value once broke the fingerprint and every list call).
+METADATA_MAX_DEPTH = 8
+METADATA_MAX_BYTES = 16_384
+METADATA_MAX_KEYS = 256
+
+
+def check_metadata(value: Any) -> str | None:
+    """What is wrong with `value` as job metadata (naming the limit), or None; iterative (any depth)."""
+    if not isinstance(value, dict):
+        return "metadata must be a JSON object"
+    keys = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > METADATA_MAX_DEPTH:
+                return f"metadata is nested deeper than {METADATA_MAX_DEPTH} levels"
+            if isinstance(item, dict):
+                keys += len(item)
+                if keys > METADATA_MAX_KEYS:
+                    return f"metadata has more than {METADATA_MAX_KEYS} keys"
+                if not all(isinstance(k, str) for k in item):
+                    return "metadata keys must be strings"
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    try:
+        size = len(json.dumps(value, separators=(",", ":")).encode())
+    except (TypeError, ValueError):
+        return "metadata must be plain JSON"
+    if size > METADATA_MAX_BYTES:
+        return f"metadata is larger than {METADATA_MAX_BYTES} bytes ({size} bytes as JSON)"
+    return None
+
+
+def stored_metadata(value: Any) -> dict[str, Any]:
+    """A stored row's metadata as the API shows it: a row written before the bounds existed (too deep,
+    too big) is replaced by a note, so one bad row never makes a list endpoint fail."""
+    problem = check_metadata(value if value is not None else {})
+    if problem is not None:
+        return {"_unavailable": f"stored metadata exceeds the current limits: {problem}"}
+    return dict(value or {})
+
+
 def servable_methods() -> list[str]:
     from service.engine.methods import list_methods
 
     return list(list_methods(servable_only=True))
+
+
+def check_method(backbone: Any, request: JobRequest) -> list[int] | None:
+    """The cheap synchronous checks of the method and its options (the registry and the engine's own
+    per-method config decide); returns the resolved prompt layers (None = "auto", probed by the runner)."""
+    from service.engine import EngineError, MethodConfig, get_method_class
+
+    methods = servable_methods()
+    if request.method not in methods:
+        raise InvalidInput(
+            f"unknown method {request.method!r}; one of {', '.join(methods)}",
+            code="invalid_method",
+            param="method",
+        )
+    resolved: list[int] | None = []
+    if get_method_class(request.method).uses_prompt_layers():
+        auto = request.prompt_layer == "auto"
+        resolved = None if auto else list(resolve_layers(backbone, request.prompt_layer))
+    try:
+        MethodConfig.for_method(
+            request.method,
+            num_classes=2,
+            prompt_layers=tuple(resolved or ()) if request.prompt_layer != "auto" else (),
+            prompt_shape=request.prompt_shape,
+        )
+        if request.prompt_layer is not None and not get_method_class(request.method).uses_prompt_layers():
+            raise EngineError(
+                f"prompt_layer applies to methods with prompt layers, not {request.method!r}",
+                code="invalid_prompt_layer",
+                param="prompt_layer",
+            )
+    except EngineError as exc:
+        raise from_engine_error(exc) from exc
+    return resolved
 
 
 def check_dataset_uri(uri: str, settings: Settings) -> None:
@@ -95,25 +179,7 @@ def create_job(
         if existing is not None:
             return existing, False
     backbone = get_backbone(session, request.backbone, param="backbone")
-    methods = servable_methods()
-    if request.method not in methods:
-        raise InvalidInput(
-            f"unknown method {request.method!r}; one of {', '.join(methods)}",
-            code="invalid_method",
-            param="method",
-        )
-    if request.method == "activation":
-        resolved: list[int] | None = (
-            None if request.prompt_layer == "auto" else list(resolve_layers(backbone, request.prompt_layer))
-        )
-    else:
-        if request.prompt_layer is not None:
-            raise InvalidInput(
-                f"prompt_layer applies to method 'activation' only, not {request.method!r}",
-                code="invalid_prompt_layer",
-                param="prompt_layer",
-            )
-        resolved = []
+    resolved = check_method(backbone, request)
     check_dataset_uri(request.dataset_uri, settings)
     if request.prompt_id is not None and not PromptRepository(session, tenant_id).exists(request.prompt_id):
         raise NotFound(f"no prompt {request.prompt_id!r}", code="prompt_not_found", param="prompt_id")
@@ -126,7 +192,7 @@ def create_job(
     job = Job(
         id=new_id("job"),
         tenant_id=tenant_id,
-        status="queued",
+        status="validating",
         backbone_id=backbone.id,
         dataset_uri=request.dataset_uri,
         method=request.method,
@@ -148,7 +214,9 @@ def create_job(
         updated_at=now,
     )
     jobs.add(job)
-    JobEventRepository.add(session, job, "state", "job created and validated; queued", {"status": "queued"})
+    JobEventRepository.add(
+        session, job, "state", "job created; its dataset is validated next", {"status": "validating"}
+    )
     return job, True
 
 
@@ -178,15 +246,14 @@ def list_jobs(
 
 
 def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
-    """Queued → cancelled at once; running → cancelling (the runner ends it); finished → Conflict."""
+    """Not yet claimed → cancelled at once; claimed (validating or running) → cancelling (the runner ends
+    it); finished → Conflict."""
     job = get_job(session, tenant_id, job_id)
     lease = JobLeaseRepository(session)
     now = utcnow()
-    if lease.update_if_status(
-        job.id, ("validating", "queued"), status="cancelled", finished_at=now, updated_at=now
-    ):
+    if lease.cancel_unclaimed(job.id, now):
         JobEventRepository.add(session, job, "state", "cancelled before it ran", {"status": "cancelled"})
-    elif lease.update_if_status(job.id, ("running",), status="cancelling", updated_at=now):
+    elif lease.update_if_status(job.id, ("validating", "running"), status="cancelling", updated_at=now):
         JobEventRepository.add(session, job, "state", "cancel requested", {"status": "cancelling"})
     else:
         session.refresh(job)

@@ -1,7 +1,8 @@
 """The reaper: re-queues jobs whose worker is gone (lease expired) or whose broker message was lost.
 
-The database is the source of truth: whatever the broker holds, a job that is `queued` or `running` in the
-database eventually runs or ends `failed` with the reason, after a bounded number of attempts.
+The database is the source of truth: whatever the broker holds, a job that is `validating`,
+`queued` or `running` in the database eventually runs or ends `failed` with the reason, after a bounded
+number of attempts.
 """
 
 from __future__ import annotations
@@ -50,13 +51,18 @@ def reap(
     to_send: list[str] = []
     with session_factory() as session:
         lease = JobLeaseRepository(session)
-        orphans = lease.with_status(("running", "cancelling")) if takeover else lease.expired_leases(now)
+        if takeover:
+            held = lease.with_status(("validating", "running", "cancelling"))
+            orphans = [job for job in held if job.status != "validating" or job.lease_owner is not None]
+        else:
+            orphans = lease.expired_leases(now)
         for job in orphans:
             _reap_orphan(session, job, now, report, to_send)
         if takeover:
-            for job in lease.with_status(("queued",)):
-                to_send.append(job.id)
-                report.resent.append(job.id)
+            for job in lease.with_status(("validating", "queued")):
+                if job.status == "queued" or job.lease_owner is None:  # never claimed: send again
+                    to_send.append(job.id)
+                    report.resent.append(job.id)
         elif requeue_stale_queued:
             stale_before = now - timedelta(seconds=settings.queued_stale_seconds)
             stale = lease.stale_queued(stale_before)
@@ -121,15 +127,19 @@ def _reap_orphan(session: Session, job: Job, now: datetime, report: ReapReport, 
                 session, job, "state", error["message"], {"status": "failed"}, level="error"
             )
             report.failed.append(job.id)
-    elif _guarded(
-        session, job, now, status="queued", lease_owner=None, lease_expires_at=None, enqueued_at=now
-    ):
+    else:
+        # A job that died while validating is validated again by its next claimer.
+        status = "validating" if job.status == "validating" else "queued"
+        if not _guarded(
+            session, job, now, status=status, lease_owner=None, lease_expires_at=None, enqueued_at=now
+        ):
+            return
         JobEventRepository.add(
             session,
             job,
             "state",
             f"{who} stopped renewing its lease during attempt {job.attempts}; queued again",
-            {"status": "queued", "previous_owner": job.lease_owner},
+            {"status": status, "previous_owner": job.lease_owner},
             level="warning",
         )
         report.requeued.append(job.id)

@@ -1,57 +1,147 @@
 """The activation-prompt engine: a plain library (torch, timm, numpy, PIL, safetensors only).
 
 Both the gateway and the workers use it; it reads no settings and no environment variables.
-Public names live here; see docs/CONTRACTS.md for what each promises.
+Public names live here; see docs/CONTRACTS.md for what each promises. They are resolved lazily, so that
+`service.engine.errors` (the root of every error of the product) can be imported without torch.
 """
 
-from service.engine.artifacts import PromptArtifact, load_module
-from service.engine.backbones import (
-    Backbone,
-    BackboneSpec,
-    create_backbone,
-    list_layers,
-    load_checkpoint_state,
-)
-from service.engine.data import (
-    ImageSet,
-    LoadedDataset,
-    ValidationReport,
-    decode_image,
-    load_dataset,
-    preprocess,
-    resolve_dataset_uri,
-    split_train_val,
-)
-from service.engine.errors import (
-    ArtifactError,
-    BackboneError,
-    DatasetError,
-    EngineError,
-    ImageDecodeError,
-    LayerError,
-    MethodError,
-    TrainingCancelled,
-)
-from service.engine.layer_search import SearchBudget, auto_select_layer
-from service.engine.layers import LayerInfo, NormLayerInfo, channel_shape, resolve_prompt_layers
-from service.engine.methods import MethodConfig, PromptModule, create_method, list_methods, register_method
-from service.engine.mixed_batch import (
-    PromptBank,
-    forward_mixed,
-    forward_mixed_from,
-    forward_multi,
-    predict_single,
-)
-from service.engine.train import (
-    Checkpoint,
-    EpochMetrics,
-    ProgressEvent,
-    TrainCallbacks,
-    TrainConfig,
-    TrainResult,
-    evaluate,
-    fit,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.engine.artifacts import PromptArtifact, load_module
+    from service.engine.backbones import (
+        Backbone,
+        BackboneSpec,
+        create_backbone,
+        list_layers,
+        load_checkpoint_state,
+    )
+    from service.engine.data import (
+        ImageSet,
+        LoadedDataset,
+        ValidationReport,
+        decode_image,
+        load_dataset,
+        preprocess,
+        resolve_dataset_uri,
+        split_train_val,
+    )
+    from service.engine.errors import (
+        ArtifactError,
+        BackboneError,
+        DatasetError,
+        EngineError,
+        ImageDecodeError,
+        LayerError,
+        MethodError,
+        TrainingCancelled,
+    )
+    from service.engine.layer_search import SearchBudget, auto_select_layer
+    from service.engine.layers import LayerInfo, NormLayerInfo, channel_shape, resolve_prompt_layers
+    from service.engine.methods import (
+        MethodConfig,
+        PromptModule,
+        create_method,
+        get_method_class,
+        list_methods,
+        register_method,
+    )
+    from service.engine.mixed_batch import (
+        PromptBank,
+        forward_mixed,
+        forward_mixed_from,
+        forward_multi,
+        predict_single,
+    )
+    from service.engine.pipeline import (
+        PipelineCallbacks,
+        PipelineResult,
+        PreparedData,
+        SplitSpec,
+        prepare_dataset,
+        train_prompt,
+    )
+    from service.engine.train import (
+        Checkpoint,
+        EpochMetrics,
+        ProgressEvent,
+        TrainCallbacks,
+        TrainConfig,
+        TrainResult,
+        evaluate,
+        fit,
+    )
+
+#: public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    "ArtifactError": "service.engine.errors",
+    "Backbone": "service.engine.backbones",
+    "BackboneError": "service.engine.errors",
+    "BackboneSpec": "service.engine.backbones",
+    "Checkpoint": "service.engine.train",
+    "DatasetError": "service.engine.errors",
+    "EngineError": "service.engine.errors",
+    "EpochMetrics": "service.engine.train",
+    "ImageDecodeError": "service.engine.errors",
+    "ImageSet": "service.engine.data",
+    "LayerError": "service.engine.errors",
+    "LayerInfo": "service.engine.layers",
+    "LoadedDataset": "service.engine.data",
+    "MethodConfig": "service.engine.methods",
+    "MethodError": "service.engine.errors",
+    "NormLayerInfo": "service.engine.layers",
+    "PipelineCallbacks": "service.engine.pipeline",
+    "PipelineResult": "service.engine.pipeline",
+    "PreparedData": "service.engine.pipeline",
+    "ProgressEvent": "service.engine.train",
+    "PromptArtifact": "service.engine.artifacts",
+    "PromptBank": "service.engine.mixed_batch",
+    "PromptModule": "service.engine.methods",
+    "SearchBudget": "service.engine.layer_search",
+    "SplitSpec": "service.engine.pipeline",
+    "TrainCallbacks": "service.engine.train",
+    "TrainConfig": "service.engine.train",
+    "TrainResult": "service.engine.train",
+    "TrainingCancelled": "service.engine.errors",
+    "ValidationReport": "service.engine.data",
+    "auto_select_layer": "service.engine.layer_search",
+    "channel_shape": "service.engine.layers",
+    "create_backbone": "service.engine.backbones",
+    "create_method": "service.engine.methods",
+    "decode_image": "service.engine.data",
+    "evaluate": "service.engine.train",
+    "fit": "service.engine.train",
+    "forward_mixed": "service.engine.mixed_batch",
+    "forward_mixed_from": "service.engine.mixed_batch",
+    "forward_multi": "service.engine.mixed_batch",
+    "get_method_class": "service.engine.methods",
+    "list_layers": "service.engine.backbones",
+    "list_methods": "service.engine.methods",
+    "load_checkpoint_state": "service.engine.backbones",
+    "load_dataset": "service.engine.data",
+    "load_module": "service.engine.artifacts",
+    "predict_single": "service.engine.mixed_batch",
+    "prepare_dataset": "service.engine.pipeline",
+    "preprocess": "service.engine.data",
+    "register_method": "service.engine.methods",
+    "resolve_dataset_uri": "service.engine.data",
+    "resolve_prompt_layers": "service.engine.layers",
+    "split_train_val": "service.engine.data",
+    "train_prompt": "service.engine.pipeline",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'service.engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ArtifactError",
@@ -70,11 +160,15 @@ __all__ = [
     "MethodConfig",
     "MethodError",
     "NormLayerInfo",
+    "PipelineCallbacks",
+    "PipelineResult",
+    "PreparedData",
     "ProgressEvent",
     "PromptArtifact",
     "PromptBank",
     "PromptModule",
     "SearchBudget",
+    "SplitSpec",
     "TrainCallbacks",
     "TrainConfig",
     "TrainResult",
@@ -90,15 +184,18 @@ __all__ = [
     "forward_mixed",
     "forward_mixed_from",
     "forward_multi",
+    "get_method_class",
     "list_layers",
     "list_methods",
     "load_checkpoint_state",
     "load_dataset",
     "load_module",
     "predict_single",
+    "prepare_dataset",
     "preprocess",
     "register_method",
     "resolve_dataset_uri",
     "resolve_prompt_layers",
     "split_train_val",
+    "train_prompt",
 ]

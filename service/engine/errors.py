@@ -1,25 +1,52 @@
-"""Typed engine errors: each carries a stable `code` and the request field (`param`) it is about.
+"""The one error hierarchy of the product, rooted here (the engine imports nothing of ours, so the root
+lives in the lowest layer): every error raised on purpose is an `ActpromptError` with a stable `code`,
+a `message`, the request field (`param`) it is about and the kind of failure (`status`, an HTTP status).
 
-The gateway turns them into `{"error": {"code", "message", "param"}}` without knowing the engine,
-so a bad layer, dataset or image is always a clear 4xx and never a 500.
+The engine's errors derive from `EngineError`; the use cases' from `service.domain.errors.DomainError`;
+serving's from `service.serving.errors.ServingError`. The gateway has one handler for the root and turns
+any of them into `{"error": {"code", "message", "param"}}`, so bad input is always a 4xx, never a 500.
+This module imports nothing heavy (no torch), so any layer can import it.
 """
 
 from __future__ import annotations
 
+from typing import Any
 
-class EngineError(Exception):
-    """Base of every error the engine raises on purpose."""
 
-    code: str = "engine_error"
+class ActpromptError(Exception):
+    """Root of every error the product raises on purpose: (code, message, param) plus a status."""
+
+    status: int = 400
+    code: str = "invalid_request"
     param: str | None = None
 
-    def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
         if param is not None:
             self.param = param
+        #: JSON-able context (a failed dataset's validation report), kept beside the message.
+        self.details = details
+
+    def to_dict(self) -> dict[str, str | None]:
+        """The body of the API's error object."""
+        return {"code": self.code, "message": self.message, "param": self.param}
+
+
+class EngineError(ActpromptError):
+    """Base of every error the engine raises on purpose: a request the engine cannot carry out (422)."""
+
+    status = 422
+    code = "engine_error"
 
 
 class BackboneError(EngineError):
@@ -67,4 +94,5 @@ class ArtifactError(EngineError):
 class TrainingCancelled(EngineError):
     """Raised by `fit` when the caller's `should_stop()` returned True."""
 
+    status = 409
     code = "cancelled"

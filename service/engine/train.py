@@ -130,10 +130,24 @@ class TrainResult:
 
 # --- helpers -------------------------------------------------------------------------------------------
 def seed_everything(seed: int) -> None:
-    """Seed every RNG a run touches (head init, dropout in `full`)."""
+    """Seed every RNG a run touches (head init, dropout in `full`); call it inside `isolated_rng`."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def isolated_rng(device: torch.device) -> Iterator[None]:
+    """Run a block with forked RNGs: training seeds its own, the caller's global RNG state is untouched
+    (embedded mode trains inside the gateway, whose other code must not see its random stream move)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
@@ -256,6 +270,26 @@ def fit(
         TrainingCancelled: `callbacks.should_stop()` returned True.
         MethodError: unknown method, bad config, labels outside the classes, or a foreign checkpoint.
     """
+    with isolated_rng(backbone.device):
+        return _fit(
+            backbone, method, method_config, train, val, test, config,
+            classes=classes, callbacks=callbacks, resume=resume,
+        )  # fmt: skip
+
+
+def _fit(
+    backbone: Backbone,
+    method: str,
+    method_config: MethodConfig,
+    train: tuple[Tensor, Tensor],
+    val: tuple[Tensor, Tensor] | None,
+    test: tuple[Tensor, Tensor] | None,
+    config: TrainConfig,
+    *,
+    classes: Sequence[str],
+    callbacks: TrainCallbacks | None,
+    resume: Checkpoint | None,
+) -> TrainResult:
     cb = callbacks or TrainCallbacks()
     device = backbone.device
     x_train, y_train = train[0], train[1].to(torch.int64)

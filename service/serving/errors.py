@@ -1,23 +1,21 @@
-"""Serving errors, shaped like the engine's (code, param, message) so the gateway maps both alike."""
+"""Serving errors: part of the product's one hierarchy (`ActpromptError`: code, message, param, status)."""
 
 from __future__ import annotations
 
+from service.engine.errors import ActpromptError
 
-class ServingError(Exception):
+
+class ServingError(ActpromptError):
     """Base of every serving error; ``code`` and ``param`` go straight into the API's error body."""
 
-    code: str = "serving_error"
-    param: str | None = None
-
-    def __init__(self, message: str, *, param: str | None = None) -> None:
-        super().__init__(message)
-        if param is not None:
-            self.param = param
+    status = 503
+    code = "serving_error"
 
 
 class PromptNotFoundError(ServingError):
     """The prompt's artifact is gone (deleted, replaced) or was never there: the gateway answers 404."""
 
+    status = 404
     code = "prompt_not_found"
     param = "prompt"
 
@@ -25,6 +23,7 @@ class PromptNotFoundError(ServingError):
 class PinLimitError(ServingError):
     """Pinning more would leave too few device slots for unpinned traffic: the gateway answers 409."""
 
+    status = 409
     code = "pin_limit_reached"
     param = "prompt"
 

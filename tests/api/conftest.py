@@ -21,6 +21,8 @@ from sqlalchemy import text
 from service.api.main import create_app
 from service.db.session import make_engine
 from service.settings import Settings
+from tests.services import require
+from tests.signal_data import CLASSES, square_images
 
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 ADMIN_KEY = "test-admin-key"
@@ -33,12 +35,8 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[str]:
     """A fresh PostgreSQL database for this run (random name), migrated once, dropped at the end."""
-    try:
-        admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception as exc:  # pragma: no cover - the CI starts PostgreSQL (.ci/run)
-        pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is required: {exc}")
+    require("postgres")
+    admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     name = f"actprompt_test_{secrets.token_hex(6)}"
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
@@ -111,6 +109,9 @@ def data_root(tmp_path: Path) -> Path:
         y_test=yt,
         classes=np.array(["red", "green", "blue"]),
     )
+    xs, ys = square_images(192, seed=0)
+    xst, yst = square_images(64, seed=1)
+    np.savez(root / "squares.npz", x_train=xs, y_train=ys, x_test=xst, y_test=yst, classes=np.array(CLASSES))
     return root
 
 

@@ -31,12 +31,12 @@ def test_jobs_are_sent_to_the_broker_by_task_name(make_api) -> None:
         api.tiny_backbone()
         t = api.tenant()
         job = api.client.post("/v1/jobs", json=api.job_body(), headers=t).json()
-        assert job["status"] == "queued"
+        assert job["status"] == "validating"
         message = json.loads(r.lpop(queue_name) or b"{}")
         assert message["headers"]["task"] == TRAIN_TASK
         assert message["headers"]["argsrepr"] == f"['{job['id']}']"
         time.sleep(0.5)  # nothing in the gateway runs it
-        assert api.client.get(f"/v1/jobs/{job['id']}", headers=t).json()["status"] == "queued"
+        assert api.client.get(f"/v1/jobs/{job['id']}", headers=t).json()["status"] == "validating"
     finally:
         r.delete(queue_name)
         r.close()
@@ -53,4 +53,4 @@ def test_broker_down_keeps_the_job_and_fails_readiness(make_api) -> None:
     t = api.tenant()
     r = api.client.post("/v1/jobs", json=api.job_body(), headers=t)
     assert r.status_code == 202  # committed; the reaper re-sends it when the broker is back
-    assert api.client.get(f"/v1/jobs/{r.json()['id']}", headers=t).json()["status"] == "queued"
+    assert api.client.get(f"/v1/jobs/{r.json()['id']}", headers=t).json()["status"] == "validating"

@@ -64,7 +64,7 @@ def test_second_delivery_while_leased_does_nothing(setup) -> None:
     out = run_job(job_id, session_factory=factory, worker_id="worker-b", settings=api.settings)
     assert out == RunOutcome.NOT_CLAIMED
     row = job(job_id)
-    assert (row.status, row.lease_owner, row.attempts) == ("running", "worker-a", 1)
+    assert (row.status, row.lease_owner, row.attempts) == ("validating", "worker-a", 1)
     with factory() as s:  # the same worker cannot claim twice either
         assert not JobLeaseRepository(s).claim(job_id, "worker-a", now, now + timedelta(seconds=60))
 
@@ -106,7 +106,8 @@ def test_reaper_requeues_expired_leases_and_resends_lost_messages(setup) -> None
         report.requeued == [lost] and report.resent == [stale] and sorted(queue.sent) == sorted([lost, stale])
     )
     row = job(lost)
-    assert (row.status, row.lease_owner, row.attempts) == ("queued", None, 1)
+    # it died while validating: validated again by the next claimer
+    assert (row.status, row.lease_owner, row.attempts) == ("validating", None, 1)
     assert job(stale).requeues == 1
     assert reap(factory, ListQueue(), api.settings).requeued == []  # nothing more to do
 
@@ -186,3 +187,73 @@ def test_bad_dataset_fails_with_engine_code(setup) -> None:
     assert row.status == "failed" and row.attempts == 1 and row.error["code"] == "invalid_dataset"  # type: ignore[index]
     r = api.client.get(f"/v1/jobs/{job_id}", headers=api.tenant("x"))
     assert r.status_code == 404
+
+
+def test_validation_failure_ends_the_job_with_its_report(setup) -> None:
+    api, factory, submit, job = setup
+    root = Path(api.settings.data_roots)
+    x = np.zeros((5, 8, 8, 3), dtype=np.uint8)
+    np.savez(
+        root / "small_class.npz",
+        x_train=x,
+        y_train=np.array([0, 0, 1, 1, 2]),
+        classes=np.array(["a", "b", "c"]),
+    )
+    job_id = submit(dataset_uri=(root / "small_class.npz").as_uri())
+    assert job(job_id).status == "validating"  # POST answered at once; nothing was loaded yet
+    assert run_job(job_id, session_factory=factory, worker_id="w", settings=api.settings) == RunOutcome.FAILED
+    row = job(job_id)
+    assert row.status == "failed" and row.error["code"] == "invalid_dataset"  # type: ignore[index]
+    report = row.validation_report
+    assert report is not None and report["classes_below_minimum"] == ["c"]
+    assert report["images_per_class"] == {"a": 2, "b": 2, "c": 1}
+
+
+def test_a_claimed_validating_job_is_cancelled_by_its_runner_not_under_it(setup) -> None:
+    """Unclaimed: cancelled at once. Claimed while validating: `cancelling` (the runner cannot move it on)."""
+    api, factory, submit, job = setup
+    job_id = submit()
+    now = utcnow()
+    with factory() as s:  # a worker claimed it and is still validating
+        assert JobLeaseRepository(s).claim(job_id, "worker-a", now, now + timedelta(seconds=60))
+        s.commit()
+    r = api.client.post(f"/v1/jobs/{job_id}/cancel", headers=api.tenant("other-cancel"))
+    assert r.status_code == 404  # another tenant cannot see it
+    with factory() as s:
+        from service.domain.jobs import cancel_job
+
+        assert cancel_job(s, job(job_id).tenant_id, job_id).status == "cancelling"
+        s.commit()
+        assert not JobLeaseRepository(s).update_owned(
+            job_id, "worker-a", statuses=("validating",), status="running"
+        )  # the runner's validating -> running step finds the cancel
+    unclaimed = submit()
+    with factory() as s:
+        assert cancel_job(s, job(unclaimed).tenant_id, unclaimed).status == "cancelled"
+        s.commit()
+
+
+def test_a_prompt_version_conflict_fails_without_training_again(setup, monkeypatch) -> None:
+    api, factory, submit, job = setup
+    from sqlalchemy.exc import IntegrityError
+
+    import service.domain.job_runner as runner
+    import service.engine.train
+
+    fits: list[int] = []
+    real_fit = service.engine.train.fit
+
+    def counting_fit(*args, **kwargs):
+        fits.append(1)
+        return real_fit(*args, **kwargs)
+
+    def always_taken(*args, **kwargs):
+        raise IntegrityError("INSERT INTO prompts", {}, Exception("uq_prompts_version"))
+
+    monkeypatch.setattr(service.engine.train, "fit", counting_fit)
+    monkeypatch.setattr(runner, "store_prompt", always_taken)
+    job_id = submit()
+    assert run_job(job_id, session_factory=factory, worker_id="w", settings=api.settings) == RunOutcome.FAILED
+    row = job(job_id)
+    assert row.status == "failed" and row.error["code"] == "prompt_version_conflict"  # type: ignore[index]
+    assert fits == [1] and row.attempts == 1  # trained once, not re-queued to train again

@@ -70,7 +70,7 @@ def test_bad_job_inputs(qapi: Api, tmp_path: Path) -> None:
     layers = c.get("/v1/backbones/tiny", headers=t).json()["layers"]
     ok = post(prompt_layer=layers[2]["name"])
     assert ok.status_code == 202, ok.text
-    assert ok.json()["resolved_layers"] == [2] and ok.json()["status"] == "queued"
+    assert ok.json()["resolved_layers"] == [2] and ok.json()["status"] == "validating"
     assert post(prompt_layer="all").json()["resolved_layers"] == [
         x["index"] for x in layers if x["kind"] == "block"
     ]
@@ -127,11 +127,11 @@ def test_pagination_status_filter_cancel_and_quota(qapi: Api) -> None:
     assert c.post(f"/v1/jobs/{ids[1]}/cancel", headers=t).json()["status"] == "cancelled"  # idempotent
     by_status = c.get("/v1/jobs", params={"status": "cancelled"}, headers=t).json()["data"]
     assert [j["id"] for j in by_status] == [ids[1]]
-    assert len(c.get("/v1/jobs", params={"status": "queued"}, headers=t).json()["data"]) == 4
+    assert len(c.get("/v1/jobs", params={"status": "validating"}, headers=t).json()["data"]) == 4
     _err(c.get("/v1/jobs", params={"status": "bogus"}, headers=t), 422, param="status")
     _err(c.get("/v1/jobs", params={"limit": 0}, headers=t), 422, param="limit")
     events = c.get(f"/v1/jobs/{ids[1]}/events", headers=t).json()["data"]
-    assert [e["data"]["status"] for e in events if e["type"] == "state"] == ["queued", "cancelled"]
+    assert [e["data"]["status"] for e in events if e["type"] == "state"] == ["validating", "cancelled"]
     assert c.get(f"/v1/jobs/{ids[1]}/checkpoints", headers=t).json()["data"] == []
     _err(c.get("/v1/jobs/job_nope", headers=t), 404, "job_not_found")
 

@@ -12,7 +12,7 @@ from tests.api.conftest import TINY_BACKBONE, Api
 
 def _error(r) -> dict:
     body = r.json()
-    assert set(body) == {"error"} or "error" in body, body
+    assert set(body) == {"error"}, body
     assert set(body["error"]) == {"code", "message", "param"}, body
     return body["error"]
 

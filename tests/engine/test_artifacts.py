@@ -58,7 +58,8 @@ def test_metadata_describes_the_prompt(bb: Backbone, artifact: PromptArtifact) -
         "mean": list(bb.spec.mean),
         "std": list(bb.spec.std),
     }
-    assert 0.0 <= m["metrics"]["test"]["top1"] <= 1.0
+    assert set(m["metrics"]) == {"train_seconds", "test"}  # the small summary, no per-class tables
+    assert m["metrics"]["test"]["n"] == 24 and m["metrics"]["test"]["top5"] >= m["metrics"]["test"]["top1"]
     assert m["created_at"]
     assert len(artifact.to_bytes()) < 16_000  # kilobytes, the backbone is referenced not copied
 
@@ -99,10 +100,22 @@ def test_corrupt_bytes_are_rejected_with_a_clear_error(artifact: PromptArtifact)
         "future version": _header_with({**artifact.metadata, "format_version": FORMAT_VERSION + 1}),
         "missing keys": _header_with({"format_version": FORMAT_VERSION}),
     }
+    corrupt = "not a readable safetensors file"
+    expected = {
+        "empty": corrupt,
+        "garbage": corrupt,
+        "truncated": corrupt,
+        "flipped header": corrupt,
+        "bad header length": corrupt,
+        "plain safetensors": "no actprompt metadata",
+        "future version": f"format version {FORMAT_VERSION + 1} is not supported",
+        "missing keys": "metadata lacks backbone",
+    }
     for label, blob in cases.items():
         with pytest.raises(ArtifactError) as info:
             PromptArtifact.from_bytes(blob)
-        assert str(info.value), label
+        assert info.value.code == "invalid_artifact" and info.value.param == "artifact", label
+        assert expected[label] in str(info.value), (label, str(info.value))
     with pytest.raises(ArtifactError, match="sha256"):
         PromptArtifact.from_bytes(data, expected_sha256="0" * 64)
 

@@ -385,7 +385,10 @@ def test_real_mnist(data_dir: Path) -> None:
     assert ds.report.num_train == 8000 and sum(ds.report.images_per_class.values()) == 8000
     x = preprocess(ds.train.images[:64], (32, 32), MEAN, STD)
     assert x.shape == (64, 3, 32, 32) and torch.isfinite(x).all()
-    assert torch.equal(x[:, 0] * STD[0] + MEAN[0], x[:, 0] * STD[0] + MEAN[0])
+    # without a resize, undoing the normalisation gives back the source pixels in every channel
+    same = preprocess(ds.train.images[:64], (28, 28), MEAN, STD)
+    pixels = torch.from_numpy(ds.train.images[:64, :, :, 0]).float() / 255
+    assert torch.allclose(same[:, 0] * STD[0] + MEAN[0], pixels, atol=1e-5)
     gray = x * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
     assert torch.allclose(gray[:, 0], gray[:, 1], atol=1e-5) and torch.allclose(
         gray[:, 0], gray[:, 2], atol=1e-5

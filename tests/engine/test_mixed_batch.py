@@ -177,7 +177,8 @@ def test_layer_tables_grow_with_use_and_recycle_rows(bb: Backbone) -> None:
         bank.write(slot * 9, art)
     table = bank.deltas[layer]
     assert set(bank.deltas) == {layer}
-    assert 7 < table.data.shape[0] <= 1 + 16  # grew from a few rows, far below the 64 slots
+    # one row per prompting slot at least, and it grew on demand: fewer rows than the bank has slots
+    assert len(arts) <= table.data.shape[0] < bank.capacity
     rows_before = table.data.shape[0]
     for slot in range(0, 63, 9):
         bank.clear(slot)

@@ -55,9 +55,8 @@ def test_concurrent_misses_load_once_and_do_not_block_hits(blobs: dict[str, byte
         await cache.get("p0")
         loads = [asyncio.ensure_future(cache.get("p1")) for _ in range(5)]
         await asyncio.sleep(0)
-        t0 = asyncio.get_running_loop().time()
-        hit = await cache.get("p0")  # served while p1 is still loading
-        assert asyncio.get_running_loop().time() - t0 < 0.1 and hit.key == "p0"
+        hit = await cache.get("p0")  # served while p1 is still loading: order, not seconds
+        assert hit.key == "p0"
         assert not any(f.done() for f in loads)
         results = await asyncio.gather(*loads)
         assert source.loads == 2  # p0 once, p1 once for five callers

@@ -107,20 +107,34 @@ def _metric(client: TestClient, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
+def _mixed_passes(client: TestClient) -> float:
+    """Forward passes that held more than one distinct prompt (the histogram's count above le=1)."""
+    text = client.get("/metrics").text
+    total = single = 0.0
+    for line in text.splitlines():
+        if line.startswith("actprompt_serving_batch_prompts_count"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("actprompt_serving_batch_prompts_bucket") and 'le="1.0"' in line:
+            single += float(line.rsplit(" ", 1)[1])
+    return total - single
+
+
 def test_concurrent_tenants_get_what_sequential_requests_get(make_gateway: Callable[..., Gateway]) -> None:
-    gw = make_gateway()
+    gw = make_gateway(n_tenants=4, per_tenant=1)  # one prompt per tenant: two prompts = two tenants
     requests = [
         (t, {"prompt": pid, "images": [_png(i), _png(i + 1)][: 1 + i % 2], "top_k": 3})
-        for i, (t, pid) in enumerate(gw.prompts * 4)
+        for i, (t, pid) in enumerate(gw.prompts * 6)
     ]
     sequential = [_probs(gw.predict(t, body)) for t, body in requests]
     batches_before = _metric(gw.client, "actprompt_serving_batch_rows_count")
+    mixed_before = _mixed_passes(gw.client)
     with ThreadPoolExecutor(max_workers=12) as pool:
         concurrent = list(pool.map(lambda tb: _probs(gw.predict(*tb)), requests))
     for seq, con in zip(sequential, concurrent, strict=True):
-        _same(seq, con)
+        _same(seq, con)  # every row got its own tenant's answer, whatever pass it rode in
     batches = _metric(gw.client, "actprompt_serving_batch_rows_count") - batches_before
-    assert 0 < batches < len(requests)  # concurrent requests of different tenants shared passes
+    assert 0 < batches < len(requests)
+    assert _mixed_passes(gw.client) > mixed_before  # at least one pass mixed tenants
     assert _metric(gw.client, "actprompt_predict_requests_total{") >= 2 * len(requests)
 
 

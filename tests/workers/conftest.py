@@ -30,6 +30,7 @@ import pytest
 import redis
 
 from tests.conftest import DATA_DIR, REPO_ROOT, WEIGHTS_DIR
+from tests.services import require
 
 PG_ADMIN_URL = os.environ.get("ACTPROMPT_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_DB = int(os.environ.get("ACTPROMPT_TEST_REDIS_DB", "5"))
@@ -60,10 +61,8 @@ def pg_url() -> Iterator[str]:
     from service.db.migrate import upgrade
 
     name = f"actprompt_workers_{RUN_ID}"
-    try:
-        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:  # a missing service is a failure, not a skip: CI starts it
-        pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is not reachable (.ci/run starts it): {exc}")
+    require("postgres")  # a missing service is a failure, not a skip: CI starts it
+    admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
     with admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
@@ -87,12 +86,8 @@ def session_factory(pg_url: str) -> Iterator[Any]:
 # --- Redis -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def redis_client() -> redis.Redis:
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError as exc:
-        pytest.fail(f"Redis at {REDIS_URL} is not reachable (.ci/run starts it): {exc}")
-    return client
+    require("redis")
+    return redis.Redis.from_url(REDIS_URL)
 
 
 # --- data ------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def job_public(job: Job) -> JobPublic:
         prompt_shape=job.prompt_shape,
         hyperparameters=job.hyperparameters,
         name=job.name,
-        metadata=job.metadata_ or {},
+        metadata=jobs.stored_metadata(job.metadata_),
         progress=Progress(
             epoch=int(progress.get("epoch", 0)),
             epochs=int(progress.get("epochs", job.hyperparameters.get("epochs", 0))),

@@ -1,28 +1,49 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
+from service.domain.jobs import check_metadata
+from service.engine.methods import PROMPT_SHAPES, list_methods
+from service.engine.pipeline import SplitSpec
+from service.engine.train import OPTIMIZERS, TrainConfig
+
 LayerRef = StrictInt | StrictStr  # strict: `true` is not layer 1
+
+#: The engine's defaults and allowed values are the API's: one source of truth (checked by a test).
+_TRAIN = TrainConfig()
+_SPLIT = SplitSpec()
+#: Methods a job may train: the registry's servable ones (a new method appears here by registering).
+SERVABLE_METHODS: list[Any] = list_methods(servable_only=True)
 
 
 class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(default=10, ge=1, le=1000)
-    batch_size: int = Field(default=128, ge=1, le=8192)
-    learning_rate: float = Field(default=1e-2, gt=0, le=10)
-    weight_decay: float = Field(default=0.0, ge=0, le=1)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    momentum: float = Field(default=0.9, ge=0, lt=1)
-    warmup_epochs: float = Field(default=0.0, ge=0, le=100)
-    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
-    augment: bool = False
+    epochs: int = Field(default=_TRAIN.epochs, ge=1, le=1000)
+    batch_size: int = Field(default=_TRAIN.batch_size, ge=1, le=8192)
+    learning_rate: float = Field(default=_TRAIN.learning_rate, gt=0, le=10)
+    weight_decay: float = Field(default=_TRAIN.weight_decay, ge=0, le=1)
+    optimizer: str = Field(default=_TRAIN.optimizer, json_schema_extra={"enum": list(OPTIMIZERS)})
+    momentum: float = Field(default=_TRAIN.momentum, ge=0, lt=1)
+    warmup_epochs: float = Field(default=_TRAIN.warmup_epochs, ge=0, le=100)
+    label_smoothing: float = Field(default=_TRAIN.label_smoothing, ge=0, lt=1)
+    augment: bool = _TRAIN.augment
     val_fraction: float = Field(
-        default=0.1, ge=0, le=0.5, description="Share of train held out when there is no val split."
+        default=_SPLIT.val_fraction,
+        ge=0,
+        le=0.5,
+        description="Share of train held out when there is no val split.",
     )
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    seed: int = Field(default=_TRAIN.seed, ge=0, le=2**31 - 1)
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer(cls, value: str) -> str:
+        if value not in OPTIMIZERS:
+            raise ValueError(f"one of {', '.join(OPTIMIZERS)}")
+        return value
 
 
 class JobCreate(BaseModel):
@@ -31,32 +52,44 @@ class JobCreate(BaseModel):
     dataset_uri: str = Field(
         min_length=1, max_length=4096, description="file:// (under DATA_ROOTS) or https://"
     )
-    prompt_layer: LayerRef | list[LayerRef] | None = Field(
+    prompt_layer: LayerRef | Annotated[list[LayerRef], Field(min_length=1, max_length=256)] | None = Field(
         default=None,
         description='Layer index, layer name, a list of them, "all" or "auto"; default: the recommended one. '
-        'Only for method "activation".',
+        "Only for methods with prompt layers (activation); refused with any other.",
     )
-    method: str = Field(default="activation", description="activation | input | linear | norm")
-    prompt_shape: Literal["full", "channel"] = "full"
+    method: str = Field(
+        default="activation",
+        description="The adaptation method (the registry's servable methods).",
+        json_schema_extra={"enum": SERVABLE_METHODS},
+    )
+    prompt_shape: str = Field(
+        default="full",
+        description="Activation prompt shape; only for methods with prompt layers.",
+        json_schema_extra={"enum": list(PROMPT_SHAPES)},
+    )
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     name: str | None = Field(default=None, max_length=200)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Free JSON kept with the job: at most 16 KiB, nesting depth 8, 256 keys in all.",
+    )
     prompt_id: str | None = Field(
         default=None, max_length=40, description="Store the result as a new version of this prompt."
     )
 
-    @field_validator("prompt_layer")
+    @field_validator("prompt_shape")
     @classmethod
-    def _layers(cls, value: Any) -> Any:
-        if isinstance(value, list) and not 1 <= len(value) <= 256:
-            raise ValueError("a list of 1 to 256 layers")
+    def _shape(cls, value: str) -> str:
+        if value not in PROMPT_SHAPES:
+            raise ValueError(f"one of {', '.join(PROMPT_SHAPES)}")
         return value
 
-    @field_validator("metadata")
+    @field_validator("metadata", mode="before")
     @classmethod
-    def _metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if len(str(value)) > 16_384:
-            raise ValueError("at most 16 KiB")
+    def _metadata(cls, value: Any) -> Any:
+        problem = check_metadata(value)  # before parsing: a 300-deep value must not reach the parser
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, case, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.db.models import ACTIVE_JOB_STATES, Checkpoint, Job, JobEvent
@@ -112,16 +112,21 @@ class JobLeaseRepository:
         return self.session.get(Job, job_id, populate_existing=True)
 
     def claim(self, job_id: str, worker_id: str, now: datetime, lease_until: datetime) -> bool:
-        """Take the job if it is queued, or running under an expired lease; one winner per lease."""
+        """Take the job if it is queued, validating or running with no live lease; one winner per lease.
+
+        A `validating` job stays `validating` (the runner validates its dataset, then moves it to
+        `running`); a `queued` one (re-queued after a crash, already validated once) becomes `running`.
+        """
+        no_live_lease = or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now)
         claimable = or_(
             Job.status == "queued",
-            and_(Job.status == "running", or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now)),
+            and_(Job.status.in_(("validating", "running")), no_live_lease),
         )
         stmt = (
             update(Job)
             .where(Job.id == job_id, Job.attempts < Job.max_attempts, claimable)
             .values(
-                status="running",
+                status=case((Job.status == "validating", "validating"), else_="running"),
                 lease_owner=worker_id,
                 worker_id=worker_id,
                 lease_expires_at=lease_until,
@@ -148,14 +153,16 @@ class JobLeaseRepository:
         stmt = select(Job.status).where(Job.id == job_id, Job.lease_owner == worker_id)
         return self.session.scalar(stmt)
 
-    def update_owned(self, job_id: str, worker_id: str, **values: Any) -> bool:
-        """Write only while we hold the lease: a worker that lost its job cannot overwrite the new owner."""
-        stmt = (
-            update(Job)
-            .where(Job.id == job_id, Job.lease_owner == worker_id)
-            .values(**values)
-            .execution_options(synchronize_session=False)
-        )
+    def update_owned(
+        self, job_id: str, worker_id: str, *, statuses: tuple[str, ...] | None = None, **values: Any
+    ) -> bool:
+        """Write only while we hold the lease: a worker that lost its job cannot overwrite the new owner.
+
+        `statuses`: also require one of these (so `validating -> running` cannot overwrite a cancel)."""
+        conditions = [Job.id == job_id, Job.lease_owner == worker_id]
+        if statuses is not None:
+            conditions.append(Job.status.in_(statuses))
+        stmt = update(Job).where(*conditions).values(**values).execution_options(synchronize_session=False)
         return bool(self.session.execute(stmt).rowcount == 1)  # type: ignore[attr-defined]
 
     def update_if_status(self, job_id: str, statuses: tuple[str, ...], **values: Any) -> bool:
@@ -167,10 +174,21 @@ class JobLeaseRepository:
         )
         return bool(self.session.execute(stmt).rowcount == 1)  # type: ignore[attr-defined]
 
+    def cancel_unclaimed(self, job_id: str, now: datetime) -> bool:
+        """Cancel a job no worker holds (queued, or validating and never claimed)."""
+        unclaimed = or_(Job.status == "queued", and_(Job.status == "validating", Job.lease_owner.is_(None)))
+        stmt = (
+            update(Job)
+            .where(Job.id == job_id, unclaimed)
+            .values(status="cancelled", finished_at=now, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(self.session.execute(stmt).rowcount == 1)  # type: ignore[attr-defined]
+
     def expired_leases(self, now: datetime, *, limit: int = 100) -> list[Job]:
         stmt = (
             select(Job)
-            .where(Job.status.in_(("running", "cancelling")), Job.lease_expires_at < now)
+            .where(Job.status.in_(("validating", "running", "cancelling")), Job.lease_expires_at < now)
             .order_by(Job.id)
             .limit(limit)
         )
@@ -183,7 +201,10 @@ class JobLeaseRepository:
     def stale_queued(self, enqueued_before: datetime, *, limit: int = 100) -> list[Job]:
         stmt = (
             select(Job)
-            .where(Job.status == "queued", or_(Job.enqueued_at.is_(None), Job.enqueued_at < enqueued_before))
+            .where(
+                or_(Job.status == "queued", and_(Job.status == "validating", Job.lease_owner.is_(None))),
+                or_(Job.enqueued_at.is_(None), Job.enqueued_at < enqueued_before),
+            )
             .order_by(Job.id)
             .limit(limit)
         )

@@ -175,6 +175,28 @@ def below_minimum_message(below: list[str], counts: dict[str, int], minimum: int
     )
 
 
+def dataset_refused(
+    message: str,
+    images_per_class: dict[str, int],
+    below: list[str],
+    *,
+    undecodable: Sequence[str] = (),
+    num_undecodable: int = 0,
+    warnings: Sequence[str] = (),
+) -> DatasetError:
+    """The error with what validation found attached (the job stores it as its validation_report)."""
+    partial = ValidationReport(
+        num_classes=len(images_per_class),
+        images_per_class=dict(images_per_class),
+        undecodable=list(undecodable),
+        num_undecodable=num_undecodable,
+        classes_below_minimum=list(below),
+        num_train=sum(images_per_class.values()),
+        warnings=[*warnings, message],
+    )
+    return DatasetError(message, details=partial.to_dict())
+
+
 def build_dataset(
     collected: Collected,
     *,
@@ -192,18 +214,29 @@ def build_dataset(
     """
     warns = list(collected.warnings)
     train_labels = [s.label for s in collected.samples if s.split == "train"]
-    if not train_labels:
-        detail = f" ({collected.num_undecodable} file(s) did not decode)" if collected.num_undecodable else ""
-        raise DatasetError(f"the dataset has no decodable training images{detail}")
     names = list(classes) if classes is not None else sort_class_names(train_labels)
-    if len(names) < 2:
-        raise DatasetError(f"a classification dataset needs at least 2 classes, found {len(names)}")
-    index = {name: i for i, name in enumerate(names)}
     counts = Counter(train_labels)
     images_per_class = {name: int(counts.get(name, 0)) for name in names}
     below = [name for name in names if images_per_class[name] < min_images_per_class]
+
+    def failed(message: str) -> DatasetError:
+        return dataset_refused(
+            message,
+            images_per_class,
+            below,
+            undecodable=collected.undecodable,
+            num_undecodable=collected.num_undecodable,
+            warnings=warns,
+        )
+
+    if not train_labels:
+        detail = f" ({collected.num_undecodable} file(s) did not decode)" if collected.num_undecodable else ""
+        raise failed(f"the dataset has no decodable training images{detail}")
+    if len(names) < 2:
+        raise failed(f"a classification dataset needs at least 2 classes, found {len(names)}")
+    index = {name: i for i, name in enumerate(names)}
     if below:
-        raise DatasetError(below_minimum_message(below, images_per_class, min_images_per_class))
+        raise failed(below_minimum_message(below, images_per_class, min_images_per_class))
 
     splits: dict[str, ImageSet | None] = {}
     for split in SPLITS:

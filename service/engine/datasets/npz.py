@@ -16,6 +16,7 @@ from service.engine.datasets.base import (
     LoadedDataset,
     ValidationReport,
     below_minimum_message,
+    dataset_refused,
     sort_class_names,
 )
 from service.engine.errors import DatasetError
@@ -85,11 +86,13 @@ def load_npz(path: Path, *, min_images_per_class: int) -> LoadedDataset:
         names = sort_class_names(str(i) for i in range(top))
     counts = np.bincount(train.labels, minlength=len(names))
     images_per_class = {name: int(counts[i]) for i, name in enumerate(names)}
-    if len(names) < 2:
-        raise DatasetError(f"a classification dataset needs at least 2 classes, found {len(names)}")
     below = [name for name in names if images_per_class[name] < min_images_per_class]
+    if len(names) < 2:
+        message = f"a classification dataset needs at least 2 classes, found {len(names)}"
+        raise dataset_refused(message, images_per_class, below)
     if below:
-        raise DatasetError(below_minimum_message(below, images_per_class, min_images_per_class))
+        message = below_minimum_message(below, images_per_class, min_images_per_class)
+        raise dataset_refused(message, images_per_class, below)
     report = ValidationReport(
         num_classes=len(names),
         images_per_class=images_per_class,

@@ -11,10 +11,11 @@ from service.engine.methods import norm  # noqa: F401  (registers "norm")
 from service.engine.methods import full  # noqa: F401  (registers "full")
 
 # isort: on
-from service.engine.methods.base import MethodConfig, PromptModule, norm_layer_segments
+from service.engine.methods.base import PROMPT_SHAPES, MethodConfig, PromptModule, norm_layer_segments
 from service.engine.methods.registry import create_method, get_method_class, list_methods, register_method
 
 __all__ = [
+    "PROMPT_SHAPES",
     "MethodConfig",
     "PromptModule",
     "create_method",

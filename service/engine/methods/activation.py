@@ -32,6 +32,8 @@ def delta_key(layer: int) -> str:
 class ActivationPrompt(PromptModule):
     """`h_l <- h_l + P_l` at every prompt layer l (zero-initialised)."""
 
+    options = ("prompt_layers", "prompt_shape")
+
     def __init__(self, backbone: Backbone, config: MethodConfig) -> None:
         super().__init__(backbone, config)
         if not config.prompt_layers:

@@ -8,7 +8,7 @@ earliest layer where something trainable acts (`first_layer`), so training runs 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -55,6 +55,31 @@ class MethodConfig:
             raise MethodError(f"pad_size must be >= 1, got {self.pad_size}")
         object.__setattr__(self, "prompt_layers", tuple(int(i) for i in self.prompt_layers))
 
+    @classmethod
+    def for_method(cls, method: str, *, num_classes: int, **options: Any) -> MethodConfig:
+        """The config of `method` (the type tag): options it does not take are refused, not ignored.
+
+        An option the method does not declare in `PromptModule.options` is accepted only at its default
+        value (callers may pass every field uniformly); any other value is a MethodError naming it.
+        """
+        from service.engine.methods.registry import get_method_class
+
+        allowed = get_method_class(method).options
+        defaults = {f.name: f.default for f in fields(cls) if f.name != "num_classes"}
+        for key, value in options.items():
+            if key not in defaults:
+                raise MethodError(f"unknown method option {key!r}", code="invalid_method_option", param=key)
+            empty = value is None or value == () or value == []
+            if key not in allowed and not empty and value != defaults[key]:
+                takes = ", ".join(allowed) or "no options"
+                raise MethodError(
+                    f"{key} does not apply to method {method!r} (it takes {takes})",
+                    code="invalid_prompt_layer" if key == "prompt_layers" else "option_not_applicable",
+                    param="prompt_layer" if key == "prompt_layers" else key,
+                )
+        kept = {k: v for k, v in options.items() if k in allowed and v is not None}
+        return cls(num_classes=num_classes, **kept)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["prompt_layers"] = list(self.prompt_layers)
@@ -87,6 +112,13 @@ class PromptModule(nn.Module):
     name: ClassVar[str] = ""
     #: False for methods that copy the backbone (full fine-tuning): they cannot share a serving pass.
     servable: ClassVar[bool] = True
+    #: The `MethodConfig` fields this method takes besides num_classes (its "config class"); any other
+    #: option given with a non-default value is refused by `MethodConfig.for_method`.
+    options: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def uses_prompt_layers(cls) -> bool:
+        return "prompt_layers" in cls.options
 
     def __init__(self, backbone: Backbone, config: MethodConfig) -> None:
         super().__init__()

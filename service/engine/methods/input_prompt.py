@@ -63,6 +63,8 @@ def shrink_images(x: Tensor, scale: Tensor) -> Tensor:
 class InputPrompt(PromptModule):
     """x <- shrink(x) * (1 - mask) + frame * mask ("pad"), or x <- x + delta ("additive")."""
 
+    options = ("input_variant", "pad_size")
+
     def __init__(self, backbone: Backbone, config: MethodConfig) -> None:
         super().__init__(backbone, config)
         size = backbone.spec.input_size
