@@ -30,6 +30,8 @@ WORKDIR /src
 # torch first, from its own index, so that `pip install .` finds the pin satisfied and never pulls the default
 # (CUDA, several GB) wheel from PyPI into a CPU image. This layer is cached across code changes.
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
+COPY client ./client
+RUN pip install ./client
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY workers ./workers
@@ -49,7 +51,7 @@ ENV VIRTUAL_ENV=/opt/venv \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     ACTPROMPT_DATA_ROOTS=/data
-RUN useradd --create-home --uid 10001 actprompt && mkdir -p /data /app/var && chown actprompt /app/var
+RUN useradd --create-home --uid 10001 actprompt && mkdir -p /data /app/var /files && chown actprompt /app/var /files
 ENV ACTPROMPT_VAR_DIR=/app/var
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app

@@ -4,12 +4,14 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test test-quick lint typecheck pytest bench bench-quick worker clean
+.PHONY: serve test test-quick lint typecheck pytest bench bench-quick worker clean chromium
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	# torch + torchvision are pinned in pyproject (2.14.1 / 0.29.1: the builds that lie on this disk)
+	# the light client first: the server depends on it (the remote CLI), and it is not on any index
+	$(PY) -m pip install -q -e ./client
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
@@ -20,13 +22,20 @@ worker: $(STAMP)
 	$(VENV)/bin/actprompt worker
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check service workers tests bench migrations
-	$(VENV)/bin/ruff format --check service workers tests bench migrations
+	$(VENV)/bin/ruff check service workers client tests bench migrations
+	$(VENV)/bin/ruff format --check service workers client tests bench migrations
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-pytest: $(STAMP)
+# The console's browser tests drive Debian's chromium through Playwright (no browser download): install it
+# when missing and we may (root, as in CI); otherwise the test names what is missing.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || test -x "$${ACTPROMPT_CHROMIUM:-/usr/bin/chromium}" || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+	  echo "chromium is missing (apt-get install -y chromium): the console tests will fail"
+
+pytest: $(STAMP) chromium
 	$(PY) -m pytest -q --durations=15
 
 test: lint typecheck pytest
@@ -35,8 +44,9 @@ test: lint typecheck pytest
 test-quick: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not postgres and not redis"
 
+# BUDGET=full: the issue's full budget (CPU-hours); default: ~40 min on a quiet 2-core CPU
 bench: $(STAMP)
-	$(PY) -m bench.run_all
+	$(PY) -m bench.run_all $(if $(BUDGET),--budget $(BUDGET))
 
 bench-quick: $(STAMP)
 	$(PY) -m bench.run_all --quick

@@ -1,9 +1,11 @@
-"""Run every benchmark and write ``REPORT.md``: ``python -m bench.run_all [--quick]``.
+"""Run every benchmark and regenerate every published figure: ``python -m bench.run_all``.
 
-``--quick`` (minutes) proves the pipeline on tiny budgets and writes to ``bench/results/quick/``;
-the full run writes ``bench/results/`` (see ``bench/accuracy.py`` for its budget). Both parts save
-their JSON as they go and the accuracy part resumes where a cut run stopped; ``python -m bench.report``
-rebuilds the report from whatever JSON is there.
+Budgets: ``--quick`` (every code path, minutes, into ``bench/results/quick/``), the default (sized for
+~40 min of a quiet 2-core CPU) and ``--budget full`` (the issue's full budget; CPU-hours). Each part
+writes its JSON with ``provenance``; the accuracy part resumes at the same commit from its row cache.
+``--only accuracy,cost,serving,http`` reruns some parts (or ``--only resnet20_cifar/gtsrb`` some
+accuracy scopes) and merges into the files there, refusing to mix commits unless told.
+Finally ``REPORT.md`` and the README's generated tables are rewritten from the JSON.
 """
 
 from __future__ import annotations
@@ -14,34 +16,84 @@ from pathlib import Path
 
 import torch
 
-from bench import accuracy, report, training_cost
+from bench import accuracy, readme, report, serving, training_cost
 from bench.common import log, results_dir, set_threads
+
+PARTS = ("cost", "accuracy", "serving", "http")
+
+
+def run_http(out: Path, quick: bool) -> None:
+    """The HTTP benchmark (bench/serving_http.py owns the `http_vs_engine` key of serving.json)."""
+    from bench import serving_http
+
+    entry = getattr(serving_http, "main", None)
+    if entry is None:
+        log("http: bench/serving_http.py has no main(argv) yet; skipped")
+        return
+    entry(["--out", str(out), *(["--quick"] if quick else [])])
+
+
+#: Written by bench/engine_reference_run.py (a separate, hours-long run), not by this script.
+KEEP = ("engine_reference_run.json", "engine_reference_run.md")
+
+
+def clear_outputs(out: Path) -> None:
+    """A whole run starts from an empty results folder (the row cache aside), so no figure survives
+    from an earlier run or from a file this version no longer writes."""
+    for path in sorted(out.iterdir()):
+        if path.is_file() and path.suffix in (".json", ".md", ".png") and path.name not in KEEP:
+            path.unlink()
+            log(f"removed stale {path.name}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny budgets: minutes, not the committed numbers"
-    )
+    parser.add_argument("--quick", action="store_true", help="tiny budgets: every code path, no real numbers")
+    parser.add_argument("--budget", choices=sorted(accuracy.PLANS), default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--skip-cost", action="store_true")
-    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--jobs", type=int, default=2, help="accuracy worker processes (one thread each)")
+    parser.add_argument("--only", default=None, help=f"comma list of parts {PARTS} and/or accuracy scopes")
     parser.add_argument("--max-minutes", type=float, default=None, help="accuracy: stop starting runs after")
+    parser.add_argument("--allow-mixed-commits", action="store_true")
+    parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's tables")
     args = parser.parse_args(argv)
     set_threads()
-    out = args.out or results_dir(args.quick)
+    plan = accuracy.PLANS[args.budget or ("quick" if args.quick else "default")]
+    quick = plan.name == "quick"
+    out = args.out or results_dir(quick)
     out.mkdir(parents=True, exist_ok=True)
+    only = set(args.only.split(",")) if args.only else None
+    parts = set(PARTS) if only is None or not (only & set(PARTS)) else only & set(PARTS)
+    scopes = (only - set(PARTS)) if only else set()
     t0 = time.perf_counter()
-    if not args.skip_cost:
+    if only is None:
+        clear_outputs(out)
+    if "cost" in parts:
         log("training cost")
-        training_cost.run(args.quick, args.device, out)
-    if not args.skip_accuracy:
-        log("accuracy")
-        accuracy.run(accuracy.QUICK if args.quick else accuracy.FULL, out, args.device, args.max_minutes)
+        training_cost.run(quick, args.device, out, workers=args.jobs)
+    if "accuracy" in parts:
+        log(f"accuracy: plan {plan.name}")
+        accuracy.run(
+            plan,
+            out,
+            args.device,
+            jobs=args.jobs,
+            max_minutes=args.max_minutes,
+            only=scopes or None,
+            allow_mixed=args.allow_mixed_commits,
+        )
+    if "serving" in parts:
+        log("serving (engine level, scale)")
+        serving.main(["--parts", "engine,scale", "--out", str(out), *(["--quick"] if quick else [])])
+    if "http" in parts:
+        log("serving over HTTP")
+        run_http(out, quick)
     path = report.build(out)
+    if not quick and not args.no_readme:
+        readme.update(out)
     log(f"done in {(time.perf_counter() - t0) / 60:.1f} min: {path}")
 
 

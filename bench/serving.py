@@ -29,7 +29,6 @@ from typing import Any
 import torch
 
 from bench.common import (
-    WEIGHTS_DIR,
     log,
     machine_info,
     md_table,
@@ -38,6 +37,8 @@ from bench.common import (
     set_threads,
     write_json,
 )
+from bench.provenance import now as utc_now
+from bench.provenance import provenance
 from bench.synthetic import random_artifact
 from service.engine import Backbone, BackboneSpec, create_backbone
 from service.engine.artifacts import PromptArtifact, load_module
@@ -66,15 +67,37 @@ class BenchBackbone:
 
 
 def backbones() -> dict[str, BenchBackbone]:
-    r20 = (WEIGHTS_DIR / "resnet20-12fca82f.th").as_uri()
+    """Every real-weight backbone of the accuracy benchmark (the random 224-px ones only on CUDA)."""
+    from bench.accuracy import BACKBONES
+
+    sizes = {  # batch, quick batch, reps, quick reps
+        "resnet20_cifar": (64, 64, 25, 5),
+        "resnet56_cifar": (64, 32, 9, 3),
+        "vit_cifar10_p4_d128_l6": (64, 32, 9, 3),
+        "mobilenetv2_100": (8, 4, 5, 2),
+    }
+    out = {k: BenchBackbone(k, BackboneSpec(**BACKBONES[k]), *sizes[k]) for k in sizes}
+    if torch.cuda.is_available():
+        for name, batch in (("resnet50", 16), ("vit_base_patch16_224", 8)):
+            out[name] = BenchBackbone(name, BackboneSpec(name, weights="random"), batch, batch, 3, 2)
+    return out
+
+
+def iqr(values: Collection[float]) -> float:
+    """Interquartile range: the spread a difference between two medians must exceed to count."""
+    return pct(values, 75) - pct(values, 25)
+
+
+def compare(a: list[float], b: list[float]) -> dict[str, Any]:
+    """Median ratio of two timed cases, and "no difference" when the medians differ by less than the
+    larger of their spreads."""
+    ma, mb = statistics.median(a), statistics.median(b)
+    noise = max(iqr(a), iqr(b))
     return {
-        "resnet20_cifar": BenchBackbone(
-            "resnet20_cifar", BackboneSpec("resnet20_cifar", weights=r20), 64, 64, 25, 5
-        ),
-        "resnet50": BenchBackbone("resnet50", BackboneSpec("resnet50", weights="random"), 16, 8, 3, 2),
-        "vit_base_patch16_224": BenchBackbone(
-            "vit_base_patch16_224", BackboneSpec("vit_base_patch16_224", weights="random"), 8, 4, 3, 2
-        ),
+        "median_ms": [round(1000 * ma, 3), round(1000 * mb, 3)],
+        "spread_ms": [round(1000 * iqr(a), 3), round(1000 * iqr(b), 3)],
+        "ratio": round(mb / ma, 4) if ma else None,
+        "verdict": "no difference" if abs(ma - mb) <= noise else ("faster" if ma < mb else "slower"),
     }
 
 
@@ -124,8 +147,11 @@ def bench_engine(b: BenchBackbone, quick: bool) -> dict[str, Any]:
         for i, a in enumerate(same):
             predict_single(bb, a, x[i : i + 1])
 
+    single = modules[0]  # one prompt module over the whole batch: no bank, no gather
+
     cases: dict[str, Callable[[], object]] = {
         "bare": lambda: head(bb.forward_features(x)),
+        "single_prompt_module": lambda: single(x),
         "one_prompt": lambda: forward_mixed(bb, bank, x, one),
         "mixed_prompts": lambda: forward_mixed(bb, bank, x, diff),
         "mixed_layers": lambda: forward_mixed(bb, bank, x, diff_layers),
@@ -156,6 +182,14 @@ def bench_engine(b: BenchBackbone, quick: bool) -> dict[str, Any]:
                 fn()
                 cpu[name].append(time.process_time() - c0)
                 wall[name].append(time.perf_counter() - t0)
+    # Median and spread per case; a difference smaller than the spread is reported as none.
+    comparisons = {
+        "mixed_vs_single_prompt_module": compare(cpu["mixed_prompts"], cpu["single_prompt_module"]),
+        "mixed_vs_bank_one_prompt": compare(cpu["mixed_prompts"], cpu["one_prompt"]),
+        "mixed_vs_bare": compare(cpu["mixed_prompts"], cpu["bare"]),
+        "mixed_vs_one_pass_per_prompt": compare(cpu["mixed_prompts"], cpu["naive"]),
+    }
+    cold = cold_requests(bb, reps)
     # Ratios from CPU seconds (best of N): the five engineers' jobs on these two cores stretch wall time
     # many-fold and unevenly, but not the CPU time this process spends (torch runs one thread here).
     best = {k: min(v) for k, v in cpu.items()}
@@ -172,6 +206,11 @@ def bench_engine(b: BenchBackbone, quick: bool) -> dict[str, Any]:
         "best_cpu_ms": {k: round(1000 * v, 3) for k, v in best.items()},
         "best_wall_ms": {k: round(1000 * v, 3) for k, v in best_wall.items()},
         "median_wall_ms": {k: round(1000 * v, 3) for k, v in median.items()},
+        "median_cpu_ms": {k: round(1000 * statistics.median(v), 3) for k, v in cpu.items()},
+        "spread_cpu_ms": {k: round(1000 * iqr(v), 3) for k, v in cpu.items()},
+        "comparisons": comparisons,
+        "cold_request": cold,
+        "mixed_vs_true_single": round(thr["mixed_prompts"] / thr["single_prompt_module"], 4),
         "mixed_vs_single": round(thr["mixed_prompts"] / thr["one_prompt"], 4),
         "mixed_vs_bare": round(thr["mixed_prompts"] / thr["bare"], 4),
         "mixed_vs_naive": round(thr["mixed_prompts"] / thr["naive"], 3),
@@ -340,6 +379,34 @@ def bench_scale(b: BenchBackbone, quick: bool) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------
 # 2. HTTP level (filled in with the gateway; see bench_http)
 # ------------------------------------------------------------------------------------------------------
+def cold_requests(bb: Backbone, reps: int) -> dict[str, Any]:
+    """A request for a prompt nobody asked for yet: parse the artifact bytes, write a bank slot, score
+    one image. Wall time of the whole request path in the engine (not only the source read)."""
+    bank = PromptBank(bb, 2, max_classes=10)
+    x = torch.randn(1, 3, *bb.input_size, generator=torch.Generator().manual_seed(5))
+    blobs = [
+        random_artifact(bb, layers=[bb.recommended_layer], num_classes=10, seed=5000 + i).to_bytes()
+        for i in range(max(3, reps))
+    ]
+    times, warm = [], []
+    with torch.inference_mode():
+        for i, blob in enumerate(blobs):
+            t0 = time.perf_counter()
+            bank.write(i % 2, PromptArtifact.from_bytes(blob))
+            forward_mixed(bb, bank, x, [i % 2])
+            times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            forward_mixed(bb, bank, x, [i % 2])
+            warm.append(time.perf_counter() - t0)
+    return {
+        "n": len(times),
+        "cold_median_ms": round(1000 * statistics.median(times), 3),
+        "cold_spread_ms": round(1000 * iqr(times), 3),
+        "warm_median_ms": round(1000 * statistics.median(warm), 3),
+        "warm_spread_ms": round(1000 * iqr(warm), 3),
+    }
+
+
 def bench_http(b: BenchBackbone, quick: bool) -> dict[str, Any]:
     from bench.serving_http import run_http_bench
 
@@ -456,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     set_threads()
+    started = utc_now()
     out_dir = args.out or results_dir(args.quick)
     parts = set(args.parts.split(","))
     chosen = [backbones()[k] for k in args.backbones.split(",")]
@@ -489,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
         if part in top:
             results[part] = top[part]
     results["meta"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    results["provenance"] = provenance(started)
+    if previous and previous.get("http_vs_engine") is not None:  # owned by bench/serving_http.py
+        results["http_vs_engine"] = previous["http_vs_engine"]
     write_report(results, out_dir)
     log(f"wrote {out_dir / 'serving.json'}, serving.md, serving.png")
     return 0

@@ -17,6 +17,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,6 @@ import torch
 
 from bench.common import (
     DATA_DIR,
-    REAL_BACKBONES,
     PeakMemory,
     log,
     machine_info,
@@ -34,6 +34,7 @@ from bench.common import (
     timed_calls,
     write_json,
 )
+from bench.provenance import now, provenance
 
 GOAL_STEP_RATIO = 0.35  # AP at the CNN-preferred layer vs VP step time (DESIGN.md §6)
 GOAL_MEMORY_RATIO = 0.5  # ... and peak memory
@@ -42,39 +43,69 @@ NUM_CLASSES = 10
 
 
 def backbone_spec(name: str) -> dict[str, Any]:
-    """Spec kwargs: real weights for the CIFAR ResNet-20, random weights at 224 px for the big ones."""
-    if name in REAL_BACKBONES:
-        entry = REAL_BACKBONES[name]
-        return {"model": entry["model"], "weights": Path(entry["weights"]).as_uri()}
+    """Spec kwargs: the real-weight backbones of the accuracy benchmark; random weights otherwise."""
+    from bench.accuracy import BACKBONES
+
+    if name in BACKBONES:
+        return dict(BACKBONES[name])
     return {"model": name, "weights": "random"}
 
 
 def cost_plan(device: str, quick: bool) -> list[dict[str, Any]]:
     """Per backbone: batch size, steps, which AP layers, and whether the extra configurations run.
 
-    On the CPU the 224-px models cost tens of seconds per step, so they get a small batch and the
-    essential configurations only (VP, linear, norm, AP at the stem / recommended / last layer).
+    Every real-weight backbone of the accuracy benchmark gets its per-layer curve; the 224-px
+    MobileNetV2 a small batch on the CPU. The random-weight 224-px models only on CUDA.
     """
     cuda = device.startswith("cuda")
+    iters = 3 if quick else 5
+    # cache_images: rows the cached-step measurement holds in its feature cache (the accuracy budget's
+    # training set), so its peak memory includes the cache.
     plan: list[dict[str, Any]] = [
         {
             "backbone": "resnet20_cifar",
             "batch": 128,
             "warmup": 2,
-            "iters": 3 if quick else 5,
+            "iters": iters,
             "layers": "few" if quick else "all",
             "extras": not quick,
+            "cache_images": 512 if quick else 2000,
+        },
+        {
+            "backbone": "mobilenetv2_100",
+            "batch": 8 if not cuda else 64,
+            "warmup": 1,
+            "iters": 2 if quick else 3,
+            "layers": "few" if quick else "some",
+            "extras": not quick,
+            "cache_images": 32 if quick else 256,
         },
     ]
+    if not quick:
+        for name in ("vit_cifar10_p4_d128_l6", "resnet56_cifar"):
+            plan.append(
+                {
+                    "backbone": name,
+                    "batch": 128,
+                    "warmup": 1,
+                    "iters": 3,
+                    "layers": "all" if name.startswith("vit") else "few",
+                    "extras": True,
+                    "cache_images": 800,
+                }
+            )
     if cuda:
         for name in ("resnet50", "vit_base_patch16_224"):
             plan.append(
-                {"backbone": name, "batch": 64, "warmup": 2, "iters": 10, "layers": "some", "extras": True}
-            )
-    elif not quick:
-        for name, batch in (("resnet50", 4), ("vit_base_patch16_224", 2)):
-            plan.append(
-                {"backbone": name, "batch": batch, "warmup": 1, "iters": 2, "layers": "few", "extras": False}
+                {
+                    "backbone": name,
+                    "batch": 64,
+                    "warmup": 2,
+                    "iters": 10,
+                    "layers": "some",
+                    "extras": True,
+                    "cache_images": 1024,
+                }
             )
     return plan
 
@@ -100,6 +131,8 @@ def configurations(entry: dict[str, Any], layers: list[dict[str, Any]], rec: int
     if entry["extras"]:
         configs.append({"method": "activation", "prompt_layer": rec, "prompt_shape": "channel"})
         configs.append({"method": "activation", "prompt_layer": "all", "prompt_shape": "full"})
+        configs.append({"method": "deep_activation_norm", "prompt_layer": "all"})
+        configs.append({"method": "lora", "prompt_layer": None, "lora_rank": 4})
         configs.append({"method": "full", "prompt_layer": None})
     return configs
 
@@ -121,13 +154,14 @@ def measure_one(cfg: dict[str, Any]) -> dict[str, Any]:
     x = torch.randn(cfg["batch"], 3, h, w, generator=gen).to(device)
     y = torch.randint(0, NUM_CLASSES, (cfg["batch"],), generator=gen).to(device)
     layers: tuple[int, ...] = ()
-    if cfg["method"] == "activation":
+    if cfg["method"] in ("activation", "deep_activation_norm"):
         layers = resolve_prompt_layers(backbone.layers, cfg["prompt_layer"])
     mcfg = MethodConfig(
         num_classes=NUM_CLASSES,
         prompt_layers=layers,
         prompt_shape=cfg.get("prompt_shape", "full"),
         input_variant=cfg.get("input_variant", "pad"),
+        lora_rank=cfg.get("lora_rank", 4),
     )
     torch.manual_seed(0)
     module = create_method(cfg["method"], backbone, mcfg)
@@ -144,19 +178,8 @@ def measure_one(cfg: dict[str, Any]) -> dict[str, Any]:
         loss.backward()
         opt.step()
 
-    with PeakMemory(device) as mem:
-        times, cpu = timed_calls(step, warmup=cfg["warmup"], iters=cfg["iters"], device=device)
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-        cached_h = module.prefix(x)
-    cached, cached_cpu = timed_calls(lambda: step(cached_h), warmup=0, iters=cfg["iters"], device=device)
-    return {
-        "step_seconds": median(times),
-        "step_seconds_all": times,
-        "cached_step_seconds": median(cached),
-        "step_cpu_seconds": median(cpu),
-        "cached_step_cpu_seconds": median(cached_cpu),
-        "peak_memory_bytes": mem.used,
-        "memory_method": mem.method,
+    phase = cfg.get("phase", "both")
+    out: dict[str, Any] = {
         "trainable_params": module.num_trainable(),
         "first_layer": module.first_layer,
         "resolved_layers": list(layers),
@@ -164,6 +187,60 @@ def measure_one(cfg: dict[str, Any]) -> dict[str, Any]:
         "num_layers": len(backbone.layers) - 1,
         "recommended_layer": backbone.recommended_layer,
     }
+    if phase in ("step", "both"):
+        with PeakMemory(device) as mem:
+            times, cpu = timed_calls(step, warmup=cfg["warmup"], iters=cfg["iters"], device=device)
+        out.update(
+            {
+                "step_seconds": median(times),
+                "step_seconds_all": times,
+                "step_cpu_seconds": median(cpu),
+                "peak_memory_bytes": mem.used,
+                "memory_method": mem.method,
+            }
+        )
+    if phase in ("cached", "both"):
+        # The cached step through the real cache path (FeatureCache, as fit() uses it), with the cache
+        # filled for `cache_images` rows inside the measured region: its peak memory includes the cache.
+        # Its own process ("cached" phase): pages freed by the other phase would hide part of its peak.
+        from service.engine.feature_cache import FeatureCache
+        from service.engine.train import TrainConfig
+
+        n_cache = int(cfg.get("cache_images", cfg["batch"]))
+        pool = x.repeat((n_cache + cfg["batch"] - 1) // cfg["batch"], 1, 1, 1)[:n_cache]  # [N, 3, H, W]
+        gen_idx = torch.Generator().manual_seed(1)
+        with PeakMemory(device) as cached_mem:
+            fc = FeatureCache(module.prefix, pool, max_bytes=TrainConfig().feature_cache_bytes, device=device)
+            for start in range(0, n_cache, cfg["batch"]):  # epoch 1 fills the cache
+                fc.get(torch.arange(start, min(n_cache, start + cfg["batch"])))
+
+            def cached_step() -> None:
+                idx = torch.randint(0, n_cache, (cfg["batch"],), generator=gen_idx)
+                step(fc.get(idx))
+
+            cached, cached_cpu = timed_calls(cached_step, warmup=1, iters=cfg["iters"], device=device)
+        out.update(
+            {
+                "cached_step_seconds": median(cached),
+                "cached_step_cpu_seconds": median(cached_cpu),
+                "cached_peak_memory_bytes": cached_mem.used,
+                "feature_cache_bytes": fc.nbytes,
+                "feature_cache_rows": fc.capacity,
+                "cache_images": n_cache,
+            }
+        )
+    return out
+
+
+def measure(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Both phases of one configuration, each in a fresh interpreter (their peaks do not mix)."""
+    step = run_subprocess({**cfg, "phase": "step"}, timeout)
+    if "error" in step:
+        return step
+    cached = run_subprocess({**cfg, "phase": "cached"}, timeout)
+    if "error" in cached:
+        return {**step, "error": "cached phase: " + cached["error"]}
+    return {**cached, **step}
 
 
 def run_subprocess(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -307,6 +384,7 @@ def run(
     *,
     only: set[str] | None = None,
     feature_cache: bool = True,
+    workers: int = 2,
 ) -> dict[str, Any]:
     """Measure every configuration and write ``training_cost.json`` (rewritten after each row).
 
@@ -314,6 +392,7 @@ def run(
     ../shared); ``feature_cache=False`` skips the part that trains on real data.
     """
     set_threads()
+    started = now()
     out_path = out_dir / "training_cost.json"
     payload: dict[str, Any] = {
         "machine": machine_info(torch.device(device)),
@@ -333,39 +412,45 @@ def run(
             continue
         layers, rec, size = catalog(name, device)
         payload["catalogs"][name] = {"layers": layers, "recommended_layer": rec}
-        for cfg in configurations(entry, layers, rec):
-            job = {
+        jobs = [
+            {
                 **cfg,
                 "spec": backbone_spec(name),
                 "device": device,
                 "batch": entry["batch"],
                 "warmup": entry["warmup"],
                 "iters": entry["iters"],
+                "cache_images": entry["cache_images"],
             }
-            t = time.perf_counter()
-            result = run_subprocess(job, timeout)
-            row = {
-                "backbone": name,
-                "input_size": list(size),
-                "method": cfg["method"],
-                "prompt_layer": cfg.get("prompt_layer"),
-                "prompt_shape": cfg.get("prompt_shape"),
-                "input_variant": cfg.get("input_variant"),
-                "batch_size": entry["batch"],
-                "device": device,
-                **result,
-            }
-            payload["results"].append(row)
-            add_ratios(payload["results"])
-            write_json(out_path, payload)
-            msg = (
-                result.get("error")
-                or f"step {row['step_seconds']:.3f}s mem {row['peak_memory_bytes'] / 2**20:.0f}MiB"
-            )
-            took = time.perf_counter() - t
-            log(f"cost {name} {cfg['method']} layer={cfg.get('prompt_layer')}: {msg} ({took:.0f}s)")
+            for cfg in configurations(entry, layers, rec)
+        ]
+        # One fresh subprocess per configuration, `workers` at a time (CPU-time ratios: robust to that).
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for cfg, result in zip(jobs, pool.map(lambda j: measure(j, timeout), jobs), strict=True):
+                row = {
+                    "backbone": name,
+                    "input_size": list(size),
+                    "method": cfg["method"],
+                    "prompt_layer": cfg.get("prompt_layer"),
+                    "prompt_shape": cfg.get("prompt_shape"),
+                    "input_variant": cfg.get("input_variant"),
+                    "lora_rank": cfg.get("lora_rank"),
+                    "batch_size": entry["batch"],
+                    "device": device,
+                    **result,
+                }
+                payload["results"].append(row)
+                add_ratios(payload["results"])
+                payload["provenance"] = provenance(started)
+                write_json(out_path, payload)
+                msg = (
+                    result.get("error")
+                    or f"step {row['step_seconds']:.3f}s mem {row['peak_memory_bytes'] / 2**20:.0f}MiB"
+                )
+                log(f"cost {name} {cfg['method']} layer={cfg.get('prompt_layer')}: {msg}")
     if not feature_cache:
         payload["total_seconds"] = time.perf_counter() - t0
+        payload["provenance"] = provenance(started)
         write_json(out_path, payload)
         return payload
     runs = feature_cache_runs(device, quick)
@@ -379,6 +464,7 @@ def run(
         "runs": runs,
     }
     payload["total_seconds"] = time.perf_counter() - t0
+    payload["provenance"] = provenance(started)
     write_json(out_path, payload)
     return payload
 

@@ -48,6 +48,17 @@ class Settings(BaseSettings):
         default=True, description="Allow http(s):// dataset URIs (public addresses only)."
     )
     max_dataset_bytes: int = Field(ge=1, default=2 << 30, description="Largest dataset download, in bytes.")
+    files_dir: Path | None = Field(
+        default=None,
+        description="Where uploaded files (POST /v1/files) are stored. Unset = var_dir/files; in production "
+        "a path shared by the API and the workers (a volume).",
+    )
+    max_file_bytes: int = Field(
+        ge=1, default=2 << 30, description="Largest file accepted by POST /v1/files, in bytes; 413 above."
+    )
+    max_evaluation_images: int = Field(
+        ge=1, default=100_000, description="Most images one evaluation scores; larger datasets are refused."
+    )
     min_images_per_class: int = Field(
         ge=1, default=2, description="Classes with fewer images fail dataset validation."
     )
@@ -235,6 +246,10 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return self.var_dir / "cache"
+
+    @property
+    def files_root(self) -> Path:
+        return self.files_dir if self.files_dir is not None else self.var_dir / "files"
 
     def resolved_device(self) -> str:
         """`cpu` or `cuda` (imports torch only for `auto`)."""

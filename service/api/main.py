@@ -10,9 +10,22 @@ from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from service.api.console import install_console
 from service.api.errors import install_error_handlers
+from service.api.evaluations import EvaluationRunner
 from service.api.observability import Metrics, RequestMiddleware
-from service.api.routes import backbones, health, jobs, predict, prompts, serving, tenants
+from service.api.routes import (
+    backbones,
+    evaluations,
+    files,
+    health,
+    jobs,
+    predict,
+    prompts,
+    serving,
+    tenants,
+)
+from service.api.routes.docs import install_docs
 from service.db.migrate import check_migrated, upgrade
 from service.db.session import make_engine, make_session_factory
 from service.domain.predict import Predictor, PromptResolver
@@ -23,6 +36,7 @@ from service.log import configure_logging
 from service.queue import InProcessQueue, create_queue
 from service.serving import metrics as serving_metrics
 from service.settings import Settings, get_settings
+from service.storage import create_storage
 
 log = logging.getLogger("actprompt.api")
 
@@ -30,6 +44,13 @@ log = logging.getLogger("actprompt.api")
 def build_predictor(settings: Settings, session_factory: sessionmaker[Session]) -> Predictor:
     """The predict path: every tenant's requests micro-batched on one shared backbone per device."""
     return BatchingPredictor(session_factory, settings)
+
+
+def body_limit(settings: Settings, path: str) -> int:
+    """Request bodies are small everywhere but the file upload, which streams up to `max_file_bytes`."""
+    if path.rstrip("/") == "/v1/files":
+        return settings.max_file_bytes + files.MULTIPART_SLACK
+    return settings.max_upload_bytes
 
 
 def resolve_admin_key(settings: Settings) -> Settings:
@@ -58,6 +79,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.predictor = build_predictor(settings, session_factory)  # on the loop that will own its state
     app.state.rate_limiter = build_rate_limiter(settings)
     serving_metrics.set_per_tenant_labels(settings.metrics_per_tenant)
+    app.state.storage = create_storage(settings.files_root)
+    app.state.evaluations = EvaluationRunner(
+        session_factory, app.state.predictor, app.state.storage, settings
+    )
+    await run_in_threadpool(app.state.evaluations.fail_orphans)  # left running by a crashed API process
+    app.state.evaluations.start()
     if not settings.admin_key:
         log.warning("no ACTPROMPT_ADMIN_KEY: admin endpoints answer 401")
     if isinstance(queue, InProcessQueue):
@@ -76,6 +103,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await run_in_threadpool(queue.stop)
         else:
             queue.close()
+        await app.state.evaluations.aclose()
         await app.state.predictor.aclose()
         if app.state.rate_limiter is not None:
             await app.state.rate_limiter.aclose()
@@ -90,6 +118,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Activation prompts for frozen vision backbones, trained and served per tenant.",
         lifespan=lifespan,
+        docs_url=None,  # served from local assets by install_docs: /docs works offline
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.session_factory = None
@@ -97,9 +127,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(
         RequestMiddleware,
-        max_body_bytes=lambda: app.state.settings.max_upload_bytes,
+        max_body_bytes=lambda path: body_limit(app.state.settings, path),
         metrics=lambda: app.state.metrics,
     )
-    for module in (health, tenants, backbones, jobs, prompts, serving, predict):
+    for module in (health, tenants, backbones, files, jobs, prompts, serving, predict, evaluations):
         app.include_router(module.router)
+    install_docs(app)
+    install_console(app)
     return app

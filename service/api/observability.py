@@ -83,7 +83,7 @@ class RequestMiddleware:
     """Pure ASGI (streams pass through): 413 above the body limit, X-Request-ID, access log, metrics."""
 
     def __init__(
-        self, app: ASGIApp, *, max_body_bytes: Callable[[], int], metrics: Callable[[], Metrics]
+        self, app: ASGIApp, *, max_body_bytes: Callable[[str], int], metrics: Callable[[], Metrics]
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
@@ -94,7 +94,7 @@ class RequestMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        limit = self.max_body_bytes()
+        limit = self.max_body_bytes(scope.get("path", ""))  # per path: file uploads are larger
         headers = dict(scope.get("headers") or [])
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
         status = 500

@@ -16,6 +16,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "service.cli.engine_commands",  # layers, train, predict
     "service.cli.server_commands",  # serve, db
     "service.cli.worker_commands",  # worker
+    "service.cli.remote_commands",  # files, jobs, prompts, evaluations (a running server, via the client)
 )
 
 

@@ -1,13 +1,15 @@
 """`actprompt layers | train | predict`: the engine from a shell, no server, no database.
 
 `layers` prints a backbone's prompt-layer catalog; `train` fits a prompt on a local dataset and writes
-the artifact file; `predict` scores images with an artifact file.
+the artifact file; `predict` scores images with an artifact file (or, with `--prompt`, on a server
+through the client: see remote_commands).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,9 +50,17 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.set_defaults(func=cmd_train)
 
-    p = subparsers.add_parser("predict", help="classify images with an artifact file")
-    p.add_argument("artifact", type=Path)
-    p.add_argument("images", nargs="+", type=Path)
+    p = subparsers.add_parser(
+        "predict",
+        help="classify images: with a local artifact file (ARTIFACT IMAGE...), or on a server "
+        "(--prompt ID IMAGE..., when --base-url or ACTPROMPT_BASE_URL is set)",
+    )
+    p.add_argument(
+        "paths", nargs="+", metavar="PATH", help="[ARTIFACT] IMAGE... (images may be URLs remotely)"
+    )
+    p.add_argument("--prompt", default=None, help="remote: prompt id or id@version")
+    p.add_argument("--base-url", default=None, help="server URL (default: $ACTPROMPT_BASE_URL)")
+    p.add_argument("--api-key", default=None, help="tenant API key (default: $ACTPROMPT_API_KEY)")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
@@ -162,6 +172,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """Remote with `--prompt` (or a base URL); otherwise the first path is a local artifact file."""
+    if args.prompt or args.base_url or os.environ.get("ACTPROMPT_BASE_URL"):
+        from service.cli.remote_commands import predict_remote, run_remote
+
+        if not args.prompt:
+            print("error: remote predict needs --prompt ID", file=sys.stderr)
+            return 1
+        return run_remote(predict_remote)(args)
+    if len(args.paths) < 2:
+        print("error: local predict takes ARTIFACT IMAGE...", file=sys.stderr)
+        return 1
+    args.artifact, args.images = Path(args.paths[0]), [Path(p) for p in args.paths[1:]]
+    return _predict_local(args)
+
+
+def _predict_local(args: argparse.Namespace) -> int:
     import torch
 
     from service.engine import BackboneSpec, EngineError, create_backbone

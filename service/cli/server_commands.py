@@ -9,6 +9,7 @@ import tempfile
 
 WALKTHROUGH = """\
 actprompt is up: {url}   (OpenAPI: {url}/docs)
+web console: {url}/console   (sign in with the admin key below, or a tenant's API key)
 mode: {mode}   database: {database}
 admin key: {admin_key}
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     ForeignKey,
     Index,
@@ -181,3 +182,49 @@ class Prompt(Base):
     artifact: Mapped[bytes] = deferred(mapped_column(LargeBinary, nullable=False))
     imported: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class File(Base):
+    """An uploaded file (a dataset archive); the bytes live in `service.storage`, under `storage_key`."""
+
+    __tablename__ = "files"
+    __table_args__ = (Index("ix_files_tenant_id_id", "tenant_id", "id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    storage_key: Mapped[str] = mapped_column(String(300))
+    status: Mapped[str] = mapped_column(String(16))  # uploaded
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+#: Evaluation states; `queued`/`running` ones are owned by one API process, which renews `heartbeat_at`.
+EVALUATION_STATES: tuple[str, ...] = ("queued", "running", "succeeded", "failed")
+ACTIVE_EVALUATION_STATES: tuple[str, ...] = ("queued", "running")
+
+
+class Evaluation(Base):
+    """A prompt scored on a labelled dataset through the serving path: top-1/top-5, per class, confusion."""
+
+    __tablename__ = "evaluations"
+    __table_args__ = (
+        Index("ix_evaluations_tenant_id_id", "tenant_id", "id"),
+        Index("ix_evaluations_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(String(16))
+    prompt_id: Mapped[str] = mapped_column(String(40))
+    prompt_version: Mapped[int] = mapped_column(Integer)
+    dataset_uri: Mapped[str] = mapped_column(Text)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    runner_id: Mapped[str | None] = mapped_column(String(200))
+    heartbeat_at: Mapped[datetime | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -27,6 +27,7 @@ from service.db.repositories import (
     JobLeaseRepository,
 )
 from service.domain.backbones import BackboneCache
+from service.domain.datasets import resolve_dataset
 from service.domain.job_lease import JobLease, LeaseStop
 from service.domain.job_recorder import JobRecorder, jsonable
 from service.domain.prompts import store_prompt
@@ -287,16 +288,9 @@ class _JobRun:
     def _validate(self) -> Any:
         """Download, load, validate and split the dataset; `validating` → `running` with the report."""
         from service.engine import pipeline
-        from service.engine.data import resolve_dataset_uri
 
         settings, hp = self.settings, self.job.hyperparameters
-        path = resolve_dataset_uri(
-            self.job.dataset_uri,
-            roots=settings.data_root_paths,
-            allow_http=settings.allow_http_datasets,
-            max_bytes=settings.max_dataset_bytes,
-            cache_dir=settings.cache_dir,
-        )
+        path = resolve_dataset(self.lease.session_factory, self.job.tenant_id, self.job.dataset_uri, settings)
         self.lease.check_stop()
         split = pipeline.SplitSpec(
             val_fraction=float(hp.get("val_fraction", 0.1)), seed=int(hp.get("seed", 0))

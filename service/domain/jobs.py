@@ -21,6 +21,7 @@ from service.db.repositories import (
     JobRepository,
     PromptRepository,
 )
+from service.domain import files
 from service.domain.backbones import get_backbone, resolve_layers
 from service.domain.errors import (
     BadRequest,
@@ -111,9 +112,10 @@ def check_method(backbone: Any, request: JobRequest) -> list[int] | None:
             param="method",
         )
     resolved: list[int] | None = []
-    if get_method_class(request.method).uses_prompt_layers():
-        auto = request.prompt_layer == "auto"
-        resolved = None if auto else list(resolve_layers(backbone, request.prompt_layer))
+    cls = get_method_class(request.method)
+    if cls.uses_prompt_layers():
+        requested = request.prompt_layer if request.prompt_layer is not None else cls.default_prompt_layer
+        resolved = None if requested == "auto" else list(resolve_layers(backbone, requested))
     try:
         MethodConfig.for_method(
             request.method,
@@ -121,7 +123,7 @@ def check_method(backbone: Any, request: JobRequest) -> list[int] | None:
             prompt_layers=tuple(resolved or ()) if request.prompt_layer != "auto" else (),
             prompt_shape=request.prompt_shape,
         )
-        if request.prompt_layer is not None and not get_method_class(request.method).uses_prompt_layers():
+        if request.prompt_layer is not None and not cls.uses_prompt_layers():
             raise EngineError(
                 f"prompt_layer applies to methods with prompt layers, not {request.method!r}",
                 code="invalid_prompt_layer",
@@ -168,6 +170,14 @@ def check_dataset_uri(uri: str, settings: Settings) -> None:
         )
 
 
+def check_dataset(session: Session, tenant_id: str, uri: str, settings: Settings) -> None:
+    """An uploaded file of this tenant (a foreign or unknown id is a 404), or a URI that passes the checks."""
+    if files.is_file_id(uri):
+        files.get_file(session, tenant_id, uri, param="dataset_uri")
+    else:
+        check_dataset_uri(uri, settings)
+
+
 def create_job(
     session: Session, tenant_id: str, request: JobRequest, *, idempotency_key: str | None, settings: Settings
 ) -> tuple[Job, bool]:
@@ -180,7 +190,7 @@ def create_job(
             return existing, False
     backbone = get_backbone(session, request.backbone, param="backbone")
     resolved = check_method(backbone, request)
-    check_dataset_uri(request.dataset_uri, settings)
+    check_dataset(session, tenant_id, request.dataset_uri, settings)
     if request.prompt_id is not None and not PromptRepository(session, tenant_id).exists(request.prompt_id):
         raise NotFound(f"no prompt {request.prompt_id!r}", code="prompt_not_found", param="prompt_id")
     if jobs.count_active() >= settings.max_active_jobs_per_tenant:

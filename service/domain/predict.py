@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -20,6 +20,9 @@ from service.domain.errors import DomainError, InvalidInput
 from service.domain.prompts import PromptHandle, list_versions, parse_ref, resolve_for_predict
 from service.domain.prompts import delete_prompt as delete_stored
 from service.domain.ttl_cache import TTLCache
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -33,9 +36,15 @@ class Predictor(Protocol):
     """What the gateway needs from the serving side; one implementation per process, built in the lifespan."""
 
     async def predict_many(
-        self, prompts: Sequence[PromptHandle], images: Sequence[bytes], top_k: int, *, tenant_id: str = ""
+        self,
+        prompts: Sequence[PromptHandle],
+        images: Sequence[bytes | np.ndarray],
+        top_k: int,
+        *,
+        tenant_id: str = "",
     ) -> list[list[list[Prediction]]]:
-        """Every image under every prompt (one backbone): per prompt, per image, the top-k classes."""
+        """Every image (encoded file, or decoded uint8 HWC) under every prompt (one backbone): per prompt,
+        per image, the top-k classes."""
         ...
 
     async def pin(self, prompt: PromptHandle) -> int:

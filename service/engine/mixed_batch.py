@@ -4,7 +4,7 @@ Semantics (row i of a batch, s = slot[i], every tensor below lives in the Prompt
 
     x[i]      <- where(pad[s], shrink(x[i], scale[s]) * keep[s], x[i]) + frame[s]    # VP (layer 0)
     h_l[i]    += P_l[s]                  for every layer l any row of the batch prompts at
-    y_n[i]    <- y_n[i] * (1 + S_n[s]) + T_n[s]   for every norm module n (norm-tune rows)
+    y_n[i]    <- y_n[i] * (1 + S_n[s]) + T_n[s]   for every norm module n (norm-tune, deep AP + norm rows)
     logits[i] = W[s] @ f[i] + b[s]       # W [Kmax, D], b [Kmax], b = -inf on padded classes
 
 A slot's entries are neutral wherever its prompt does not act (P_l[s] = 0 at layers it does not use,
@@ -160,6 +160,10 @@ class PromptBank:
         if k > self.max_classes:
             raise ArtifactError(f"artifact has {k} classes; this bank holds at most {self.max_classes}")
         t = module.export_tensors()
+        # What the slot holds follows from the tensors the method exports (AP deltas, norm affine, VP
+        # frame), so a method that combines them (deep AP + norm) is gathered for both per row.
+        delta_layers = tuple(i for i in module.prompt_layers if delta_key(i) in t)
+        uses_norm = any(scale_key(n.name) in t for n in self.backbone.norm_layers)
         self.clear(slot)
         dev = self.backbone.device
         nbytes = 0
@@ -167,9 +171,9 @@ class PromptBank:
             self.head_w[slot, :k] = t["head.weight"].to(dev)
             self.head_b[slot, :k] = t["head.bias"].to(dev)
             nbytes += (self.head_w[slot].numel() + self.head_b[slot].numel()) * 4
-            for layer in module.prompt_layers if artifact.method == "activation" else ():
+            for layer in delta_layers:
                 nbytes += self._delta_table(layer).put(slot, t[delta_key(layer)])  # channel -> full
-            if artifact.method == "norm":
+            if uses_norm:
                 self._ensure_norm()
                 for name in self.norm_scale:
                     self.norm_scale[name][slot] = t[scale_key(name)].to(dev)
@@ -186,9 +190,9 @@ class PromptBank:
                     pad[slot] = True
                     self._pad[slot] = True
                 self._vp[slot] = True
-        self._layers[slot] = frozenset(module.prompt_layers if artifact.method == "activation" else ())
+        self._layers[slot] = frozenset(delta_layers)
         self._first[slot] = module.first_layer
-        self._norm[slot] = artifact.method == "norm"
+        self._norm[slot] = uses_norm
         self._occupied[slot] = True
         self._num_classes[slot] = k
         return nbytes

@@ -207,6 +207,8 @@ def resolve_method_layers(
                 param="prompt_layer",
             )
         return ()
+    if prompt_layer is None and cls.default_prompt_layer is not None:
+        prompt_layer = cls.default_prompt_layer  # deep AP + norm: every block output
     if prompt_layer is None:
         return (int(backbone.recommended_layer),)
     if prompt_layer == "auto":

@@ -12,6 +12,7 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.domain.errors import (
@@ -104,9 +105,15 @@ class BatchingPredictor:
         return spec
 
     async def predict_many(
-        self, prompts: Sequence[PromptHandle], images: Sequence[bytes], top_k: int, *, tenant_id: str = ""
+        self,
+        prompts: Sequence[PromptHandle],
+        images: Sequence[bytes | np.ndarray],
+        top_k: int,
+        *,
+        tenant_id: str = "",
     ) -> list[list[list[Prediction]]]:
-        """Every image under every prompt (one backbone): the shared prefix runs once per image."""
+        """Every image (an encoded file, or decoded uint8 HWC) under every prompt (one backbone): the shared
+        prefix runs once per image."""
         specs = {p.backbone_spec_hash for p in prompts}
         if len(specs) > 1:
             raise InvalidInput("prompts: all prompts of one request must share a backbone", param="prompts")

@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import base64
-import os
-import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,66 +12,17 @@ import numpy as np
 import pytest
 
 from tests.api.conftest import png_bytes
+from tests.api.serve import run_server
 from tests.conftest import DATA_DIR, WEIGHTS_DIR
 
 GTSRB = DATA_DIR / "gtsrb32.npz"
 RESNET20 = WEIGHTS_DIR / "resnet20-12fca82f.th"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
-    data_root = tmp_path / "data"
-    data_root.mkdir()
-    port = _free_port()
-    env = {
-        **os.environ,
-        "ACTPROMPT_DATABASE_URL": f"sqlite:///{tmp_path / 'var' / 'actprompt.db'}",
-        "ACTPROMPT_VAR_DIR": str(tmp_path / "var"),
-        "ACTPROMPT_DATA_ROOTS": str(data_root),
-        "ACTPROMPT_DEVICE": "cpu",
-        "ACTPROMPT_PROGRESS_EVENT_SECONDS": "1",
-    }
-    for name in ("ACTPROMPT_ADMIN_KEY", "ACTPROMPT_BROKER_URL"):
-        env.pop(name, None)
-    log = open(tmp_path / "serve.log", "w+")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "actprompt"), "serve", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=tmp_path,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        else:
-            raise AssertionError("server did not come up: " + (tmp_path / "serve.log").read_text())
-        printed = (tmp_path / "serve.log").read_text()
-        match = re.search(r"admin key: (\S+)", printed)
-        assert match, printed
-        assert url in printed and "curl" in printed  # the walkthrough
-        yield url, match.group(1), data_root
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with run_server(tmp_path) as running:
+        yield running
 
 
 @pytest.mark.slow

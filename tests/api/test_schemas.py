@@ -78,3 +78,27 @@ def test_options_that_do_not_apply_are_refused_at_submission(api: Api) -> None:
     assert (
         r.json()["error"]["code"] == "option_not_applicable" and r.json()["error"]["param"] == "prompt_shape"
     )
+
+
+def test_openapi_documents_readiness_and_metrics(api: Api) -> None:
+    paths = api.client.get("/openapi.json").json()["paths"]
+    ready = paths["/readyz"]["get"]["responses"]
+    assert ready["503"]["content"]["application/json"]["schema"]["$ref"].endswith("/NotReady")
+    assert ready["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/Ready")
+    metrics = paths["/metrics"]["get"]["responses"]["200"]["content"]
+    served = api.client.get("/metrics").headers["content-type"]
+    assert list(metrics) == [served]
+
+
+def test_a_methods_default_prompt_layer_applies_at_submission(api: Api) -> None:
+    from service.engine.methods import get_method_class
+
+    api.tiny_backbone()
+    t = api.tenant()
+    deep = [m for m in list_methods(servable_only=True) if get_method_class(m).default_prompt_layer == "all"]
+    assert deep  # deep_activation_norm
+    blocks = [layer["index"] for layer in api.tiny_backbone()["layers"] if layer["kind"] == "block"]
+    for method in deep:
+        r = api.client.post("/v1/jobs", json=api.job_body(method=method), headers=t)
+        assert r.status_code == 202, r.text
+        assert r.json()["resolved_layers"] == blocks, method

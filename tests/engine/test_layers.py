@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from service.engine import BackboneSpec, LayerError, create_backbone, list_layers, resolve_prompt_layers
 from service.engine.backbones import Backbone
+from tests.conftest import WEIGHTS_DIR
 
 FAMILIES = {
     "test_resnet": "cnn",
@@ -15,14 +18,31 @@ FAMILIES = {
     "test_vit": "vit",
     "resnet20_cifar": "cnn",
     "vit_cifar10_p4_d128_l6": "vit",
+    "mobilenetv2_100": "cnn",
 }
+
+#: The real ImageNet MobileNetV2 at 224 px: `file://` weights plus the model kwargs its README names
+#: (TF "same" padding, the 1001-way classifier it was exported with) and its own mean / std.
+MOBILENETV2 = BackboneSpec(
+    "mobilenetv2_100",
+    weights=(WEIGHTS_DIR / "mobilenetv2_100_tflite_dequant.safetensors").as_uri(),
+    model_kwargs={"pad_type": "same", "num_classes": 1001},
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
+)
+
+
+def _spec(model: str) -> BackboneSpec:
+    if model == "mobilenetv2_100":
+        return MOBILENETV2
+    kwargs = {"img_size": 64} if model == "test_vit" else {}
+    size = None if model.endswith(("_cifar", "_l6")) or kwargs else (64, 64)
+    return BackboneSpec(model, model_kwargs=kwargs, input_size=size)
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def backbone(request: pytest.FixtureRequest) -> Backbone:
-    kwargs = {"img_size": 64} if request.param == "test_vit" else {}
-    size = None if request.param.endswith(("_cifar", "_l6")) or kwargs else (64, 64)
-    return create_backbone(BackboneSpec(request.param, model_kwargs=kwargs, input_size=size))
+    return create_backbone(_spec(request.param))
 
 
 def test_catalog_shape_and_order(backbone: Backbone) -> None:
@@ -101,3 +121,19 @@ def test_resolve_prompt_layers(backbone: Backbone) -> None:
         with pytest.raises(LayerError) as info:
             resolve_prompt_layers(layers, bad)  # type: ignore[arg-type]
         assert info.value.param == "prompt_layer"
+
+
+def test_mobilenetv2_file_weights_are_the_imagenet_network() -> None:
+    """The dequantised TFLite weights load into timm's layout and classify like an ImageNet model.
+
+    With the wrong padding (timm's default symmetric one) the same state dict loads but its features
+    drift; the catalog must see the real 224-px network: 1280 pooled features, 17 blocks, 7x7 at the end.
+    """
+    bb = create_backbone(MOBILENETV2)
+    assert bb.input_size == (224, 224) and bb.num_features == 1280
+    assert bb.layers[-1].shape == (320, 7, 7)
+    assert sum(layer.kind == "block" for layer in bb.layers) == 17
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    same_padding = bb.forward_features(x)
+    plain = create_backbone(replace(MOBILENETV2, model_kwargs={"num_classes": 1001}))
+    assert not torch.allclose(same_padding, plain.forward_features(x), atol=1e-3)

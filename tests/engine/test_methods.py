@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from service.engine import Backbone, BackboneSpec, LayerError, MethodError, create_backbone
+from service.engine.artifacts import PromptArtifact, load_module
 from service.engine.layers import resolve_prompt_layers
 from service.engine.methods import MethodConfig, create_method, list_methods
 from service.engine.methods.input_prompt import frame_mask
@@ -45,15 +46,18 @@ def _configs(bb: Backbone) -> list[tuple[str, MethodConfig]]:
         ("linear", MethodConfig(3)),
         ("norm", MethodConfig(3)),
         ("full", MethodConfig(3)),
+        ("deep_activation_norm", MethodConfig(3)),
+        ("lora", MethodConfig(3, lora_rank=2)),
     ]
 
 
 def test_registry_lists_every_method_and_rejects_unknown() -> None:
-    assert list_methods() == ["activation", "input", "linear", "norm", "full"]
-    assert list_methods(servable_only=True) == ["activation", "input", "linear", "norm"]
+    assert list_methods() == ["activation", "input", "linear", "norm", "full", "deep_activation_norm", "lora"]
+    servable = ["activation", "input", "linear", "norm", "deep_activation_norm"]
+    assert list_methods(servable_only=True) == servable
     bb = create_backbone(BackboneSpec("test_resnet", input_size=(32, 32)))
-    with pytest.raises(MethodError, match="unknown method 'lora'"):
-        create_method("lora", bb, MethodConfig(2))
+    with pytest.raises(MethodError, match="unknown method 'dora'"):
+        create_method("dora", bb, MethodConfig(2))
 
 
 def test_bad_configs_fail_clearly() -> None:
@@ -68,6 +72,8 @@ def test_bad_configs_fail_clearly() -> None:
         create_method("activation", bb, MethodConfig(2, (len(bb.layers),)))
     with pytest.raises(MethodError, match="pad_size"):
         create_method("input", bb, MethodConfig(2, pad_size=16))
+    with pytest.raises(MethodError, match="lora_rank"):
+        MethodConfig(2, lora_rank=0)
 
 
 def test_prompt_sizes_follow_the_catalog(backbone: Backbone) -> None:
@@ -190,3 +196,74 @@ def test_full_fine_tuning_copies_and_never_touches_the_shared_backbone() -> None
     opt.step()
     assert bb.parameter_fingerprint() == before
     assert not module.servable
+
+
+def test_lora_adapts_a_private_copy_through_peft(backbone: Backbone) -> None:
+    """peft LoRA factors on every conv (CNN) or the block qkv/proj/fc1/fc2 (ViT); the shared model stays."""
+    before = backbone.parameter_fingerprint()
+    module = create_method("lora", backbone, MethodConfig(3, lora_rank=2))
+    if backbone.family == "vit":
+        assert module.targets and all(
+            t.split(".")[-1] in ("qkv", "proj", "fc1", "fc2") for t in module.targets
+        )
+        assert all(t.startswith("blocks.") for t in module.targets)  # not the patch embedding's proj
+    else:
+        convs = [n for n, m in backbone.model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
+        assert module.targets == convs
+    trainable = dict((n, p) for n, p in module.named_parameters() if p.requires_grad)
+    assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
+    expected = sum(2 * p.numel() for p in module.head.parameters()) // 2
+    assert module.num_trainable() > expected  # adapters plus the head
+    module.train()
+    assert not module.model.training  # BN statistics stay frozen
+    opt = torch.optim.SGD(module.trainable_parameters(), lr=0.5)
+    for _ in range(2):  # B starts at zero: the second step moves the output through A as well
+        opt.zero_grad()
+        module(_images(backbone)).logsumexp(1).sum().backward()
+        opt.step()
+    lora_b = [p for n, p in module.named_parameters() if "lora_B" in n]
+    assert any(p.abs().sum() > 0 for p in lora_b)
+    assert backbone.parameter_fingerprint() == before
+    assert not module.servable
+    # The artifact carries the adapters: a rebuilt module predicts the same.
+    art = PromptArtifact.from_module(module, classes=["a", "b", "c"])
+    assert any(k.startswith("lora.") for k in art.tensors)
+    rebuilt = load_module(PromptArtifact.from_bytes(art.to_bytes()), backbone)
+    x = _images(backbone)
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), module(x), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(module(x), module.head(backbone.forward_features(x)), atol=1e-4)
+
+
+def test_deep_activation_norm_is_deep_ap_and_norm_tune_at_once(backbone: Backbone) -> None:
+    """Its deltas act like deep AP's and its affine like norm-tune's; together they compose."""
+    deep = resolve_prompt_layers(backbone.layers, "all")
+    both = create_method("deep_activation_norm", backbone, MethodConfig(3)).eval()
+    assert both.prompt_layers == deep and both.servable
+    ap = create_method("activation", backbone, MethodConfig(3, deep)).eval()
+    norm = create_method("norm", backbone, MethodConfig(3)).eval()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for k in ap.deltas:
+            ap.deltas[k].copy_(0.1 * torch.randn(ap.deltas[k].shape, generator=gen))
+        for p in (*norm.scales, *norm.shifts):
+            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+        norm.head.load_state_dict(ap.head.state_dict())
+        both.head.load_state_dict(ap.head.state_dict())
+    x = _images(backbone)
+    with torch.no_grad():
+        both.load_tensors({**ap.export_tensors(), **{k: v for k, v in norm.export_tensors().items()}})
+        out = both(x)
+        with_deltas_only = create_method("deep_activation_norm", backbone, MethodConfig(3)).eval()
+        with_deltas_only.load_tensors({**norm.export_tensors(), **ap.export_tensors()})
+        for p in (*with_deltas_only.scales, *with_deltas_only.shifts):
+            p.zero_()
+        torch.testing.assert_close(with_deltas_only(x), ap(x), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(out, ap(x), atol=1e-4)
+        assert not torch.allclose(out, norm(x), atol=1e-4)
+    # Gradients reach both parts in one backward pass.
+    both.train()
+    both(x).logsumexp(1).sum().backward()
+    assert all(both.deltas[k].grad is not None for k in both.deltas)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in both.scales)

@@ -54,6 +54,8 @@ def mix(bb: Backbone) -> list[PromptArtifact]:
         ("input", MethodConfig(2, input_variant="additive")),
         ("linear", MethodConfig(4)),
         ("norm", MethodConfig(5)),
+        ("deep_activation_norm", MethodConfig(4)),  # every block delta + the norm affine
+        ("deep_activation_norm", MethodConfig(3, (mid,), prompt_shape="channel")),
     ]
     return [random_artifact(bb, m, c, seed) for seed, (m, c) in enumerate(specs)]
 
@@ -72,7 +74,7 @@ def test_mixed_batch_equals_per_row_scoring(bb: Backbone, arts: list[PromptArtif
     bank = PromptBank(bb, capacity=12, max_classes=8)
     for slot, art in enumerate(arts):
         assert bank.write(slot, art) > 0
-    slots = [(3 * i + 1) % len(arts) for i in range(16)]
+    slots = [(5 * i + 1) % len(arts) for i in range(16)]  # every slot, interleaved
     x = _images(bb, len(slots))
     logits = forward_mixed(bb, bank, x, torch.tensor(slots))
     assert logits.shape == (len(slots), 8)
@@ -138,9 +140,10 @@ def test_rewriting_and_clearing_a_slot_leaves_nothing_behind(bb: Backbone) -> No
     vp = random_artifact(bb, "input", MethodConfig(3), 2)
     norm = random_artifact(bb, "norm", MethodConfig(3), 3)
     probe = random_artifact(bb, "linear", MethodConfig(2), 4)
+    deep_norm = random_artifact(bb, "deep_activation_norm", MethodConfig(3), 5)
     bank = PromptBank(bb, capacity=2, max_classes=3)
     x = _images(bb, 2)
-    for old in (deep, vp, norm):
+    for old in (deep, vp, norm, deep_norm):
         bank.write(0, old)
         bank.write(0, probe)  # replaces every trace of the old prompt
         bank.write(1, old)  # and the neighbour slot keeps its own

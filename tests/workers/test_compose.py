@@ -130,3 +130,17 @@ def test_dockerfile_stages_and_entrypoint() -> None:
 def test_dockerignore_keeps_local_state_out() -> None:
     lines = {line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines() if line.strip()}
     assert {".git", ".venv", "var"} <= lines
+
+
+def test_uploaded_files_are_on_a_volume_shared_by_api_and_workers(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    """The api writes POST /v1/files into ACTPROMPT_FILES_DIR; every training worker must read the same."""
+    files_dir = compose["x-actprompt-env"]["ACTPROMPT_FILES_DIR"]
+    mounts = {
+        name: [v.split(":")[0] for v in services[name].get("volumes", []) if v.split(":")[1] == files_dir]
+        for name in ("api", "worker", "worker-cpu")
+    }
+    assert all(m == ["files"] for m in mounts.values()), mounts
+    assert "files" in compose["volumes"]
+    assert not any(v.endswith(":ro") for v in services["api"]["volumes"] if v.startswith("files:"))

@@ -29,8 +29,9 @@ def _state_events(dep: Deployment, job_id: str) -> list[Any]:
 
 
 def _claims(dep: Deployment, job_id: str) -> list[Any]:
-    """One `running on <worker>` state event per successful claim (= per training attempt)."""
-    return [e for e in _state_events(dep, job_id) if (e.data or {}).get("status") == "running"]
+    """One `<status> on <worker>` state event per successful claim (= per attempt): the first claim of a
+    new job finds it `validating`, a later one `running`; both name the worker."""
+    return [e for e in _state_events(dep, job_id) if "worker_id" in (e.data or {})]
 
 
 def test_job_through_redis_and_worker_succeeds_with_a_prompt_that_predicts(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -12,8 +13,21 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
+from service.api.schemas.common import NotReady, Ready
+
 log = logging.getLogger("actprompt.api")
+
 router = APIRouter(tags=["health"])
+
+
+#: What a generated client needs: the 503 body of /readyz, and /metrics as Prometheus text.
+_READY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": Ready},
+    503: {"model": NotReady, "description": "The database or the queue is down (which: `checks`)."},
+}
+_METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}, "description": "Prometheus text."}
+}
 
 
 @router.get("/healthz")
@@ -21,7 +35,7 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses=_READY_RESPONSES)
 async def readyz(request: Request) -> JSONResponse:
     state = request.app.state
 
@@ -50,7 +64,7 @@ async def readyz(request: Request) -> JSONResponse:
     )
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, responses=_METRICS_RESPONSES)
 def metrics(request: Request) -> Response:
     """One process: its app registry (requests, job states) plus the process-wide one (serving, process).
 

@@ -21,6 +21,20 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class ReadyChecks(BaseModel):
+    database: Literal["ok", "down"]
+    queue: Literal["ok", "down"]
+
+
+class Ready(BaseModel):
+    status: Literal["ok"]
+    checks: ReadyChecks
+
+
+class NotReady(ErrorBody):
+    checks: ReadyChecks
+
+
 class ListPublic(BaseModel, Generic[T]):
     object: Literal["list"] = "list"
     data: list[T]

@@ -50,7 +50,9 @@ class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     backbone: str = Field(min_length=1, max_length=64, description="A registered backbone id.")
     dataset_uri: str = Field(
-        min_length=1, max_length=4096, description="file:// (under DATA_ROOTS) or https://"
+        min_length=1,
+        max_length=4096,
+        description="An uploaded file id (`file_...`), file:// (under DATA_ROOTS) or https://",
     )
     prompt_layer: LayerRef | Annotated[list[LayerRef], Field(min_length=1, max_length=256)] | None = Field(
         default=None,

@@ -2,6 +2,11 @@
 
 from service.db.repositories.backbones import BackboneRepository
 from service.db.repositories.base import Page, TenantScopedRepository
+from service.db.repositories.files import (
+    EvaluationRepository,
+    EvaluationRunRepository,
+    FileRepository,
+)
 from service.db.repositories.jobs import (
     CheckpointRepository,
     JobEventRepository,
@@ -15,6 +20,9 @@ __all__ = [
     "ApiKeyRepository",
     "BackboneRepository",
     "CheckpointRepository",
+    "EvaluationRepository",
+    "EvaluationRunRepository",
+    "FileRepository",
     "JobEventRepository",
     "JobLeaseRepository",
     "JobRepository",

@@ -36,6 +36,7 @@ class MethodConfig:
         prompt_shape: "full" (the activation's shape) or "channel" (one value per channel / feature).
         input_variant: VP only: "pad" (shrink the image, learn a frame) or "additive" (full-image delta).
         pad_size: VP frame width in pixels; None = 1/8 of the shorter input side.
+        lora_rank: LoRA only: rank r of every low-rank update (alpha = r, so the scale is 1).
     """
 
     num_classes: int
@@ -43,6 +44,7 @@ class MethodConfig:
     prompt_shape: str = "full"
     input_variant: str = "pad"
     pad_size: int | None = None
+    lora_rank: int = 4
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_classes, int) or self.num_classes < 1:
@@ -53,6 +55,8 @@ class MethodConfig:
             raise MethodError(f"input_variant must be one of {INPUT_VARIANTS}, got {self.input_variant!r}")
         if self.pad_size is not None and self.pad_size < 1:
             raise MethodError(f"pad_size must be >= 1, got {self.pad_size}")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 1:
+            raise MethodError(f"lora_rank must be a positive integer, got {self.lora_rank!r}")
         object.__setattr__(self, "prompt_layers", tuple(int(i) for i in self.prompt_layers))
 
     @classmethod
@@ -93,6 +97,7 @@ class MethodConfig:
             prompt_shape=str(d.get("prompt_shape", "full")),
             input_variant=str(d.get("input_variant", "pad")),
             pad_size=d.get("pad_size"),
+            lora_rank=int(d.get("lora_rank", 4)),
         )
 
 
@@ -115,6 +120,8 @@ class PromptModule(nn.Module):
     #: The `MethodConfig` fields this method takes besides num_classes (its "config class"); any other
     #: option given with a non-default value is refused by `MethodConfig.for_method`.
     options: ClassVar[tuple[str, ...]] = ()
+    #: The layer request a job without `prompt_layer` gets (None: the backbone's recommended layer).
+    default_prompt_layer: ClassVar[str | None] = None
 
     @classmethod
     def uses_prompt_layers(cls) -> bool:

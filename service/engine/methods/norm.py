@@ -45,53 +45,78 @@ def affine_view(v: Tensor, y: Tensor, channel_dim: int) -> Tensor:
     return v.view(v.shape[0], v.shape[1], *trailing)
 
 
+def make_affine(backbone: Backbone) -> tuple[nn.ParameterList, nn.ParameterList]:
+    """Zero-initialised (scales, shifts), one [C] pair per norm module of `backbone` (identity at start)."""
+    if not backbone.norm_layers:
+        raise MethodError(f"backbone {backbone.spec.model!r} has no norm layers to tune")
+    dev = backbone.device
+    scales = nn.ParameterList(
+        [nn.Parameter(torch.zeros(n.num_features, device=dev)) for n in backbone.norm_layers]
+    )
+    shifts = nn.ParameterList(
+        [nn.Parameter(torch.zeros(n.num_features, device=dev)) for n in backbone.norm_layers]
+    )
+    return scales, shifts
+
+
+def norm_first_layer(backbone: Backbone) -> int:
+    """Everything before the first segment that runs a norm module is frozen prefix."""
+    segments = norm_layer_segments(backbone)
+    used = [segments[n.name] for n in backbone.norm_layers if n.name in segments]
+    return min(used) - 1 if used else backbone.pooled_index
+
+
+def affine_norm_fn(backbone: Backbone, scales: nn.ParameterList, shifts: nn.ParameterList) -> NormFn:
+    """The `norm_fn` that applies `y * (1 + s) + t` with the k-th pair at the k-th norm module."""
+    index = {n.name: k for k, n in enumerate(backbone.norm_layers)}
+    cdim = {n.name: n.channel_dim for n in backbone.norm_layers}
+
+    def tune(name: str, y: Tensor) -> Tensor:
+        k = index.get(name)
+        if k is None:
+            return y
+        s = affine_view(scales[k], y, cdim[name])
+        t = affine_view(shifts[k], y, cdim[name])
+        return y * (1.0 + s) + t
+
+    return tune
+
+
+def export_affine(
+    backbone: Backbone, scales: nn.ParameterList, shifts: nn.ParameterList
+) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for k, n in enumerate(backbone.norm_layers):
+        out[scale_key(n.name)] = scales[k]
+        out[shift_key(n.name)] = shifts[k]
+    return out
+
+
+def load_affine(
+    backbone: Backbone, scales: nn.ParameterList, shifts: nn.ParameterList, tensors: Mapping[str, Tensor]
+) -> None:
+    for k, n in enumerate(backbone.norm_layers):
+        _copy_into(scales[k], tensors, scale_key(n.name))
+        _copy_into(shifts[k], tensors, shift_key(n.name))
+
+
 @register_method("norm")
 class NormTune(PromptModule):
     """Per norm layer: scale s and shift t [C], zero-initialised (identity at start)."""
 
     def __init__(self, backbone: Backbone, config: MethodConfig) -> None:
         super().__init__(backbone, config)
-        if not backbone.norm_layers:
-            raise MethodError(f"backbone {backbone.spec.model!r} has no norm layers to tune")
-        self._names = [n.name for n in backbone.norm_layers]
-        self._channel_dim = {n.name: n.channel_dim for n in backbone.norm_layers}
-        self._index = {name: k for k, name in enumerate(self._names)}
-        dev = backbone.device
-        self.scales = nn.ParameterList(
-            [nn.Parameter(torch.zeros(n.num_features, device=dev)) for n in backbone.norm_layers]
-        )
-        self.shifts = nn.ParameterList(
-            [nn.Parameter(torch.zeros(n.num_features, device=dev)) for n in backbone.norm_layers]
-        )
-        segments = norm_layer_segments(backbone)
-        used = [segments[n] for n in self._names if n in segments]
-        # Everything before the first segment that runs a norm module is frozen prefix.
-        self.first_layer = min(used) - 1 if used else backbone.pooled_index
+        self.scales, self.shifts = make_affine(backbone)
+        self.first_layer = norm_first_layer(backbone)
 
     def norm_fn(self) -> NormFn | None:
-        index, scales, shifts, cdim = self._index, self.scales, self.shifts, self._channel_dim
-
-        def tune(name: str, y: Tensor) -> Tensor:
-            k = index.get(name)
-            if k is None:
-                return y
-            s = affine_view(scales[k], y, cdim[name])
-            t = affine_view(shifts[k], y, cdim[name])
-            return y * (1.0 + s) + t
-
-        return tune
+        return affine_norm_fn(self.backbone, self.scales, self.shifts)
 
     def metadata(self) -> dict[str, Any]:
-        return {"prompt_shape": None, "norm_layers": list(self._names)}
+        return {"prompt_shape": None, "norm_layers": [n.name for n in self.backbone.norm_layers]}
 
     def _export_prompt(self) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
-        for k, name in enumerate(self._names):
-            out[scale_key(name)] = self.scales[k]
-            out[shift_key(name)] = self.shifts[k]
-        return out
+        return export_affine(self.backbone, self.scales, self.shifts)
 
     def _load_prompt(self, tensors: Mapping[str, Tensor]) -> None:
-        for k, name in enumerate(self._names):
-            _copy_into(self.scales[k], tensors, scale_key(name))
-            _copy_into(self.shifts[k], tensors, shift_key(name))
+        load_affine(self.backbone, self.scales, self.shifts, tensors)

@@ -1,0 +1,52 @@
+"""actprompt: the light Python client of the actprompt API (httpx + pydantic; no torch).
+
+from actprompt import Client
+c = Client(base_url="http://127.0.0.1:8000", api_key="...")
+"""
+
+from actprompt._async_client import AsyncClient
+from actprompt._client import Client
+from actprompt._errors import (
+    ActpromptError,
+    APIConnectionError,
+    APIError,
+    AuthenticationError,
+    BadRequestError,
+    ConflictError,
+    InternalServerError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    RateLimitError,
+    ServiceUnavailableError,
+    UnprocessableEntityError,
+)
+from actprompt.types import Backbone, Evaluation, File, Job, JobEvent, Prediction, Progress, Prompt
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APIConnectionError",
+    "APIError",
+    "ActpromptError",
+    "AsyncClient",
+    "AuthenticationError",
+    "Backbone",
+    "BadRequestError",
+    "Client",
+    "ConflictError",
+    "Evaluation",
+    "File",
+    "InternalServerError",
+    "Job",
+    "JobEvent",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "Prediction",
+    "Progress",
+    "Prompt",
+    "RateLimitError",
+    "ServiceUnavailableError",
+    "UnprocessableEntityError",
+]

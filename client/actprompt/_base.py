@@ -1,0 +1,200 @@
+"""What the sync and async clients share: settings, retry policy, request bodies, SSE decoding."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import random
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from actprompt._errors import APIError, error_from_response
+from actprompt.types import JobEvent, Prediction
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+DEFAULT_TIMEOUT = 60.0
+#: Statuses worth another try: rate limited, or the service (or a proxy in front of it) briefly unavailable.
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+TERMINAL_JOB_STATES = frozenset({"succeeded", "failed", "cancelled"})
+
+ImageInput = Any  # str path | pathlib.Path | bytes | a PIL image | "https://..." URL
+
+
+def resolve_base_url(base_url: str | None) -> str:
+    return (base_url or os.environ.get("ACTPROMPT_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+
+
+def resolve_api_key(api_key: str | None) -> str | None:
+    return api_key or os.environ.get("ACTPROMPT_API_KEY") or None
+
+
+def headers_for(api_key: str | None) -> dict[str, str]:
+    headers = {"User-Agent": "actprompt-client/0.1", "Accept": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter, honouring Retry-After; only idempotent calls are retried."""
+
+    max_retries: int = 2
+    initial_delay: float = 0.5
+    max_delay: float = 8.0
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, 60.0)
+        base = min(self.max_delay, self.initial_delay * (2**attempt))
+        return base * (0.5 + random.random() / 2)
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def raise_for(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = response.text
+    raise error_from_response(response.status_code, body, response.headers)
+
+
+def is_retryable_error(error: APIError) -> bool:
+    return error.status in RETRY_STATUSES
+
+
+def new_idempotency_key() -> str:
+    return f"actprompt-client-{uuid.uuid4().hex}"
+
+
+def job_body(
+    *,
+    backbone: str,
+    dataset: str,
+    prompt_layer: Any = None,
+    method: str | None = None,
+    prompt_shape: str | None = None,
+    hyperparameters: Mapping[str, Any] | None = None,
+    name: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    prompt_id: str | None = None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"backbone": backbone, "dataset_uri": dataset}
+    optional = {
+        "prompt_layer": prompt_layer,
+        "method": method,
+        "prompt_shape": prompt_shape,
+        "hyperparameters": dict(hyperparameters) if hyperparameters is not None else None,
+        "name": name,
+        "metadata": dict(metadata) if metadata is not None else None,
+        "prompt_id": prompt_id,
+    }
+    body.update({k: v for k, v in optional.items() if v is not None})
+    return body
+
+
+def _is_url(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(("http://", "https://"))
+
+
+def image_bytes(image: ImageInput) -> bytes:
+    """A path, raw bytes or a PIL image (encoded as PNG) → the bytes of an image file."""
+    if isinstance(image, bytes | bytearray | memoryview):
+        return bytes(image)
+    if isinstance(image, str | os.PathLike):
+        return Path(image).read_bytes()
+    if hasattr(image, "save"):  # a PIL image, without importing PIL
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return buf.getvalue()
+    raise TypeError(f"unsupported image {type(image).__name__}: use a path, bytes, a PIL image or a URL")
+
+
+def predict_request(prompt: str, images: Sequence[ImageInput], top_k: int) -> dict[str, Any]:
+    """httpx request kwargs: multipart for files only; JSON when a URL is among the images.
+
+    JSON images are base64 strings, or `{"url": ...}` objects that the server fetches.
+    """
+    if not images:
+        raise ValueError("at least one image")
+    if any(_is_url(im) for im in images):
+        encoded = [
+            {"url": im} if _is_url(im) else base64.b64encode(image_bytes(im)).decode() for im in images
+        ]
+        return {"json": {"prompt": prompt, "images": encoded, "top_k": top_k}}
+    files = [
+        ("images", (f"image{i}", image_bytes(im), "application/octet-stream")) for i, im in enumerate(images)
+    ]
+    return {"data": {"prompt": prompt, "top_k": str(top_k)}, "files": files}
+
+
+def predictions(body: dict[str, Any]) -> list[list[Prediction]]:
+    return [[Prediction.model_validate(p) for p in row] for row in body["predictions"]]
+
+
+def event_from_sse(event: str, data: str) -> JobEvent:
+    """A JobEvent from one SSE message; the closing `end` message becomes type `end` (id 0, final status)."""
+    if event == "end":
+        try:
+            final = json.loads(data)
+        except ValueError:
+            final = None
+        return JobEvent(
+            id=0, type="end", message="stream ended", data=final if isinstance(final, dict) else None
+        )
+    return JobEvent.model_validate_json(data)
+
+
+@dataclass
+class SSEMessage:
+    event: str
+    data: str
+    id: str | None
+
+
+class SSEDecoder:
+    """Lines in, complete messages out (the text/event-stream framing: blank line ends a message)."""
+
+    def __init__(self) -> None:
+        self._event = ""
+        self._data: list[str] = []
+        self._id: str | None = None
+
+    def feed(self, line: str) -> SSEMessage | None:
+        line = line.rstrip("\r\n")
+        if not line:
+            if not self._data and not self._event:
+                return None
+            msg = SSEMessage(self._event or "message", "\n".join(self._data), self._id)
+            self._event, self._data, self._id = "", [], None
+            return msg
+        if line.startswith(":"):
+            return None  # a keepalive comment
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "event":
+            self._event = value
+        elif name == "data":
+            self._data.append(value)
+        elif name == "id":
+            self._id = value
+        return None
+
+    def feed_all(self, lines: Iterable[str]) -> list[SSEMessage]:
+        return [m for m in (self.feed(line) for line in lines) if m is not None]

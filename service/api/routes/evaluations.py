@@ -1,0 +1,74 @@
+"""Evaluations: score a prompt on a labelled dataset through the serving path; get and list the results."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Query, Request
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import SessionDep, SettingsDep, TenantIdDep, page_limit, paginate
+from service.api.evaluations import EvaluationRunner
+from service.api.schemas.common import ERROR_RESPONSES, ListPublic
+from service.api.schemas.evaluations import EvaluationCreate, EvaluationPublic
+from service.db.models import Evaluation
+from service.domain import evaluations
+
+router = APIRouter(tags=["evaluations"], responses=ERROR_RESPONSES)
+
+
+def evaluation_public(e: Evaluation) -> EvaluationPublic:
+    return EvaluationPublic(
+        id=e.id,
+        status=e.status,
+        prompt=f"{e.prompt_id}@{e.prompt_version}",
+        dataset_uri=e.dataset_uri,
+        metrics=e.metrics,
+        error=e.error,
+        created_at=e.created_at,
+        started_at=e.started_at,
+        finished_at=e.finished_at,
+    )
+
+
+@router.post("/v1/evaluations", status_code=202, response_model=EvaluationPublic)
+async def create_evaluation(
+    body: EvaluationCreate,
+    request: Request,
+    tenant_id: TenantIdDep,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> EvaluationPublic:
+    def create() -> tuple[EvaluationPublic, evaluations.prompts.PromptHandle]:
+        row, handle = evaluations.create_evaluation(
+            session, tenant_id, body.prompt, body.dataset_uri, settings
+        )
+        session.commit()
+        return evaluation_public(row), handle
+
+    public, handle = await run_in_threadpool(create)
+    runner: EvaluationRunner = request.app.state.evaluations
+    runner.submit(public.id, handle)  # after the commit: the runner must find the row
+    return public
+
+
+@router.get("/v1/evaluations", response_model=ListPublic[EvaluationPublic])
+def list_evaluations(
+    tenant_id: TenantIdDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    limit: int = Query(20, ge=1, le=1000),
+    after: str | None = Query(None, max_length=64, description="Cursor: `next_cursor` of the previous page."),
+    status: Literal["queued", "running", "succeeded", "failed"] | None = Query(None),
+) -> ListPublic[EvaluationPublic]:
+    limit = page_limit(limit, settings)
+    rows = evaluations.list_evaluations(session, tenant_id, limit=limit + 1, after=after, status=status)
+    rows, has_more, cursor = paginate(rows, limit, lambda e: e.id)
+    return ListPublic[EvaluationPublic](
+        data=[evaluation_public(e) for e in rows], has_more=has_more, next_cursor=cursor
+    )
+
+
+@router.get("/v1/evaluations/{evaluation_id}", response_model=EvaluationPublic)
+def get_evaluation(evaluation_id: str, tenant_id: TenantIdDep, session: SessionDep) -> EvaluationPublic:
+    return evaluation_public(evaluations.get_evaluation(session, tenant_id, evaluation_id))

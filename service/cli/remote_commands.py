@@ -1,0 +1,356 @@
+"""Commands that drive a running server through the light client: files, jobs, prompts, evaluations, predict.
+
+Every command takes `--base-url`/`--api-key` (default: ACTPROMPT_BASE_URL / ACTPROMPT_API_KEY) and `--json`
+(one JSON document, or JSON lines for `watch`, for scripts). API errors print as `error <status> <code>:
+<message>` on stderr and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from actprompt import Client
+from actprompt._errors import ActpromptError, APIError
+from pydantic import BaseModel
+
+
+def remote_options() -> argparse.ArgumentParser:
+    """Options every remote command shares (a parent parser)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--base-url", default=None, help="server URL (default: $ACTPROMPT_BASE_URL)")
+    p.add_argument("--api-key", default=None, help="tenant API key (default: $ACTPROMPT_API_KEY)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def is_remote(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "base_url", None) or os.environ.get("ACTPROMPT_BASE_URL"))
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(base_url=args.base_url, api_key=args.api_key)
+
+
+def _dump(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [_dump(v) for v in value]
+    return value
+
+
+def _emit(args: argparse.Namespace, value: Any, human: Callable[[Any], str]) -> None:
+    print(json.dumps(_dump(value), indent=2) if args.json else human(value))
+
+
+def run_remote(func: Callable[[argparse.Namespace, Client], int]) -> Callable[[argparse.Namespace], int]:
+    """Wrap a command: build the client, turn API errors into one line on stderr and exit status 1."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            with _client(args) as client:
+                return func(args, client)
+        except APIError as exc:
+            if args.json:
+                body = {
+                    "error": {
+                        "status": exc.status,
+                        "code": exc.code,
+                        "message": exc.message,
+                        "param": exc.param,
+                    }
+                }
+                print(json.dumps(body), file=sys.stderr)
+            else:
+                print(f"error {exc.status} {exc.code}: {exc.message}", file=sys.stderr)
+            return 1
+        except (ActpromptError, OSError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def _table(rows: Iterable[list[str]], header: list[str]) -> str:
+    rows = [header, *rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+# --- files ------------------------------------------------------------------------------------------
+def files_upload(args: argparse.Namespace, c: Client) -> int:
+    f = c.files.upload(args.path)
+    _emit(args, f, lambda f: f"{f.id}  {f.filename}  {f.bytes} bytes  sha256 {f.sha256}")
+    return 0
+
+
+def files_list(args: argparse.Namespace, c: Client) -> int:
+    items = list(c.files.list())
+    _emit(
+        args,
+        items,
+        lambda xs: _table(
+            ([f.id, f.filename, str(f.bytes), f.status] for f in xs), ["ID", "FILENAME", "BYTES", "STATUS"]
+        ),
+    )
+    return 0
+
+
+def files_get(args: argparse.Namespace, c: Client) -> int:
+    _emit(args, c.files.get(args.id), lambda f: json.dumps(f.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def files_delete(args: argparse.Namespace, c: Client) -> int:
+    c.files.delete(args.id)
+    _emit(args, {"id": args.id, "deleted": True}, lambda _: f"deleted {args.id}")
+    return 0
+
+
+# --- jobs -------------------------------------------------------------------------------------------
+def _hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
+    hp: dict[str, Any] = {}
+    for item in args.hp or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--hp {item!r}: use key=value")
+        try:
+            hp[key] = json.loads(raw)
+        except ValueError:
+            hp[key] = raw
+    if args.epochs is not None:
+        hp["epochs"] = args.epochs
+    return hp
+
+
+def _layer(value: str | None) -> Any:
+    if value is None:
+        return None
+    parts = [int(p) if p.lstrip("-").isdigit() else p for p in value.split(",")]
+    return parts[0] if len(parts) == 1 else parts
+
+
+def jobs_create(args: argparse.Namespace, c: Client) -> int:
+    job = c.jobs.create(
+        backbone=args.backbone,
+        dataset=args.dataset,
+        prompt_layer=_layer(args.layer),
+        method=args.method,
+        hyperparameters=_hyperparameters(args),
+        name=args.name,
+        prompt_id=args.prompt_id,
+        idempotency_key=args.idempotency_key,
+    )
+    if args.watch:
+        return _watch(args, c, job.id)
+    _emit(args, job, lambda j: f"{j.id}  {j.status}")
+    return 0
+
+
+def _job_line(j: Any) -> list[str]:
+    return [j.id, j.status, j.backbone, j.prompt or "-", f"{j.progress.epoch}/{j.progress.epochs}"]
+
+
+def jobs_list(args: argparse.Namespace, c: Client) -> int:
+    jobs = list(c.jobs.list(status=args.status))
+    _emit(
+        args,
+        jobs,
+        lambda xs: _table((_job_line(j) for j in xs), ["ID", "STATUS", "BACKBONE", "PROMPT", "EPOCH"]),
+    )
+    return 0
+
+
+def jobs_get(args: argparse.Namespace, c: Client) -> int:
+    _emit(args, c.jobs.get(args.id), lambda j: json.dumps(j.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def jobs_cancel(args: argparse.Namespace, c: Client) -> int:
+    _emit(args, c.jobs.cancel(args.id), lambda j: f"{j.id}  {j.status}")
+    return 0
+
+
+def jobs_watch(args: argparse.Namespace, c: Client) -> int:
+    return _watch(args, c, args.id)
+
+
+def _watch(args: argparse.Namespace, c: Client, job_id: str) -> int:
+    """Events until the job ends: a progress bar and one line per epoch (JSON lines with --json)."""
+    from tqdm import tqdm
+
+    bar = None if args.json else tqdm(total=100, unit="%", desc=job_id, leave=True, file=sys.stderr)
+    try:
+        for event in c.jobs.watch(job_id):
+            if args.json:
+                print(json.dumps(event.model_dump(mode="json")), flush=True)
+                continue
+            assert bar is not None
+            data = event.data or {}
+            if (event.type == "progress" and "fraction" in data) or event.type == "end":
+                done = event.type == "end" and data.get("status") == "succeeded"
+                bar.n = 100 if done else round(100 * float(data.get("fraction", bar.n / 100)))
+                bar.refresh()
+            elif event.type == "epoch" or event.level != "info" or event.type in ("state", "validation"):
+                # lines on stdout, the bar on stderr: `watch ... > log` keeps a clean record
+                bar.write(
+                    event.message if event.type == "epoch" else f"[{event.type}] {event.message}",
+                    file=sys.stdout,
+                )
+    finally:
+        if bar is not None:
+            bar.close()
+    job = c.jobs.get(job_id)
+    if not args.json:
+        print(
+            f"{job.id}  {job.status}"
+            + (f"  prompt {job.prompt}" if job.prompt else "")
+            + (f"  error {job.error.get('message')}" if job.error else "")
+        )
+    return 0 if job.status == "succeeded" else 2
+
+
+# --- prompts ----------------------------------------------------------------------------------------
+def prompts_list(args: argparse.Namespace, c: Client) -> int:
+    items = list(c.prompts.list())
+    _emit(
+        args,
+        items,
+        lambda xs: _table(
+            ([p.ref, p.backbone, p.method, str(len(p.classes)), p.name or ""] for p in xs),
+            ["PROMPT", "BACKBONE", "METHOD", "CLASSES", "NAME"],
+        ),
+    )
+    return 0
+
+
+def prompts_get(args: argparse.Namespace, c: Client) -> int:
+    _emit(args, c.prompts.get(args.id), lambda p: json.dumps(p.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def prompts_download(args: argparse.Namespace, c: Client) -> int:
+    path = c.prompts.download(args.id, args.path)
+    _emit(
+        args,
+        {"id": args.id, "path": str(path), "bytes": path.stat().st_size},
+        lambda d: f"wrote {d['path']} ({d['bytes']} bytes)",
+    )
+    return 0
+
+
+def prompts_delete(args: argparse.Namespace, c: Client) -> int:
+    c.prompts.delete(args.id)
+    _emit(args, {"id": args.id, "deleted": True}, lambda _: f"deleted {args.id}")
+    return 0
+
+
+# --- evaluations ------------------------------------------------------------------------------------
+def _evaluation_text(ev: Any) -> str:
+    line = f"{ev.id}  {ev.status}  {ev.prompt}"
+    if ev.metrics:
+        m = ev.metrics
+        line += f"  top1 {m['top1']:.4f}  top5 {m['top5']:.4f}  ({m['num_images']} images)"
+    if ev.error:
+        line += f"  error {ev.error.get('code')}: {ev.error.get('message')}"
+    return line
+
+
+def evaluations_create(args: argparse.Namespace, c: Client) -> int:
+    ev = c.evaluations.create(prompt=args.prompt, dataset=args.dataset)
+    if args.wait:
+        ev = c.evaluations.wait(ev.id)
+    _emit(args, ev, _evaluation_text)
+    return 0 if ev.status != "failed" else 2
+
+
+def evaluations_get(args: argparse.Namespace, c: Client) -> int:
+    _emit(args, c.evaluations.get(args.id), _evaluation_text)
+    return 0
+
+
+def evaluations_list(args: argparse.Namespace, c: Client) -> int:
+    items = list(c.evaluations.list())
+    _emit(args, items, lambda xs: "\n".join(_evaluation_text(e) for e in xs))
+    return 0
+
+
+# --- predict (remote) -------------------------------------------------------------------------------
+def predict_remote(args: argparse.Namespace, c: Client) -> int:
+    images = list(args.paths)
+    rows = c.predict(prompt=args.prompt, images=images, top_k=args.top_k)
+    out = [
+        {"image": str(i), "predictions": [p.model_dump() for p in row]}
+        for i, row in zip(images, rows, strict=True)
+    ]
+    _emit(
+        args,
+        out,
+        lambda xs: "\n".join(
+            f"{x['image']}: " + ", ".join(f"{p['label']} {p['probability']:.3f}" for p in x["predictions"])
+            for x in xs
+        ),
+    )
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    common = remote_options()
+
+    def group(name: str, help: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+        p = subparsers.add_parser(name, help=help)
+        return p.add_subparsers(dest=f"{name}_command", metavar="ACTION", required=True)
+
+    def command(
+        parent: argparse._SubParsersAction[argparse.ArgumentParser],
+        name: str,
+        func: Callable[[argparse.Namespace, Client], int],
+        help: str,
+    ) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help, parents=[common])
+        p.set_defaults(func=run_remote(func))
+        return p
+
+    g = group("files", "upload and manage dataset files on a server")
+    command(g, "upload", files_upload, "upload a dataset archive").add_argument("path")
+    command(g, "list", files_list, "list uploaded files")
+    command(g, "get", files_get, "show one file").add_argument("id")
+    command(g, "delete", files_delete, "delete a file (refused while a job uses it)").add_argument("id")
+
+    g = group("jobs", "train prompts on a server")
+    p = command(g, "create", jobs_create, "submit a training job")
+    p.add_argument("--backbone", required=True)
+    p.add_argument("--dataset", required=True, help="file_... id or a URI")
+    p.add_argument("--layer", default=None, help="index, name, comma list, 'all' or 'auto'")
+    p.add_argument("--method", default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--hp", action="append", metavar="KEY=VALUE", help="a hyperparameter (repeatable)")
+    p.add_argument("--name", default=None)
+    p.add_argument("--prompt-id", default=None, help="store the result as a new version of this prompt")
+    p.add_argument("--idempotency-key", default=None)
+    p.add_argument("--watch", action="store_true", help="then follow it like `jobs watch`")
+    command(g, "list", jobs_list, "list jobs (every page)").add_argument("--status", default=None)
+    command(g, "get", jobs_get, "show one job").add_argument("id")
+    command(g, "watch", jobs_watch, "follow a job: progress bar and per-epoch metrics").add_argument("id")
+    command(g, "cancel", jobs_cancel, "cancel a job").add_argument("id")
+
+    g = group("prompts", "trained prompts on a server")
+    command(g, "list", prompts_list, "list prompts")
+    command(g, "get", prompts_get, "show a prompt (`id` or `id@version`)").add_argument("id")
+    p = command(g, "download", prompts_download, "download the artifact (safetensors)")
+    p.add_argument("id")
+    p.add_argument("path")
+    command(g, "delete", prompts_delete, "delete a prompt or one version").add_argument("id")
+
+    g = group("evaluations", "score a prompt on a labelled dataset")
+    p = command(g, "create", evaluations_create, "start an evaluation")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--dataset", required=True, help="file_... id or a URI")
+    p.add_argument("--wait", action="store_true", help="wait for the result")
+    command(g, "get", evaluations_get, "show an evaluation").add_argument("id")
+    command(g, "list", evaluations_list, "list evaluations")

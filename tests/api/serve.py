@@ -1,0 +1,78 @@
+"""A real `actprompt serve` subprocess for end-to-end tests (embedded mode, SQLite, a temporary var dir)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def run_server(tmp_path: Path, **env_overrides: str) -> Iterator[tuple[str, str, Path]]:
+    """`actprompt serve` on a free port; yields (url, admin key, data root).
+
+    Embedded mode (SQLite under tmp_path, in-process jobs) unless `env_overrides` name a database, a broker
+    or an admin key: they are applied last.
+    """
+    data_root = tmp_path / "data"
+    data_root.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    env = {
+        **os.environ,
+        "ACTPROMPT_DATABASE_URL": f"sqlite:///{tmp_path / 'var' / 'actprompt.db'}",
+        "ACTPROMPT_VAR_DIR": str(tmp_path / "var"),
+        "ACTPROMPT_DATA_ROOTS": str(data_root),
+        "ACTPROMPT_DEVICE": "cpu",
+        "ACTPROMPT_PROGRESS_EVENT_SECONDS": "1",
+    }
+    for name in ("ACTPROMPT_ADMIN_KEY", "ACTPROMPT_BROKER_URL"):
+        env.pop(name, None)
+    env.update(env_overrides)
+    log = open(tmp_path / "serve.log", "w+")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "actprompt"), "serve", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        else:
+            raise AssertionError("server did not come up: " + (tmp_path / "serve.log").read_text())
+        printed = (tmp_path / "serve.log").read_text()
+        match = re.search(r"admin key: (\S+)", printed)
+        assert match, printed
+        assert url in printed and "curl" in printed  # the walkthrough
+        yield url, match.group(1), data_root
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
