@@ -185,12 +185,3 @@ class EvaluationRunner:
             top5.extend([p.index for p in row] for row in rows)
         return evaluations.score(labels, top5, handle.classes)
 
-
-def _png(image: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[-1] == 1 else image).save(buf, "PNG")
-    return buf.getvalue()
