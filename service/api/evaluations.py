@@ -184,4 +184,3 @@ class EvaluationRunner:
             (rows,) = await self._predictor.predict_many([handle], chunk, 5, tenant_id=tenant_id)
             top5.extend([p.index for p in row] for row in rows)
         return evaluations.score(labels, top5, handle.classes)
-
