@@ -39,6 +39,7 @@ from bench.common import (
 )
 from bench.provenance import now as utc_now
 from bench.provenance import provenance
+from bench.synthetic import random_artifact
 from service.engine import Backbone, BackboneSpec, create_backbone
 from service.engine.artifacts import PromptArtifact, load_module
 from service.engine.mixed_batch import PromptBank, forward_mixed, predict_single
@@ -46,7 +47,6 @@ from service.serving.cache import CallableSource
 from service.serving.errors import PromptNotFoundError
 from service.serving.predictor import ServingConfig, ServingPredictor
 from service.serving.slots import SlotTable
-from service.serving.synthetic import random_artifact
 
 SYNTHETIC_NOTE = (
     "prompt artifacts are synthetic: random deltas and heads built through the engine's PromptArtifact "

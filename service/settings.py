@@ -128,6 +128,55 @@ class Settings(BaseSettings):
         default=None,
         description="Redis for shared rate limits; unset = the broker if it is Redis, else in memory.",
     )
+    rate_limit_redis_timeout_ms: float = Field(
+        gt=0,
+        default=100.0,
+        description="Longest wait for one reply of the rate limiter's Redis; past it the breaker opens.",
+    )
+    rate_limit_breaker_seconds: float = Field(
+        gt=0,
+        default=2.0,
+        description="After a Redis failure, how long the limiter limits per process before probing again.",
+    )
+    rate_limit_local_share_s: float = Field(
+        ge=0,
+        default=0.05,
+        description="Seconds of a tenant's rate a process may take from Redis ahead of use (fewer round "
+        "trips; a tenant may be refused up to processes x share tokens early, never admitted over).",
+    )
+    auth_cache_seconds: float = Field(
+        ge=0,
+        default=5.0,
+        description="How long an authenticated API key is remembered; a key revoked through another process "
+        "stops working at most this long after (at once through this one). 0 = ask the database each time.",
+    )
+    prompt_resolve_cache_seconds: float = Field(
+        ge=0,
+        default=5.0,
+        description="How long a resolved prompt reference is remembered for predict; a deletion or new "
+        "version made by another process is seen at most this long after. 0 = no cache.",
+    )
+    predict_url_timeout_s: float = Field(
+        gt=0, default=5.0, description="Connect and read timeout for an image given by URL to predict."
+    )
+    predict_url_max_bytes: int = Field(
+        ge=1, default=16 << 20, description="Largest image fetched by URL for predict, in bytes."
+    )
+    allow_private_urls: bool = Field(
+        default=False,
+        description="Also fetch predict image URLs from private, loopback and link-local addresses "
+        "(tests, on-prem); off = public addresses only, as for dataset downloads.",
+    )
+    torch_threads: int = Field(
+        ge=0,
+        default=0,
+        description="Intra-op threads of torch in this process (serving and embedded training alike); "
+        "0 = torch's default (every core). `serve --workers N` sets cores / N unless given.",
+    )
+    metrics_per_tenant: bool = Field(
+        default=False,
+        description="Label serving metrics with the tenant id (a series per tenant: small deployments only).",
+    )
 
     # --- job leases and retries --------------------------------------------------------------------
     # Recovery budget after a worker dies (SIGKILL, OOM, lost node): its lease runs out at most

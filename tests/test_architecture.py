@@ -16,6 +16,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
         "service.db",
         "service.domain",
         "service.serving",
+        "service.gateway",
         "service.settings",
         "service.queue",
         "workers",
@@ -28,6 +29,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     ),
     "service/serving": (
         "service.api",
+        "service.gateway",
         "service.db",
         "service.domain",
         "workers",
@@ -37,6 +39,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     ),
     "service/db": (
         "service.api",
+        "service.gateway",
         "service.serving",
         "service.domain",
         "workers",
@@ -44,9 +47,17 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
         "torch",
         "celery",
     ),
-    "service/domain": ("service.api", "service.serving", "workers", "fastapi", "starlette"),
+    "service/domain": (
+        "service.api",
+        "service.serving",
+        "service.gateway",
+        "workers",
+        "fastapi",
+        "starlette",
+    ),
+    "service/gateway": ("service.api", "workers", "fastapi", "starlette", "celery"),
     "service/api": ("workers", "celery"),
-    "workers": ("service.api", "fastapi", "starlette"),
+    "workers": ("service.api", "service.gateway", "fastapi", "starlette"),
 }
 
 

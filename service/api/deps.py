@@ -1,4 +1,4 @@
-"""Typed dependency aliases: settings, the request's session, the caller, the queue, the predictor."""
+"""Typed dependency aliases: settings, the request's session, the caller, the queue, the predictor, caches."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
-from service.db.session import retry_read
 from service.domain.errors import Forbidden
-from service.domain.predict import Predictor
-from service.domain.tenants import Principal, authenticate
+from service.domain.predict import Predictor, PromptResolver
+from service.domain.tenants import Authenticator, Principal
 from service.queue import JobQueue
 from service.settings import Settings
 
@@ -46,26 +46,29 @@ def bearer_token(request: Request) -> str | None:
     return (token.strip() or None) if scheme.lower() == "bearer" else None
 
 
-def authenticate_request(request: Request) -> Principal:
-    """Who is calling, resolved once per request (the edge check and the dependency share the answer)."""
+async def authenticate_request(request: Request) -> Principal:
+    """Who is calling, resolved once per request (the edge check and the dependency share the answer).
+
+    A remembered key answers on the loop; a miss queries the database in a thread (with one retry on a
+    connection that died mid-flight, see `Authenticator.authenticate`).
+    """
     cached: Principal | None = getattr(request.state, "principal", None)
     if cached is not None:
         return cached
-    settings: Settings = request.app.state.settings
-    factory: sessionmaker[Session] = request.app.state.session_factory
-    principal = retry_read(
-        factory, lambda session: authenticate(session, bearer_token(request), admin_key=settings.admin_key)
-    )
+    auth: Authenticator = request.app.state.authenticator
+    raw = bearer_token(request)
+    hit = auth.cached(raw)
+    principal = hit if hit is not None else await run_in_threadpool(auth.authenticate, raw)
     request.state.principal = principal
     return principal
 
 
-def authenticate_dependency(
+async def authenticate_dependency(
     request: Request,
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     # `_bearer` stays a dependency so that OpenAPI documents the security scheme.
-    return authenticate_request(request)
+    return await authenticate_request(request)
 
 
 PrincipalDep = Annotated[Principal, Depends(authenticate_dependency)]
@@ -97,8 +100,20 @@ def _predictor(request: Request) -> Predictor:
     return predictor
 
 
+def _resolver(request: Request) -> PromptResolver:
+    resolver: PromptResolver = request.app.state.prompt_resolver
+    return resolver
+
+
+def _authenticator(request: Request) -> Authenticator:
+    auth: Authenticator = request.app.state.authenticator
+    return auth
+
+
 QueueDep = Annotated[JobQueue, Depends(_queue)]
 PredictorDep = Annotated[Predictor, Depends(_predictor)]
+ResolverDep = Annotated[PromptResolver, Depends(_resolver)]
+AuthenticatorDep = Annotated[Authenticator, Depends(_authenticator)]
 
 
 def page_limit(limit: int, settings: Settings) -> int:

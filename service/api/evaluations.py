@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.batching import BatchingPredictor
 from service.db.base import utcnow
 from service.db.repositories import EvaluationRunRepository
 from service.domain import evaluations
@@ -182,19 +181,6 @@ class EvaluationRunner:
         top5: list[list[int]] = []
         for start in range(0, len(images), CHUNK_IMAGES):
             chunk = images[start : start + CHUNK_IMAGES]
-            if isinstance(self._predictor, BatchingPredictor):
-                (rows,) = await self._predictor.predict_many([handle], chunk, 5, tenant_id=tenant_id)
-            else:  # a per-request predictor takes encoded files
-                rows = await self._predictor.predict(handle, [_png(im) for im in chunk], 5)
+            (rows,) = await self._predictor.predict_many([handle], chunk, 5, tenant_id=tenant_id)
             top5.extend([p.index for p in row] for row in rows)
         return evaluations.score(labels, top5, handle.classes)
-
-
-def _png(image: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[-1] == 1 else image).save(buf, "PNG")
-    return buf.getvalue()

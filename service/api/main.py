@@ -10,7 +10,6 @@ from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from service.api.batching import BatchingPredictor, build_rate_limiter
 from service.api.console import install_console
 from service.api.errors import install_error_handlers
 from service.api.evaluations import EvaluationRunner
@@ -29,10 +28,13 @@ from service.api.routes import (
 from service.api.routes.docs import install_docs
 from service.db.migrate import check_migrated, upgrade
 from service.db.session import make_engine, make_session_factory
-from service.domain.predict import Predictor
-from service.domain.tenants import load_or_create_admin_key
+from service.domain.predict import Predictor, PromptResolver
+from service.domain.tenants import Authenticator, load_or_create_admin_key
+from service.gateway.predictor import BatchingPredictor
+from service.gateway.ratelimit import build_rate_limiter
 from service.log import configure_logging
 from service.queue import InProcessQueue, create_queue
+from service.serving import metrics as serving_metrics
 from service.settings import Settings, get_settings
 from service.storage import create_storage
 
@@ -70,8 +72,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     queue = create_queue(settings, session_factory)
     app.state.session_factory = session_factory
     app.state.queue = queue
-    app.state.predictor = build_predictor(settings, session_factory)
+    app.state.authenticator = Authenticator(
+        session_factory, admin_key=settings.admin_key, ttl_s=settings.auth_cache_seconds
+    )
+    app.state.prompt_resolver = PromptResolver(session_factory, ttl_s=settings.prompt_resolve_cache_seconds)
+    app.state.predictor = build_predictor(settings, session_factory)  # on the loop that will own its state
     app.state.rate_limiter = build_rate_limiter(settings)
+    serving_metrics.set_per_tenant_labels(settings.metrics_per_tenant)
     app.state.storage = create_storage(settings.files_root)
     app.state.evaluations = EvaluationRunner(
         session_factory, app.state.predictor, app.state.storage, settings

@@ -22,20 +22,32 @@ log = logging.getLogger("actprompt.access")
 
 
 class JobStateCollector(Collector):
-    """`actprompt_jobs{status=...}`: counted in the database at scrape time (the source of truth)."""
+    """`actprompt_jobs{status=...}`: counted in the database at scrape time (the source of truth).
+
+    When the database cannot answer, the job series are left out (absent, not zero: a dashboard must not
+    read an outage as "no jobs") and `actprompt_jobs_scrape_ok` says 0.
+    """
 
     def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
         self._counts = counts
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily("actprompt_jobs", "Jobs by status (all tenants)", labels=["status"])
+        ok = GaugeMetricFamily(
+            "actprompt_jobs_scrape_ok", "1 when actprompt_jobs could be counted in the database, else 0"
+        )
         try:
             counts = self._counts()
-        except Exception:
-            counts = {}
+        except Exception as exc:
+            log.warning("metrics: cannot count jobs in the database: %s: %s", type(exc).__name__, exc)
+            ok.add_metric([], 0)
+            yield ok
+            return
         for state in JOB_STATES:
             family.add_metric([state], counts.get(state, 0))
+        ok.add_metric([], 1)
         yield family
+        yield ok
 
 
 class Metrics:
@@ -61,7 +73,10 @@ class Metrics:
             with factory() as session:
                 return job_counts(session)
 
-        self.registry.register(JobStateCollector(counts))
+        collector = JobStateCollector(counts)
+        self.registry.register(collector)
+        self.jobs_registry = CollectorRegistry()  # the database-counted part alone (multi-process /metrics)
+        self.jobs_registry.register(collector)
 
 
 class RequestMiddleware:

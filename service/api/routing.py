@@ -19,7 +19,6 @@ from fastapi import Request, Response
 from fastapi.dependencies.models import Dependant
 from fastapi.params import Form
 from fastapi.routing import APIRoute
-from starlette.concurrency import run_in_threadpool
 
 from service.api import deps
 from service.domain.errors import DomainError
@@ -72,7 +71,7 @@ class CheckedRoute(APIRoute):
 
         async def checked(request: Request) -> Response:
             if needs_caller:
-                await run_in_threadpool(deps.authenticate_request, request)
+                await deps.authenticate_request(request)
             content_type = request.headers.get("content-type", "")
             if accepted and _has_body(request) and not _matches(content_type, accepted):
                 raise UnsupportedMediaType(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 
 WALKTHROUGH = """\
 actprompt is up: {url}   (OpenAPI: {url}/docs)
@@ -88,10 +90,25 @@ def _serve(args: argparse.Namespace) -> int:
         ),
         flush=True,
     )
-    app = create_app(settings)
     # Open SSE streams would hold a graceful shutdown until their jobs end: give them 10 s.
+    options = {"log_config": None, "access_log": False, "timeout_graceful_shutdown": 10}
+    if args.workers <= 1:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, **options)  # type: ignore[arg-type]
+        return 0
+    # N processes share the listening socket; each builds its own app (backbones, prompt cache, batcher,
+    # caches, in-process job runner), so the admin key is fixed here once for all of them.
+    if settings.admin_key:
+        os.environ["ACTPROMPT_ADMIN_KEY"] = settings.admin_key
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="actprompt-metrics-"))
+    if not settings.torch_threads:  # N processes x every core each would oversubscribe the cores
+        os.environ["ACTPROMPT_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.workers))
     uvicorn.run(
-        app, host=args.host, port=args.port, log_config=None, access_log=False, timeout_graceful_shutdown=10
+        "service.api.main:create_app",
+        factory=True,
+        workers=args.workers,
+        host=args.host,
+        port=args.port,
+        **options,  # type: ignore[arg-type]
     )
     return 0
 
@@ -115,6 +132,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="API processes sharing the port (each holds its own backbones and prompt cache; /metrics "
+        "sums them); see docs/SERVING.md",
+    )
     serve.set_defaults(func=_serve)
 
     db = subparsers.add_parser("db", help="database maintenance")

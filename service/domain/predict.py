@@ -1,22 +1,29 @@
-"""The predict seam: a `Predictor` protocol and the simple per-request implementation.
+"""The predict use case: the `Predictor` seam, prompt resolution behind a short-lived cache, image URLs.
 
-The serving layer replaces `SimplePredictor` with a cross-request micro-batcher behind the same protocol;
-the route only ever calls `app.state.predictor.predict(handle, images, top_k)`.
+The route parses the request and calls :func:`predict`; that resolves and authorises every tenant-facing
+reference (``prm_x``, ``prm_x@3``) into a :class:`PromptHandle`, fetches images given by URL, and hands
+handles and image bytes to the process's one :class:`Predictor` (the micro-batching implementation lives in
+``service.gateway.predictor``). Nothing here knows about HTTP or tensors.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
+import asyncio
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import anyio.to_thread
+from sqlalchemy.orm import Session, sessionmaker
 
-from service.domain.backbones import BackboneCache
-from service.domain.errors import InvalidInput, from_engine_error
-from service.domain.prompts import PromptHandle
+from service.db.session import retry_read
+from service.domain.errors import DomainError, InvalidInput
+from service.domain.prompts import PromptHandle, list_versions, parse_ref, resolve_for_predict
+from service.domain.prompts import delete_prompt as delete_stored
+from service.domain.ttl_cache import TTLCache
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -27,85 +34,205 @@ class Prediction:
 
 
 class Predictor(Protocol):
-    async def predict(
-        self, prompt: PromptHandle, images: Sequence[bytes], top_k: int
-    ) -> list[list[Prediction]]: ...
+    """What the gateway needs from the serving side; one implementation per process, built in the lifespan."""
+
+    async def predict_many(
+        self,
+        prompts: Sequence[PromptHandle],
+        images: Sequence[bytes | np.ndarray],
+        top_k: int,
+        *,
+        tenant_id: str = "",
+    ) -> list[list[list[Prediction]]]:
+        """Every image (encoded file, or decoded uint8 HWC) under every prompt (one backbone): per prompt,
+        per image, the top-k classes."""
+        ...
+
+    async def pin(self, prompt: PromptHandle) -> int:
+        """Keep the prompt resident until unpinned; returns its device slot."""
+        ...
+
+    async def unpin(self, prompt: PromptHandle) -> bool: ...
+
+    async def invalidate(self, key: int, sha256: str) -> None:
+        """Never serve this artifact again from this process (after its deletion committed)."""
+        ...
+
+    def stats(self) -> dict[str, Any]: ...
 
     async def aclose(self) -> None: ...
 
 
-class SimplePredictor:
-    """One forward pass per request with `predict_single`; decoded artifacts kept in a small LRU by key."""
+@dataclass(frozen=True)
+class ImageURL:
+    """An image given by http(s) URL: fetched by the gateway under the dataset download rules."""
+
+    url: str
+
+
+ImageInput = bytes | ImageURL
+
+
+@dataclass(frozen=True)
+class URLFetchPolicy:
+    """How image URLs are fetched: public addresses only unless ``allow_private`` (tests, on-prem)."""
+
+    max_bytes: int
+    timeout_s: float
+    allow_private: bool = False
+
+
+@dataclass(frozen=True)
+class PromptResult:
+    ref: str  # the exact version that answered (`id@version`)
+    rows: list[list[Prediction]]  # per image, top-k
+
+
+class PromptResolver:
+    """(tenant, reference) -> PromptHandle, read from the database and kept for ``ttl_s`` seconds.
+
+    A deletion or a new version made through this process is seen at once (:meth:`forget`); one made by
+    another process (a worker that finished training, another API process) within ``ttl_s``. A foreign or
+    unknown reference is never cached: it costs a query each time, as before.
+    """
 
     def __init__(
         self,
-        load_artifact: Callable[[int], bytes],
+        session_factory: sessionmaker[Session],
         *,
-        device: str,
-        backbones: BackboneCache | None = None,
-        max_artifacts: int = 256,
+        ttl_s: float,
+        max_entries: int = 50_000,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._load_artifact = load_artifact
-        self._device = device
-        self._backbones = backbones or BackboneCache()
-        self._artifacts: OrderedDict[tuple[int, str], Any] = OrderedDict()
-        self._max_artifacts = max_artifacts
-        self._lock = threading.Lock()  # one forward at a time per process keeps Backbone.run single-caller
-        self._cache_lock = threading.Lock()
+        self._factory = session_factory
+        self.cache: TTLCache[tuple[str, str], PromptHandle] = TTLCache(
+            ttl_s, max_entries=max_entries, clock=clock
+        )
 
-    async def predict(
-        self, prompt: PromptHandle, images: Sequence[bytes], top_k: int
-    ) -> list[list[Prediction]]:
-        return await anyio.to_thread.run_sync(self._predict_sync, prompt, list(images), top_k)
+    def cached(self, tenant_id: str, refs: Sequence[str]) -> list[PromptHandle] | None:
+        """Every handle from memory, or None when any one needs the database (no thread hop on a hit)."""
+        out = []
+        for ref in refs:
+            handle = self.cache.get((tenant_id, ref))
+            if handle is None:
+                return None
+            out.append(handle)
+        return out
 
-    async def aclose(self) -> None:
-        self._backbones.clear()
+    def resolve(self, tenant_id: str, refs: Sequence[str], *, several: bool = False) -> list[PromptHandle]:
+        """Blocking (in a thread): each reference's handle; NotFound names ``prompts[i]`` with several."""
+        hit = self.cached(tenant_id, refs)
+        if hit is not None:
+            return hit
 
-    def _artifact(self, prompt: PromptHandle) -> Any:
-        from service.engine.artifacts import PromptArtifact
+        def read(session: Session) -> list[PromptHandle]:
+            out = []
+            for i, ref in enumerate(refs):
+                handle = self.cache.get((tenant_id, ref))
+                if handle is None:
+                    try:
+                        handle = resolve_for_predict(session, tenant_id, ref)
+                    except DomainError as exc:
+                        if several:
+                            exc.param = f"prompts[{i}]"
+                        raise
+                    self.cache.put((tenant_id, ref), handle)
+                out.append(handle)
+            return out
 
-        key = (prompt.key, prompt.sha256)
-        with self._cache_lock:
-            if key in self._artifacts:
-                self._artifacts.move_to_end(key)
-                return self._artifacts[key]
-        artifact = PromptArtifact.from_bytes(self._load_artifact(prompt.key))
-        with self._cache_lock:
-            self._artifacts[key] = artifact
-            while len(self._artifacts) > self._max_artifacts:
-                self._artifacts.popitem(last=False)
-        return artifact
+        # one retry on a connection that died mid-flight (a read has no side effect)
+        out = retry_read(self._factory, read)
+        return out
 
-    def _predict_sync(self, prompt: PromptHandle, images: list[bytes], top_k: int) -> list[list[Prediction]]:
-        import torch
+    async def aresolve(
+        self, tenant_id: str, refs: Sequence[str], *, several: bool = False
+    ) -> list[PromptHandle]:
+        hit = self.cached(tenant_id, refs)
+        if hit is not None:
+            return hit
+        return await asyncio.to_thread(self.resolve, tenant_id, refs, several=several)
 
-        from service.engine import EngineError
-        from service.engine.data import decode_image, preprocess
-        from service.engine.mixed_batch import predict_single
+    def forget(self, tenant_id: str, prompt_ref: str) -> None:
+        """Drop every cached reference to this prompt (any version) of this tenant."""
+        prompt_id, _ = parse_ref(prompt_ref, param="prompt_id")
+        self.cache.discard_where(lambda k, h: k[0] == tenant_id and h.prompt_id == prompt_id)
 
-        decoded = []
-        for i, data in enumerate(images):
-            try:
-                decoded.append(decode_image(data))
-            except EngineError as exc:
-                raise InvalidInput(f"image {i}: {exc}", code="invalid_image", param=f"images[{i}]") from exc
+
+async def fetch_images(images: Sequence[ImageInput], policy: URLFetchPolicy) -> list[bytes]:
+    """Bytes for every image: URLs fetched concurrently in threads; a failed fetch is a 422 naming it."""
+    from service.engine import EngineError
+    from service.engine.datasets.remote import fetch_http_bytes
+
+    def fetch(i: int, url: str) -> bytes:
         try:
-            backbone = self._backbones.get(prompt.backbone_spec, prompt.backbone_spec_hash, self._device)
-            artifact = self._artifact(prompt)
-            spec = backbone.spec
-            x = preprocess(decoded, spec.input_size, spec.mean, spec.std)  # [N, 3, H, W]
-            with self._lock, torch.inference_mode():
-                logits = predict_single(backbone, artifact, x.to(backbone.device))  # [N, K]
-                probs = torch.softmax(logits.float(), dim=-1).cpu()
+            return fetch_http_bytes(
+                url, max_bytes=policy.max_bytes, allow_private=policy.allow_private, timeout=policy.timeout_s
+            )
         except EngineError as exc:
-            raise from_engine_error(exc, default_param="prompt") from exc
-        k = min(top_k, probs.shape[1])
-        values, indices = probs.topk(k, dim=-1)
-        classes = list(artifact.classes)
-        return [
-            [
-                Prediction(label=str(classes[j]), index=int(j), probability=float(p))
-                for p, j in zip(row_p, row_i, strict=True)
+            raise InvalidInput(f"images[{i}]: {exc}", code="invalid_image", param=f"images[{i}]") from exc
+
+    out: list[Any] = list(images)
+    pending = [(i, im.url) for i, im in enumerate(images) if isinstance(im, ImageURL)]
+    if pending:
+        fetched = await asyncio.gather(*(asyncio.to_thread(fetch, i, url) for i, url in pending))
+        for (i, _), data in zip(pending, fetched, strict=True):
+            out[i] = data
+    return out
+
+
+async def predict(
+    resolver: PromptResolver,
+    predictor: Predictor,
+    tenant_id: str,
+    refs: Sequence[str],
+    images: Sequence[ImageInput],
+    top_k: int,
+    *,
+    several: bool,
+    url_policy: URLFetchPolicy,
+) -> list[PromptResult]:
+    """Resolve (authorising: a foreign prompt is a 404), fetch, predict: per prompt, its rows."""
+    handles = await resolver.aresolve(tenant_id, refs, several=several)
+    data = await fetch_images(images, url_policy)
+    per_prompt = await predictor.predict_many(handles, data, top_k, tenant_id=tenant_id)
+    return [PromptResult(h.ref, rows) for h, rows in zip(handles, per_prompt, strict=True)]
+
+
+async def pin(resolver: PromptResolver, predictor: Predictor, tenant_id: str, ref: str) -> str:
+    """Keep the version ``ref`` names now resident (a foreign prompt is a 404 before anything loads)."""
+    (handle,) = await resolver.aresolve(tenant_id, [ref])
+    await predictor.pin(handle)
+    return handle.ref
+
+
+async def unpin(resolver: PromptResolver, predictor: Predictor, tenant_id: str, ref: str) -> str:
+    (handle,) = await resolver.aresolve(tenant_id, [ref])
+    await predictor.unpin(handle)
+    return handle.ref
+
+
+async def delete_prompt(
+    session_factory: sessionmaker[Session],
+    resolver: PromptResolver,
+    predictor: Predictor,
+    tenant_id: str,
+    ref: str,
+) -> None:
+    """Delete ``prm_x`` (every version) or ``prm_x@3``; afterwards no cache of this process serves them."""
+    prompt_id, version = parse_ref(ref, param="prompt_id")
+
+    def delete() -> list[tuple[int, str]]:
+        with session_factory() as session:
+            doomed = [
+                (p.key, p.sha256)
+                for p in list_versions(session, tenant_id, prompt_id)
+                if version is None or p.version == version
             ]
-            for row_p, row_i in zip(values.tolist(), indices.tolist(), strict=True)
-        ]
+            delete_stored(session, tenant_id, ref)
+            session.commit()
+            return doomed
+
+    doomed = await asyncio.to_thread(delete)
+    resolver.forget(tenant_id, prompt_id)
+    for key, sha256 in doomed:
+        await predictor.invalidate(key, sha256)

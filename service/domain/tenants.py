@@ -5,16 +5,20 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.base import utcnow
 from service.db.ids import new_id
 from service.db.models import ApiKey, Tenant
 from service.db.repositories import ApiKeyRepository, TenantRepository
+from service.db.session import retry_read
 from service.domain.errors import NotFound, Unauthorized
+from service.domain.ttl_cache import TTLCache
 
 KEY_PREFIX = "ap_"
 VISIBLE_PREFIX_LEN = 11
@@ -98,6 +102,47 @@ def authenticate(session: Session, raw_key: str | None, *, admin_key: str | None
     if key is None:
         raise Unauthorized("invalid or revoked API key")
     return Principal(is_admin=False, tenant_id=key.tenant_id, key_id=key.id)
+
+
+class Authenticator:
+    """`authenticate` with the answers for valid tenant keys remembered for ``ttl_s`` seconds.
+
+    Bound on revocation: a key revoked through this process (:meth:`forget_key`) is refused at once; one
+    revoked through another process at most ``ttl_s`` seconds later. Unknown keys are never remembered.
+    """
+
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        *,
+        admin_key: str | None,
+        ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._factory = session_factory
+        self._admin_key = admin_key
+        self.cache: TTLCache[str, Principal] = TTLCache(ttl_s, clock=clock)
+
+    def cached(self, raw_key: str | None) -> Principal | None:
+        """The principal without touching the database (admin, or a remembered key), else None."""
+        if not raw_key:
+            return None
+        if self._admin_key and hmac.compare_digest(raw_key.encode(), self._admin_key.encode()):
+            return Principal(is_admin=True)
+        return self.cache.get(hash_key(raw_key))
+
+    def authenticate(self, raw_key: str | None) -> Principal:
+        """Blocking (a query on a miss): the principal, or Unauthorized."""
+        hit = self.cached(raw_key)
+        if hit is not None:
+            return hit
+        principal = retry_read(self._factory, lambda s: authenticate(s, raw_key, admin_key=self._admin_key))
+        if raw_key and not principal.is_admin:
+            self.cache.put(hash_key(raw_key), principal)
+        return principal
+
+    def forget_key(self, key_id: str) -> None:
+        self.cache.discard_where(lambda _, p: p.key_id == key_id)
 
 
 def load_or_create_admin_key(var_dir: Path) -> str:

@@ -313,9 +313,6 @@ class Backbone:
         """Pooled features of normalised images [B, 3, H, W] -> [B, D]."""
         return self.run(x, 0, self.pooled_index)
 
-    def layer(self, index: int) -> LayerInfo:
-        return self.layers[index]
-
     def parameter_fingerprint(self) -> str:
         """sha256 over every parameter and buffer: proof that training left the backbone untouched."""
         digest = hashlib.sha256()

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -355,10 +355,6 @@ class SlotPolicy:
     def leased(self) -> int:
         return sum(1 for r in self._by_key.values() if r.leases)
 
-    def slot_of(self, key: str) -> int | None:
-        r = self._by_key.get(key)
-        return None if r is None else r.slot
-
     # -- acquisition ------------------------------------------------------------------------------------
     def try_acquire(self, grant: SlotGrant, prompts: Sequence[LoadedPrompt]) -> bool:
         """Lease slots for every prompt into ``grant``, or for none of them (returns False: wait or defer)."""
@@ -485,14 +481,3 @@ class SlotPolicy:
         if r.leases == 0:
             self._evictable[r.key] = r
         return True
-
-
-async def acquire_or_wait(
-    policy: SlotPolicy, prompts: Sequence[LoadedPrompt], wait: Callable[[], Awaitable[None]] | None = None
-) -> SlotGrant:
-    """Lease slots for ``prompts`` alone, waiting for releases as long as needed (used for pins/tests)."""
-    while True:
-        grant = SlotGrant()
-        if policy.try_acquire(grant, prompts):
-            return grant
-        await (wait or policy.wait_released)()

@@ -19,7 +19,12 @@ __all__ = [
     "MODEL_SECONDS",
     "QUEUE_WAIT_SECONDS",
     "RATE_LIMITED",
+    "RATE_LIMIT_FALLBACK",
+    "RATE_LIMIT_REDIS_OUTAGES",
+    "RATE_LIMIT_REDIS_UP",
     "REQUESTS",
+    "set_per_tenant_labels",
+    "tenant_label",
 ]
 
 # Batches are at most a few hundred rows; powers of two show how full they run.
@@ -61,6 +66,34 @@ CACHE_LOAD_SECONDS = Histogram(
     buckets=_SECOND_BUCKETS,
 )
 REQUESTS = Counter(
-    "actprompt_predict_requests_total", "Predict requests by tenant and outcome.", ["tenant", "outcome"]
+    "actprompt_predict_requests_total",
+    "Predict requests by tenant (see tenant_label) and outcome.",
+    ["tenant", "outcome"],
 )
-RATE_LIMITED = Counter("actprompt_rate_limited_total", "Requests refused by the rate limit.", ["tenant"])
+RATE_LIMITED = Counter(
+    "actprompt_rate_limited_total",
+    "Requests refused by the rate limit (tenant: see tenant_label).",
+    ["tenant"],
+)
+RATE_LIMIT_FALLBACK = Counter(
+    "actprompt_rate_limit_fallback_total",
+    "Rate-limit decisions made by the per-process fallback because Redis was unavailable.",
+)
+RATE_LIMIT_REDIS_OUTAGES = Counter(
+    "actprompt_rate_limit_redis_outages_total", "Times the rate limiter's circuit breaker opened."
+)
+RATE_LIMIT_REDIS_UP = Gauge(
+    "actprompt_rate_limit_redis_up", "1 while the shared (Redis) rate limiter answers, 0 during an outage."
+)
+
+#: Per-tenant labels are off by default: a label per tenant grows the scrape without bound.
+_TENANT_LABELS = {"on": False}
+
+
+def set_per_tenant_labels(enabled: bool) -> None:
+    """Whether the tenant label carries the tenant id (small deployments) or ``-`` (the default)."""
+    _TENANT_LABELS["on"] = enabled
+
+
+def tenant_label(tenant_id: str) -> str:
+    return (tenant_id or "-") if _TENANT_LABELS["on"] else "-"

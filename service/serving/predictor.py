@@ -8,6 +8,7 @@ spec before calling here; this layer sees neither tenants' ids nor the database,
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
@@ -96,32 +97,50 @@ class ServingPredictor:
         self.cache = PromptCache(source, max_bytes=self.config.host_cache_bytes)
         self.cache.add_invalidation_listener(self._on_invalidate)
         self._servers: dict[str, _Server] = {}
-        self._starting: dict[str, asyncio.Task[_Server]] = {}
+        self._starting: dict[str, asyncio.Task[tuple[Backbone, SlotTable]]] = {}
         self._closed = False
+        self._spec_keys: dict[str, str] = {}  # canonical spec JSON -> spec_hash
 
     # -- backbones --------------------------------------------------------------------------------------
     async def server(self, spec: BackboneSpec) -> _Server:
-        """The shared backbone for ``spec`` on this device, created once (in a thread) on first use."""
+        """The shared backbone for ``spec`` on this device, created once on first use.
+
+        The weights load and the slot table is allocated in a thread; the policy and the batcher (asyncio
+        state) are created here, on the loop that will use them.
+        """
         if self._closed:
             raise ServingClosedError("the server is shutting down")
-        key = spec.spec_hash()
+        key = self._key_of(spec)
         srv = self._servers.get(key)
         if srv is not None:
             return srv
         task = self._starting.get(key)
         if task is None:
-            task = asyncio.ensure_future(asyncio.to_thread(self._build_server, spec))
+            task = asyncio.ensure_future(asyncio.to_thread(self._load_backbone, spec))
             self._starting[key] = task
         try:
-            srv = await asyncio.shield(task)
+            backbone, table = await asyncio.shield(task)
         finally:
             if task.done():
                 self._starting.pop(key, None)
-        self._servers.setdefault(key, srv)
+        if self._closed:
+            raise ServingClosedError("the server is shutting down")
+        srv = self._servers.get(key)
+        if srv is None:
+            srv = self._servers[key] = self._make_server(spec, backbone, table)
         srv.batcher.start()
-        return self._servers[key]
+        return srv
 
-    def _build_server(self, spec: BackboneSpec) -> _Server:
+    def _key_of(self, spec: BackboneSpec) -> str:
+        """spec_hash() resolves through timm (deep-copying its config): once per spec, not per call."""
+        raw = json.dumps(spec.to_dict(), sort_keys=True, default=str)
+        key = self._spec_keys.get(raw)
+        if key is None:
+            key = self._spec_keys[raw] = spec.spec_hash()
+        return key
+
+    def _load_backbone(self, spec: BackboneSpec) -> tuple[Backbone, SlotTable]:
+        """Off the loop: weights and the preallocated slot table (no asyncio objects here)."""
         cfg = self.config
         backbone = create_backbone(spec, cfg.device)
         per_slot = slot_bytes(backbone, cfg.max_classes)
@@ -134,8 +153,14 @@ class ServingPredictor:
                 capacity * per_slot,
                 cfg.device_cache_bytes,
             )
-        table = SlotTable(backbone, capacity, cfg.max_classes)
+        log.info("serving %s: %d slots of %d bytes", spec.model, capacity, per_slot)
+        return backbone, SlotTable(backbone, capacity, cfg.max_classes)
+
+    def _make_server(self, spec: BackboneSpec, backbone: Backbone, table: SlotTable) -> _Server:
+        """On the loop: the slot policy and the batcher that belong to it."""
+        cfg = self.config
         name = f"{spec.model}@{backbone.device!s}"
+        capacity = table.capacity
         policy = SlotPolicy(capacity, max_pinned=int(capacity * cfg.pin_fraction), name=name)
         batcher = MicroBatcher(
             table,
@@ -145,7 +170,6 @@ class ServingPredictor:
             max_wait_ms=cfg.max_wait_ms,
             max_batch_rows=cfg.max_batch_rows,
         )
-        log.info("serving %s: %d slots of %d bytes", name, capacity, per_slot)
         return _Server(backbone=backbone, table=table, policy=policy, batcher=batcher)
 
     def _on_invalidate(self, key: str) -> None:
@@ -169,10 +193,6 @@ class ServingPredictor:
     def invalidate(self, key: str) -> None:
         """Never serve ``key`` again from any tier (call after its deletion or replacement committed)."""
         self.cache.invalidate(key)
-
-    async def preload(self, keys: Sequence[str]) -> dict[str, str | None]:
-        """Warm the host tier (database reads) ahead of traffic; key -> error code or None."""
-        return await self.cache.preload(keys)
 
     async def pin(self, spec: BackboneSpec, key: str) -> int:
         """Keep ``key`` in host memory and in a device slot until unpinned; returns the slot."""
@@ -217,7 +237,7 @@ class ServingPredictor:
             outcome = "not_found"
             raise
         finally:
-            metrics.REQUESTS.labels(tenant=tenant_id or "-", outcome=outcome).inc()
+            metrics.REQUESTS.labels(tenant=metrics.tenant_label(tenant_id), outcome=outcome).inc()
 
     async def _predict(self, spec: BackboneSpec, keys: Sequence[str], x: Tensor) -> list[PromptPrediction]:
         if not keys:
@@ -316,7 +336,11 @@ class ServingPredictor:
         }
 
     async def aclose(self) -> None:
+        """Refuse new work, wait for backbones still loading (their threads), then stop every batcher."""
         self._closed = True
+        starting = list(self._starting.values())
+        if starting:
+            await asyncio.gather(*starting, return_exceptions=True)
         for srv in self._servers.values():
             await srv.batcher.aclose()
         self._servers.clear()

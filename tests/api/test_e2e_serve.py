@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path

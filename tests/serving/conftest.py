@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import pytest
 
+from bench.synthetic import random_artifact
 from service.engine import Backbone, BackboneSpec, create_backbone
 from service.engine.artifacts import PromptArtifact
-from service.serving.synthetic import random_artifact
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -194,3 +198,171 @@ def test_rate_limit_answers_429_with_retry_after(make_gateway: Callable[..., Gat
     }
     assert 1 <= int(refused.headers["Retry-After"]) <= 5
     assert gw.predict(t1, {"prompt": p1, "images": [_png(1)]}).status_code == 200  # buckets are per tenant
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_revoked_key_stops_working_within_the_auth_cache_ttl(make_gateway: Callable[..., Gateway]) -> None:
+    gw = make_gateway(n_tenants=1, per_tenant=1, auth_cache_seconds=30.0)
+    state = gw.client.app.state  # type: ignore[attr-defined]
+    clock = Clock()
+    state.authenticator.cache.clock = clock
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    body = {"prompt": gw.prompts[0][1], "images": [_png(1)]}
+    tenant_id = gw.client.get("/v1/tenants", headers=admin).json()["data"][0]["id"]
+
+    def new_key() -> tuple[str, dict[str, str]]:
+        r = gw.client.post(f"/v1/tenants/{tenant_id}/keys", json={"name": "k"}, headers=admin)
+        return r.json()["id"], {"Authorization": f"Bearer {r.json()['api_key']}"}
+
+    # revoked through this process: refused at once, whatever the cache held
+    key_id, headers = new_key()
+    assert gw.client.post("/v1/predict", json=body, headers=headers).status_code == 200
+    assert gw.client.delete(f"/v1/keys/{key_id}", headers=admin).status_code == 204
+    assert gw.client.post("/v1/predict", json=body, headers=headers).status_code == 401
+
+    # revoked by another process (straight in the database): honoured once the TTL has passed
+    key_id, headers = new_key()
+    assert gw.client.post("/v1/predict", json=body, headers=headers).status_code == 200
+    from service.domain.tenants import revoke_key
+
+    with state.session_factory() as session:
+        revoke_key(session, key_id)
+        session.commit()
+    clock.now += 29.0  # within the documented bound the remembered answer may still be used
+    assert gw.client.post("/v1/predict", json=body, headers=headers).status_code == 200
+    clock.now += 2.0
+    refused = gw.client.post("/v1/predict", json=body, headers=headers)
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
+
+
+def test_prompt_changes_reach_predict_within_the_resolve_ttl(make_gateway: Callable[..., Gateway]) -> None:
+    gw = make_gateway(n_tenants=1, per_tenant=2, prompt_resolve_cache_seconds=30.0)
+    state = gw.client.app.state  # type: ignore[attr-defined]
+    clock = Clock()
+    state.prompt_resolver.cache.clock = clock
+    (_, p0), (_, p1) = gw.prompts
+    headers = gw.tenants[0]
+    assert gw.predict(0, {"prompt": p0, "images": [_png(1)]}).json()["prompt"] == f"{p0}@1"
+    # a new version imported through this process: `prm_x` names it at once
+    art = gw.client.get(f"/v1/prompts/{p1}/artifact", headers=headers).content
+    files = {"artifact": ("a.safetensors", art, "application/octet-stream")}
+    r = gw.client.post("/v1/prompts", files=files, data={"prompt_id": p0}, headers=headers)
+    assert r.status_code == 201 and r.json()["version"] == 2
+    assert gw.predict(0, {"prompt": p0, "images": [_png(1)]}).json()["prompt"] == f"{p0}@2"
+    # deleted by another process (straight in the database): refused once the TTL has passed
+    assert gw.predict(0, {"prompt": p1, "images": [_png(1)]}).status_code == 200
+    from service.domain.prompts import delete_prompt
+
+    with state.session_factory() as session:
+        tenant_id = gw.client.get("/v1/tenants", headers={"Authorization": f"Bearer {ADMIN}"}).json()["data"][
+            0
+        ]["id"]
+        delete_prompt(session, tenant_id, p1)
+        session.commit()
+    clock.now += 31.0
+    gone = gw.predict(0, {"prompt": p1, "images": [_png(1)]})
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "prompt_not_found"
+
+
+class _Images(BaseHTTPRequestHandler):
+    png = b""
+
+    def do_GET(self) -> None:
+        if self.path == "/slow.png":
+            time.sleep(3)
+        if self.path in ("/sign.png", "/slow.png"):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(self.png)))
+            self.end_headers()
+            with contextlib.suppress(OSError):  # the gateway gave up on /slow.png: that is the point
+                self.wfile.write(self.png)
+        else:
+            self.send_error(404)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def image_server() -> Iterator[str]:
+    _Images.png = base64.b64decode(_png(5))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_predict_by_url(make_gateway: Callable[..., Gateway], image_server: str) -> None:
+    gw = make_gateway(n_tenants=1, per_tenant=1, allow_private_urls=True, predict_url_timeout_s=0.5)
+    (_, pid) = gw.prompts[0]
+    by_bytes = _probs(gw.predict(0, {"prompt": pid, "images": [_png(5), _png(6)], "top_k": 3}))
+    by_url = _probs(
+        gw.predict(0, {"prompt": pid, "images": [f"{image_server}/sign.png", _png(6)], "top_k": 3})
+    )
+    _same(by_bytes, by_url)
+    multipart = gw.client.post(
+        "/v1/predict",
+        data={"prompt": pid, "top_k": "3", "images": f"{image_server}/sign.png"},
+        files=[("images", ("b.png", base64.b64decode(_png(6)), "image/png"))],
+        headers=gw.tenants[0],
+    )
+    _same(by_bytes, _probs(multipart))
+    for path, i in (("/missing.png", 1), ("/slow.png", 0)):
+        images = [_png(1), f"{image_server}{path}"] if i else [f"{image_server}{path}"]
+        bad = gw.predict(0, {"prompt": pid, "images": images})
+        assert bad.status_code == 422, bad.text
+        assert (
+            bad.json()["error"]["code"] == "invalid_image" and bad.json()["error"]["param"] == f"images[{i}]"
+        )
+    not_url = gw.predict(0, {"prompt": pid, "images": ["ftp://example.org/a.png"]})
+    assert not_url.status_code == 422 and not_url.json()["error"]["param"] == "images[0]"
+
+
+def test_predict_url_refuses_private_addresses_by_default(
+    make_gateway: Callable[..., Gateway], image_server: str
+) -> None:
+    gw = make_gateway(n_tenants=1, per_tenant=1)
+    (_, pid) = gw.prompts[0]
+    r = gw.predict(0, {"prompt": pid, "images": [f"{image_server}/sign.png"]})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "images[0]"
+    assert "non-public address" in r.json()["error"]["message"]
+
+
+def test_metrics_and_readiness_when_the_database_is_down(
+    make_gateway: Callable[..., Gateway], capfd: pytest.CaptureFixture[str]
+) -> None:
+    from service.db.session import make_engine, make_session_factory
+
+    gw = make_gateway(n_tenants=1, per_tenant=1)
+    (_, pid) = gw.prompts[0]
+    assert gw.predict(0, {"prompt": pid, "images": [_png(1)]}).status_code == 200
+    text = gw.client.get("/metrics").text
+    assert 'actprompt_jobs{status="queued"} 0.0' in text and "actprompt_jobs_scrape_ok 1.0" in text
+    assert 'tenant="-"' in text and "ten_" not in text  # no per-tenant series unless asked for
+    state = gw.client.app.state  # type: ignore[attr-defined]
+    state.session_factory = make_session_factory(
+        make_engine("postgresql+psycopg://postgres@127.0.0.1:1/nowhere?connect_timeout=1")
+    )
+    text = gw.client.get("/metrics").text
+    assert "actprompt_jobs{" not in text  # absent, not zero
+    assert "actprompt_jobs_scrape_ok 0.0" in text
+    ready = gw.client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["checks"]["database"] == "down"
+    assert "readiness: database check failed: OperationalError" in capfd.readouterr().err  # says why
+
+
+def test_per_tenant_metric_labels_are_opt_in(make_gateway: Callable[..., Gateway]) -> None:
+    gw = make_gateway(n_tenants=1, per_tenant=1, metrics_per_tenant=True)
+    (_, pid) = gw.prompts[0]
+    assert gw.predict(0, {"prompt": pid, "images": [_png(1)]}).status_code == 200
+    assert 'tenant="ten_' in gw.client.get("/metrics").text

@@ -200,8 +200,8 @@ def test_prompt_wider_than_the_slot_table_is_still_served(
 def test_a_prompt_that_cannot_be_written_fails_alone(
     resnet20_spec: BackboneSpec, resnet20: Backbone, make_artifact: Callable[..., PromptArtifact]
 ) -> None:
+    from bench.synthetic import random_artifact
     from service.engine import ArtifactError
-    from service.serving.synthetic import random_artifact
 
     full = random_artifact(resnet20, layers=(), num_classes=3, seed=1, method="full")  # copies the backbone
     arts = {"full": full, "ok": make_artifact(62, (8,), num_classes=3)}

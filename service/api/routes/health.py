@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from service.api.schemas.common import NotReady, Ready
+
+log = logging.getLogger("actprompt.api")
 
 router = APIRouter(tags=["health"])
 
@@ -39,11 +44,14 @@ async def readyz(request: Request) -> JSONResponse:
             with state.session_factory() as session:
                 session.execute(text("SELECT 1"))
             return True
-        except Exception:
+        except Exception as exc:
+            log.warning("readiness: database check failed: %s: %s", type(exc).__name__, exc)
             return False
 
     database = await run_in_threadpool(check_db)
     queue = await run_in_threadpool(state.queue.ping)
+    if not queue:
+        log.warning("readiness: the job queue (broker) does not answer its ping")
     checks = {"database": "ok" if database else "down", "queue": "ok" if queue else "down"}
     if database and queue:
         return JSONResponse({"status": "ok", "checks": checks})
@@ -58,6 +66,16 @@ async def readyz(request: Request) -> JSONResponse:
 
 @router.get("/metrics", response_class=Response, responses=_METRICS_RESPONSES)
 def metrics(request: Request) -> Response:
-    # The app's own registry (requests, job states) plus the process-wide one (serving, process stats).
-    body = generate_latest(request.app.state.metrics.registry) + generate_latest(REGISTRY)
+    """One process: its app registry (requests, job states) plus the process-wide one (serving, process).
+
+    Several (`actprompt serve --workers N`): counters and histograms of every process, summed from the
+    files under PROMETHEUS_MULTIPROC_DIR, plus the job states counted in the database once.
+    """
+    app_metrics = request.app.state.metrics
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        body = generate_latest(registry) + generate_latest(app_metrics.jobs_registry)
+    else:
+        body = generate_latest(app_metrics.registry) + generate_latest(REGISTRY)
     return Response(content=body, media_type=CONTENT_TYPE_LATEST)

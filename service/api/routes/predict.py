@@ -1,33 +1,34 @@
-"""`POST /v1/predict`: JSON with base64 images, or multipart files; one call to `app.state.predictor`."""
+"""`POST /v1/predict`: parse (JSON: base64 images or URLs; multipart), call the domain, shape the answer."""
 
 from __future__ import annotations
 
 import base64
 import binascii
-import logging
 
-from fastapi import APIRouter, Depends, Request
+import orjson
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api.batching import BatchingPredictor
-from service.api.deps import PredictorDep, SessionFactoryDep, SettingsDep, TenantIdDep
+from service.api.deps import PredictorDep, ResolverDep, SettingsDep, TenantIdDep
 from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES
-from service.api.schemas.predict import PredictionPublic, PredictRequest, PredictResponse, PromptPredictions
-from service.db.session import retry_read
-from service.domain import prompts
-from service.domain.errors import DomainError, InvalidInput
+from service.api.schemas.predict import PredictRequest, PredictResponse
+from service.domain import predict as predict_domain
+from service.domain.errors import InvalidInput
+from service.domain.predict import ImageInput, ImageURL, PromptResult, URLFetchPolicy
 from service.serving import metrics as serving_metrics
 from service.serving.ratelimit import RateLimiter
 from service.settings import Settings
 
-log = logging.getLogger("actprompt.api")
 router = APIRouter(route_class=CheckedRoute, tags=["predict"], responses=ERROR_RESPONSES)
+
+#: JSON bodies above this are parsed and base64-decoded in a thread: a 30 MiB body takes ~300 ms of CPU,
+#: which on the event loop would stall every other request; below it the thread hop costs more than it saves.
+_INLINE_BODY_BYTES = 64 << 10
 
 _MULTIPART_SCHEMA = {
     "type": "object",
@@ -35,24 +36,27 @@ _MULTIPART_SCHEMA = {
     "properties": {
         "prompt": {"type": "string"},
         "prompts": {"type": "array", "items": {"type": "string"}},
-        "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "images": {
+            "type": "array",
+            "items": {"type": "string", "format": "binary"},
+            "description": "Image files; a text part holding an http(s) URL is fetched instead.",
+        },
         "top_k": {"type": "integer", "default": 5},
     },
 }
 
 
 async def rate_limit(request: Request, tenant_id: TenantIdDep) -> None:
-    """Per-tenant token bucket: 429 with `Retry-After` (whole seconds) while the tenant is over its rate."""
+    """Per-tenant token bucket: 429 with `Retry-After` (whole seconds) while the tenant is over its rate.
+
+    The limiter never raises for its store: without Redis it limits per process (see serving.ratelimit).
+    """
     limiter: RateLimiter | None = getattr(request.app.state, "rate_limiter", None)
     if limiter is None:
         return
-    try:
-        decision = await limiter.acquire(tenant_id)
-    except Exception:  # the bucket store (Redis) is down: serving beats refusing everyone
-        log.warning("rate limiter unavailable; request let through", exc_info=True)
-        return
+    decision = await limiter.acquire(tenant_id)
     if not decision.allowed:
-        serving_metrics.RATE_LIMITED.labels(tenant=tenant_id).inc()
+        serving_metrics.RATE_LIMITED.labels(tenant=serving_metrics.tenant_label(tenant_id)).inc()
         raise StarletteHTTPException(
             429,
             detail=f"rate limit exceeded for this tenant; retry in {decision.retry_after_header} s",
@@ -78,41 +82,68 @@ async def rate_limit(request: Request, tenant_id: TenantIdDep) -> None:
 async def predict(
     request: Request,
     tenant_id: TenantIdDep,
-    factory: SessionFactoryDep,
     settings: SettingsDep,
     predictor: PredictorDep,
-) -> PredictResponse:
+    resolver: ResolverDep,
+) -> Response:
     refs, images, top_k, several = await _parse(request, settings)
+    results = await predict_domain.predict(
+        resolver,
+        predictor,
+        tenant_id,
+        refs,
+        images,
+        top_k,
+        several=several,
+        url_policy=URLFetchPolicy(
+            max_bytes=settings.predict_url_max_bytes,
+            timeout_s=settings.predict_url_timeout_s,
+            allow_private=settings.allow_private_urls,
+        ),
+    )
+    return Response(orjson.dumps(_shape(results, several)), media_type="application/json")
 
-    def resolve(session: Session) -> list[prompts.PromptHandle]:
-        handles = []
-        for i, ref in enumerate(refs):
-            try:
-                handles.append(prompts.resolve_for_predict(session, tenant_id, ref))
-            except DomainError as exc:
-                if several:
-                    exc.param = f"prompts[{i}]"
-                raise
-        return handles
 
-    handles = await run_in_threadpool(retry_read, factory, resolve)
-    if isinstance(predictor, BatchingPredictor):
-        per_prompt = await predictor.predict_many(handles, images, top_k, tenant_id=tenant_id)
-    else:  # the simple per-request path: one prompt at a time
-        per_prompt = [await predictor.predict(h, images, top_k) for h in handles]
-    results = [
-        PromptPredictions(
-            prompt=h.ref,
-            predictions=[
-                [PredictionPublic(label=p.label, index=p.index, probability=p.probability) for p in row]
-                for row in rows
-            ],
-        )
-        for h, rows in zip(handles, per_prompt, strict=True)
-    ]
+def _shape(results: list[PromptResult], several: bool) -> dict[str, object]:
+    """The PredictResponse document, built directly (orjson encodes it; no per-row model objects)."""
+
+    def rows(r: PromptResult) -> list[list[dict[str, object]]]:
+        return [
+            [{"label": p.label, "index": p.index, "probability": p.probability} for p in row]
+            for row in r.rows
+        ]
+
     if several:
-        return PredictResponse(results=results)
-    return PredictResponse(prompt=results[0].prompt, predictions=results[0].predictions)
+        return {
+            "object": "predictions",
+            "results": [{"prompt": r.ref, "predictions": rows(r)} for r in results],
+        }
+    return {"object": "predictions", "prompt": results[0].ref, "predictions": rows(results[0])}
+
+
+def _image(i: int, text: str) -> ImageInput:
+    if text.startswith(("http://", "https://")):
+        return ImageURL(text)
+    try:
+        return base64.b64decode(text.split(",", 1)[-1] if text.startswith("data:") else text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput(
+            f"images[{i}]: not valid base64 (nor an http(s) URL)", code="invalid_image", param=f"images[{i}]"
+        ) from None
+
+
+def _parse_json(raw: bytes) -> tuple[list[str], list[ImageInput], int, bool]:
+    """Validation and base64 decoding of a JSON body (CPU-bound: big bodies come here in a thread)."""
+    try:
+        body = PredictRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        ) from None
+    if (body.prompt is None) == (body.prompts is None):
+        raise InvalidInput("give exactly one of prompt and prompts", param="prompts")
+    refs = body.prompts or [str(body.prompt)]
+    return refs, [_image(i, t) for i, t in enumerate(body.images)], body.top_k, body.prompts is not None
 
 
 def too_many_images(settings: Settings) -> InvalidInput:
@@ -124,9 +155,10 @@ def too_many_images(settings: Settings) -> InvalidInput:
     )
 
 
-async def _parse(request: Request, settings: Settings) -> tuple[list[str], list[bytes], int, bool]:
-    """(prompt refs, image bytes, top_k, whether `prompts` was used) from either body kind, with limits."""
+async def _parse(request: Request, settings: Settings) -> tuple[list[str], list[ImageInput], int, bool]:
+    """(prompt refs, images, top_k, whether `prompts` was used) from either body kind, with limits."""
     content_type = request.headers.get("content-type", "")
+    images: list[ImageInput]
     if content_type.startswith("multipart/form-data"):
         try:
             form = await request.form(
@@ -146,36 +178,29 @@ async def _parse(request: Request, settings: Settings) -> tuple[list[str], list[
         refs = listed or [str(prompt)]
         if several and isinstance(prompt, str) and prompt:
             raise InvalidInput("give exactly one of prompt and prompts", param="prompts")
-        files = [f for f in form.getlist("images") if isinstance(f, UploadFile)]
         raw_k = form.get("top_k")
         try:
             top_k = int(raw_k) if isinstance(raw_k, str) and raw_k else 5
         except ValueError:
             raise InvalidInput("top_k: must be an integer", param="top_k") from None
-        images = [await f.read() for f in files]
-    else:
-        try:
-            body = PredictRequest.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise RequestValidationError(
-                [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
-            ) from None
-        if (body.prompt is None) == (body.prompts is None):
-            raise InvalidInput("give exactly one of prompt and prompts", param="prompts")
-        several = body.prompts is not None
-        refs = body.prompts or [str(body.prompt)]
-        top_k, images = body.top_k, []
-        for i, text in enumerate(body.images):
-            try:
-                images.append(
-                    base64.b64decode(
-                        text.split(",", 1)[-1] if text.startswith("data:") else text, validate=True
-                    )
-                )
-            except (binascii.Error, ValueError):
+        images = []
+        for i, part in enumerate(form.getlist("images")):
+            if isinstance(part, UploadFile):
+                images.append(await part.read())
+            elif part.startswith(("http://", "https://")):
+                images.append(ImageURL(part))
+            else:
                 raise InvalidInput(
-                    f"images[{i}]: not valid base64", code="invalid_image", param=f"images[{i}]"
-                ) from None
+                    f"images[{i}]: a text part must be an http(s) URL",
+                    code="invalid_image",
+                    param=f"images[{i}]",
+                )
+    else:
+        raw = await request.body()
+        if len(raw) > _INLINE_BODY_BYTES:
+            refs, images, top_k, several = await run_in_threadpool(_parse_json, raw)
+        else:
+            refs, images, top_k, several = _parse_json(raw)
     if not images:
         raise InvalidInput("images: at least one image is required", param="images")
     if len(images) > settings.max_images_per_request:

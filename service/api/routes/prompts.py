@@ -6,12 +6,21 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
-from service.api.batching import BatchingPredictor
-from service.api.deps import PredictorDep, SessionDep, SettingsDep, TenantIdDep, page_limit, paginate
+from service.api.deps import (
+    PredictorDep,
+    ResolverDep,
+    SessionDep,
+    SessionFactoryDep,
+    SettingsDep,
+    TenantIdDep,
+    page_limit,
+    paginate,
+)
 from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
 from service.api.schemas.prompts import PromptPublic
 from service.db.models import Prompt
+from service.domain import predict as predict_domain
 from service.domain import prompts
 
 router = APIRouter(route_class=CheckedRoute, tags=["prompts"], responses=ERROR_RESPONSES)
@@ -57,6 +66,7 @@ def list_prompts(
 async def import_prompt(
     tenant_id: TenantIdDep,
     session: SessionDep,
+    resolver: ResolverDep,
     artifact: Annotated[UploadFile, File(description="An artifact file from GET /v1/prompts/{id}/artifact.")],
     name: Annotated[str | None, Form(max_length=200)] = None,
     prompt_id: Annotated[
@@ -72,7 +82,9 @@ async def import_prompt(
         session.commit()
         return prompt_public(row)
 
-    return await run_in_threadpool(store)
+    stored = await run_in_threadpool(store)
+    resolver.forget(tenant_id, stored.id)  # `prm_x` (latest) names the new version from now on
+    return stored
 
 
 @router.get("/v1/prompts/{prompt_ref}", response_model=PromptPublic)
@@ -105,19 +117,13 @@ def download_artifact(prompt_ref: str, tenant_id: TenantIdDep, session: SessionD
 
 
 @router.delete("/v1/prompts/{prompt_ref}", status_code=204)
-def delete_prompt(
-    prompt_ref: str, tenant_id: TenantIdDep, session: SessionDep, predictor: PredictorDep
+async def delete_prompt(
+    prompt_ref: str,
+    tenant_id: TenantIdDep,
+    factory: SessionFactoryDep,
+    resolver: ResolverDep,
+    predictor: PredictorDep,
 ) -> Response:
     """`id` deletes every version; `id@version` deletes one. No cache serves them afterwards."""
-    prompt_id, version = prompts.parse_ref(prompt_ref, param="prompt_id")
-    doomed = [
-        (p.key, p.sha256)
-        for p in prompts.list_versions(session, tenant_id, prompt_id)
-        if version is None or p.version == version
-    ]
-    prompts.delete_prompt(session, tenant_id, prompt_ref)
-    session.commit()
-    if isinstance(predictor, BatchingPredictor):
-        for key, sha256 in doomed:
-            predictor.invalidate(key, sha256)
+    await predict_domain.delete_prompt(factory, resolver, predictor, tenant_id, prompt_ref)
     return Response(status_code=204)

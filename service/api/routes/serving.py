@@ -10,15 +10,11 @@ from typing import Literal
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
 
-from service.api.batching import BatchingPredictor
-from service.api.deps import PredictorDep, SessionFactoryDep, TenantIdDep
+from service.api.deps import PredictorDep, ResolverDep, TenantIdDep
 from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES
-from service.domain import prompts
-from service.domain.errors import Conflict
-from service.domain.predict import Predictor
+from service.domain import predict as predict_domain
 
 router = APIRouter(route_class=CheckedRoute, tags=["prompts"], responses=ERROR_RESPONSES)
 
@@ -29,35 +25,19 @@ class PinPublic(BaseModel):
     pinned: bool
 
 
-async def _handle(factory: SessionFactoryDep, tenant_id: str, ref: str) -> prompts.PromptHandle:
-    def resolve() -> prompts.PromptHandle:
-        with factory() as session:
-            return prompts.resolve_for_predict(session, tenant_id, ref)
-
-    return await run_in_threadpool(resolve)  # another tenant's prompt: 404 before anything is loaded
-
-
-def _batching(predictor: Predictor) -> BatchingPredictor:
-    if not isinstance(predictor, BatchingPredictor):
-        raise Conflict("this server's predict path has no prompt cache to pin into", code="pin_unsupported")
-    return predictor
-
-
 @router.post("/v1/prompts/{prompt_ref}/pin", response_model=PinPublic)
 async def pin_prompt(
-    prompt_ref: str, tenant_id: TenantIdDep, factory: SessionFactoryDep, predictor: PredictorDep
+    prompt_ref: str, tenant_id: TenantIdDep, resolver: ResolverDep, predictor: PredictorDep
 ) -> PinPublic:
     """Load the prompt now and keep it resident (409 when the pinned share of the cache is full)."""
-    handle = await _handle(factory, tenant_id, prompt_ref)
-    await _batching(predictor).pin(handle)
-    return PinPublic(prompt=handle.ref, pinned=True)
+    ref = await predict_domain.pin(resolver, predictor, tenant_id, prompt_ref)
+    return PinPublic(prompt=ref, pinned=True)
 
 
 @router.delete("/v1/prompts/{prompt_ref}/pin", response_model=PinPublic)
 async def unpin_prompt(
-    prompt_ref: str, tenant_id: TenantIdDep, factory: SessionFactoryDep, predictor: PredictorDep
+    prompt_ref: str, tenant_id: TenantIdDep, resolver: ResolverDep, predictor: PredictorDep
 ) -> PinPublic:
     """Let the prompt be evicted again like any other (idempotent)."""
-    handle = await _handle(factory, tenant_id, prompt_ref)
-    _batching(predictor).unpin(handle)
-    return PinPublic(prompt=handle.ref, pinned=False)
+    ref = await predict_domain.unpin(resolver, predictor, tenant_id, prompt_ref)
+    return PinPublic(prompt=ref, pinned=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query, Response
 
-from service.api.deps import AdminDep, SessionDep, SettingsDep, page_limit, paginate
+from service.api.deps import AdminDep, AuthenticatorDep, SessionDep, SettingsDep, page_limit, paginate
 from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
 from service.api.schemas.tenants import (
@@ -78,7 +78,9 @@ def list_keys(tenant_id: str, _: AdminDep, session: SessionDep) -> ListPublic[Ke
 
 
 @router.delete("/v1/keys/{key_id}", status_code=204)
-def revoke_key(key_id: str, _: AdminDep, session: SessionDep) -> Response:
+def revoke_key(key_id: str, _: AdminDep, session: SessionDep, auth: AuthenticatorDep) -> Response:
+    """Refused at once by this process; by other API processes within `auth_cache_seconds`."""
     tenants.revoke_key(session, key_id)
     session.commit()
+    auth.forget_key(key_id)
     return Response(status_code=204)

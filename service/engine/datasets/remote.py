@@ -15,14 +15,16 @@ import os
 import socket
 import ssl
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from http.client import HTTPResponse
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, TypeVar
 from urllib.parse import unquote, urljoin, urlsplit
 
 from service.engine.errors import DatasetError
 
 _CODE = "invalid_dataset_uri"
+T = TypeVar("T")
 _MAX_REDIRECTS = 5
 _CHUNK = 1 << 20
 #: Suffixes the loaders dispatch on, longest first, kept on the cached file's name.
@@ -115,7 +117,10 @@ def _write_limited(stream: IO[bytes], target: Path, max_bytes: int, uri: str) ->
     return target
 
 
-def _download_http(uri: str, *, max_bytes: int, cache_dir: Path, allow_private: bool, timeout: float) -> Path:
+def _http_get(
+    uri: str, *, allow_private: bool, timeout: float, agent: str, consume: Callable[[HTTPResponse], T]
+) -> T:
+    """GET ``uri`` following redirects, every hop's address checked; ``consume`` reads the 200 response."""
     url = uri
     for _ in range(_MAX_REDIRECTS + 1):
         parts = urlsplit(url)
@@ -133,7 +138,7 @@ def _download_http(uri: str, *, max_bytes: int, cache_dir: Path, allow_private: 
         conn.allow_private = allow_private
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         try:
-            conn.request("GET", target, headers={"User-Agent": "actprompt-dataset-fetch"})
+            conn.request("GET", target, headers={"User-Agent": agent})
             resp = conn.getresponse()
             if resp.status in (301, 302, 303, 307, 308):
                 location = resp.getheader("Location")
@@ -143,16 +148,51 @@ def _download_http(uri: str, *, max_bytes: int, cache_dir: Path, allow_private: 
                 continue
             if resp.status != 200:
                 raise _uri_error(f"{url} answered HTTP {resp.status}")
-            length = resp.getheader("Content-Length")
-            if length and length.isdigit() and int(length) > max_bytes:
-                raise _uri_error(f"{uri} is {length} bytes, over the limit of {max_bytes}")
-            path = cache_dir / _cache_name(uri, resp.getheader("Content-Type"))
-            return _write_limited(resp, path, max_bytes, uri)
+            return consume(resp)
         except (OSError, http.client.HTTPException) as exc:
             raise _uri_error(f"cannot download {url}: {exc}") from exc
         finally:
             conn.close()
     raise _uri_error(f"{uri}: more than {_MAX_REDIRECTS} redirects")
+
+
+def _check_length(resp: HTTPResponse, uri: str, max_bytes: int) -> None:
+    length = resp.getheader("Content-Length")
+    if length and length.isdigit() and int(length) > max_bytes:
+        raise _uri_error(f"{uri} is {length} bytes, over the limit of {max_bytes}")
+
+
+def _download_http(uri: str, *, max_bytes: int, cache_dir: Path, allow_private: bool, timeout: float) -> Path:
+    def consume(resp: HTTPResponse) -> Path:
+        _check_length(resp, uri, max_bytes)
+        path = cache_dir / _cache_name(uri, resp.getheader("Content-Type"))
+        return _write_limited(resp, path, max_bytes, uri)
+
+    return _http_get(
+        uri, allow_private=allow_private, timeout=timeout, agent="actprompt-dataset-fetch", consume=consume
+    )
+
+
+def fetch_http_bytes(uri: str, *, max_bytes: int, allow_private: bool = False, timeout: float = 5.0) -> bytes:
+    """A small http(s) file into memory (predict by URL) under the download rules: public addresses only
+    unless ``allow_private``, at most ``max_bytes``, ``timeout`` seconds per connect and read.
+
+    Raises:
+        DatasetError: code ``invalid_dataset_uri`` for a refused scheme, address or size, or a failed fetch.
+    """
+    if urlsplit(uri).scheme.lower() not in ("http", "https"):
+        raise _uri_error(f"unsupported URL {uri!r}; use http(s)://")
+
+    def consume(resp: HTTPResponse) -> bytes:
+        _check_length(resp, uri, max_bytes)
+        data = resp.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise _uri_error(f"{uri} is larger than the limit of {max_bytes} bytes")
+        return data
+
+    return _http_get(
+        uri, allow_private=allow_private, timeout=timeout, agent="actprompt-image-fetch", consume=consume
+    )
 
 
 def _download_s3(uri: str, *, max_bytes: int, cache_dir: Path) -> Path:

@@ -58,6 +58,8 @@ def preprocess(
         (input_size, input_size) if isinstance(input_size, int) else (int(input_size[0]), int(input_size[1]))
     )
     imgs = _as_list(images)
+    if not isinstance(imgs, np.ndarray) and len(imgs) > 1 and len({im.shape for im in imgs}) == 1:
+        imgs = np.stack(imgs)  # one size (the usual predict request): one batched resize + normalise
     n = len(imgs)
     out = torch.empty((n, 3, *size), dtype=torch.float32)
     m = torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1) * 255.0

@@ -1,4 +1,4 @@
-"""The gateway's side of the serving layer: the domain `Predictor` on top of the micro-batcher.
+"""The domain's `Predictor` on top of the micro-batcher, with the prompts table as the cache's source.
 
 The route resolves and authorises `prm_x@3` into a `PromptHandle`; here a handle becomes an internal
 serving key `"<row key>:<sha256>"` (the content hash keeps a reused row id from ever naming a cached
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,7 +28,6 @@ from service.domain.prompts import PromptHandle, load_artifact_bytes
 from service.engine import BackboneSpec, EngineError
 from service.serving.errors import PinLimitError, PromptNotFoundError, ServingClosedError, ServingError
 from service.serving.predictor import PromptPrediction, ServingConfig, ServingPredictor
-from service.serving.ratelimit import RateLimiter, create_rate_limiter
 from service.settings import Settings
 
 
@@ -70,16 +70,6 @@ def serving_config(settings: Settings) -> ServingConfig:
     )
 
 
-def build_rate_limiter(settings: Settings) -> RateLimiter | None:
-    """Per-tenant token buckets: in Redis when one is configured (or is the broker), else in memory."""
-    if settings.rate_limit_per_second <= 0:
-        return None
-    url = settings.rate_limit_redis_url
-    if url is None and settings.broker_url and settings.broker_url.startswith(("redis://", "rediss://")):
-        url = settings.broker_url
-    return create_rate_limiter(settings.rate_limit_per_second, settings.rate_limit_burst, redis_url=url)
-
-
 def _domain_error(exc: Exception) -> DomainError:
     if isinstance(exc, PromptNotFoundError):
         return NotFound(str(exc), code="prompt_not_found", param="prompt")
@@ -93,20 +83,25 @@ def _domain_error(exc: Exception) -> DomainError:
 
 
 class BatchingPredictor:
-    """`service.domain.predict.Predictor` served by the cross-request micro-batcher and the prompt cache."""
+    """`service.domain.predict.Predictor` served by the cross-request micro-batcher and the prompt cache.
+
+    Built in the app's lifespan and called from the event loop only: the prompt cache, the slot policy and
+    the batcher's queues belong to that loop (no method here is safe from another thread).
+    """
 
     def __init__(self, session_factory: sessionmaker[Session], settings: Settings) -> None:
-        self.serving = ServingPredictor(DatabasePromptSource(session_factory), serving_config(settings))
-        try:  # built in the app's lifespan: remember the loop that owns the cache
-            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            self._loop = None
+        if settings.torch_threads > 0:  # N API processes on C cores: C / N each, not C each (oversubscribed)
+            import torch
 
-    async def predict(
-        self, prompt: PromptHandle, images: Sequence[bytes], top_k: int, *, tenant_id: str = ""
-    ) -> list[list[Prediction]]:
-        (rows,) = await self.predict_many([prompt], images, top_k, tenant_id=tenant_id)
-        return rows
+            torch.set_num_threads(settings.torch_threads)
+        self.serving = ServingPredictor(DatabasePromptSource(session_factory), serving_config(settings))
+        self._specs: dict[str, BackboneSpec] = {}  # backbone spec hash -> parsed spec (parsed once)
+
+    def _spec(self, handle: PromptHandle) -> BackboneSpec:
+        spec = self._specs.get(handle.backbone_spec_hash)
+        if spec is None:
+            spec = self._specs[handle.backbone_spec_hash] = BackboneSpec.from_dict(handle.backbone_spec)
+        return spec
 
     async def predict_many(
         self,
@@ -121,7 +116,7 @@ class BatchingPredictor:
         specs = {p.backbone_spec_hash for p in prompts}
         if len(specs) > 1:
             raise InvalidInput("prompts: all prompts of one request must share a backbone", param="prompts")
-        spec = BackboneSpec.from_dict(prompts[0].backbone_spec)
+        spec = self._spec(prompts[0])
         keys = [serving_key(p.key, p.sha256) for p in prompts]
         try:
             outs = await self.serving.predict_images(spec, keys, list(images), tenant_id=tenant_id)
@@ -131,29 +126,20 @@ class BatchingPredictor:
 
     async def pin(self, prompt: PromptHandle) -> int:
         try:
-            spec = BackboneSpec.from_dict(prompt.backbone_spec)
+            spec = self._spec(prompt)
             return await self.serving.pin(spec, serving_key(prompt.key, prompt.sha256))
         except (ServingError, EngineError) as exc:
             raise _domain_error(exc) from exc
 
-    def unpin(self, prompt: PromptHandle) -> bool:
+    async def unpin(self, prompt: PromptHandle) -> bool:
         return self.serving.unpin(serving_key(prompt.key, prompt.sha256))
 
-    def invalidate(self, key: int, sha256: str) -> None:
-        """Call after a deletion committed: no tier of this process serves the artifact again.
+    async def invalidate(self, key: int, sha256: str) -> None:
+        """After a deletion committed: no tier of this process serves the artifact again."""
+        self.serving.invalidate(serving_key(key, sha256))
 
-        Safe from a sync route's worker thread: the cache belongs to the event loop, so the invalidation
-        is queued there, ahead of the route's own response.
-        """
-        name = serving_key(key, sha256)
-        try:
-            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if self._loop is None or running is self._loop:
-            self.serving.invalidate(name)
-        else:
-            self._loop.call_soon_threadsafe(self.serving.invalidate, name)
+    def stats(self) -> dict[str, Any]:
+        return self.serving.stats()
 
     async def aclose(self) -> None:
         await self.serving.aclose()
