@@ -22,15 +22,25 @@ from bench.common import log, results_dir, set_threads
 PARTS = ("cost", "accuracy", "serving", "http")
 
 
-def run_http(out: Path, quick: bool) -> None:
+#: The default plan's HTTP sweep, sized to ~10 min: the single-process and two-process embedded gateway,
+#: production mode (PostgreSQL + Redis), and the minimal peer server; 4 curve points of 5 s each.
+#: `--budget full` runs every mode (production with two processes too) at 5 points of 8 s.
+HTTP_DEFAULT_ARGS = [
+    "--modes",
+    "embedded,embedded_w2,production,peer",
+    "--connections",
+    "1,4,16,64",
+    "--seconds",
+    "5",
+]
+
+
+def run_http(out: Path, quick: bool, full: bool) -> None:
     """The HTTP benchmark (bench/serving_http.py owns the `http_vs_engine` key of serving.json)."""
     from bench import serving_http
 
-    entry = getattr(serving_http, "main", None)
-    if entry is None:
-        log("http: bench/serving_http.py has no main(argv) yet; skipped")
-        return
-    entry(["--out", str(out), *(["--quick"] if quick else [])])
+    extra = ["--quick"] if quick else ([] if full else HTTP_DEFAULT_ARGS)
+    serving_http.main(["--out", str(out / "serving_http"), "--results", str(out / "serving.json"), *extra])
 
 
 #: Written by bench/engine_reference_run.py (a separate, hours-long run), not by this script.
@@ -90,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         serving.main(["--parts", "engine,scale", "--out", str(out), *(["--quick"] if quick else [])])
     if "http" in parts:
         log("serving over HTTP")
-        run_http(out, quick)
+        run_http(out, quick, full=plan.name == "full")
     path = report.build(out)
     if not quick and not args.no_readme:
         readme.update(out)

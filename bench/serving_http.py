@@ -396,10 +396,10 @@ def measure_gateway(
     workers: int,
     production: bool,
     log: Callable[[str], None],
+    conns: list[int],
+    seconds: float,
 ) -> dict[str, Any]:
     tenants, n_prompts = (4, 48)
-    seconds = 3.0 if quick else 8.0
-    conns = [4, 16] if quick else [1, 4, 16, 32, 64]
     env, cleanup = _postgres_env() if production else ({}, lambda: None)
     server = Server(extra_env=env, args=["--workers", str(workers)] if workers > 1 else [])
     try:
@@ -427,7 +427,9 @@ def measure_gateway(
         cleanup()
 
 
-def measure_peer(spec: BackboneSpec, *, quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+def measure_peer(
+    spec: BackboneSpec, *, log: Callable[[str], None], conns: list[int], seconds: float
+) -> dict[str, Any]:
     bb = create_backbone(spec, "cpu")
     art = random_artifact(bb, layers=[bb.recommended_layer], num_classes=10, seed=0)
     path = Path(tempfile.mkdtemp(prefix="bench-peer-")) / "p.safetensors"
@@ -441,14 +443,7 @@ def measure_peer(spec: BackboneSpec, *, quick: bool, log: Callable[[str], None])
         out: dict[str, Any] = {}
         for n in IMAGES_PER_REQUEST:
             reqs = prepared_requests([("", "")] * 8, pngs, n, "json", peer=True)
-            pts = sweep(
-                server.url,
-                reqs,
-                n,
-                [4, 16] if quick else [1, 4, 16, 32, 64],
-                3.0 if quick else 8.0,
-                metrics=False,
-            )
+            pts = sweep(server.url, reqs, n, conns, seconds, metrics=False)
             best = max(pts, key=lambda p: p["images_per_s"])
             out[f"json_{n}"] = {"curve": pts, "saturation": best}
             log(f"http peer json {n} img/req: {best['images_per_s']} img/s, p50 {best['p50_ms']} ms")
@@ -515,7 +510,17 @@ def main(argv: list[str] | None = None) -> int:
         help="serving.json whose `http_vs_engine` key is rewritten (only that key)",
     )
     parser.add_argument("--modes", default="embedded,embedded_w2,production,production_w2,peer")
+    parser.add_argument(
+        "--connections", default=None, help="comma list of wrk connection counts (the curve's points)"
+    )
+    parser.add_argument("--seconds", type=float, default=None, help="wrk duration of each point")
     args = parser.parse_args(argv)
+    conns = (
+        [int(c) for c in args.connections.split(",")]
+        if args.connections
+        else ([4, 16] if args.quick else [1, 4, 16, 32, 64])
+    )
+    seconds = args.seconds or (3.0 if args.quick else 8.0)
     modes = args.modes.split(",")
     spec = BackboneSpec("resnet20_cifar", weights=(WEIGHTS_DIR / "resnet20-12fca82f.th").as_uri())
     args.out.mkdir(parents=True, exist_ok=True)
@@ -533,10 +538,17 @@ def main(argv: list[str] | None = None) -> int:
         if name in configs:
             workers, production = configs[name]
             servers[name] = measure_gateway(
-                name, spec, quick=args.quick, log=log, workers=workers, production=production
+                name,
+                spec,
+                quick=args.quick,
+                log=log,
+                workers=workers,
+                production=production,
+                conns=conns,
+                seconds=seconds,
             )
     if "peer" in modes:
-        servers["minimal_fastapi"] = measure_peer(spec, quick=args.quick, log=log)
+        servers["minimal_fastapi"] = measure_peer(spec, log=log, conns=conns, seconds=seconds)
     gateways = {k: v for k, v in servers.items() if k in configs}
     ratios: dict[str, Any] = {}
     engine_at: dict[str, Any] = {}

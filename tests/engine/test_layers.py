@@ -19,6 +19,7 @@ FAMILIES = {
     "resnet20_cifar": "cnn",
     "vit_cifar10_p4_d128_l6": "vit",
     "mobilenetv2_100": "cnn",
+    "mobilenetv3_small_050": "cnn",  # listed as supported (EfficientNet/MobileNet family): random weights
 }
 
 #: The real ImageNet MobileNetV2 at 224 px: `file://` weights plus the model kwargs its README names
