@@ -87,6 +87,8 @@ def pg_url(pg_database: str) -> str:
 @pytest.fixture
 def client(pg_url: str, data_root: Path, tmp_path: Path) -> Iterator[TestClient]:
     settings = settings_for(pg_url, data_root, tmp_path, embedded_worker=False)
+    # Every request must reach the database here: no remembered keys or prompt references.
+    settings = settings.model_copy(update={"auth_cache_seconds": 0.0, "prompt_resolve_cache_seconds": 0.0})
     # 500s come back as responses (as a real server sends them), not as exceptions in the test.
     with TestClient(create_app(settings), raise_server_exceptions=False) as c:
         yield c
