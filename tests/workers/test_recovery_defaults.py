@@ -129,8 +129,10 @@ def test_sigkilled_worker_job_resumes_on_another_worker_with_the_default_lease(
     )
     wait_for(lambda: deployment.job(job_id).status == "running", 90, "the job to start")
     spare = deployment.start_worker()  # idle, runs the reaper
+    # Epoch 2's progress means epoch 1's checkpoint is stored (the checkpoint is written after its epoch's
+    # progress, so waiting for epoch 1 alone races the kill against that write).
     wait_for(
-        lambda: (deployment.job(job_id).progress or {}).get("epoch", 0) >= 1,
+        lambda: (deployment.job(job_id).progress or {}).get("epoch", 0) >= 2,
         120,
         "the first checkpoint",
         on_timeout=deployment.diagnostics,
