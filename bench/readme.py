@@ -97,7 +97,43 @@ def headline(out_dir: Path) -> str:
             ),
             "",
         ]
+    lines += http_lines(serving)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def http_lines(serving: dict[str, Any]) -> list[str]:
+    """HTTP images/s against the bare engine (issue 12), per server mode, from `http_vs_engine`."""
+    http = serving.get("http_vs_engine") or {}
+    details_path = (http.get("provenance") or {}).get("details")
+    details = read_json(REPO_ROOT / details_path) if details_path else None  # absolute stays absolute
+    if not http or not details:
+        return []
+    servers = details.get("servers") or {}
+    rows = []
+    for name, res in servers.items():
+        cells = [name]
+        for n in ("1", "8", "32"):
+            sat = (res.get(f"json_{n}") or {}).get("saturation") or {}
+            cells.append(
+                f"{sat['images_per_s']:.0f} (p50 {sat['p50_ms']:.0f} / p99 {sat['p99_ms']:.0f} ms)"
+                if sat
+                else "—"
+            )
+        rows.append(cells)
+    engine = details.get("engine_at_batch") or {}
+    rows.append(
+        ["bare engine (same cores, batch the server formed)"]
+        + [f"{(engine.get(n) or {}).get('images_per_s', float('nan')):.0f}" for n in ("1", "8", "32")]
+    )
+    ratio = " / ".join(f"{http.get(n, float('nan')):.2f}" for n in ("1", "8", "32"))
+    return [
+        "**Serving over HTTP** (wrk, JSON-base64 PNGs, warm prompts, images/s at saturation; ratio "
+        f"HTTP ÷ bare engine for 1 / 8 / 32 images per request: **{ratio}**; curves in "
+        "`bench/results/serving_http/serving_http_curves.png`):",
+        "",
+        md_table(["server", "1 image/request", "8 images", "32 images"], rows),
+        "",
+    ]
 
 
 def update(out_dir: Path, readme: Path | None = None) -> bool:
