@@ -191,12 +191,13 @@ def test_console_admin_train_watch_and_playground(page: playwright_api.Page, ser
     stored = httpx.get(f"{server.url}/v1/files/{job['dataset_uri']}", headers=t).json()  # uploaded, not a URI
     assert stored["bytes"] == dataset.stat().st_size and stored["filename"] == dataset.name
     assert job["resolved_layers"] == [picked["index"]]  # the layer clicked in the picture is the one trained
+    # The stream may trail the status (which also arrives by polling): wait for every event first.
+    assert_log_is_the_jobs_events(page, server.url, job_id, t)
+    playwright_api.expect(page.get_by_test_id("event-log").locator("li[data-type=epoch]")).to_have_count(4)
     curve = page.get_by_test_id("job-curve")
     assert int(curve.get_attribute("data-points") or 0) >= 4  # at least one point per epoch
     assert curve.locator("path.line").count() >= 1
-    assert page.get_by_test_id("event-log").locator("li[data-type=epoch]").count() == 4
     assert page.get_by_test_id("job-prompt").inner_text() == job["prompt"]
-    assert_log_is_the_jobs_events(page, server.url, job_id, t)
     assert "num classes" in page.get_by_test_id("validation-report").inner_text()
     shot(page, "04-job-succeeded")
 
