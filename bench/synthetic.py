@@ -28,7 +28,9 @@ def random_artifact(
     scale: float = 0.5,
 ) -> PromptArtifact:
     """An artifact whose prompt tensors and head are N(0, scale^2) noise (seeded), not trained."""
-    config = MethodConfig(num_classes=num_classes, prompt_layers=tuple(layers), prompt_shape=prompt_shape)
+    config = MethodConfig.for_method(
+        method, num_classes=num_classes, prompt_layers=tuple(layers), prompt_shape=prompt_shape
+    )
     module = create_method(method, backbone, config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -156,13 +156,8 @@ def measure_one(cfg: dict[str, Any]) -> dict[str, Any]:
     layers: tuple[int, ...] = ()
     if cfg["method"] in ("activation", "deep_activation_norm"):
         layers = resolve_prompt_layers(backbone.layers, cfg["prompt_layer"])
-    mcfg = MethodConfig(
-        num_classes=NUM_CLASSES,
-        prompt_layers=layers,
-        prompt_shape=cfg.get("prompt_shape", "full"),
-        input_variant=cfg.get("input_variant", "pad"),
-        lora_rank=cfg.get("lora_rank", 4),
-    )
+    options = {k: cfg[k] for k in ("prompt_shape", "input_variant", "lora_rank") if k in cfg}
+    mcfg = MethodConfig.for_method(cfg["method"], num_classes=NUM_CLASSES, prompt_layers=layers, **options)
     torch.manual_seed(0)
     module = create_method(cfg["method"], backbone, mcfg)
     module.train()
@@ -279,7 +274,7 @@ def feature_cache_runs(device: str, quick: bool) -> list[dict[str, Any]]:
     from service.engine.backbones import BackboneSpec, create_backbone
     from service.engine.data import load_dataset, preprocess
     from service.engine.layers import resolve_prompt_layers
-    from service.engine.methods import MethodConfig
+    from service.engine.methods import ActivationConfig
     from service.engine.train import TrainCallbacks, TrainConfig, fit
 
     bb = create_backbone(BackboneSpec(**backbone_spec("resnet20_cifar")), device=device)
@@ -302,7 +297,7 @@ def feature_cache_runs(device: str, quick: bool) -> list[dict[str, Any]]:
         res = fit(
             bb,
             "activation",
-            MethodConfig(len(ds.classes), prompt_layers=layers),
+            ActivationConfig(len(ds.classes), prompt_layers=layers),
             (x, y),
             None,
             None,

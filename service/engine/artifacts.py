@@ -161,7 +161,8 @@ class PromptArtifact:
         from service.engine.methods.base import MethodConfig
 
         try:
-            return MethodConfig.from_dict(self.metadata["method_config"])
+            # the artifact's method tags configs written before the config carried its own tag
+            return MethodConfig.from_dict(self.metadata["method_config"], method=self.method)
         except (KeyError, TypeError, ValueError, EngineError) as exc:
             raise ArtifactError(f"artifact has an invalid method_config: {exc}") from None
 

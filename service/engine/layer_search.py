@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from service.engine.methods import MethodConfig
+from service.engine.methods import ActivationConfig
 from service.engine.train import TrainConfig, fit
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ def auto_select_layer(
     )
     rows: list[dict[str, Any]] = []
     for index in candidate_layers(backbone, b.max_candidates):
-        mcfg = MethodConfig(num_classes=k, prompt_layers=(index,), prompt_shape=b.prompt_shape)
+        mcfg = ActivationConfig(num_classes=k, prompt_layers=(index,), prompt_shape=b.prompt_shape)
         result = fit(backbone, "activation", mcfg, (x, y), None, val, cfg, classes=classes)
         row = {
             "index": index,

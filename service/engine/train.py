@@ -14,7 +14,7 @@ import io
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -451,7 +451,15 @@ def _restore(
 ) -> int:
     """Load a checkpoint into fresh training objects; returns the epoch to continue at."""
     st = ckpt.state
-    theirs = st.get("fingerprint", {})
+    theirs = dict(st.get("fingerprint", {}))
+    if isinstance(theirs.get("method_config"), Mapping) and isinstance(theirs.get("method"), str):
+        # a checkpoint written before configs carried their type tag: read it as its method's config
+        try:
+            config = MethodConfig.from_dict(theirs["method_config"], method=theirs["method"])
+        except (EngineError, TypeError, ValueError):
+            pass  # unreadable: it differs from this run's config below
+        else:
+            theirs["method_config"] = config.to_dict()
     for key in ("method", "method_config", "num_train"):
         if theirs.get(key) != fingerprint[key]:
             raise MethodError(f"checkpoint belongs to another run ({key} differs); cannot resume")

@@ -11,7 +11,7 @@ from safetensors.torch import save as st_save
 
 from service.engine import ArtifactError, Backbone, BackboneSpec, create_backbone
 from service.engine.artifacts import FORMAT_VERSION, PromptArtifact, load_module
-from service.engine.methods import MethodConfig
+from service.engine.methods import ActivationConfig
 from service.engine.mixed_batch import predict_single
 from service.engine.train import TrainConfig, fit
 
@@ -27,7 +27,7 @@ def bb() -> Backbone:
 def artifact(bb: Backbone) -> PromptArtifact:
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(24, 3, 32, 32, generator=gen), torch.arange(24) % 3
-    cfg = MethodConfig(3, (3, 4), prompt_shape="channel")
+    cfg = ActivationConfig(3, (3, 4), prompt_shape="channel")
     return fit(
         bb, "activation", cfg, (x, y), None, (x, y), TrainConfig(epochs=1, batch_size=8), classes=CLASSES
     ).artifact

@@ -12,7 +12,18 @@ from torch import nn
 from service.engine import Backbone, BackboneSpec, LayerError, MethodError, create_backbone
 from service.engine.artifacts import PromptArtifact, load_module
 from service.engine.layers import resolve_prompt_layers
-from service.engine.methods import MethodConfig, create_method, list_methods
+from service.engine.methods import (
+    ActivationConfig,
+    DeepActivationNormConfig,
+    FullConfig,
+    InputPromptConfig,
+    LinearConfig,
+    LoRAConfig,
+    MethodConfig,
+    NormConfig,
+    create_method,
+    list_methods,
+)
 from service.engine.methods.input_prompt import frame_mask
 
 TINY: dict[str, dict[str, Any]] = {
@@ -37,17 +48,17 @@ def _configs(bb: Backbone) -> list[tuple[str, MethodConfig]]:
     mid = bb.layers[len(bb.layers) // 2].index
     deep = resolve_prompt_layers(bb.layers, "all")
     return [
-        ("activation", MethodConfig(3, (mid,))),
-        ("activation", MethodConfig(3, (mid,), prompt_shape="channel")),
-        ("activation", MethodConfig(3, deep)),
-        ("activation", MethodConfig(3, (0,))),
-        ("input", MethodConfig(3, input_variant="additive")),
-        ("input", MethodConfig(3, input_variant="pad")),
-        ("linear", MethodConfig(3)),
-        ("norm", MethodConfig(3)),
-        ("full", MethodConfig(3)),
-        ("deep_activation_norm", MethodConfig(3)),
-        ("lora", MethodConfig(3, lora_rank=2)),
+        ("activation", ActivationConfig(3, (mid,))),
+        ("activation", ActivationConfig(3, (mid,), prompt_shape="channel")),
+        ("activation", ActivationConfig(3, deep)),
+        ("activation", ActivationConfig(3, (0,))),
+        ("input", InputPromptConfig(3, input_variant="additive")),
+        ("input", InputPromptConfig(3, input_variant="pad")),
+        ("linear", LinearConfig(3)),
+        ("norm", NormConfig(3)),
+        ("full", FullConfig(3)),
+        ("deep_activation_norm", DeepActivationNormConfig(3)),
+        ("lora", LoRAConfig(3, lora_rank=2)),
     ]
 
 
@@ -57,29 +68,31 @@ def test_registry_lists_every_method_and_rejects_unknown() -> None:
     assert list_methods(servable_only=True) == servable
     bb = create_backbone(BackboneSpec("test_resnet", input_size=(32, 32)))
     with pytest.raises(MethodError, match="unknown method 'dora'"):
-        create_method("dora", bb, MethodConfig(2))
+        create_method("dora", bb, LinearConfig(2))
 
 
 def test_bad_configs_fail_clearly() -> None:
     bb = create_backbone(BackboneSpec("test_resnet", input_size=(32, 32)))
     with pytest.raises(MethodError):
-        MethodConfig(0)
+        LinearConfig(0)
     with pytest.raises(MethodError):
-        MethodConfig(2, (1,), prompt_shape="diagonal")
+        ActivationConfig(2, (1,), prompt_shape="diagonal")
     with pytest.raises(MethodError, match="at least one prompt layer"):
-        create_method("activation", bb, MethodConfig(2))
+        create_method("activation", bb, ActivationConfig(2))
     with pytest.raises(LayerError):
-        create_method("activation", bb, MethodConfig(2, (len(bb.layers),)))
+        create_method("activation", bb, ActivationConfig(2, (len(bb.layers),)))
     with pytest.raises(MethodError, match="pad_size"):
-        create_method("input", bb, MethodConfig(2, pad_size=16))
+        create_method("input", bb, InputPromptConfig(2, pad_size=16))
     with pytest.raises(MethodError, match="lora_rank"):
-        MethodConfig(2, lora_rank=0)
+        LoRAConfig(2, lora_rank=0)
 
 
 def test_prompt_sizes_follow_the_catalog(backbone: Backbone) -> None:
     for info in backbone.layers:
-        full = create_method("activation", backbone, MethodConfig(2, (info.index,)))
-        chan = create_method("activation", backbone, MethodConfig(2, (info.index,), prompt_shape="channel"))
+        full = create_method("activation", backbone, ActivationConfig(2, (info.index,)))
+        chan = create_method(
+            "activation", backbone, ActivationConfig(2, (info.index,), prompt_shape="channel")
+        )
         head = (backbone.num_features + 1) * 2
         assert full.num_trainable() - head == info.full_params
         assert chan.num_trainable() - head == info.channel_params
@@ -114,7 +127,7 @@ def test_no_gradient_reaches_anything_before_the_prompt(backbone: Backbone, whic
     blocks = _block_modules(backbone)
     assert len(blocks) >= 2
     layer = sorted(blocks)[len(blocks) // 2] if which == "mid" else max(blocks)
-    module = create_method("activation", backbone, MethodConfig(3, (layer,)))
+    module = create_method("activation", backbone, ActivationConfig(3, (layer,)))
     grad_flag: dict[int, bool] = {}
     handles = [
         m.register_forward_hook(lambda _m, _i, out, i=i: grad_flag.__setitem__(i, out.requires_grad))
@@ -137,7 +150,7 @@ def test_no_gradient_reaches_anything_before_the_prompt(backbone: Backbone, whic
 
 
 def test_input_prompt_gets_gradient_through_the_whole_backbone(backbone: Backbone) -> None:
-    module = create_method("input", backbone, MethodConfig(3))
+    module = create_method("input", backbone, InputPromptConfig(3))
     x = _images(backbone).requires_grad_(True)
     module(x).logsumexp(1).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
@@ -150,7 +163,7 @@ def test_input_prompt_gets_gradient_through_the_whole_backbone(backbone: Backbon
 
 def test_vp_pad_shrinks_the_image_into_a_learned_frame() -> None:
     bb = create_backbone(BackboneSpec("test_resnet", input_size=(32, 32)))
-    module = create_method("input", bb, MethodConfig(2, pad_size=4))
+    module = create_method("input", bb, InputPromptConfig(2, pad_size=4))
     with torch.no_grad():
         module.prompt.fill_(7.0)
         x = torch.full((1, 3, 32, 32), 2.0)
@@ -164,7 +177,7 @@ def test_vp_pad_shrinks_the_image_into_a_learned_frame() -> None:
 def test_norm_tune_equals_tuning_the_affine_parameters() -> None:
     """y * (1 + s) + t on a BN output == a BN with weight*(1+s), bias*(1+s)+t."""
     bb = create_backbone(BackboneSpec("test_resnet", input_size=(32, 32)))
-    module = create_method("norm", bb, MethodConfig(3)).eval()
+    module = create_method("norm", bb, NormConfig(3)).eval()
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in (*module.scales, *module.shifts):
@@ -189,7 +202,7 @@ def test_norm_tune_equals_tuning_the_affine_parameters() -> None:
 def test_full_fine_tuning_copies_and_never_touches_the_shared_backbone() -> None:
     bb = create_backbone(BackboneSpec("test_resnet", input_size=(32, 32)))
     before = bb.parameter_fingerprint()
-    module = create_method("full", bb, MethodConfig(2))
+    module = create_method("full", bb, FullConfig(2))
     assert module.num_trainable() > sum(p.numel() for p in bb.model.parameters())
     opt = torch.optim.SGD(module.trainable_parameters(), lr=0.1)
     module(_images(bb)).sum().backward()
@@ -201,7 +214,7 @@ def test_full_fine_tuning_copies_and_never_touches_the_shared_backbone() -> None
 def test_lora_adapts_a_private_copy_through_peft(backbone: Backbone) -> None:
     """peft LoRA factors on every conv (CNN) or the block qkv/proj/fc1/fc2 (ViT); the shared model stays."""
     before = backbone.parameter_fingerprint()
-    module = create_method("lora", backbone, MethodConfig(3, lora_rank=2))
+    module = create_method("lora", backbone, LoRAConfig(3, lora_rank=2))
     if backbone.family == "vit":
         assert module.targets and all(
             t.split(".")[-1] in ("qkv", "proj", "fc1", "fc2") for t in module.targets
@@ -239,10 +252,10 @@ def test_lora_adapts_a_private_copy_through_peft(backbone: Backbone) -> None:
 def test_deep_activation_norm_is_deep_ap_and_norm_tune_at_once(backbone: Backbone) -> None:
     """Its deltas act like deep AP's and its affine like norm-tune's; together they compose."""
     deep = resolve_prompt_layers(backbone.layers, "all")
-    both = create_method("deep_activation_norm", backbone, MethodConfig(3)).eval()
+    both = create_method("deep_activation_norm", backbone, DeepActivationNormConfig(3)).eval()
     assert both.prompt_layers == deep and both.servable
-    ap = create_method("activation", backbone, MethodConfig(3, deep)).eval()
-    norm = create_method("norm", backbone, MethodConfig(3)).eval()
+    ap = create_method("activation", backbone, ActivationConfig(3, deep)).eval()
+    norm = create_method("norm", backbone, NormConfig(3)).eval()
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for k in ap.deltas:
@@ -255,7 +268,7 @@ def test_deep_activation_norm_is_deep_ap_and_norm_tune_at_once(backbone: Backbon
     with torch.no_grad():
         both.load_tensors({**ap.export_tensors(), **{k: v for k, v in norm.export_tensors().items()}})
         out = both(x)
-        with_deltas_only = create_method("deep_activation_norm", backbone, MethodConfig(3)).eval()
+        with_deltas_only = create_method("deep_activation_norm", backbone, DeepActivationNormConfig(3)).eval()
         with_deltas_only.load_tensors({**norm.export_tensors(), **ap.export_tensors()})
         for p in (*with_deltas_only.scales, *with_deltas_only.shifts):
             p.zero_()

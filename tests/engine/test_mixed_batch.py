@@ -10,7 +10,16 @@ import torch
 from service.engine import ArtifactError, Backbone, BackboneSpec, create_backbone
 from service.engine.artifacts import PromptArtifact
 from service.engine.layers import resolve_prompt_layers
-from service.engine.methods import MethodConfig, create_method
+from service.engine.methods import (
+    ActivationConfig,
+    DeepActivationNormConfig,
+    FullConfig,
+    InputPromptConfig,
+    LinearConfig,
+    MethodConfig,
+    NormConfig,
+    create_method,
+)
 from service.engine.mixed_batch import PromptBank, forward_mixed, forward_multi, predict_single
 
 TINY: dict[str, dict[str, Any]] = {
@@ -44,18 +53,18 @@ def mix(bb: Backbone) -> list[PromptArtifact]:
     blocks = resolve_prompt_layers(bb.layers, "all")
     mid, late = blocks[len(blocks) // 2], blocks[-1]
     specs = [
-        ("activation", MethodConfig(3, (mid,))),
-        ("activation", MethodConfig(5, (late,), prompt_shape="channel")),
-        ("activation", MethodConfig(2, blocks)),  # deep AP
-        ("activation", MethodConfig(4, (1, mid))),
-        ("activation", MethodConfig(6, (0,))),
-        ("input", MethodConfig(7, input_variant="pad")),
-        ("input", MethodConfig(3, input_variant="pad", pad_size=2)),
-        ("input", MethodConfig(2, input_variant="additive")),
-        ("linear", MethodConfig(4)),
-        ("norm", MethodConfig(5)),
-        ("deep_activation_norm", MethodConfig(4)),  # every block delta + the norm affine
-        ("deep_activation_norm", MethodConfig(3, (mid,), prompt_shape="channel")),
+        ("activation", ActivationConfig(3, (mid,))),
+        ("activation", ActivationConfig(5, (late,), prompt_shape="channel")),
+        ("activation", ActivationConfig(2, blocks)),  # deep AP
+        ("activation", ActivationConfig(4, (1, mid))),
+        ("activation", ActivationConfig(6, (0,))),
+        ("input", InputPromptConfig(7, input_variant="pad")),
+        ("input", InputPromptConfig(3, input_variant="pad", pad_size=2)),
+        ("input", InputPromptConfig(2, input_variant="additive")),
+        ("linear", LinearConfig(4)),
+        ("norm", NormConfig(5)),
+        ("deep_activation_norm", DeepActivationNormConfig(4)),  # every block delta + the norm affine
+        ("deep_activation_norm", DeepActivationNormConfig(3, (mid,), prompt_shape="channel")),
     ]
     return [random_artifact(bb, m, c, seed) for seed, (m, c) in enumerate(specs)]
 
@@ -112,9 +121,9 @@ def test_one_forward_pass_per_batch(bb: Backbone, arts: list[PromptArtifact]) ->
 def test_forward_multi_runs_the_prefix_once_and_equals_mixed(bb: Backbone) -> None:
     blocks = resolve_prompt_layers(bb.layers, "all")
     arts = [
-        random_artifact(bb, "activation", MethodConfig(3, (blocks[-1],)), 1),
-        random_artifact(bb, "activation", MethodConfig(4, (blocks[-2],), prompt_shape="channel"), 2),
-        random_artifact(bb, "linear", MethodConfig(2), 3),
+        random_artifact(bb, "activation", ActivationConfig(3, (blocks[-1],)), 1),
+        random_artifact(bb, "activation", ActivationConfig(4, (blocks[-2],), prompt_shape="channel"), 2),
+        random_artifact(bb, "linear", LinearConfig(2), 3),
     ]
     bank = PromptBank(bb, capacity=4, max_classes=4)
     for slot, art in enumerate(arts):
@@ -136,11 +145,11 @@ def test_forward_multi_runs_the_prefix_once_and_equals_mixed(bb: Backbone) -> No
 
 def test_rewriting_and_clearing_a_slot_leaves_nothing_behind(bb: Backbone) -> None:
     blocks = resolve_prompt_layers(bb.layers, "all")
-    deep = random_artifact(bb, "activation", MethodConfig(3, blocks), 1)
-    vp = random_artifact(bb, "input", MethodConfig(3), 2)
-    norm = random_artifact(bb, "norm", MethodConfig(3), 3)
-    probe = random_artifact(bb, "linear", MethodConfig(2), 4)
-    deep_norm = random_artifact(bb, "deep_activation_norm", MethodConfig(3), 5)
+    deep = random_artifact(bb, "activation", ActivationConfig(3, blocks), 1)
+    vp = random_artifact(bb, "input", InputPromptConfig(3), 2)
+    norm = random_artifact(bb, "norm", NormConfig(3), 3)
+    probe = random_artifact(bb, "linear", LinearConfig(2), 4)
+    deep_norm = random_artifact(bb, "deep_activation_norm", DeepActivationNormConfig(3), 5)
     bank = PromptBank(bb, capacity=2, max_classes=3)
     x = _images(bb, 2)
     for old in (deep, vp, norm, deep_norm):
@@ -160,21 +169,21 @@ def test_rewriting_and_clearing_a_slot_leaves_nothing_behind(bb: Backbone) -> No
 def test_bank_rejects_what_it_cannot_serve(bb: Backbone) -> None:
     bank = PromptBank(bb, capacity=2, max_classes=3)
     with pytest.raises(ArtifactError, match="cannot be served"):
-        bank.write(0, random_artifact(bb, "full", MethodConfig(2), 0))
+        bank.write(0, random_artifact(bb, "full", FullConfig(2), 0))
     with pytest.raises(ArtifactError, match="at most 3"):
-        bank.write(0, random_artifact(bb, "linear", MethodConfig(4), 0))
+        bank.write(0, random_artifact(bb, "linear", LinearConfig(4), 0))
     other = create_backbone(BackboneSpec("test_resnet", input_size=(48, 48)))
     with pytest.raises(ArtifactError, match="trained on backbone"):
-        bank.write(0, random_artifact(other, "linear", MethodConfig(2), 0))
+        bank.write(0, random_artifact(other, "linear", LinearConfig(2), 0))
     with pytest.raises(IndexError):
-        bank.write(2, random_artifact(bb, "linear", MethodConfig(2), 0))
+        bank.write(2, random_artifact(bb, "linear", LinearConfig(2), 0))
 
 
 def test_layer_tables_grow_with_use_and_recycle_rows(bb: Backbone) -> None:
     """Delta tables hold rows only for slots prompting there; cleared rows are reused, not leaked."""
     blocks = resolve_prompt_layers(bb.layers, "all")
     layer = blocks[-1]
-    arts = [random_artifact(bb, "activation", MethodConfig(2, (layer,)), seed) for seed in range(7)]
+    arts = [random_artifact(bb, "activation", ActivationConfig(2, (layer,)), seed) for seed in range(7)]
     bank = PromptBank(bb, capacity=64, max_classes=2)
     for slot, art in enumerate(arts):
         bank.write(slot * 9, art)

@@ -9,7 +9,7 @@ from service.engine import BackboneSpec, EngineError, MethodError, TrainingCance
 from service.engine.backbones import Backbone
 from service.engine.data import ValidationReport, preprocess
 from service.engine.layer_search import SearchBudget, auto_select_layer, candidate_layers
-from service.engine.methods import MethodConfig, create_method
+from service.engine.methods import ActivationConfig, LinearConfig, MethodConfig, create_method
 from service.engine.pipeline import PipelineCallbacks, PreparedData, train_prompt
 from service.engine.train import (
     Checkpoint,
@@ -52,7 +52,7 @@ def _cfg(**kw: object) -> TrainConfig:
 @pytest.mark.parametrize("method", ["activation", "input", "linear", "norm", "full"])
 def test_training_never_changes_the_backbone(bb: Backbone, data: tuple, method: str) -> None:
     before = bb.parameter_fingerprint()
-    cfg = MethodConfig(4, (3,) if method == "activation" else ())
+    cfg = MethodConfig.for_method(method, num_classes=4, prompt_layers=(3,) if method == "activation" else ())
     result = fit(bb, method, cfg, data, None, data, _cfg(epochs=1), classes=CLASSES)
     assert bb.parameter_fingerprint() == before
     assert not bb.model.training
@@ -107,7 +107,7 @@ def test_feature_cache_gives_the_same_numbers(bb: Backbone, data: tuple) -> None
         result = fit(
             bb,
             "activation",
-            MethodConfig(4, (3,)),
+            ActivationConfig(4, (3,)),
             data,
             None,
             data,
@@ -128,7 +128,9 @@ def test_feature_cache_gives_the_same_numbers(bb: Backbone, data: tuple) -> None
 
 @pytest.mark.parametrize("method", ["activation", "norm"])
 def test_resume_from_checkpoint_equals_an_uninterrupted_run(bb: Backbone, data: tuple, method: str) -> None:
-    cfg = MethodConfig(4, (2, 4) if method == "activation" else ())
+    cfg = MethodConfig.for_method(
+        method, num_classes=4, prompt_layers=(2, 4) if method == "activation" else ()
+    )
     tcfg = _cfg(epochs=3, batch_size=16, warmup_epochs=1.0, optimizer="adamw", weight_decay=0.01)
     checkpoints: list[Checkpoint] = []
     full = fit(
@@ -148,9 +150,21 @@ def test_resume_from_checkpoint_equals_an_uninterrupted_run(bb: Backbone, data: 
     for k, v in full.artifact.tensors.items():
         assert torch.equal(v, resumed.artifact.tensors[k]), k
     assert len(resumed.metrics["epochs"]) == 3
+    # A checkpoint written before configs had a type tag (every option of every method) still resumes.
+    legacy = Checkpoint.from_bytes(checkpoints[0].to_bytes())
+    old_config = {"prompt_layers": [], "prompt_shape": "full", "input_variant": "pad", "pad_size": None}
+    old_config.update({"lora_rank": 4, **cfg.to_dict()})
+    del old_config["method"]
+    legacy.state["fingerprint"]["method_config"] = old_config
+    again = fit(bb, method, cfg, data, None, None, tcfg, classes=CLASSES, resume=legacy)
+    for k, v in full.artifact.tensors.items():
+        assert torch.equal(v, again.artifact.tensors[k]), k
+    legacy.state["fingerprint"]["method_config"] = {**old_config, "num_classes": 3}
+    with pytest.raises(MethodError, match="method_config differs"):
+        fit(bb, method, cfg, data, None, None, tcfg, classes=CLASSES, resume=legacy)
     # A checkpoint from another run is refused, not silently mixed in.
     with pytest.raises(MethodError):
-        fit(bb, "linear", MethodConfig(4), data, None, None, tcfg, classes=CLASSES, resume=restored)
+        fit(bb, "linear", LinearConfig(4), data, None, None, tcfg, classes=CLASSES, resume=restored)
 
 
 def test_cancellation_stops_within_a_step(bb: Backbone, data: tuple) -> None:
@@ -165,7 +179,7 @@ def test_cancellation_stops_within_a_step(bb: Backbone, data: tuple) -> None:
         fit(
             bb,
             "activation",
-            MethodConfig(4, (3,)),
+            ActivationConfig(4, (3,)),
             data,
             None,
             None,
@@ -182,7 +196,7 @@ def test_progress_events_are_bounded_and_monotone(bb: Backbone, data: tuple) -> 
     fit(
         bb,
         "linear",
-        MethodConfig(4),
+        LinearConfig(4),
         data,
         None,
         None,
@@ -213,7 +227,14 @@ def test_augmentation_and_sgd_paths(bb: Backbone, spatial: PreparedData) -> None
 def test_fixed_seed_is_deterministic_and_seed_matters(bb: Backbone, data: tuple) -> None:
     runs = [
         fit(
-            bb, "activation", MethodConfig(4, (4,)), data, None, None, _cfg(epochs=1, seed=s), classes=CLASSES
+            bb,
+            "activation",
+            ActivationConfig(4, (4,)),
+            data,
+            None,
+            None,
+            _cfg(epochs=1, seed=s),
+            classes=CLASSES,
         )
         for s in (7, 7, 8)
     ]
@@ -227,11 +248,11 @@ def test_bad_hyperparameters_and_labels_fail_clearly(bb: Backbone, data: tuple) 
     assert info.value.code == "invalid_hyperparameters" and "optimizer" in str(info.value)
     x, y = data
     with pytest.raises(MethodError, match="labels"):
-        fit(bb, "linear", MethodConfig(3), (x, y), None, None, _cfg(), classes=CLASSES[:3])
+        fit(bb, "linear", LinearConfig(3), (x, y), None, None, _cfg(), classes=CLASSES[:3])
 
 
 def test_evaluate_counts_top1_top5_and_per_class(bb: Backbone, data: tuple) -> None:
-    module = create_method("linear", bb, MethodConfig(4))
+    module = create_method("linear", bb, LinearConfig(4))
     with torch.no_grad():  # a head that always answers class 0, then 1, 2, 3 in that order
         module.head.weight.zero_()
         module.head.bias.copy_(torch.tensor([3.0, 2.0, 1.0, 0.0]))

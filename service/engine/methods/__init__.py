@@ -1,6 +1,8 @@
 """Adaptation methods: AP (the product) and the baselines it is compared with, all in one registry.
 
-Importing this package registers every method, in this order: activation, input, linear, norm, full,
+Each method has its own frozen config dataclass (PEFT style: `ActivationConfig`, `LoRAConfig`, ...),
+a `MethodConfig` subclass tagged with the method's name. Importing this package registers every method,
+in this order: activation, input, linear, norm, full,
 deep_activation_norm, lora.
 """
 
@@ -14,14 +16,36 @@ from service.engine.methods import deep_activation_norm  # noqa: F401  (register
 from service.engine.methods import lora  # noqa: F401  (registers "lora")
 
 # isort: on
-from service.engine.methods.base import PROMPT_SHAPES, MethodConfig, PromptModule, norm_layer_segments
-from service.engine.methods.registry import create_method, get_method_class, list_methods, register_method
+from service.engine.methods.activation import PROMPT_SHAPES, ActivationConfig
+from service.engine.methods.base import MethodConfig, PromptModule, norm_layer_segments
+from service.engine.methods.deep_activation_norm import DeepActivationNormConfig
+from service.engine.methods.full import FullConfig
+from service.engine.methods.input_prompt import INPUT_VARIANTS, InputPromptConfig
+from service.engine.methods.linear import LinearConfig
+from service.engine.methods.lora import LoRAConfig
+from service.engine.methods.norm import NormConfig
+from service.engine.methods.registry import (
+    create_method,
+    get_config_class,
+    get_method_class,
+    list_methods,
+    register_method,
+)
 
 __all__ = [
+    "INPUT_VARIANTS",
     "PROMPT_SHAPES",
+    "ActivationConfig",
+    "DeepActivationNormConfig",
+    "FullConfig",
+    "InputPromptConfig",
+    "LinearConfig",
+    "LoRAConfig",
     "MethodConfig",
+    "NormConfig",
     "PromptModule",
     "create_method",
+    "get_config_class",
     "get_method_class",
     "list_methods",
     "norm_layer_segments",

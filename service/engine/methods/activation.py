@@ -9,7 +9,8 @@ per channel (CNN, broadcast over H, W) or per feature (ViT, broadcast over token
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,29 @@ if TYPE_CHECKING:
     from service.engine.backbones import Backbone
 
 
+PROMPT_SHAPES = ("full", "channel")
+
+
+@dataclass(frozen=True)
+class ActivationConfig(MethodConfig):
+    """Options of `activation` (AP).
+
+    Attributes:
+        prompt_layers: layer indices of the prompt (already resolved; several = deep AP).
+        prompt_shape: "full" (the activation's shape) or "channel" (one value per channel / feature).
+    """
+
+    method: ClassVar[str] = "activation"
+    prompt_layers: tuple[int, ...] = ()
+    prompt_shape: str = "full"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.prompt_shape not in PROMPT_SHAPES:
+            raise MethodError(f"prompt_shape must be one of {PROMPT_SHAPES}, got {self.prompt_shape!r}")
+        object.__setattr__(self, "prompt_layers", tuple(int(i) for i in self.prompt_layers))
+
+
 def delta_key(layer: int) -> str:
     """Artifact tensor name of the delta at `layer`."""
     return f"delta.{layer}"
@@ -32,9 +56,10 @@ def delta_key(layer: int) -> str:
 class ActivationPrompt(PromptModule):
     """`h_l <- h_l + P_l` at every prompt layer l (zero-initialised)."""
 
-    options = ("prompt_layers", "prompt_shape")
+    config_class: ClassVar[type[MethodConfig]] = ActivationConfig
+    config: ActivationConfig
 
-    def __init__(self, backbone: Backbone, config: MethodConfig) -> None:
+    def __init__(self, backbone: Backbone, config: ActivationConfig) -> None:
         super().__init__(backbone, config)
         if not config.prompt_layers:
             raise MethodError("method 'activation' needs at least one prompt layer")

@@ -8,7 +8,7 @@ earliest layer where something trainable acts (`first_layer`), so training runs 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -22,83 +22,125 @@ if TYPE_CHECKING:
 LayerFn = Callable[[int, Tensor], Tensor]
 NormFn = Callable[[str, Tensor], Tensor]
 
-PROMPT_SHAPES = ("full", "channel")
-INPUT_VARIANTS = ("pad", "additive")
-
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """What a method needs beyond the backbone; validated here so every caller gets the same errors.
+    """Base of the per-method configs (PEFT style): one frozen dataclass per method, tagged by `method`.
+
+    A method's config class holds only the options that method takes, so an option that does not apply
+    cannot even be expressed (`LinearConfig(prompt_layers=...)` is a TypeError) and `for_method` refuses
+    it with an API error. Each subclass validates its own fields, so every caller gets the same errors.
 
     Attributes:
+        method: the type tag (the registered method name); `to_dict` records it, `from_dict` dispatches on it.
         num_classes: classes of the downstream task (the head's output width).
-        prompt_layers: layer indices of the activation prompt (already resolved; several = deep AP).
-        prompt_shape: "full" (the activation's shape) or "channel" (one value per channel / feature).
-        input_variant: VP only: "pad" (shrink the image, learn a frame) or "additive" (full-image delta).
-        pad_size: VP frame width in pixels; None = 1/8 of the shorter input side.
-        lora_rank: LoRA only: rank r of every low-rank update (alpha = r, so the scale is 1).
     """
 
+    method: ClassVar[str] = ""
     num_classes: int
-    prompt_layers: tuple[int, ...] = ()
-    prompt_shape: str = "full"
-    input_variant: str = "pad"
-    pad_size: int | None = None
-    lora_rank: int = 4
 
     def __post_init__(self) -> None:
+        if not self.method:
+            raise MethodError("MethodConfig is the base class; use a method's config class or for_method")
         if not isinstance(self.num_classes, int) or self.num_classes < 1:
             raise MethodError(f"num_classes must be a positive integer, got {self.num_classes!r}")
-        if self.prompt_shape not in PROMPT_SHAPES:
-            raise MethodError(f"prompt_shape must be one of {PROMPT_SHAPES}, got {self.prompt_shape!r}")
-        if self.input_variant not in INPUT_VARIANTS:
-            raise MethodError(f"input_variant must be one of {INPUT_VARIANTS}, got {self.input_variant!r}")
-        if self.pad_size is not None and self.pad_size < 1:
-            raise MethodError(f"pad_size must be >= 1, got {self.pad_size}")
-        if not isinstance(self.lora_rank, int) or self.lora_rank < 1:
-            raise MethodError(f"lora_rank must be a positive integer, got {self.lora_rank!r}")
-        object.__setattr__(self, "prompt_layers", tuple(int(i) for i in self.prompt_layers))
+
+    @property
+    def prompt_layers(self) -> tuple[int, ...]:
+        """Layer indices of the prompt; () for methods without prompt layers (no such field in them)."""
+        return ()
+
+    @classmethod
+    def options(cls) -> tuple[str, ...]:
+        """The fields this config class takes besides num_classes (the method's own options)."""
+        return tuple(f.name for f in fields(cls) if f.init and f.name != "num_classes")
 
     @classmethod
     def for_method(cls, method: str, *, num_classes: int, **options: Any) -> MethodConfig:
         """The config of `method` (the type tag): options it does not take are refused, not ignored.
 
-        An option the method does not declare in `PromptModule.options` is accepted only at its default
-        value (callers may pass every field uniformly); any other value is a MethodError naming it.
+        An option of another method is accepted only empty or at its default value, and then dropped:
+        the API, the CLI and the job runner pass `prompt_shape` uniformly (the request's default "full"
+        cannot be told from an explicit one). Any other value is a MethodError naming the option.
         """
-        from service.engine.methods.registry import get_method_class
+        from service.engine.methods.registry import get_config_class
 
-        allowed = get_method_class(method).options
-        defaults = {f.name: f.default for f in fields(cls) if f.name != "num_classes"}
+        config_cls = get_config_class(method)
+        own = config_cls.options()
+        defaults = _option_defaults()
         for key, value in options.items():
+            if key in own:
+                continue
             if key not in defaults:
                 raise MethodError(f"unknown method option {key!r}", code="invalid_method_option", param=key)
             empty = value is None or value == () or value == []
-            if key not in allowed and not empty and value != defaults[key]:
-                takes = ", ".join(allowed) or "no options"
+            if not empty and value != defaults[key]:
+                takes = ", ".join(own) or "no options"
                 raise MethodError(
                     f"{key} does not apply to method {method!r} (it takes {takes})",
                     code="invalid_prompt_layer" if key == "prompt_layers" else "option_not_applicable",
                     param="prompt_layer" if key == "prompt_layers" else key,
                 )
-        kept = {k: v for k, v in options.items() if k in allowed and v is not None}
-        return cls(num_classes=num_classes, **kept)
+        kept = {k: v for k, v in options.items() if k in own and v is not None}
+        return config_cls(num_classes=num_classes, **kept)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["prompt_layers"] = list(self.prompt_layers)
-        return d
+        """JSON-able, with the type tag: {"method": ..., "num_classes": ..., <the method's options>}."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {"method": self.method, **{k: _jsonable(v) for k, v in values.items()}}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> MethodConfig:
-        return cls(
-            num_classes=int(d["num_classes"]),
-            prompt_layers=tuple(d.get("prompt_layers", ())),
-            prompt_shape=str(d.get("prompt_shape", "full")),
-            input_variant=str(d.get("input_variant", "pad")),
-            pad_size=d.get("pad_size"),
-            lora_rank=int(d.get("lora_rank", 4)),
-        )
+    def from_dict(cls, d: Mapping[str, Any], method: str | None = None) -> MethodConfig:
+        """Inverse of `to_dict`, dispatching on the tag to the method's config class.
+
+        Args:
+            method: the method the dict belongs to (an artifact's or checkpoint's own `method`); needed
+                for dicts written before the tag existed, which carry every option of every method
+                (those the method does not take, at their defaults, are dropped). A tag that differs
+                from it is an error.
+        """
+        from service.engine.methods.registry import get_config_class
+
+        tag = d.get("method", method)
+        if not isinstance(tag, str):
+            raise MethodError("method config has no method tag and no method was given")
+        if method is not None and tag != method:
+            raise MethodError(f"method config is tagged {tag!r}, expected {method!r}")
+        config_cls = get_config_class(tag)
+        if cls is not MethodConfig and not issubclass(config_cls, cls):
+            raise MethodError(f"method config is tagged {tag!r}, not a {cls.__name__}")
+        names = ("num_classes", *config_cls.options())
+        values = {k: v for k, v in d.items() if k != "method"}
+        if "method" in d:
+            unknown = sorted(set(values) - set(names))
+            if unknown:
+                raise MethodError(
+                    f"method {tag!r} takes no option {unknown[0]!r}",
+                    code="invalid_method_option",
+                    param=unknown[0],
+                )
+        else:  # written before the tag: the one config class held every option of every method
+            values = {k: v for k, v in values.items() if k in names}
+        if "num_classes" not in values:
+            raise MethodError("method config lacks num_classes")
+        return config_cls(**values)
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples (prompt layers) as lists, so a dict read back from JSON compares equal."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _option_defaults() -> dict[str, Any]:
+    """Every option of every registered method -> its default (the leniency of `for_method`)."""
+    from service.engine.methods.registry import config_classes
+
+    out: dict[str, Any] = {}
+    for config_cls in config_classes():
+        for f in fields(config_cls):
+            if f.init and f.name != "num_classes":
+                out.setdefault(f.name, f.default)
+    return out
 
 
 def norm_layer_segments(backbone: Backbone) -> dict[str, int]:
@@ -117,18 +159,21 @@ class PromptModule(nn.Module):
     name: ClassVar[str] = ""
     #: False for methods that copy the backbone (full fine-tuning): they cannot share a serving pass.
     servable: ClassVar[bool] = True
-    #: The `MethodConfig` fields this method takes besides num_classes (its "config class"); any other
-    #: option given with a non-default value is refused by `MethodConfig.for_method`.
-    options: ClassVar[tuple[str, ...]] = ()
+    #: The method's own `MethodConfig` subclass, tagged with the method's name (checked at registration,
+    #: so a method without its own config class cannot be registered).
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
     #: The layer request a job without `prompt_layer` gets (None: the backbone's recommended layer).
     default_prompt_layer: ClassVar[str | None] = None
 
     @classmethod
     def uses_prompt_layers(cls) -> bool:
-        return "prompt_layers" in cls.options
+        return "prompt_layers" in cls.config_class.options()
 
     def __init__(self, backbone: Backbone, config: MethodConfig) -> None:
         super().__init__()
+        if not isinstance(config, self.config_class) or config.method != self.name:
+            want, got = self.config_class.__name__, type(config).__name__
+            raise MethodError(f"method {self.name!r} takes a {want}, got a {got}")
         # A plain attribute, not a submodule: the backbone's weights must not appear in parameters().
         self.backbone = backbone
         self.config = config
@@ -160,7 +205,7 @@ class PromptModule(nn.Module):
 
     def metadata(self) -> dict[str, Any]:
         """Method-specific artifact metadata (JSON-able)."""
-        return {"prompt_shape": self.config.prompt_shape if self.prompt_layers else None}
+        return {"prompt_shape": None}
 
     # --- running -------------------------------------------------------------------------------------
     @property

@@ -8,13 +8,13 @@ both per row. Without explicit prompt layers the deltas sit at every block outpu
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
 from service.engine.layers import resolve_prompt_layers
-from service.engine.methods.activation import ActivationPrompt
+from service.engine.methods.activation import ActivationConfig, ActivationPrompt
 from service.engine.methods.base import MethodConfig, NormFn
 from service.engine.methods.norm import (
     affine_norm_fn,
@@ -29,14 +29,22 @@ if TYPE_CHECKING:
     from service.engine.backbones import Backbone
 
 
+@dataclass(frozen=True)
+class DeepActivationNormConfig(ActivationConfig):
+    """Options of `deep_activation_norm`: AP's (no prompt layers = every block output, resolved at build)."""
+
+    method: ClassVar[str] = "deep_activation_norm"
+
+
 @register_method("deep_activation_norm")
 class DeepActivationNorm(ActivationPrompt):
     """`h_l <- h_l + P_l` at every prompt layer and `y_n <- y_n * (1 + S_n) + T_n` at every norm n."""
 
     default_prompt_layer: ClassVar[str | None] = "all"
+    config_class: ClassVar[type[MethodConfig]] = DeepActivationNormConfig
 
-    def __init__(self, backbone: Backbone, config: MethodConfig) -> None:
-        if not config.prompt_layers:
+    def __init__(self, backbone: Backbone, config: ActivationConfig) -> None:
+        if isinstance(config, DeepActivationNormConfig) and not config.prompt_layers:
             config = replace(config, prompt_layers=resolve_prompt_layers(backbone.layers, "all"))
         super().__init__(backbone, config)
         self.scales, self.shifts = make_affine(backbone)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor
@@ -20,11 +21,19 @@ if TYPE_CHECKING:
     from service.engine.backbones import Backbone
 
 
+@dataclass(frozen=True)
+class FullConfig(MethodConfig):
+    """`full` takes no options besides num_classes."""
+
+    method: ClassVar[str] = "full"
+
+
 @register_method("full")
 class FullFineTune(PromptModule):
     """A private copy of the backbone whose weights all train, plus the head."""
 
     servable: ClassVar[bool] = False
+    config_class: ClassVar[type[MethodConfig]] = FullConfig
 
     def __init__(self, backbone: Backbone, config: MethodConfig) -> None:
         super().__init__(backbone, config)

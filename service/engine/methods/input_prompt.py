@@ -8,7 +8,8 @@ Gradients flow through the whole backbone, which is why VP trains slower than a 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,8 @@ from service.engine.methods.registry import register_method
 
 if TYPE_CHECKING:
     from service.engine.backbones import Backbone
+
+INPUT_VARIANTS = ("pad", "additive")
 
 #: Artifact tensor name of the input prompt [3, H, W]: the frame (zero inside) or the additive delta.
 INPUT_KEY = "input.prompt"
@@ -59,13 +62,35 @@ def shrink_images(x: Tensor, scale: Tensor) -> Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+@dataclass(frozen=True)
+class InputPromptConfig(MethodConfig):
+    """Options of `input` (VP).
+
+    Attributes:
+        input_variant: "pad" (shrink the image, learn a frame) or "additive" (full-image delta).
+        pad_size: frame width in pixels; None = 1/8 of the shorter input side.
+    """
+
+    method: ClassVar[str] = "input"
+    input_variant: str = "pad"
+    pad_size: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.input_variant not in INPUT_VARIANTS:
+            raise MethodError(f"input_variant must be one of {INPUT_VARIANTS}, got {self.input_variant!r}")
+        if self.pad_size is not None and self.pad_size < 1:
+            raise MethodError(f"pad_size must be >= 1, got {self.pad_size}")
+
+
 @register_method("input")
 class InputPrompt(PromptModule):
     """x <- shrink(x) * (1 - mask) + frame * mask ("pad"), or x <- x + delta ("additive")."""
 
-    options = ("input_variant", "pad_size")
+    config_class: ClassVar[type[MethodConfig]] = InputPromptConfig
+    config: InputPromptConfig
 
-    def __init__(self, backbone: Backbone, config: MethodConfig) -> None:
+    def __init__(self, backbone: Backbone, config: InputPromptConfig) -> None:
         super().__init__(backbone, config)
         size = backbone.spec.input_size
         assert size is not None  # a resolved spec always has one

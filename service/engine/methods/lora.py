@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
@@ -42,14 +43,32 @@ def lora_targets(backbone: Backbone) -> list[str]:
     return names
 
 
+@dataclass(frozen=True)
+class LoRAConfig(MethodConfig):
+    """Options of `lora` (named apart from peft's own `LoraConfig`, which the module builds from it).
+
+    Attributes:
+        lora_rank: rank r of every low-rank update (alpha = r, so the scale is 1).
+    """
+
+    method: ClassVar[str] = "lora"
+    lora_rank: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 1:
+            raise MethodError(f"lora_rank must be a positive integer, got {self.lora_rank!r}")
+
+
 @register_method("lora")
 class LoRA(PromptModule):
     """peft LoRA adapters (rank r, alpha = r) on a private copy of the backbone, plus the head."""
 
     servable: ClassVar[bool] = False
-    options = ("lora_rank",)
+    config_class: ClassVar[type[MethodConfig]] = LoRAConfig
+    config: LoRAConfig
 
-    def __init__(self, backbone: Backbone, config: MethodConfig) -> None:
+    def __init__(self, backbone: Backbone, config: LoRAConfig) -> None:
         super().__init__(backbone, config)
         from peft import LoraConfig, inject_adapter_in_model
 

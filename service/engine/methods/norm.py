@@ -8,7 +8,8 @@ while the shared backbone stays untouched, so norm-tuned prompts are servable in
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -100,9 +101,18 @@ def load_affine(
         _copy_into(shifts[k], tensors, shift_key(n.name))
 
 
+@dataclass(frozen=True)
+class NormConfig(MethodConfig):
+    """`norm` takes no options besides num_classes (every norm layer is tuned)."""
+
+    method: ClassVar[str] = "norm"
+
+
 @register_method("norm")
 class NormTune(PromptModule):
     """Per norm layer: scale s and shift t [C], zero-initialised (identity at start)."""
+
+    config_class: ClassVar[type[MethodConfig]] = NormConfig
 
     def __init__(self, backbone: Backbone, config: MethodConfig) -> None:
         super().__init__(backbone, config)

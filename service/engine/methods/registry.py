@@ -20,12 +20,19 @@ def register_method(name: str) -> Callable[[T], T]:
     """Class decorator: make `cls` creatable as `create_method(name, ...)`.
 
     Raises:
-        ValueError: if the name is already taken (two modules claiming one name is a bug).
+        ValueError: if the name is already taken (two modules claiming one name is a bug), or `cls` has
+            no config class of its own (`config_class.method` must be `name`).
     """
 
     def decorator(cls: T) -> T:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"method {name!r} registered twice")
+        tag = cls.config_class.method
+        if tag != name:
+            raise ValueError(
+                f"method {name!r} needs its own config class tagged {name!r} "
+                f"(it has {cls.config_class.__name__}, tagged {tag!r})"
+            )
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -40,6 +47,16 @@ def get_method_class(name: str) -> type[PromptModule]:
     except KeyError:
         known = ", ".join(sorted(_REGISTRY))
         raise MethodError(f"unknown method {name!r}; known methods: {known}") from None
+
+
+def get_config_class(name: str) -> type[MethodConfig]:
+    """The config class of method `name` (its options); MethodError naming the known methods otherwise."""
+    return get_method_class(name).config_class
+
+
+def config_classes() -> list[type[MethodConfig]]:
+    """The config class of every registered method, in registration order."""
+    return [cls.config_class for cls in _REGISTRY.values()]
 
 
 def create_method(name: str, backbone: Backbone, config: MethodConfig) -> PromptModule:
