@@ -84,6 +84,28 @@ def test_bad_job_inputs(qapi: Api, tmp_path: Path) -> None:
     assert linear["method"] == "linear" and linear["resolved_layers"] == []
 
 
+def test_each_methods_config_refuses_options_it_does_not_take(qapi: Api) -> None:
+    """Every servable method without prompt layers refuses `prompt_layer` and a non-default
+    `prompt_shape` (its config class has neither); the default shape is accepted (sent uniformly)."""
+    from service.engine.methods import get_method_class, list_methods
+
+    c, t = qapi.client, qapi.tenant()
+    post = lambda **kw: c.post("/v1/jobs", json=qapi.job_body(**kw), headers=t)  # noqa: E731
+    without_layers = [
+        m for m in list_methods(servable_only=True) if not get_method_class(m).uses_prompt_layers()
+    ]
+    assert {"linear", "input", "norm"} <= set(without_layers)
+    for method in without_layers:
+        _err(post(method=method, prompt_layer=2), 422, "invalid_prompt_layer", "prompt_layer")
+        _err(post(method=method, prompt_layer="all"), 422, "invalid_prompt_layer", "prompt_layer")
+        _err(post(method=method, prompt_shape="channel"), 422, "option_not_applicable", "prompt_shape")
+        ok = post(method=method, prompt_shape="full")
+        assert ok.status_code == 202 and ok.json()["resolved_layers"] == [], ok.text
+    for method in ("activation", "deep_activation_norm"):
+        ok = post(method=method, prompt_shape="channel", prompt_layer=2)
+        assert ok.status_code == 202 and ok.json()["resolved_layers"] == [2], ok.text
+
+
 def test_idempotency_key(qapi: Api) -> None:
     c = qapi.client
     a, b = qapi.tenant("a"), qapi.tenant("b")
