@@ -1,7 +1,7 @@
 """Run every benchmark and regenerate every published figure: ``python -m bench.run_all``.
 
 Budgets: ``--quick`` (every code path, minutes, into ``bench/results/quick/``), the default (sized for
-~40 min of a quiet 2-core CPU) and ``--budget full`` (the issue's full budget; CPU-hours). Each part
+~70 min of a quiet 2-core CPU) and ``--budget full`` (the issue's full budget; CPU-hours). Each part
 writes its JSON with ``provenance``; the accuracy part resumes at the same commit from its row cache.
 ``--only accuracy,cost,serving,http`` reruns some parts (or ``--only resnet20_cifar/gtsrb`` some
 accuracy scopes) and merges into the files there, refusing to mix commits unless told.
@@ -43,15 +43,11 @@ def run_http(out: Path, quick: bool, full: bool) -> None:
     serving_http.main(["--out", str(out / "serving_http"), "--results", str(out / "serving.json"), *extra])
 
 
-#: Written by bench/engine_reference_run.py (a separate, hours-long run), not by this script.
-KEEP = ("engine_reference_run.json", "engine_reference_run.md")
-
-
 def clear_outputs(out: Path) -> None:
     """A whole run starts from an empty results folder (the row cache aside), so no figure survives
     from an earlier run or from a file this version no longer writes."""
     for path in sorted(out.iterdir()):
-        if path.is_file() and path.suffix in (".json", ".md", ".png") and path.name not in KEEP:
+        if path.is_file() and path.suffix in (".json", ".md", ".png"):
             path.unlink()
             log(f"removed stale {path.name}")
 

@@ -28,11 +28,15 @@ CPU_QUEUE = "actprompt.cpu"
 #: an hour of training in a training queue.
 MAINTENANCE_QUEUE = "actprompt.maintenance"
 
-#: The broker redelivers an unacknowledged message only after this long. It must exceed the longest job:
-#: a message that comes back while its job still runs would only be refused by the lease (harmless), but the
-#: redelivery is useless traffic. Crash recovery does NOT wait for it: the reaper re-queues a job as soon as
-#: its lease expires (`Settings.lease_seconds`), so this is only the last line of defence.
-VISIBILITY_TIMEOUT_SECONDS = 48 * 3600
+#: The longest training job a deployment plans for (a day on one GPU). A longer one still runs to the end;
+#: only its message may be handed out again, which its lease refuses.
+LONGEST_JOB_SECONDS = 24 * 3600
+#: The broker redelivers an unacknowledged message only after this long. It must exceed the longest job
+#: (here by a factor of two): a message that comes back while its job still runs would only be refused by
+#: the lease (harmless), but the redelivery is useless traffic. Crash recovery does NOT wait for it: the
+#: reaper re-queues a job as soon as its lease expires (`Settings.lease_seconds`), so this is only the last
+#: line of defence.
+VISIBILITY_TIMEOUT_SECONDS = 2 * LONGEST_JOB_SECONDS
 
 
 def build_config(settings: Settings, *, maintenance_queue: str = MAINTENANCE_QUEUE) -> dict[str, Any]:

@@ -1,37 +1,34 @@
 """The asynchronous client: `AsyncClient` has the methods of `Client`, awaitable; listings and `watch`
-are async iterators."""
+are async iterators.
+
+Each method only runs the description of its call from `actprompt._calls` (awaiting); the sync client
+runs the same descriptions blocking.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import httpx
 from pydantic import BaseModel
 
+from actprompt import _calls
 from actprompt._base import (
     DEFAULT_TIMEOUT,
-    TERMINAL_JOB_STATES,
     ImageInput,
     RetryPolicy,
-    SSEDecoder,
-    event_from_sse,
     headers_for,
-    is_retryable_error,
-    job_body,
-    new_idempotency_key,
-    predict_request,
-    predictions,
     raise_for,
     resolve_api_key,
     resolve_base_url,
-    retry_after,
 )
-from actprompt._errors import APIConnectionError, APIError
-from actprompt.types import Backbone, Evaluation, File, Job, JobEvent, Page, Prediction, Prompt
+from actprompt._calls import Call, Listing
+from actprompt.types import Backbone, Evaluation, File, Job, JobEvent, Prediction, Prompt
 
+T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -40,40 +37,37 @@ class _AsyncTransport:
         self.http = http
         self.retry = retry
 
+    async def call(self, call: Call[T]) -> T:
+        response = await self.request(call.method, call.path, idempotent=call.idempotent, **call.options)
+        return call.parse(response)
+
     async def request(self, method: str, path: str, *, idempotent: bool, **kwargs: Any) -> httpx.Response:
-        attempt = 0
+        attempts = _calls.Attempts(method, path, idempotent, self.retry)
         while True:
             try:
                 response = await self.http.request(method, path, **kwargs)
             except httpx.TransportError as exc:
-                if not idempotent or attempt >= self.retry.max_retries:
-                    raise APIConnectionError(f"{method} {path}: {exc}") from exc
-                await asyncio.sleep(self.retry.delay(attempt, None))
-                attempt += 1
+                await asyncio.sleep(attempts.after_transport_error(exc))
                 continue
-            try:
-                raise_for(response)
-            except APIError as err:
-                if idempotent and is_retryable_error(err) and attempt < self.retry.max_retries:
-                    await asyncio.sleep(self.retry.delay(attempt, retry_after(response)))
-                    attempt += 1
-                    continue
-                raise
-            return response
+            delay = attempts.after_response(response)
+            if delay is None:
+                return response
+            await asyncio.sleep(delay)
 
-    async def get(self, path: str, model: type[M], **kwargs: Any) -> M:
-        return model.model_validate((await self.request("GET", path, idempotent=True, **kwargs)).json())
-
-    async def pages(self, path: str, model: type[M], params: dict[str, Any]) -> AsyncIterator[M]:
-        params = {k: v for k, v in params.items() if v is not None}
-        while True:
-            r = await self.request("GET", path, idempotent=True, params=params)
-            page = Page[model].model_validate(r.json())  # type: ignore[valid-type]
-            for item in page.data:
+    async def pages(self, listing: Listing[M]) -> AsyncIterator[M]:
+        params: dict[str, Any] | None = listing.first()
+        while params is not None:
+            response = await self.request("GET", listing.path, idempotent=True, params=params)
+            items, params = listing.page(response, params)
+            for item in items:
                 yield item
-            if not page.has_more or not page.next_cursor:
-                return
-            params["after"] = page.next_cursor
+
+    async def poll(self, call: Call[T], done: Callable[[T], bool], every: float) -> T:
+        while True:
+            result = await self.call(call)
+            if done(result):
+                return result
+            await asyncio.sleep(every)
 
 
 class AsyncFiles:
@@ -81,24 +75,17 @@ class AsyncFiles:
         self._t = t
 
     async def upload(self, file: str | Path | IO[bytes], *, filename: str | None = None) -> File:
-        if isinstance(file, str | Path):
-            path = Path(file)
-            with path.open("rb") as fh:
-                return await self._send(fh, filename or path.name)
-        return await self._send(file, filename or Path(getattr(file, "name", "upload.zip")).name)
-
-    async def _send(self, fh: IO[bytes], filename: str) -> File:
-        r = await self._t.request("POST", "/v1/files", idempotent=False, files={"file": (filename, fh)})
-        return File.model_validate(r.json())
+        with _calls.upload_file(file, filename) as call:
+            return await self._t.call(call)
 
     def list(self, *, page_size: int = 100) -> AsyncIterator[File]:
-        return self._t.pages("/v1/files", File, {"limit": page_size})
+        return self._t.pages(_calls.list_files(page_size))
 
     async def get(self, file_id: str) -> File:
-        return await self._t.get(f"/v1/files/{file_id}", File)
+        return await self._t.call(_calls.get_file(file_id))
 
     async def delete(self, file_id: str) -> None:
-        await self._t.request("DELETE", f"/v1/files/{file_id}", idempotent=True)
+        await self._t.call(_calls.delete_file(file_id))
 
 
 class AsyncJobs:
@@ -119,79 +106,56 @@ class AsyncJobs:
         prompt_id: str | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
-        body = job_body(
-            backbone=backbone,
-            dataset=dataset,
-            prompt_layer=prompt_layer,
-            method=method,
-            prompt_shape=prompt_shape,
-            hyperparameters=hyperparameters,
-            name=name,
-            metadata=metadata,
-            prompt_id=prompt_id,
+        return await self._t.call(
+            _calls.create_job(
+                backbone=backbone,
+                dataset=dataset,
+                prompt_layer=prompt_layer,
+                method=method,
+                prompt_shape=prompt_shape,
+                hyperparameters=hyperparameters,
+                name=name,
+                metadata=metadata,
+                prompt_id=prompt_id,
+                idempotency_key=idempotency_key,
+            )
         )
-        key = idempotency_key or new_idempotency_key()
-        r = await self._t.request(
-            "POST", "/v1/jobs", idempotent=True, json=body, headers={"Idempotency-Key": key}
-        )
-        return Job.model_validate(r.json())
 
     async def get(self, job_id: str) -> Job:
-        return await self._t.get(f"/v1/jobs/{job_id}", Job)
+        return await self._t.call(_calls.get_job(job_id))
 
     def list(self, *, status: str | None = None, page_size: int = 100) -> AsyncIterator[Job]:
-        return self._t.pages("/v1/jobs", Job, {"status": status, "limit": page_size})
+        return self._t.pages(_calls.list_jobs(status, page_size))
 
     async def cancel(self, job_id: str) -> Job:
-        r = await self._t.request("POST", f"/v1/jobs/{job_id}/cancel", idempotent=True)
-        return Job.model_validate(r.json())
+        return await self._t.call(_calls.cancel_job(job_id))
 
     def events(self, job_id: str, *, after: int | None = None) -> AsyncIterator[JobEvent]:
-        return self._t.pages(f"/v1/jobs/{job_id}/events", JobEvent, {"after": after, "limit": 500})
+        return self._t.pages(_calls.job_events(job_id, after))
 
     async def watch(
         self, job_id: str, *, after: int | None = None, max_reconnects: int = 20
     ) -> AsyncIterator[JobEvent]:
-        last = after
-        failures = 0
+        watch = _calls.Watch(job_id, after, max_reconnects, self._t.retry)
         while True:
-            headers = {"Accept": "text/event-stream"}
-            if last is not None:
-                headers["Last-Event-ID"] = str(last)
             try:
-                async with self._t.http.stream(
-                    "GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=httpx.Timeout(60, read=90)
-                ) as response:
+                async with self._t.http.stream(**watch.request()) as response:
                     if response.status_code >= 400:
                         await response.aread()
                         raise_for(response)
-                    decoder = SSEDecoder()
                     async for line in response.aiter_lines():
-                        msg = decoder.feed(line)
-                        if msg is None:
-                            continue
-                        event = event_from_sse(msg.event, msg.data)
-                        yield event
-                        if event.type == "end":
-                            return
-                        last, failures = event.id, 0
+                        event = watch.feed(line)
+                        if event is not None:
+                            yield event
+                            if watch.ended:
+                                return
             except httpx.TransportError as exc:
-                failures += 1
-                if failures > max_reconnects:
-                    raise APIConnectionError(f"watch {job_id}: {exc}") from exc
-                await asyncio.sleep(self._t.retry.delay(min(failures, 4), None))
+                await asyncio.sleep(watch.dropped(exc))
                 continue
-            failures += 1
-            if failures > max_reconnects:
-                raise APIConnectionError(f"watch {job_id}: the stream kept closing early")
-            await asyncio.sleep(self._t.retry.delay(0, None))
+            await asyncio.sleep(watch.closed_early())
 
     async def wait(self, job_id: str, *, poll: float = 1.0) -> Job:
-        while True:
-            job = await self.get(job_id)
-            if job.status in TERMINAL_JOB_STATES:
-                return job
-            await asyncio.sleep(poll)
+        return await self._t.poll(_calls.get_job(job_id), _calls.job_final, poll)
 
 
 class AsyncPrompts:
@@ -199,19 +163,16 @@ class AsyncPrompts:
         self._t = t
 
     def list(self, *, page_size: int = 100) -> AsyncIterator[Prompt]:
-        return self._t.pages("/v1/prompts", Prompt, {"limit": page_size})
+        return self._t.pages(_calls.list_prompts(page_size))
 
     async def get(self, prompt: str) -> Prompt:
-        return await self._t.get(f"/v1/prompts/{prompt}", Prompt)
+        return await self._t.call(_calls.get_prompt(prompt))
 
     async def download(self, prompt: str, path: str | Path) -> Path:
-        r = await self._t.request("GET", f"/v1/prompts/{prompt}/artifact", idempotent=True)
-        target = Path(path)
-        target.write_bytes(r.content)
-        return target
+        return await self._t.call(_calls.download_prompt(prompt, path))
 
     async def delete(self, prompt: str) -> None:
-        await self._t.request("DELETE", f"/v1/prompts/{prompt}", idempotent=True)
+        await self._t.call(_calls.delete_prompt(prompt))
 
 
 class AsyncEvaluations:
@@ -219,23 +180,16 @@ class AsyncEvaluations:
         self._t = t
 
     async def create(self, *, prompt: str, dataset: str) -> Evaluation:
-        r = await self._t.request(
-            "POST", "/v1/evaluations", idempotent=False, json={"prompt": prompt, "dataset_uri": dataset}
-        )
-        return Evaluation.model_validate(r.json())
+        return await self._t.call(_calls.create_evaluation(prompt, dataset))
 
     async def get(self, evaluation_id: str) -> Evaluation:
-        return await self._t.get(f"/v1/evaluations/{evaluation_id}", Evaluation)
+        return await self._t.call(_calls.get_evaluation(evaluation_id))
 
     def list(self, *, status: str | None = None, page_size: int = 100) -> AsyncIterator[Evaluation]:
-        return self._t.pages("/v1/evaluations", Evaluation, {"status": status, "limit": page_size})
+        return self._t.pages(_calls.list_evaluations(status, page_size))
 
     async def wait(self, evaluation_id: str, *, poll: float = 1.0) -> Evaluation:
-        while True:
-            ev = await self.get(evaluation_id)
-            if ev.done:
-                return ev
-            await asyncio.sleep(poll)
+        return await self._t.poll(_calls.get_evaluation(evaluation_id), _calls.evaluation_final, poll)
 
 
 class AsyncBackbones:
@@ -243,10 +197,10 @@ class AsyncBackbones:
         self._t = t
 
     async def list(self) -> list[Backbone]:
-        return [b async for b in self._t.pages("/v1/backbones", Backbone, {"limit": 100})]
+        return [b async for b in self._t.pages(_calls.list_backbones())]
 
     async def get(self, backbone_id: str) -> Backbone:
-        return await self._t.get(f"/v1/backbones/{backbone_id}", Backbone)
+        return await self._t.call(_calls.get_backbone(backbone_id))
 
 
 class AsyncClient:
@@ -276,10 +230,7 @@ class AsyncClient:
     async def predict(
         self, *, prompt: str, images: Sequence[ImageInput], top_k: int = 5
     ) -> list[list[Prediction]]:
-        r = await self._t.request(
-            "POST", "/v1/predict", idempotent=True, **predict_request(prompt, images, top_k)
-        )
-        return predictions(r.json())
+        return await self._t.call(_calls.predict(prompt, images, top_k))
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -8,7 +8,7 @@ import json
 import os
 import random
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,32 +81,6 @@ def is_retryable_error(error: APIError) -> bool:
 
 def new_idempotency_key() -> str:
     return f"actprompt-client-{uuid.uuid4().hex}"
-
-
-def job_body(
-    *,
-    backbone: str,
-    dataset: str,
-    prompt_layer: Any = None,
-    method: str | None = None,
-    prompt_shape: str | None = None,
-    hyperparameters: Mapping[str, Any] | None = None,
-    name: str | None = None,
-    metadata: Mapping[str, Any] | None = None,
-    prompt_id: str | None = None,
-) -> dict[str, Any]:
-    body: dict[str, Any] = {"backbone": backbone, "dataset_uri": dataset}
-    optional = {
-        "prompt_layer": prompt_layer,
-        "method": method,
-        "prompt_shape": prompt_shape,
-        "hyperparameters": dict(hyperparameters) if hyperparameters is not None else None,
-        "name": name,
-        "metadata": dict(metadata) if metadata is not None else None,
-        "prompt_id": prompt_id,
-    }
-    body.update({k: v for k, v in optional.items() if v is not None})
-    return body
 
 
 def _is_url(value: Any) -> bool:

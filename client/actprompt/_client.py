@@ -1,37 +1,34 @@
 """The synchronous client: `Client(base_url, api_key)` with resources files, jobs, prompts, evaluations,
-backbones and `predict`."""
+backbones and `predict`.
+
+Each method only runs the description of its call from `actprompt._calls` (blocking); the async client
+runs the same descriptions awaiting.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import httpx
 from pydantic import BaseModel
 
+from actprompt import _calls
 from actprompt._base import (
     DEFAULT_TIMEOUT,
-    TERMINAL_JOB_STATES,
     ImageInput,
     RetryPolicy,
-    SSEDecoder,
-    event_from_sse,
     headers_for,
-    is_retryable_error,
-    job_body,
-    new_idempotency_key,
-    predict_request,
-    predictions,
     raise_for,
     resolve_api_key,
     resolve_base_url,
-    retry_after,
 )
-from actprompt._errors import APIConnectionError, APIError
-from actprompt.types import Backbone, Evaluation, File, Job, JobEvent, Page, Prediction, Prompt
+from actprompt._calls import Call, Listing
+from actprompt.types import Backbone, Evaluation, File, Job, JobEvent, Prediction, Prompt
 
+T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -40,42 +37,37 @@ class _Transport:
         self.http = http
         self.retry = retry
 
+    def call(self, call: Call[T]) -> T:
+        return call.parse(self.request(call.method, call.path, idempotent=call.idempotent, **call.options))
+
     def request(self, method: str, path: str, *, idempotent: bool, **kwargs: Any) -> httpx.Response:
         """One call; retried with backoff on 429/502/503/504 and connection errors when `idempotent`."""
-        attempt = 0
+        attempts = _calls.Attempts(method, path, idempotent, self.retry)
         while True:
             try:
                 response = self.http.request(method, path, **kwargs)
             except httpx.TransportError as exc:
-                if not idempotent or attempt >= self.retry.max_retries:
-                    raise APIConnectionError(f"{method} {path}: {exc}") from exc
-                time.sleep(self.retry.delay(attempt, None))
-                attempt += 1
+                time.sleep(attempts.after_transport_error(exc))
                 continue
-            try:
-                raise_for(response)
-            except APIError as err:
-                if idempotent and is_retryable_error(err) and attempt < self.retry.max_retries:
-                    time.sleep(self.retry.delay(attempt, retry_after(response)))
-                    attempt += 1
-                    continue
-                raise
-            return response
+            delay = attempts.after_response(response)
+            if delay is None:
+                return response
+            time.sleep(delay)
 
-    def get(self, path: str, model: type[M], **kwargs: Any) -> M:
-        return model.model_validate(self.request("GET", path, idempotent=True, **kwargs).json())
-
-    def pages(self, path: str, model: type[M], params: dict[str, Any]) -> Iterator[M]:
+    def pages(self, listing: Listing[M]) -> Iterator[M]:
         """Every item of a cursor-paginated listing, fetching the next page when this one runs out."""
-        params = {k: v for k, v in params.items() if v is not None}
+        params: dict[str, Any] | None = listing.first()
+        while params is not None:
+            response = self.request("GET", listing.path, idempotent=True, params=params)
+            items, params = listing.page(response, params)
+            yield from items
+
+    def poll(self, call: Call[T], done: Callable[[T], bool], every: float) -> T:
         while True:
-            page = Page[model].model_validate(  # type: ignore[valid-type]
-                self.request("GET", path, idempotent=True, params=params).json()
-            )
-            yield from page.data
-            if not page.has_more or not page.next_cursor:
-                return
-            params["after"] = page.next_cursor
+            result = self.call(call)
+            if done(result):
+                return result
+            time.sleep(every)
 
 
 class Files:
@@ -84,24 +76,17 @@ class Files:
 
     def upload(self, file: str | Path | IO[bytes], *, filename: str | None = None) -> File:
         """Upload a dataset archive (.zip, .tar, .tar.gz, .npz); streamed from disk, not read whole."""
-        if isinstance(file, str | Path):
-            path = Path(file)
-            with path.open("rb") as fh:
-                return self._send(fh, filename or path.name)
-        return self._send(file, filename or Path(getattr(file, "name", "upload.zip")).name)
-
-    def _send(self, fh: IO[bytes], filename: str) -> File:
-        r = self._t.request("POST", "/v1/files", idempotent=False, files={"file": (filename, fh)})
-        return File.model_validate(r.json())
+        with _calls.upload_file(file, filename) as call:
+            return self._t.call(call)
 
     def list(self, *, page_size: int = 100) -> Iterator[File]:
-        return self._t.pages("/v1/files", File, {"limit": page_size})
+        return self._t.pages(_calls.list_files(page_size))
 
     def get(self, file_id: str) -> File:
-        return self._t.get(f"/v1/files/{file_id}", File)
+        return self._t.call(_calls.get_file(file_id))
 
     def delete(self, file_id: str) -> None:
-        self._t.request("DELETE", f"/v1/files/{file_id}", idempotent=True)
+        self._t.call(_calls.delete_file(file_id))
 
 
 class Jobs:
@@ -127,84 +112,61 @@ class Jobs:
         Always sent with an Idempotency-Key (generated when none is given), so a retry after a lost answer
         returns the same job instead of starting a second one.
         """
-        body = job_body(
-            backbone=backbone,
-            dataset=dataset,
-            prompt_layer=prompt_layer,
-            method=method,
-            prompt_shape=prompt_shape,
-            hyperparameters=hyperparameters,
-            name=name,
-            metadata=metadata,
-            prompt_id=prompt_id,
+        return self._t.call(
+            _calls.create_job(
+                backbone=backbone,
+                dataset=dataset,
+                prompt_layer=prompt_layer,
+                method=method,
+                prompt_shape=prompt_shape,
+                hyperparameters=hyperparameters,
+                name=name,
+                metadata=metadata,
+                prompt_id=prompt_id,
+                idempotency_key=idempotency_key,
+            )
         )
-        key = idempotency_key or new_idempotency_key()
-        r = self._t.request("POST", "/v1/jobs", idempotent=True, json=body, headers={"Idempotency-Key": key})
-        return Job.model_validate(r.json())
 
     def get(self, job_id: str) -> Job:
-        return self._t.get(f"/v1/jobs/{job_id}", Job)
+        return self._t.call(_calls.get_job(job_id))
 
     def list(self, *, status: str | None = None, page_size: int = 100) -> Iterator[Job]:
         """Every job (newest first), across all pages."""
-        return self._t.pages("/v1/jobs", Job, {"status": status, "limit": page_size})
+        return self._t.pages(_calls.list_jobs(status, page_size))
 
     def cancel(self, job_id: str) -> Job:
-        r = self._t.request("POST", f"/v1/jobs/{job_id}/cancel", idempotent=True)
-        return Job.model_validate(r.json())
+        return self._t.call(_calls.cancel_job(job_id))
 
     def events(self, job_id: str, *, after: int | None = None) -> Iterator[JobEvent]:
         """The events written so far (paginated JSON), without waiting for more."""
-        return self._t.pages(f"/v1/jobs/{job_id}/events", JobEvent, {"after": after, "limit": 500})
+        return self._t.pages(_calls.job_events(job_id, after))
 
     def watch(self, job_id: str, *, after: int | None = None, max_reconnects: int = 20) -> Iterator[JobEvent]:
         """Live events over SSE until the job ends; the last one has type `end` and the final status.
 
         A dropped connection is resumed with `Last-Event-ID`, so no event is lost or repeated.
         """
-        last = after
-        failures = 0
+        watch = _calls.Watch(job_id, after, max_reconnects, self._t.retry)
         while True:
-            headers = {"Accept": "text/event-stream"}
-            if last is not None:
-                headers["Last-Event-ID"] = str(last)
             try:
-                with self._t.http.stream(
-                    "GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=httpx.Timeout(60, read=90)
-                ) as response:
+                with self._t.http.stream(**watch.request()) as response:
                     if response.status_code >= 400:
                         response.read()
                         raise_for(response)
-                    decoder = SSEDecoder()
                     for line in response.iter_lines():
-                        msg = decoder.feed(line)
-                        if msg is None:
-                            continue
-                        event = event_from_sse(msg.event, msg.data)
-                        if event.type == "end":
+                        event = watch.feed(line)
+                        if event is not None:
                             yield event
-                            return
-                        last, failures = event.id, 0
-                        yield event
+                            if watch.ended:
+                                return
             except httpx.TransportError as exc:
-                failures += 1
-                if failures > max_reconnects:
-                    raise APIConnectionError(f"watch {job_id}: {exc}") from exc
-                time.sleep(self._t.retry.delay(min(failures, 4), None))
+                time.sleep(watch.dropped(exc))
                 continue
-            # the server closed the stream without `end` (a proxy timeout, a restart): resume
-            failures += 1
-            if failures > max_reconnects:
-                raise APIConnectionError(f"watch {job_id}: the stream kept closing early")
-            time.sleep(self._t.retry.delay(0, None))
+            time.sleep(watch.closed_early())
 
     def wait(self, job_id: str, *, poll: float = 1.0) -> Job:
         """Poll until the job is final (for scripts that do not want events)."""
-        while True:
-            job = self.get(job_id)
-            if job.status in TERMINAL_JOB_STATES:
-                return job
-            time.sleep(poll)
+        return self._t.poll(_calls.get_job(job_id), _calls.job_final, poll)
 
 
 class Prompts:
@@ -212,20 +174,17 @@ class Prompts:
         self._t = t
 
     def list(self, *, page_size: int = 100) -> Iterator[Prompt]:
-        return self._t.pages("/v1/prompts", Prompt, {"limit": page_size})
+        return self._t.pages(_calls.list_prompts(page_size))
 
     def get(self, prompt: str) -> Prompt:
-        return self._t.get(f"/v1/prompts/{prompt}", Prompt)
+        return self._t.call(_calls.get_prompt(prompt))
 
     def download(self, prompt: str, path: str | Path) -> Path:
         """Write the artifact (safetensors) to `path`; returns the path."""
-        r = self._t.request("GET", f"/v1/prompts/{prompt}/artifact", idempotent=True)
-        target = Path(path)
-        target.write_bytes(r.content)
-        return target
+        return self._t.call(_calls.download_prompt(prompt, path))
 
     def delete(self, prompt: str) -> None:
-        self._t.request("DELETE", f"/v1/prompts/{prompt}", idempotent=True)
+        self._t.call(_calls.delete_prompt(prompt))
 
 
 class Evaluations:
@@ -233,23 +192,16 @@ class Evaluations:
         self._t = t
 
     def create(self, *, prompt: str, dataset: str) -> Evaluation:
-        r = self._t.request(
-            "POST", "/v1/evaluations", idempotent=False, json={"prompt": prompt, "dataset_uri": dataset}
-        )
-        return Evaluation.model_validate(r.json())
+        return self._t.call(_calls.create_evaluation(prompt, dataset))
 
     def get(self, evaluation_id: str) -> Evaluation:
-        return self._t.get(f"/v1/evaluations/{evaluation_id}", Evaluation)
+        return self._t.call(_calls.get_evaluation(evaluation_id))
 
     def list(self, *, status: str | None = None, page_size: int = 100) -> Iterator[Evaluation]:
-        return self._t.pages("/v1/evaluations", Evaluation, {"status": status, "limit": page_size})
+        return self._t.pages(_calls.list_evaluations(status, page_size))
 
     def wait(self, evaluation_id: str, *, poll: float = 1.0) -> Evaluation:
-        while True:
-            ev = self.get(evaluation_id)
-            if ev.done:
-                return ev
-            time.sleep(poll)
+        return self._t.poll(_calls.get_evaluation(evaluation_id), _calls.evaluation_final, poll)
 
 
 class Backbones:
@@ -257,10 +209,10 @@ class Backbones:
         self._t = t
 
     def list(self) -> list[Backbone]:
-        return list(self._t.pages("/v1/backbones", Backbone, {"limit": 100}))
+        return list(self._t.pages(_calls.list_backbones()))
 
     def get(self, backbone_id: str) -> Backbone:
-        return self._t.get(f"/v1/backbones/{backbone_id}", Backbone)
+        return self._t.call(_calls.get_backbone(backbone_id))
 
 
 class Client:
@@ -296,8 +248,7 @@ class Client:
     ) -> list[list[Prediction]]:
         """Per image, the top-k classes. Images: paths, bytes, PIL images or http(s) URLs (the server
         fetches those). Retried like any read: predicting has no side effect."""
-        r = self._t.request("POST", "/v1/predict", idempotent=True, **predict_request(prompt, images, top_k))
-        return predictions(r.json())
+        return self._t.call(_calls.predict(prompt, images, top_k))
 
     def close(self) -> None:
         self._http.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -13,34 +13,16 @@ from sqlalchemy.orm import Session
 from service.db.models import Backbone
 from service.db.repositories import BackboneRepository
 from service.domain.errors import Conflict, DomainError, NotFound, from_engine_error
+from service.engine.backbone_spec import BackboneSpec
 
 
-@dataclass(frozen=True)
-class BackboneRequest:
-    id: str
-    model: str
-    weights: str = "random"
-    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    input_size: tuple[int, int] | None = None
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
-
-
-def register_backbone(session: Session, request: BackboneRequest) -> Backbone:
+def register_backbone(session: Session, backbone_id: str, spec: BackboneSpec) -> Backbone:
     """Build the model once on the CPU (a bad name or checkpoint fails here, not in a job)."""
     repo = BackboneRepository(session)
-    if repo.get(request.id) is not None:
-        raise Conflict(f"backbone {request.id!r} already exists", code="backbone_exists", param="id")
-    from service.engine import BackboneSpec, EngineError, create_backbone, list_layers
+    if repo.get(backbone_id) is not None:
+        raise Conflict(f"backbone {backbone_id!r} already exists", code="backbone_exists", param="id")
+    from service.engine import EngineError, create_backbone, list_layers
 
-    spec = BackboneSpec(
-        model=request.model,
-        weights=request.weights,
-        model_kwargs=dict(request.model_kwargs),
-        input_size=request.input_size,
-        mean=request.mean,
-        std=request.std,
-    )
     try:
         backbone = create_backbone(spec, "cpu")
         layers = list_layers(backbone)
@@ -49,9 +31,9 @@ def register_backbone(session: Session, request: BackboneRequest) -> Backbone:
     except (RuntimeError, ValueError, TypeError, KeyError, OSError) as exc:  # timm's own complaints
         raise DomainError(str(exc), code="invalid_backbone", param="model") from exc
     row = Backbone(
-        id=request.id,
-        model=request.model,
-        weights=request.weights,
+        id=backbone_id,
+        model=spec.model,
+        weights=spec.weights,
         spec=backbone.spec.to_dict(),
         spec_hash=backbone.spec.spec_hash(),
         family=backbone.family,
@@ -156,7 +138,7 @@ class BackboneCache:
                 found = self._take(key)
                 if found is not None:
                     return found
-            from service.engine import BackboneSpec, EngineError, create_backbone
+            from service.engine import EngineError, create_backbone
 
             try:
                 backbone = create_backbone(BackboneSpec.from_dict(dict(spec)), device)

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from service.engine.artifacts import PromptArtifact, load_module
+    from service.engine.backbone_spec import BackboneSpec
     from service.engine.backbones import (
         Backbone,
-        BackboneSpec,
         create_backbone,
         list_layers,
         load_checkpoint_state,
@@ -89,7 +89,7 @@ _EXPORTS: dict[str, str] = {
     "ArtifactError": "service.engine.errors",
     "Backbone": "service.engine.backbones",
     "BackboneError": "service.engine.errors",
-    "BackboneSpec": "service.engine.backbones",
+    "BackboneSpec": "service.engine.backbone_spec",
     "Checkpoint": "service.engine.train",
     "DatasetError": "service.engine.errors",
     "DeepActivationNormConfig": "service.engine.methods",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +107,17 @@ def test_random_weights_are_the_same_in_every_process() -> None:
         a.parameter_fingerprint()
         != create_backbone(BackboneSpec("test_resnet", input_size=(64, 64))).parameter_fingerprint()
     )
+
+
+def test_naming_a_backbone_does_not_load_torch() -> None:
+    """The use cases and the gateway's routes hold specs; only resolving one (timm) may pull torch in."""
+    code = (
+        "import sys\n"
+        "import service.domain.backbones, service.api.routes.backbones\n"
+        "from service.engine import BackboneSpec\n"
+        "spec = BackboneSpec.from_dict(BackboneSpec('resnet20_cifar', input_size=(32, 32)).to_dict())\n"
+        "assert 'torch' not in sys.modules and 'timm' not in sys.modules, 'torch loaded'\n"
+        "spec.resolved()\n"
+        "assert 'timm' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])

@@ -335,12 +335,11 @@ def tenant_id(session_factory: Any) -> str:
 @pytest.fixture(scope="session")
 def resnet20_backbone(session_factory: Any, resnet20_weights: str) -> str:
     """The real CIFAR ResNet-20 (akamaster weights), registered through the domain layer."""
-    from service.domain.backbones import BackboneRequest, register_backbone
+    from service.domain.backbones import register_backbone
+    from service.engine import BackboneSpec
 
     with session_factory() as session:
-        register_backbone(
-            session, BackboneRequest(id="resnet20", model="resnet20_cifar", weights=resnet20_weights)
-        )
+        register_backbone(session, "resnet20", BackboneSpec("resnet20_cifar", weights=resnet20_weights))
         session.commit()
     return "resnet20"
 

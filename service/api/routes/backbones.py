@@ -10,21 +10,14 @@ from service.api.schemas.backbones import BackboneCreate, BackbonePublic, Backbo
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
 from service.db.models import Backbone
 from service.domain import backbones
-from service.domain.backbones import BackboneRequest
+from service.engine.backbone_spec import BackboneSpec
 
 router = APIRouter(route_class=CheckedRoute, tags=["backbones"], responses=ERROR_RESPONSES)
 
 
-def to_request(body: BackboneCreate) -> BackboneRequest:
-    return BackboneRequest(
-        id=body.id,
-        model=body.model,
-        weights=body.weights,
-        model_kwargs=body.model_kwargs,
-        input_size=body.input_size,
-        mean=body.mean,
-        std=body.std,
-    )
+def to_spec(body: BackboneCreate) -> BackboneSpec:
+    """The body is the spec plus its id: every other field is passed through by name."""
+    return BackboneSpec(**body.model_dump(exclude={"id"}))
 
 
 def _summary(b: Backbone) -> dict[str, object]:
@@ -51,7 +44,7 @@ def _public(b: Backbone) -> BackbonePublic:
 
 @router.post("/v1/backbones", status_code=201, response_model=BackbonePublic)
 def register_backbone(body: BackboneCreate, _: AdminDep, session: SessionDep) -> BackbonePublic:
-    row = backbones.register_backbone(session, to_request(body))
+    row = backbones.register_backbone(session, body.id, to_spec(body))
     session.commit()
     return _public(row)
 

@@ -1,0 +1,314 @@
+"""What each public method of the clients sends and how its answer is read, written once.
+
+`Client` and `AsyncClient` only execute these descriptions (one blocking, one awaiting), so a route, a
+parameter or a parsing rule cannot drift between the two. Nothing here does I/O or sleeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Generic, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from actprompt._base import (
+    TERMINAL_JOB_STATES,
+    ImageInput,
+    RetryPolicy,
+    SSEDecoder,
+    event_from_sse,
+    is_retryable_error,
+    new_idempotency_key,
+    predict_request,
+    predictions,
+    raise_for,
+    retry_after,
+)
+from actprompt._errors import APIConnectionError, APIError
+from actprompt.types import Backbone, Evaluation, File, Job, JobEvent, Page, Prediction, Prompt
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+
+# --- how a call is described ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """One request (retried when `idempotent`) and how its answer becomes the method's result."""
+
+    method: str
+    path: str
+    idempotent: bool
+    parse: Callable[[httpx.Response], T]
+    #: httpx request arguments: params, json, data, files, headers
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Listing(Generic[M]):
+    """A cursor-paginated listing: every item, fetching the next page when this one runs out."""
+
+    path: str
+    model: type[M]
+    params: Mapping[str, Any]
+
+    def first(self) -> dict[str, Any]:
+        return {k: v for k, v in self.params.items() if v is not None}
+
+    def page(self, response: httpx.Response, params: dict[str, Any]) -> tuple[list[M], dict[str, Any] | None]:
+        """The items of one page and the parameters of the next (None: this was the last)."""
+        page = Page[self.model].model_validate(response.json())  # type: ignore[name-defined]
+        if not page.has_more or not page.next_cursor:
+            return list(page.data), None
+        return list(page.data), {**params, "after": page.next_cursor}
+
+
+def _model(model: type[M]) -> Callable[[httpx.Response], M]:
+    return lambda response: model.model_validate(response.json())
+
+
+def _nothing(_response: httpx.Response) -> None:
+    return None
+
+
+def _read(model: type[M], path: str) -> Call[M]:
+    return Call("GET", path, True, _model(model))
+
+
+# --- retries ------------------------------------------------------------------------------------------
+
+
+class Attempts:
+    """The retry decisions of one call; the clients only send and sleep the delays this returns."""
+
+    def __init__(self, method: str, path: str, idempotent: bool, retry: RetryPolicy) -> None:
+        self.method, self.path, self.idempotent, self.retry = method, path, idempotent, retry
+        self.attempt = 0
+
+    def after_transport_error(self, exc: httpx.TransportError) -> float:
+        """Seconds to wait before trying again; raises when the call may not or need not be retried."""
+        if not self.idempotent or self.attempt >= self.retry.max_retries:
+            raise APIConnectionError(f"{self.method} {self.path}: {exc}") from exc
+        return self._next(None)
+
+    def after_response(self, response: httpx.Response) -> float | None:
+        """None: the response is the answer. Else seconds to wait before trying again; raises on an error."""
+        try:
+            raise_for(response)
+        except APIError as err:
+            if self.idempotent and is_retryable_error(err) and self.attempt < self.retry.max_retries:
+                return self._next(retry_after(response))
+            raise
+        return None
+
+    def _next(self, retry_after: float | None) -> float:
+        delay = self.retry.delay(self.attempt, retry_after)
+        self.attempt += 1
+        return delay
+
+
+# --- live events --------------------------------------------------------------------------------------
+
+
+class Watch:
+    """The state of `jobs.watch`: resumes with Last-Event-ID, reconnects a bounded number of times."""
+
+    def __init__(self, job_id: str, after: int | None, max_reconnects: int, retry: RetryPolicy) -> None:
+        self.job_id, self.last, self.max_reconnects, self.retry = job_id, after, max_reconnects, retry
+        self.failures = 0
+        self.ended = False
+        self._decoder = SSEDecoder()
+
+    def request(self) -> dict[str, Any]:
+        """Arguments of `http.stream(...)` for the next connection (a fresh SSE framing)."""
+        self._decoder = SSEDecoder()
+        headers = {"Accept": "text/event-stream"}
+        if self.last is not None:
+            headers["Last-Event-ID"] = str(self.last)
+        return {
+            "method": "GET",
+            "url": f"/v1/jobs/{self.job_id}/events",
+            "headers": headers,
+            "timeout": httpx.Timeout(60, read=90),
+        }
+
+    def feed(self, line: str) -> JobEvent | None:
+        """The event a line completes, if any; the `end` event sets `ended`."""
+        msg = self._decoder.feed(line)
+        if msg is None:
+            return None
+        event = event_from_sse(msg.event, msg.data)
+        if event.type == "end":
+            self.ended = True
+        else:
+            self.last, self.failures = event.id, 0
+        return event
+
+    def dropped(self, exc: httpx.TransportError) -> float:
+        """Seconds to wait before reconnecting after a connection error; raises past `max_reconnects`."""
+        self.failures += 1
+        if self.failures > self.max_reconnects:
+            raise APIConnectionError(f"watch {self.job_id}: {exc}") from exc
+        return self.retry.delay(min(self.failures, 4), None)
+
+    def closed_early(self) -> float:
+        """The server closed the stream without `end` (a proxy timeout, a restart): wait, then resume."""
+        self.failures += 1
+        if self.failures > self.max_reconnects:
+            raise APIConnectionError(f"watch {self.job_id}: the stream kept closing early")
+        return self.retry.delay(0, None)
+
+
+# --- files --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def upload_file(file: str | Path | IO[bytes], filename: str | None) -> Iterator[Call[File]]:
+    """The upload call; a path is opened (and closed after the call) so it is streamed, not read whole."""
+    if isinstance(file, str | Path):
+        path = Path(file)
+        with path.open("rb") as fh:
+            yield _upload(fh, filename or path.name)
+    else:
+        yield _upload(file, filename or Path(getattr(file, "name", "upload.zip")).name)
+
+
+def _upload(fh: IO[bytes], filename: str) -> Call[File]:
+    return Call("POST", "/v1/files", False, _model(File), {"files": {"file": (filename, fh)}})
+
+
+def list_files(page_size: int) -> Listing[File]:
+    return Listing("/v1/files", File, {"limit": page_size})
+
+
+def get_file(file_id: str) -> Call[File]:
+    return _read(File, f"/v1/files/{file_id}")
+
+
+def delete_file(file_id: str) -> Call[None]:
+    return Call("DELETE", f"/v1/files/{file_id}", True, _nothing)
+
+
+# --- jobs ---------------------------------------------------------------------------------------------
+
+
+def create_job(
+    *,
+    backbone: str,
+    dataset: str,
+    prompt_layer: Any,
+    method: str | None,
+    prompt_shape: str | None,
+    hyperparameters: Mapping[str, Any] | None,
+    name: str | None,
+    metadata: Mapping[str, Any] | None,
+    prompt_id: str | None,
+    idempotency_key: str | None,
+) -> Call[Job]:
+    """Always with an Idempotency-Key (generated when none is given): a retried create is one job."""
+    body: dict[str, Any] = {"backbone": backbone, "dataset_uri": dataset}
+    optional = {
+        "prompt_layer": prompt_layer,
+        "method": method,
+        "prompt_shape": prompt_shape,
+        "hyperparameters": dict(hyperparameters) if hyperparameters is not None else None,
+        "name": name,
+        "metadata": dict(metadata) if metadata is not None else None,
+        "prompt_id": prompt_id,
+    }
+    body.update({k: v for k, v in optional.items() if v is not None})
+    key = idempotency_key or new_idempotency_key()
+    options = {"json": body, "headers": {"Idempotency-Key": key}}
+    return Call("POST", "/v1/jobs", True, _model(Job), options)
+
+
+def get_job(job_id: str) -> Call[Job]:
+    return _read(Job, f"/v1/jobs/{job_id}")
+
+
+def list_jobs(status: str | None, page_size: int) -> Listing[Job]:
+    return Listing("/v1/jobs", Job, {"status": status, "limit": page_size})
+
+
+def cancel_job(job_id: str) -> Call[Job]:
+    return Call("POST", f"/v1/jobs/{job_id}/cancel", True, _model(Job))
+
+
+def job_events(job_id: str, after: int | None) -> Listing[JobEvent]:
+    return Listing(f"/v1/jobs/{job_id}/events", JobEvent, {"after": after, "limit": 500})
+
+
+def job_final(job: Job) -> bool:
+    return job.status in TERMINAL_JOB_STATES
+
+
+# --- prompts ------------------------------------------------------------------------------------------
+
+
+def list_prompts(page_size: int) -> Listing[Prompt]:
+    return Listing("/v1/prompts", Prompt, {"limit": page_size})
+
+
+def get_prompt(prompt: str) -> Call[Prompt]:
+    return _read(Prompt, f"/v1/prompts/{prompt}")
+
+
+def download_prompt(prompt: str, path: str | Path) -> Call[Path]:
+    def write(response: httpx.Response) -> Path:
+        target = Path(path)
+        target.write_bytes(response.content)
+        return target
+
+    return Call("GET", f"/v1/prompts/{prompt}/artifact", True, write)
+
+
+def delete_prompt(prompt: str) -> Call[None]:
+    return Call("DELETE", f"/v1/prompts/{prompt}", True, _nothing)
+
+
+# --- evaluations --------------------------------------------------------------------------------------
+
+
+def create_evaluation(prompt: str, dataset: str) -> Call[Evaluation]:
+    options = {"json": {"prompt": prompt, "dataset_uri": dataset}}
+    return Call("POST", "/v1/evaluations", False, _model(Evaluation), options)
+
+
+def get_evaluation(evaluation_id: str) -> Call[Evaluation]:
+    return _read(Evaluation, f"/v1/evaluations/{evaluation_id}")
+
+
+def list_evaluations(status: str | None, page_size: int) -> Listing[Evaluation]:
+    return Listing("/v1/evaluations", Evaluation, {"status": status, "limit": page_size})
+
+
+def evaluation_final(evaluation: Evaluation) -> bool:
+    return evaluation.done
+
+
+# --- backbones and predict ----------------------------------------------------------------------------
+
+
+def list_backbones() -> Listing[Backbone]:
+    return Listing("/v1/backbones", Backbone, {"limit": 100})
+
+
+def get_backbone(backbone_id: str) -> Call[Backbone]:
+    return _read(Backbone, f"/v1/backbones/{backbone_id}")
+
+
+def predict(prompt: str, images: Sequence[ImageInput], top_k: int) -> Call[list[list[Prediction]]]:
+    """Retried like any read: predicting has no side effect."""
+    return Call(
+        "POST",
+        "/v1/predict",
+        True,
+        lambda response: predictions(response.json()),
+        predict_request(prompt, images, top_k),
+    )
