@@ -166,6 +166,65 @@ def calibration_section(acc: dict[str, Any]) -> str:
     return md_table(["scope", "method", "this run, test %", "reference run, test %", "difference"], rows)
 
 
+def reference_budget_section(acc: dict[str, Any]) -> list[str]:
+    """The reference setting's table (rows at another scope's val-chosen rate and layer) and what it says
+    about the claim that matters most: LoRA against deep AP and deep AP + norm-tune."""
+    rows = acc.get("reference_budget") or []
+    if not rows:
+        return []
+    by: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by[r["variant"]].append(r)
+    scope = rows[0]["scope"]
+    ref = CALIBRATION.get(scope.split("@")[0], {})
+    table = []
+    for variant, rs in sorted(by.items(), key=lambda kv: -_stat(kv[1])[0]):
+        r0 = rs[0]
+        ours = 100 * _stat(rs)[0]
+        theirs = ref.get(variant)
+        table.append(
+            [
+                VARIANT_LABELS[variant],
+                f"{ours:.1f}",
+                "n/a" if theirs is None else f"{theirs:.1f}",
+                "n/a" if theirs is None else f"{ours - theirs:+.1f}",
+                f"{r0['lr']:g}",
+                "—" if r0["prompt_layer"] is None else str(r0["prompt_layer"]),
+                fmt_params(r0["trainable_params"]),
+                f"{float(r0['train_seconds']):.0f}",
+            ]
+        )
+    r0 = rows[0]
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [
+        f"### {scope}: the reference run's setting",
+        "",
+        f"{r0['train_images']} training images, {r0['epochs']} epochs, seed(s) {seeds}; every method at "
+        f"the learning rate (and AP layer) that `{r0['settings_from']}` chose on validation at its smaller "
+        "budget: "
+        "nothing was tuned at this size, and nothing on test.",
+        "",
+        md_table(
+            ["method", "test %", "reference %", "difference", "lr", "layer", "trainable", "train s"],
+            table,
+        ),
+        "",
+    ]
+    mean = {v: 100 * _stat(rs)[0] for v, rs in by.items()}
+    if {"lora_r4", "deep_ap", "deep_ap_norm"} <= set(mean):
+        lead = mean["lora_r4"] - mean["deep_ap"]
+        closed = mean["deep_ap_norm"] - mean["deep_ap"]
+        share = f" ({100 * closed / lead:.0f} % of it)" if lead > 0 else ""
+        ref_lead = ref.get("lora_r4", float("nan")) - ref.get("deep_ap", float("nan"))
+        lines += [
+            f"LoRA r=4 is {lead:+.1f} points against deep AP here (reference: {ref_lead:+.1f}); "
+            "deep AP + norm-tune "
+            f"moves deep AP by {closed:+.1f} points{share}.",
+            "",
+        ]
+    return lines
+
+
 def lr_section(acc: dict[str, Any]) -> str:
     grids = acc.get("lr_search", [])
     if not grids:
@@ -325,15 +384,17 @@ def budget_section(acc: dict[str, Any], cost: dict[str, Any]) -> list[str]:
     prov = acc.get("provenance") or {}
     rows = [
         [
-            f"{s['backbone']}/{s['dataset']}",
+            f"{s['backbone']}/{s['dataset']}" + (f" ({s['tag']})" if s.get("tag") else ""),
             s["n_train"],
             s["n_val"],
             s["n_test"],
             s["epochs"],
             s["batch_size"],
             len(s["seeds"]),
-            s["grid_points"],
-            "every layer" if s["sweep_stride"] <= 1 else f"every {s['sweep_stride']}th",
+            f"from {s['settings_from']}" if s.get("settings_from") else s["grid_points"],
+            "from the same"
+            if s.get("settings_from")
+            else ("every layer" if s["sweep_stride"] <= 1 else f"every {s['sweep_stride']}th"),
             len(s["variants"]),
         ]
         for s in budget.get("scopes", [])
@@ -664,6 +725,7 @@ def build(out_dir: Path) -> Path:
                 cal,
                 "",
             ]
+        body += reference_budget_section(acc)
         body += ["### Learning rates", "", lr_section(acc), ""]
         body += [
             "## Layer sweep (AP at one layer, seed 0; the layer is chosen on validation)",

@@ -7,11 +7,12 @@ training pipeline, its callbacks recorded by `JobRecorder` → the artifact stor
 
 from __future__ import annotations
 
+import copy
 import enum
 import logging
 import threading
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -150,22 +151,8 @@ class _JobSnapshot:
 
     @classmethod
     def of(cls, job: Job) -> _JobSnapshot:
-        return cls(
-            id=job.id,
-            tenant_id=job.tenant_id,
-            status=job.status,
-            backbone_id=job.backbone_id,
-            dataset_uri=job.dataset_uri,
-            method=job.method,
-            prompt_layer=job.prompt_layer,
-            resolved_layers=list(job.resolved_layers) if job.resolved_layers is not None else None,
-            prompt_shape=job.prompt_shape,
-            hyperparameters=dict(job.hyperparameters or {}),
-            name=job.name,
-            target_prompt_id=job.target_prompt_id,
-            attempts=job.attempts,
-            max_attempts=job.max_attempts,
-        )
+        """Copy the fields the run needs by name (mutable JSON values deep-copied, detached from the ORM)."""
+        return cls(**{f.name: copy.deepcopy(getattr(job, f.name)) for f in fields(cls)})
 
 
 class _JobRun:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import accuracy
+from bench import accuracy, report
 from bench.accuracy import Plan, Scope
 from bench.provenance import MixedCommits, code_identity
 
@@ -24,6 +24,10 @@ TINY = Plan(
             "resnet20_cifar", "gtsrb", n_train=64, n_val=48, n_test=48, epochs=1, batch_size=32,
             seeds=(0, 1), variants=("linear", "ap", "deep_ap_norm"), grid_points=2, sweep_stride=5,
             max_extensions=1,
+        ),
+        Scope(  # a larger budget at the choices above: nothing tuned, no sweep
+            "resnet20_cifar", "gtsrb", n_train=96, n_val=48, n_test=48, epochs=1, batch_size=32,
+            variants=("linear", "ap"), settings_from="resnet20_cifar/gtsrb", tag="bigger",
         ),
     ),
 )  # fmt: skip
@@ -82,3 +86,26 @@ def test_a_rerun_at_the_same_commit_resumes_and_another_commit_is_refused(run: t
     path.write_text(json.dumps(data))
     with pytest.raises(MixedCommits, match="run the whole"):
         accuracy.run(TINY, out, jobs=1, only={"resnet20_cifar/gtsrb"}, identity=IDENTITY)
+
+
+def test_a_borrowing_scope_trains_at_the_sources_validation_choices_only(run: tuple[Path, dict]) -> None:
+    _, payload = run
+    chosen = {r["variant"]: (r["lr"], r["prompt_layer"]) for r in payload["results"] if r["seed"] == 0}
+    borrowed = payload["reference_budget"]
+    assert {r["variant"] for r in borrowed} == {"linear", "ap"}
+    for r in borrowed:
+        assert r["train_images"] == 96 and r["scope"] == "resnet20_cifar/gtsrb@bigger"
+        assert (r["lr"], r["prompt_layer"]) == chosen[r["variant"]]
+    # its rows stay out of the per-(backbone, dataset) table and it tunes nothing of its own
+    assert all(r["train_images"] == 64 for r in payload["results"])
+    assert sorted(g["variant"] for g in payload["lr_search"]) == ["ap", "deep_ap_norm", "linear"]
+    text = "\n".join(report.reference_budget_section(payload))
+    assert "resnet20_cifar/gtsrb@bigger" in text and "96 training images" in text
+
+
+def test_a_scope_cannot_borrow_from_a_later_one() -> None:
+    later = Plan(name="bad", scopes=(TINY.scopes[1], TINY.scopes[0]))
+    catalogs = {"resnet20_cifar": {"recommended_layer": 8}}
+    protocol = accuracy.Protocol(later, cache=None, catalogs=catalogs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="earlier scope"):
+        protocol.walk()
