@@ -121,8 +121,13 @@ class Scope:
     tag: str = ""  # tells apart two scopes of one (backbone, dataset), e.g. "reference"
 
     @property
+    def cell(self) -> str:
+        """`backbone/dataset`: the (backbone, dataset) cell that tables and merges group by."""
+        return f"{self.backbone}/{self.dataset}"
+
+    @property
     def name(self) -> str:
-        return f"{self.backbone}/{self.dataset}" + (f"@{self.tag}" if self.tag else "")
+        return self.cell + (f"@{self.tag}" if self.tag else "")
 
 
 @dataclass(frozen=True)
@@ -463,21 +468,27 @@ class Protocol:
                 if tuned is None:
                     continue
                 lr, grid, _ = tuned
-                rows = []
-                for seed in scope.seeds:
-                    cfg, row = self._row(scope, variant, lr, seed, layer)
-                    if row is None:
-                        needs.append(Need((si, 1 + seed, vi), scope, cfg))
-                    else:
-                        rows.append(row)
                 sel[variant] = {
                     "lr": lr,
                     "lr_grid": grid,
                     "layer": layer,
                     "grid_layer": grid_layer,
-                    "rows": rows,
+                    "rows": self._seed_rows(si, vi, scope, variant, lr, layer, needs),
                 }
         return needs, selection
+
+    def _seed_rows(
+        self, si: int, vi: int, scope: Scope, variant: str, lr: float, layer: int | None, needs: list[Need]
+    ) -> list[dict[str, Any]]:
+        """Every seed's row at the chosen rate and layer; the missing ones become needs (after tuning's)."""
+        rows = []
+        for seed in scope.seeds:
+            cfg, row = self._row(scope, variant, lr, seed, layer)
+            if row is None:
+                needs.append(Need((si, 1 + seed, vi), scope, cfg))
+            else:
+                rows.append(row)
+        return rows
 
     def _walk_borrowed(self, si: int, scope: Scope, selection: dict[str, Any], needs: list[Need]) -> None:
         """A scope that reuses an earlier scope's validation choices: its runs wait for that choice."""
@@ -491,19 +502,12 @@ class Protocol:
             if chosen is None:
                 continue  # the source scope has not chosen this variant's rate (and layer) yet
             lr, layer = chosen["lr"], chosen["layer"]
-            rows = []
-            for seed in scope.seeds:
-                cfg, row = self._row(scope, variant, lr, seed, layer)
-                if row is None:
-                    needs.append(Need((si, seed, vi), scope, cfg))
-                else:
-                    rows.append(row)
             sel[variant] = {
                 "lr": lr,
                 "lr_grid": [lr],
                 "layer": layer,
                 "grid_layer": layer,
-                "rows": rows,
+                "rows": self._seed_rows(si, vi, scope, variant, lr, layer, needs),
                 "settings_from": scope.settings_from,
             }
 
@@ -674,8 +678,8 @@ def run(
     path = out_dir / "accuracy.json"
     old = check_merge(path, bool(only), allow_mixed)
     if only:
-        # a scope tagged "@..." comes with its (backbone, dataset) name, so a borrowing scope keeps its source
-        keep = tuple(s for s in plan.scopes if {s.name, s.name.split("@")[0], s.backbone} & only)
+        # a tagged scope comes with its cell's name, so a borrowing scope keeps its source
+        keep = tuple(s for s in plan.scopes if {s.name, s.cell, s.backbone} & only)
         plan = replace(plan, scopes=keep)
     max_minutes = max_minutes if max_minutes is not None else plan.max_minutes
     deadline = None if not max_minutes else time.monotonic() + 60 * max_minutes

@@ -175,11 +175,11 @@ def reference_budget_section(acc: dict[str, Any]) -> list[str]:
     by: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by[r["variant"]].append(r)
-    scope = rows[0]["scope"]
-    ref = CALIBRATION.get(scope.split("@")[0], {})
+    r0 = rows[0]
+    ref = CALIBRATION.get(f"{r0['backbone']}/{r0['dataset']}", {})
     table = []
     for variant, rs in sorted(by.items(), key=lambda kv: -_stat(kv[1])[0]):
-        r0 = rs[0]
+        first = rs[0]
         ours = 100 * _stat(rs)[0]
         theirs = ref.get(variant)
         table.append(
@@ -188,21 +188,19 @@ def reference_budget_section(acc: dict[str, Any]) -> list[str]:
                 f"{ours:.1f}",
                 "n/a" if theirs is None else f"{theirs:.1f}",
                 "n/a" if theirs is None else f"{ours - theirs:+.1f}",
-                f"{r0['lr']:g}",
-                "—" if r0["prompt_layer"] is None else str(r0["prompt_layer"]),
-                fmt_params(r0["trainable_params"]),
-                f"{float(r0['train_seconds']):.0f}",
+                f"{first['lr']:g}",
+                "—" if first["prompt_layer"] is None else str(first["prompt_layer"]),
+                fmt_params(first["trainable_params"]),
+                f"{float(first['train_seconds']):.0f}",
             ]
         )
-    r0 = rows[0]
     seeds = sorted({r["seed"] for r in rows})
     lines = [
-        f"### {scope}: the reference run's setting",
+        f"### {r0['scope']}: the reference run's setting",
         "",
         f"{r0['train_images']} training images, {r0['epochs']} epochs, seed(s) {seeds}; every method at "
         f"the learning rate (and AP layer) that `{r0['settings_from']}` chose on validation at its smaller "
-        "budget: "
-        "nothing was tuned at this size, and nothing on test.",
+        "budget: nothing was tuned at this size, and nothing on test.",
         "",
         md_table(
             ["method", "test %", "reference %", "difference", "lr", "layer", "trainable", "train s"],
@@ -218,8 +216,7 @@ def reference_budget_section(acc: dict[str, Any]) -> list[str]:
         ref_lead = ref.get("lora_r4", float("nan")) - ref.get("deep_ap", float("nan"))
         lines += [
             f"LoRA r=4 is {lead:+.1f} points against deep AP here (reference: {ref_lead:+.1f}); "
-            "deep AP + norm-tune "
-            f"moves deep AP by {closed:+.1f} points{share}.",
+            f"deep AP + norm-tune moves deep AP by {closed:+.1f} points{share}.",
             "",
         ]
     return lines
