@@ -166,6 +166,22 @@ def current_rss_bytes() -> int:
         return peak_rss_bytes()
 
 
+def release_freed_memory() -> None:
+    """Collect garbage and hand the C heap's free pages back to the kernel (glibc `malloc_trim`), so
+    that memory freed by an earlier run in the same process is not resident when the next one starts:
+    otherwise that run reuses it, its resident size never grows and its peak reads 0 B."""
+    import contextlib
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # not glibc: the peak stays a lower bound
+            ctypes.CDLL(name).malloc_trim(0)
+
+
 def reset_peak_rss() -> bool:
     """Reset the kernel's resident high-water mark (Linux >= 4.0), so a later peak is this phase's."""
     try:
@@ -194,7 +210,9 @@ class PeakMemory:
     """Peak memory of a code region above what was resident when it began.
 
     CPU: the process's resident high-water mark (reset at the start when the kernel allows, so earlier
-    transients such as model construction do not hide the region's own peak). CUDA: the allocator's peak.
+    transients such as model construction do not hide the region's own peak), after freed heap pages
+    went back to the kernel (so a reused worker process does not hide it either). CUDA: the allocator's
+    peak.
     """
 
     device: torch.device
@@ -209,6 +227,7 @@ class PeakMemory:
             self.baseline = torch.cuda.memory_allocated(self.device)
             self.method = "torch.cuda.max_memory_allocated"
         else:
+            release_freed_memory()
             self.method = "VmHWM (reset via clear_refs)" if reset_peak_rss() else "ru_maxrss"
             self.baseline = current_rss_bytes()
         return self

@@ -23,7 +23,7 @@ TINY = Plan(
         Scope(
             "resnet20_cifar", "gtsrb", n_train=64, n_val=48, n_test=48, epochs=1, batch_size=32,
             seeds=(0, 1), variants=("linear", "ap", "deep_ap_norm"), grid_points=2, sweep_stride=5,
-            max_extensions=1,
+            max_extensions=1, lr_centres=(("linear", 1e-3),),
         ),
         Scope(  # a larger budget at the choices above: nothing tuned, no sweep
             "resnet20_cifar", "gtsrb", n_train=96, n_val=48, n_test=48, epochs=1, batch_size=32,
@@ -54,6 +54,8 @@ def test_rows_carry_the_binding_keys_and_provenance(run: tuple[Path, dict]) -> N
         assert set(row) >= BINDING, BINDING - set(row)
         assert row["provenance"]["commit"] == payload["provenance"]["commit"]
         assert row["lr"] in row["lr_grid"]
+        # measured in a reused worker process: freed memory of the runs before must not hide the peak
+        assert row["peak_memory_bytes"] > 0, row
     assert payload["complete"] and (run[0] / "sweep_resnet20_cifar.png").exists()
 
 
@@ -64,6 +66,9 @@ def test_lr_and_layer_are_chosen_on_validation_and_grids_grow_at_an_edge(run: tu
         assert g["lr"] == g["lr_grid"][vals.index(max(vals))]  # the best validation accuracy, not test
         # a 2-point initial grid always has its best at an edge, so it must have grown by one
         assert len(g["lr_grid"]) == 3, f"grid {g['lr_grid']} was not extended at its edge"
+    # the scope's own starting point for linear (1e-3), not the default centre (3e-2)
+    linear = next(g for g in payload["lr_search"] if g["variant"] == "linear")
+    assert {1e-3, 3e-3} <= set(linear["lr_grid"]) and 3e-2 not in linear["lr_grid"], linear["lr_grid"]
     sweep = payload["sweep"]
     chosen = [r for r in sweep if r["chosen"]]
     assert len(chosen) == 1 and chosen[0]["val_accuracy"] == max(r["val_accuracy"] for r in sweep)

@@ -204,9 +204,17 @@ def test_full_fine_tuning_copies_and_never_touches_the_shared_backbone() -> None
     before = bb.parameter_fingerprint()
     module = create_method("full", bb, FullConfig(2))
     assert module.num_trainable() > sum(p.numel() for p in bb.model.parameters())
+    bn = [m for m in module.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    stats = [(m.running_mean.clone(), m.running_var.clone()) for m in bn]
+    module.train()
+    assert bn and not module.model.training and module.head.training  # BN statistics stay frozen
     opt = torch.optim.SGD(module.trainable_parameters(), lr=0.1)
     module(_images(bb)).sum().backward()
     opt.step()
+    assert all(
+        torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
+        for m, (mean, var) in zip(bn, stats, strict=True)
+    )
     assert bb.parameter_fingerprint() == before
     assert not module.servable
 

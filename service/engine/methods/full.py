@@ -1,7 +1,10 @@
 """Full fine-tuning: every backbone weight trains. The benchmark's accuracy ceiling only.
 
 It deep-copies the backbone (the shared one is never touched), so it cannot share a serving pass and
-is not servable; its artifact carries the whole model state.
+is not servable; its artifact carries the whole model state. Like every other method it sees the
+backbone with its normalisation statistics frozen (BN in eval mode): batch statistics from a small
+fine-tuning batch replace the pretrained ones, which wrecks a backbone whose BN was folded into its
+convolutions (the TFLite MobileNetV2: running mean 0, variance 1) and is what the reference run avoids.
 """
 
 from __future__ import annotations
@@ -48,6 +51,12 @@ class FullFineTune(PromptModule):
     @property
     def run_backbone(self) -> Backbone:
         return self._copy
+
+    def train(self, mode: bool = True) -> FullFineTune:
+        """Every weight trains, but the copy stays in eval mode: BN statistics frozen, dropout off."""
+        super().train(mode)
+        self.model.eval()
+        return self
 
     def _export_prompt(self) -> dict[str, Tensor]:
         return {f"model.{k}": v for k, v in self.model.state_dict().items() if v.is_floating_point()}
