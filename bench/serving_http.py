@@ -105,7 +105,10 @@ class Server:
             time.sleep(0.3)
         raise RuntimeError("server did not become ready")
 
-    def stop(self) -> None:
+    def stop(self, keep_log_in: Path | None = None) -> Path | None:
+        """Stop the server and remove its folder; if it had already exited on its own, first copy its
+        log into `keep_log_in` (the only record of why) and return that copy's path."""
+        exited = self.proc.poll()
         self.proc.terminate()
         try:
             self.proc.wait(timeout=20)
@@ -113,7 +116,13 @@ class Server:
             self.proc.kill()
             self.proc.wait()
         self._log.close()
+        kept = None
+        if exited is not None and keep_log_in is not None:
+            keep_log_in.mkdir(parents=True, exist_ok=True)
+            kept = keep_log_in / f"server-died-{time.strftime('%Y%m%dT%H%M%S')}-rc{exited}.log"
+            shutil.copyfile(self.log_path, kept)
         shutil.rmtree(self.tmp, ignore_errors=True)
+        return kept
 
 
 def setup_tenants_and_prompts(
@@ -398,6 +407,7 @@ def measure_gateway(
     log: Callable[[str], None],
     conns: list[int],
     seconds: float,
+    log_dir: Path | None = None,
 ) -> dict[str, Any]:
     tenants, n_prompts = (4, 48)
     env, cleanup = _postgres_env() if production else ({}, lambda: None)
@@ -422,6 +432,12 @@ def measure_gateway(
                     f"errors {sum(p['errors'] for p in pts)}, wrk cpu {best['load_generator_cpu_share']}"
                 )
         return out
+    except Exception as exc:
+        if server.proc.poll() is None:
+            raise
+        kept = server.stop(keep_log_in=log_dir)
+        rc = server.proc.returncode
+        raise RuntimeError(f"{label}: the server exited (rc {rc}); its log: {kept}") from exc
     finally:
         server.stop()
         cleanup()
@@ -546,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
                 production=production,
                 conns=conns,
                 seconds=seconds,
+                log_dir=args.out,
             )
     if "peer" in modes:
         servers["minimal_fastapi"] = measure_peer(spec, log=log, conns=conns, seconds=seconds)
