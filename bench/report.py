@@ -180,18 +180,18 @@ def reference_budget_section(acc: dict[str, Any]) -> list[str]:
     table = []
     for variant, rs in sorted(by.items(), key=lambda kv: -_stat(kv[1])[0]):
         first = rs[0]
-        ours = 100 * _stat(rs)[0]
+        ours, spread = (100 * x for x in _stat(rs))
         theirs = ref.get(variant)
         table.append(
             [
                 VARIANT_LABELS[variant],
-                f"{ours:.1f}",
+                f"{ours:.1f} ± {spread:.1f}" if len(rs) > 1 else f"{ours:.1f}",
                 "n/a" if theirs is None else f"{theirs:.1f}",
                 "n/a" if theirs is None else f"{ours - theirs:+.1f}",
                 f"{first['lr']:g}",
                 "—" if first["prompt_layer"] is None else str(first["prompt_layer"]),
                 fmt_params(first["trainable_params"]),
-                f"{float(first['train_seconds']):.0f}",
+                f"{_stat(rs, 'train_seconds')[0]:.0f}",
             ]
         )
     seeds = sorted({r["seed"] for r in rows})
@@ -203,7 +203,16 @@ def reference_budget_section(acc: dict[str, Any]) -> list[str]:
         "budget: nothing was tuned at this size, and nothing on test.",
         "",
         md_table(
-            ["method", "test %", "reference %", "difference", "lr", "layer", "trainable", "train s"],
+            [
+                "method",
+                "test %" + (" (mean ± std)" if len(seeds) > 1 else ""),
+                "reference % (seed 0)",
+                "difference",
+                "lr",
+                "layer",
+                "trainable",
+                "train s" + (" (mean)" if len(seeds) > 1 else ""),
+            ],
             table,
         ),
         "",
@@ -214,9 +223,15 @@ def reference_budget_section(acc: dict[str, Any]) -> list[str]:
         closed = mean["deep_ap_norm"] - mean["deep_ap"]
         share = f" ({100 * closed / lead:.0f} % of it)" if lead > 0 else ""
         ref_lead = ref.get("lora_r4", float("nan")) - ref.get("deep_ap", float("nan"))
+        verdicts = (
+            f" Over the seeds, LoRA r=4 is {compare(by['lora_r4'], by['deep_ap'])} deep AP, and deep AP + "
+            f"norm-tune is {compare(by['deep_ap_norm'], by['lora_r4'])} LoRA r=4."
+            if len(seeds) > 1
+            else ""
+        )
         lines += [
             f"LoRA r=4 is {lead:+.1f} points against deep AP here (reference: {ref_lead:+.1f}); "
-            f"deep AP + norm-tune moves deep AP by {closed:+.1f} points{share}.",
+            f"deep AP + norm-tune moves deep AP by {closed:+.1f} points{share}.{verdicts}",
             "",
         ]
     return lines
