@@ -714,10 +714,10 @@ def build(out_dir: Path) -> Path:
             "## Accuracy (test %, mean ± std over seeds)",
             "",
             "Train time: `fit`'s own epoch timer (wall clock). Peak memory: the worker's resident high-water "
-            "mark above its level before the run (the feature cache included), in a worker that ran other "
-            "configurations before, so freed pages it reuses are not counted: a lower bound. The "
-            "training-cost "
-            "section measures memory in a fresh process per configuration.",
+            "mark above its level before the run (the feature cache included), measured in a worker that "
+            "ran other configurations before, after handing their freed heap pages back to the kernel "
+            "(`malloc_trim`), so that the run's own allocations show; sampled by the kernel, not by the "
+            "allocator. The training-cost section measures memory in a fresh process per configuration.",
             "",
             accuracy_tables(acc),
             "",
