@@ -435,11 +435,10 @@ def measure_gateway(
     except Exception as exc:
         if server.proc.poll() is None:
             raise
-        kept = server.stop(keep_log_in=log_dir)
         rc = server.proc.returncode
-        raise RuntimeError(f"{label}: the server exited (rc {rc}); its log: {kept}") from exc
+        raise RuntimeError(f"{label}: the server exited (rc {rc}); its log is kept in {log_dir}") from exc
     finally:
-        server.stop()
+        server.stop(keep_log_in=log_dir)  # keeps the log only of a server that exited on its own
         cleanup()
 
 

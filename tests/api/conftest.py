@@ -32,24 +32,30 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 # --- databases ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def pg_database() -> Iterator[str]:
-    """A fresh PostgreSQL database for this run (random name), migrated once, dropped at the end."""
+@contextlib.contextmanager
+def fresh_pg_database(prefix: str = "actprompt_test") -> Iterator[str]:
+    """An empty PostgreSQL database with a random name (unmigrated); dropped on exit."""
     require("postgres")
     admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"actprompt_test_{secrets.token_hex(6)}"
+    name = f"{prefix}_{secrets.token_hex(6)}"
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    from service.db.migrate import upgrade
-
-    upgrade(url)
     try:
-        yield url
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
     finally:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for this run (random name), migrated once, dropped at the end."""
+    from service.db.migrate import upgrade
+
+    with fresh_pg_database() as url:
+        upgrade(url)
+        yield url
 
 
 def _truncate(url: str) -> None:

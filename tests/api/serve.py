@@ -1,4 +1,5 @@
-"""A real `actprompt serve` subprocess for end-to-end tests (embedded mode, SQLite, a temporary var dir)."""
+"""Real servers for end-to-end tests: an `actprompt serve` subprocess (embedded mode, SQLite, a temporary
+var dir), or an app under a real uvicorn in a thread of the test process (real sockets, in-process state)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,40 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Any) -> Iterator[int]:
+    """`app` under a real uvicorn (HTTP/1.1 keep-alive, pipelining, disconnects) in a daemon thread;
+    yields its port once it serves, and stops it on exit."""
+    import uvicorn
+
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not srv.started and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.05)
+    assert srv.started
+    try:
+        yield port
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
 
 
 @contextlib.contextmanager
@@ -31,7 +55,7 @@ def run_server(tmp_path: Path, **env_overrides: str) -> Iterator[tuple[str, str,
     """
     data_root = tmp_path / "data"
     data_root.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "ACTPROMPT_DATABASE_URL": f"sqlite:///{tmp_path / 'var' / 'actprompt.db'}",

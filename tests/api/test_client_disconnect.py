@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,12 +15,7 @@ import pytest
 
 from service.api.main import create_app
 from tests.api.conftest import ADMIN_KEY, settings_for
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.api.serve import serve_in_thread
 
 
 class _Records(logging.Handler):
@@ -36,22 +30,9 @@ class _Records(logging.Handler):
 @pytest.fixture
 def server(sqlite_url: str, data_root: Path, tmp_path: Path) -> Iterator[str]:
     """The app under a real uvicorn in a thread (a disconnect needs a real socket)."""
-    import uvicorn
-
     settings = settings_for(sqlite_url, data_root, tmp_path, embedded_worker=False, log_level="INFO")
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started and time.monotonic() < deadline and thread.is_alive():
-        time.sleep(0.05)
-    assert srv.started
-    try:
+    with serve_in_thread(create_app(settings)) as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=30)
 
 
 def _statuses(metrics: str, route: str) -> dict[str, float]:

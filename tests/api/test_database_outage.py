@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from sqlalchemy import event
 
 from service.api.main import create_app
 from tests.api.conftest import ADMIN_KEY, _truncate, settings_for
+from tests.api.serve import serve_in_thread
 
 pytestmark = pytest.mark.postgres
 
@@ -137,31 +137,12 @@ def test_database_refusing_connections_is_a_503_with_retry_after(client: TestCli
 
 
 # --- the keep-alive connection survives a handled failure ------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def server(pg_url: str, data_root: Path, tmp_path: Path) -> Iterator[str]:
     """The app under a real uvicorn (HTTP/1.1 keep-alive and pipelining), in a thread of this process."""
-    import uvicorn
-
     settings = settings_for(pg_url, data_root, tmp_path, embedded_worker=False)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started and time.monotonic() < deadline and thread.is_alive():
-        time.sleep(0.05)
-    assert srv.started
-    try:
+    with serve_in_thread(create_app(settings)) as port:
         yield f"127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=30)
 
 
 def _pipelined(address: str, requests: list[str]) -> list[int]:

@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
-import secrets
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect
 
 from service.api.main import create_app
 from service.db.migrate import DatabaseNotMigrated, check_migrated, head_revision
 from service.db.session import make_engine
-from tests.api.conftest import PG_ADMIN_URL, settings_for
-from tests.services import require
+from tests.api.conftest import fresh_pg_database, settings_for
 
 ACTPROMPT = [str(Path(sys.executable).parent / "actprompt")]
 
@@ -71,23 +69,6 @@ def _upgrade_at_barrier(url: str, barrier: Any, results: Any) -> None:
         results.put(repr(exc)[:300])
 
 
-def _fresh_database(kind: str, tmp_path: Path) -> tuple[str, Callable[[], None]]:
-    if kind == "sqlite":
-        return f"sqlite:///{tmp_path / 'fresh.db'}", lambda: None
-    require("postgres")
-    admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"actprompt_race_{secrets.token_hex(6)}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-
-    def drop() -> None:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", drop
-
-
 @pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_concurrent_upgrades_of_a_fresh_database_all_succeed(kind: str, tmp_path: Path) -> None:
     """`serve --workers N` (each process migrates at start), several replicas, or a replica and
@@ -96,21 +77,22 @@ def test_concurrent_upgrades_of_a_fresh_database_all_succeed(kind: str, tmp_path
     duplicate `pg_type` key (PostgreSQL) on nearly every try, and a failed start-up stops uvicorn's
     supervisor."""
     ctx = mp.get_context("spawn")
-    for attempt in range(1):
-        url, drop = _fresh_database(kind, tmp_path / str(attempt))
+    with contextlib.ExitStack() as stack:
+        url = (
+            f"sqlite:///{tmp_path / 'fresh.db'}"
+            if kind == "sqlite"
+            else stack.enter_context(fresh_pg_database("actprompt_race"))
+        )
+        barrier, results = ctx.Barrier(3), ctx.Queue()
+        procs = [ctx.Process(target=_upgrade_at_barrier, args=(url, barrier, results)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        outcomes = [results.get(timeout=180) for _ in procs]
+        for p in procs:
+            p.join(timeout=60)
+        assert outcomes == ["ok"] * 3, outcomes
+        engine = make_engine(url)
         try:
-            barrier, results = ctx.Barrier(3), ctx.Queue()
-            procs = [ctx.Process(target=_upgrade_at_barrier, args=(url, barrier, results)) for _ in range(3)]
-            for p in procs:
-                p.start()
-            outcomes = [results.get(timeout=180) for _ in procs]
-            for p in procs:
-                p.join(timeout=60)
-            assert outcomes == ["ok"] * 3, outcomes
-            engine = make_engine(url)
-            try:
-                check_migrated(engine)
-            finally:
-                engine.dispose()
+            check_migrated(engine)
         finally:
-            drop()
+            engine.dispose()
