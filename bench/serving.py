@@ -44,8 +44,8 @@ from service.engine import Backbone, BackboneSpec, create_backbone
 from service.engine.artifacts import PromptArtifact, load_module
 from service.engine.mixed_batch import PromptBank, forward_mixed, predict_single
 from service.serving.cache import CallableSource
+from service.serving.core import EngineCore, ServingConfig
 from service.serving.errors import PromptNotFoundError
-from service.serving.predictor import ServingConfig, ServingPredictor
 from service.serving.slots import SlotTable
 
 SYNTHETIC_NOTE = (
@@ -311,7 +311,7 @@ def bench_scale(b: BenchBackbone, quick: bool) -> dict[str, Any]:
     x = torch.randn(1, 3, *bb.input_size)  # [1, 3, H, W] one image per request
 
     async def run() -> dict[str, Any]:
-        pred = ServingPredictor(CallableSource(source.read), config)
+        pred = EngineCore(CallableSource(source.read), config)
         await pred.server(b.spec)
         sem = asyncio.Semaphore(concurrency)
         cold: list[float] = []

@@ -93,6 +93,26 @@ class Settings(BaseSettings):
     serving_max_batch_rows: int = Field(
         ge=1, default=64, description="Most image rows in one batched forward pass."
     )
+    serving_queue_budget_ms: float = Field(
+        gt=0,
+        default=500.0,
+        description="Admission control: a predict expected to wait longer than this before its first row "
+        "runs is refused at once (503 overloaded, Retry-After).",
+    )
+    serving_fair_quantum_rows: int = Field(
+        ge=1, default=8, description="Rows each tenant's queue sends per fair-share (round-robin) turn."
+    )
+    serving_engine_endpoint: str | None = Field(
+        default=None,
+        description="ZeroMQ endpoint of the engine process (ipc://...); `actprompt serve` sets it for its "
+        "fronts. Unset = the engine runs inside the API process.",
+    )
+    serving_engine_timeout_ms: float = Field(
+        gt=0,
+        default=2000.0,
+        description="A front that hears nothing from the engine (heartbeat) this long fails requests "
+        "fast with 503 until it answers again.",
+    )
     serving_max_classes: int = Field(
         ge=1,
         default=100,

@@ -16,7 +16,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
         "service.db",
         "service.domain",
         "service.serving",
-        "service.gateway",
+        "service.launch",
         "service.settings",
         "service.queue",
         "workers",
@@ -29,7 +29,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     ),
     "service/serving": (
         "service.api",
-        "service.gateway",
+        "service.launch",
         "service.db",
         "service.domain",
         "workers",
@@ -39,7 +39,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     ),
     "service/db": (
         "service.api",
-        "service.gateway",
+        "service.launch",
         "service.serving",
         "service.domain",
         "workers",
@@ -50,14 +50,14 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "service/domain": (
         "service.api",
         "service.serving",
-        "service.gateway",
+        "service.launch",
         "workers",
         "fastapi",
         "starlette",
     ),
-    "service/gateway": ("service.api", "workers", "fastapi", "starlette", "celery"),
+    "service/launch": ("service.api", "workers", "fastapi", "starlette", "celery"),
     "service/api": ("workers", "celery"),
-    "workers": ("service.api", "service.gateway", "fastapi", "starlette"),
+    "workers": ("service.api", "service.launch", "fastapi", "starlette"),
 }
 
 

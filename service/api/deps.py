@@ -9,11 +9,14 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.domain.errors import Forbidden
 from service.domain.predict import Predictor, PromptResolver
 from service.domain.tenants import Authenticator, Principal
 from service.queue import JobQueue
+from service.serving import metrics as serving_metrics
+from service.serving.ratelimit import RateLimiter
 from service.settings import Settings
 
 _bearer = HTTPBearer(auto_error=False, description="A tenant API key, or the admin key for admin calls.")
@@ -114,6 +117,34 @@ QueueDep = Annotated[JobQueue, Depends(_queue)]
 PredictorDep = Annotated[Predictor, Depends(_predictor)]
 ResolverDep = Annotated[PromptResolver, Depends(_resolver)]
 AuthenticatorDep = Annotated[Authenticator, Depends(_authenticator)]
+
+
+def _rate_limiter(request: Request) -> RateLimiter | None:
+    limiter: RateLimiter | None = request.app.state.rate_limiter
+    return limiter
+
+
+async def _rate_limit(
+    tenant_id: TenantIdDep, limiter: Annotated[RateLimiter | None, Depends(_rate_limiter)]
+) -> None:
+    """Per-tenant token bucket: 429 with `Retry-After` (whole seconds) while the tenant is over its rate.
+
+    The limiter never raises for its store: without Redis it limits per process (see serving.ratelimit).
+    """
+    if limiter is None:
+        return
+    decision = await limiter.acquire(tenant_id)
+    if not decision.allowed:
+        serving_metrics.RATE_LIMITED.labels(tenant=serving_metrics.tenant_label(tenant_id)).inc()
+        raise StarletteHTTPException(
+            429,
+            detail=f"rate limit exceeded for this tenant; retry in {decision.retry_after_header} s",
+            headers={"Retry-After": decision.retry_after_header},
+        )
+
+
+#: A route dependency: the caller's tenant has a token left (else 429).
+RateLimited = Depends(_rate_limit)
 
 
 def page_limit(limit: int, settings: Settings) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -34,6 +35,7 @@ _HTTP_CODES = {
     422: "invalid_value",
     429: "rate_limited",
     503: "unavailable",
+    504: "deadline_exceeded",
 }
 
 
@@ -88,6 +90,9 @@ async def _product(_: Request, exc: Exception) -> JSONResponse:
     if not isinstance(exc, ActpromptError):
         return error_response(500, "internal_error", "internal server error")
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    retry_after = getattr(exc, "retry_after_s", None)  # overloaded, engine restarting: when to come back
+    if retry_after is not None:
+        headers = {"Retry-After": str(max(1, math.ceil(retry_after)))}
     return error_response(exc.status, exc.code, exc.message, exc.param, headers)
 
 

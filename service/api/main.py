@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,22 +28,40 @@ from service.api.routes import (
 from service.api.routes.docs import install_docs
 from service.db.migrate import check_migrated, upgrade
 from service.db.session import make_engine, make_session_factory
-from service.domain.predict import Predictor, PromptResolver
+from service.domain.predict import PromptResolver
 from service.domain.tenants import Authenticator, load_or_create_admin_key
-from service.gateway.predictor import BatchingPredictor
-from service.gateway.ratelimit import build_rate_limiter
+from service.launch.engine import DatabasePromptSource
+from service.launch.front import EnginePredictor, LocalEngine, serving_config
 from service.log import configure_logging
 from service.queue import InProcessQueue, create_queue
 from service.serving import metrics as serving_metrics
+from service.serving.client import EngineClient
+from service.serving.core import EngineCore
+from service.serving.ratelimit import build_rate_limiter
 from service.settings import Settings, get_settings
 from service.storage import create_storage
 
 log = logging.getLogger("actprompt.api")
 
 
-def build_predictor(settings: Settings, session_factory: sessionmaker[Session]) -> Predictor:
-    """The predict path: every tenant's requests micro-batched on one shared backbone per device."""
-    return BatchingPredictor(session_factory, settings)
+async def build_predictor(settings: Settings, session_factory: sessionmaker[Session]) -> EnginePredictor:
+    """The predict path: the engine process when `actprompt serve` started one (its endpoint is set), else
+    an engine inside this process (single-process mode, in-process tests); either micro-batches every
+    tenant's requests on one shared backbone per device."""
+    if settings.serving_engine_endpoint:
+        client = EngineClient(
+            settings.serving_engine_endpoint, timeout_s=settings.serving_engine_timeout_ms / 1000
+        )
+        await client.start()
+        if not await client.wait_alive(timeout_s=120):
+            log.warning("the engine at %s does not answer yet: predicts get 503", client.endpoint)
+        return EnginePredictor(client)
+    if settings.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    core = EngineCore(DatabasePromptSource(session_factory), serving_config(settings))
+    return EnginePredictor(LocalEngine(core))
 
 
 def body_limit(settings: Settings, path: str) -> int:
@@ -62,52 +80,57 @@ def resolve_admin_key(settings: Settings) -> Settings:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Builds the long-lived resources in order; whatever was built is released (in reverse) when
+    start-up fails half-way, as on shutdown."""
     settings: Settings = app.state.settings
-    engine = make_engine(settings.database_url)
-    if settings.should_auto_migrate:
-        await run_in_threadpool(upgrade, settings.database_url)
-    else:
-        await run_in_threadpool(check_migrated, engine)  # DatabaseNotMigrated: refuse to start, say the fix
-    session_factory = make_session_factory(engine)
-    queue = create_queue(settings, session_factory)
-    app.state.session_factory = session_factory
-    app.state.queue = queue
-    app.state.authenticator = Authenticator(
-        session_factory, admin_key=settings.admin_key, ttl_s=settings.auth_cache_seconds
-    )
-    app.state.prompt_resolver = PromptResolver(session_factory, ttl_s=settings.prompt_resolve_cache_seconds)
-    app.state.predictor = build_predictor(settings, session_factory)  # on the loop that will own its state
-    app.state.rate_limiter = build_rate_limiter(settings)
-    serving_metrics.set_per_tenant_labels(settings.metrics_per_tenant)
-    app.state.storage = create_storage(settings.files_root)
-    app.state.evaluations = EvaluationRunner(
-        session_factory, app.state.predictor, app.state.storage, settings
-    )
-    await run_in_threadpool(app.state.evaluations.fail_orphans)  # left running by a crashed API process
-    app.state.evaluations.start()
-    if not settings.admin_key:
-        log.warning("no ACTPROMPT_ADMIN_KEY: admin endpoints answer 401")
-    if isinstance(queue, InProcessQueue):
-        queue.start()
-    log.info(
-        "gateway started",
-        extra={
-            "database": engine.url.render_as_string(hide_password=True),
-            "mode": "embedded" if settings.is_embedded else "celery",
-        },
-    )
-    try:
-        yield
-    finally:
-        if isinstance(queue, InProcessQueue):
-            await run_in_threadpool(queue.stop)
+    async with AsyncExitStack() as stack:
+        engine = make_engine(settings.database_url)
+        stack.callback(engine.dispose)
+        if settings.should_auto_migrate:
+            await run_in_threadpool(upgrade, settings.database_url)
         else:
-            queue.close()
-        await app.state.evaluations.aclose()
-        await app.state.predictor.aclose()
+            await run_in_threadpool(
+                check_migrated, engine
+            )  # DatabaseNotMigrated: refuse to start, say the fix
+        session_factory = make_session_factory(engine)
+        app.state.session_factory = session_factory
+        app.state.authenticator = Authenticator(
+            session_factory, admin_key=settings.admin_key, ttl_s=settings.auth_cache_seconds
+        )
+        app.state.prompt_resolver = PromptResolver(
+            session_factory, ttl_s=settings.prompt_resolve_cache_seconds
+        )
+        app.state.predictor = await build_predictor(settings, session_factory)  # on the loop that owns it
+        stack.push_async_callback(app.state.predictor.aclose)
+        app.state.rate_limiter = build_rate_limiter(settings)
         if app.state.rate_limiter is not None:
-            await app.state.rate_limiter.aclose()
-        engine.dispose()
+            stack.push_async_callback(app.state.rate_limiter.aclose)
+        serving_metrics.set_per_tenant_labels(settings.metrics_per_tenant)
+        app.state.storage = create_storage(settings.files_root)
+        app.state.evaluations = EvaluationRunner(
+            session_factory, app.state.predictor, app.state.storage, settings
+        )
+        await run_in_threadpool(app.state.evaluations.fail_orphans)  # left running by a crashed API process
+        app.state.evaluations.start()
+        stack.push_async_callback(app.state.evaluations.aclose)
+        queue = create_queue(settings, session_factory)
+        app.state.queue = queue
+        if isinstance(queue, InProcessQueue):
+            queue.start()
+            stack.push_async_callback(run_in_threadpool, queue.stop)
+        else:
+            stack.callback(queue.close)
+        if not settings.admin_key:
+            log.warning("no ACTPROMPT_ADMIN_KEY: admin endpoints answer 401")
+        log.info(
+            "gateway started",
+            extra={
+                "database": engine.url.render_as_string(hide_password=True),
+                "mode": "embedded" if settings.is_embedded else "celery",
+                "engine": settings.serving_engine_endpoint or "in-process",
+            },
+        )
+        yield
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 WALKTHROUGH = """\
 actprompt is up: {url}   (OpenAPI: {url}/docs)
 web console: {url}/console   (sign in with the admin key below, or a tenant's API key)
-mode: {mode}   database: {database}
+mode: {mode}   processes: {layout}   database: {database}
 admin key: {admin_key}
 
 Walkthrough (copy-paste into a second terminal as is; needs curl and jq):
@@ -58,9 +57,15 @@ def _walkthrough_weights() -> tuple[str, str]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    single = args.single_process
+    workers = args.workers or os.cpu_count() or 1
+    endpoint = None
+    if not single:  # before anything imports prometheus_client: every process shares one metrics folder
+        from service.launch.serve import prepare_environment
 
-    from service.api.main import create_app, resolve_admin_key
+        endpoint = prepare_environment(workers)
+
+    from service.api.main import resolve_admin_key
     from service.db.migrate import DatabaseNotMigrated, check_migrated_url
     from service.settings import get_settings
 
@@ -71,6 +76,9 @@ def _serve(args: argparse.Namespace) -> int:
         except DatabaseNotMigrated as exc:
             print(f"actprompt: refusing to start: {exc}", file=sys.stderr)
             return 2
+    # every process builds its app from the environment, so the admin key is fixed here once for all
+    if settings.admin_key:
+        os.environ["ACTPROMPT_ADMIN_KEY"] = settings.admin_key
     url = f"http://{args.host}:{args.port}"
     roots = settings.data_root_paths
     weights, weights_note = _walkthrough_weights()
@@ -80,6 +88,9 @@ def _serve(args: argparse.Namespace) -> int:
             mode="embedded (in-process job runner)"
             if settings.is_embedded
             else f"celery ({settings.train_queue()})",
+            layout="one process (engine inside)"
+            if single
+            else f"1 engine process + {workers} front process{'es' if workers > 1 else ''}",
             database=settings.database_url,
             admin_key=settings.admin_key or "(ACTPROMPT_ADMIN_KEY is not set: admin calls are refused)",
             data_roots=":".join(map(str, roots)),
@@ -91,26 +102,25 @@ def _serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     # Open SSE streams would hold a graceful shutdown until their jobs end: give them 10 s.
-    options = {"log_config": None, "access_log": False, "timeout_graceful_shutdown": 10}
-    if args.workers <= 1:
+    options: dict[str, object] = {"log_config": None, "access_log": False, "timeout_graceful_shutdown": 10}
+    if single:
+        import uvicorn
+
+        from service.api.main import create_app
+
         uvicorn.run(create_app(settings), host=args.host, port=args.port, **options)  # type: ignore[arg-type]
         return 0
-    # N processes share the listening socket; each builds its own app (backbones, prompt cache, batcher,
-    # caches, in-process job runner), so the admin key is fixed here once for all of them.
-    if settings.admin_key:
-        os.environ["ACTPROMPT_ADMIN_KEY"] = settings.admin_key
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="actprompt-metrics-"))
-    if not settings.torch_threads:  # N processes x every core each would oversubscribe the cores
-        os.environ["ACTPROMPT_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.workers))
-    uvicorn.run(
-        "service.api.main:create_app",
-        factory=True,
-        workers=args.workers,
+    from service.launch.serve import run
+
+    assert endpoint is not None
+    return run(
+        endpoint,
         host=args.host,
         port=args.port,
-        **options,  # type: ignore[arg-type]
+        workers=workers,
+        engine_threads=settings.torch_threads or os.cpu_count() or 1,
+        options=options,
     )
-    return 0
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
@@ -135,9 +145,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--workers",
         type=int,
-        default=1,
-        help="API processes sharing the port (each holds its own backbones and prompt cache; /metrics "
-        "sums them); see docs/SERVING.md",
+        default=0,
+        help="HTTP front processes sharing the port (default: one per core); they feed one engine process "
+        "that holds the backbones and the prompt cache; see docs/SERVING.md",
+    )
+    serve.add_argument(
+        "--single-process",
+        action="store_true",
+        help="run the engine inside the one HTTP process (no engine process; --workers is ignored)",
     )
     serve.set_defaults(func=_serve)
 

@@ -2,8 +2,8 @@
 
 The route parses the request and calls :func:`predict`; that resolves and authorises every tenant-facing
 reference (``prm_x``, ``prm_x@3``) into a :class:`PromptHandle`, fetches images given by URL, and hands
-handles and image bytes to the process's one :class:`Predictor` (the micro-batching implementation lives in
-``service.gateway.predictor``). Nothing here knows about HTTP or tensors.
+handles and image bytes to the process's one :class:`Predictor` (implemented on the engine by
+``service.launch.front``). Nothing here knows about HTTP or tensors.
 """
 
 from __future__ import annotations
@@ -43,9 +43,15 @@ class Predictor(Protocol):
         top_k: int,
         *,
         tenant_id: str = "",
+        deadline: float | None = None,
     ) -> list[list[list[Prediction]]]:
         """Every image (encoded file, or decoded uint8 HWC) under every prompt (one backbone): per prompt,
-        per image, the top-k classes."""
+        per image, the top-k classes. Past ``deadline`` (``time.time()`` seconds) rows are not computed."""
+        ...
+
+    @property
+    def ready(self) -> bool:
+        """Whether the engine answers now (readiness; a restarting engine process does not)."""
         ...
 
     async def pin(self, prompt: PromptHandle) -> int:
@@ -55,10 +61,10 @@ class Predictor(Protocol):
     async def unpin(self, prompt: PromptHandle) -> bool: ...
 
     async def invalidate(self, key: int, sha256: str) -> None:
-        """Never serve this artifact again from this process (after its deletion committed)."""
+        """Never serve this artifact again, whichever front asks next (after its deletion committed)."""
         ...
 
-    def stats(self) -> dict[str, Any]: ...
+    async def stats(self) -> dict[str, Any]: ...
 
     async def aclose(self) -> None: ...
 
@@ -190,11 +196,12 @@ async def predict(
     *,
     several: bool,
     url_policy: URLFetchPolicy,
+    deadline: float | None = None,
 ) -> list[PromptResult]:
     """Resolve (authorising: a foreign prompt is a 404), fetch, predict: per prompt, its rows."""
     handles = await resolver.aresolve(tenant_id, refs, several=several)
     data = await fetch_images(images, url_policy)
-    per_prompt = await predictor.predict_many(handles, data, top_k, tenant_id=tenant_id)
+    per_prompt = await predictor.predict_many(handles, data, top_k, tenant_id=tenant_id, deadline=deadline)
     return [PromptResult(h.ref, rows) for h, rows in zip(handles, per_prompt, strict=True)]
 
 
@@ -218,7 +225,8 @@ async def delete_prompt(
     tenant_id: str,
     ref: str,
 ) -> None:
-    """Delete ``prm_x`` (every version) or ``prm_x@3``; afterwards no cache of this process serves them."""
+    """Delete ``prm_x`` (every version) or ``prm_x@3``; afterwards the engine's caches no longer serve
+    them, whichever front the next request reaches (this front's resolver forgets them too)."""
     prompt_id, version = parse_ref(ref, param="prompt_id")
 
     def delete() -> list[tuple[int, str]]:

@@ -5,9 +5,10 @@ Imports the engine and asyncio only (no FastAPI, no database): the gateway hands
 :class:`service.serving.predictor.ServingPredictor`.
 """
 
-from service.serving.cache import CallableSource, LoadedPrompt, PromptCache, PromptSource, SlotPolicy
+from service.serving.cache import CallableSource, LoadedPrompt, PromptCache, PromptSource
 from service.serving.errors import PinLimitError, PromptNotFoundError, ServingClosedError, ServingError
 from service.serving.ratelimit import InMemoryRateLimiter, RateDecision, RateLimiter, RedisRateLimiter
+from service.serving.slots import SlotPolicy
 
 __all__ = [
     "CallableSource",

@@ -1,11 +1,13 @@
 """The cross-request micro-batcher: every tenant's predict requests for one backbone+device, one forward pass.
 
-Requests queue on the event loop. A collector takes the oldest, then whatever else arrives within
+Requests queue on the event loop, one FIFO per tenant served by deficit round robin
+(:class:`service.serving.admission.FairQueue`). A collector takes the next, then whatever else arrives within
 ``max_wait_ms`` or until ``max_batch_rows`` rows (image x prompt) are gathered, leases device slots for the
 batch's prompts from the :class:`SlotPolicy`, and hands the slot writes plus the forward pass to the
 backbone's single model thread; the event loop never blocks on the model. A request whose prompts do not
 fit beside the others waits for the next batch (never fails for room), and a request whose prompt was
-invalidated after it was loaded is refused rather than served stale.
+invalidated after it was loaded is refused rather than served stale; one whose deadline passed is dropped
+before it is computed.
 
 Rows are laid out request by request, prompt by prompt: request r with images x_r [N_r, 3, H, W] and prompts
 (p_1..p_P) contributes rows (p_1, x_r[0..N_r)), (p_2, x_r[0..N_r)), ... Its images enter the batch once;
@@ -29,8 +31,15 @@ from torch import Tensor
 
 from service.engine.artifacts import PromptArtifact
 from service.serving import metrics
-from service.serving.cache import LoadedPrompt, PromptCache, SlotGrant, SlotPolicy
-from service.serving.errors import PromptNotFoundError, ServingClosedError, ServingError
+from service.serving.admission import FairQueue
+from service.serving.cache import LoadedPrompt, PromptCache
+from service.serving.errors import (
+    DeadlineExceededError,
+    PromptNotFoundError,
+    ServingClosedError,
+    ServingError,
+)
+from service.serving.slots import SlotGrant, SlotPolicy
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +63,8 @@ class _Request:
     prompts: list[LoadedPrompt]  # P prompts, each applied to every image
     x: Tensor  # [N, 3, H, W]
     future: asyncio.Future[list[Tensor]]  # per prompt: logits [N, K_p]
+    tenant: str = ""
+    deadline: float | None = None  # time.time() seconds; past it the rows are dropped, not computed
     enqueued: float = field(default_factory=time.perf_counter)
 
     @property
@@ -70,6 +81,7 @@ class BatchStats:
     requests: int = 0
     deferred: int = 0  # requests pushed to a later batch because their prompts did not fit in slots
     stale_refused: int = 0
+    expired: int = 0  # requests dropped because their deadline passed while queued
     model_seconds: float = 0.0
 
 
@@ -86,6 +98,8 @@ class MicroBatcher:
         max_wait_ms: float = 5.0,
         max_batch_rows: int = 64,
         executor: ThreadPoolExecutor | None = None,
+        fair_quantum: int = 8,
+        on_pass: Callable[[int, float], None] | None = None,
     ) -> None:
         if max_batch_rows < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_rows must be >= 1 and max_wait_ms >= 0")
@@ -98,7 +112,8 @@ class MicroBatcher:
         self._own_executor = executor is None
         # ONE model thread: the backbone is single-caller, and slot writes must be ordered with the passes
         self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
-        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self._queue: FairQueue[_Request] = FairQueue(quantum=fair_quantum)
+        self._on_pass = on_pass  # (rows, seconds) of each pass: admission control learns its row cost
         self._deferred: deque[_Request] = deque()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -119,8 +134,7 @@ class MicroBatcher:
             self._task = None
         pending = list(self._deferred)
         self._deferred.clear()
-        while not self._queue.empty():
-            pending.append(self._queue.get_nowait())
+        pending.extend(self._queue.drain())
         _fail(pending, ServingClosedError("the server is shutting down"))
         if self._own_executor:  # let a running pass finish, without blocking the event loop meanwhile
             await asyncio.to_thread(self.executor.shutdown, True)
@@ -131,10 +145,19 @@ class MicroBatcher:
         return await loop.run_in_executor(self.executor, fn, *args)
 
     # -- submission -------------------------------------------------------------------------------------
-    async def submit(self, prompts: Sequence[LoadedPrompt], x: Tensor) -> list[Tensor]:
+    async def submit(
+        self,
+        prompts: Sequence[LoadedPrompt],
+        x: Tensor,
+        *,
+        tenant: str = "",
+        deadline: float | None = None,
+    ) -> list[Tensor]:
         """Predict ``x`` [N, 3, H, W] under each prompt; returns per prompt logits [N, K_p] (CPU, float32).
 
-        The caller keeps ``len(prompts)`` within the slot policy's ``max_prompts_per_request``.
+        The caller keeps ``len(prompts)`` within the slot policy's ``max_prompts_per_request``. Requests of
+        one ``tenant`` share its turn in the fair queue; past ``deadline`` (``time.time()``) the rows are
+        dropped with DeadlineExceededError instead of computed.
         """
         if self._closed:
             raise ServingClosedError("the server is shutting down")
@@ -144,24 +167,17 @@ class MicroBatcher:
             raise ValueError("more distinct prompts than the slot table can hold at once; split the request")
         self.start()
         fut: asyncio.Future[list[Tensor]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Request(list(prompts), x, fut))
+        req = _Request(list(prompts), x, fut, tenant=tenant, deadline=deadline)
+        self._queue.put(tenant, req, req.rows)
         return await fut
 
     # -- the collector ----------------------------------------------------------------------------------
     async def _next(self, timeout: float | None) -> _Request | None:
         if self._deferred:
             return self._deferred.popleft()
-        if timeout is None:
-            return await self._queue.get()
-        if timeout <= 0:
-            try:
-                return self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return None
-        try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
-        except TimeoutError:
-            return None
+        if timeout is not None and timeout <= 0:
+            return self._queue.get_nowait()
+        return await self._queue.get(timeout)
 
     async def _collect(self) -> list[_Request]:
         """The oldest request plus what arrives within max_wait of it, up to max_batch_rows rows."""
@@ -186,8 +202,13 @@ class MicroBatcher:
         grant = SlotGrant()
         taken: list[_Request] = []
         left: list[_Request] = []
+        now = time.time()
         for req in batch:
             if req.future.done():  # the caller went away
+                continue
+            if req.deadline is not None and now > req.deadline:
+                self.stats.expired += 1
+                _fail([req], DeadlineExceededError("the request's deadline passed while it was queued"))
                 continue
             stale = next((p for p in req.prompts if not self.cache.is_current(p)), None)
             if stale is not None:
@@ -260,6 +281,8 @@ class MicroBatcher:
         self.stats.rows += rows
         self.stats.requests += len(taken)
         self.stats.model_seconds += seconds
+        if self._on_pass is not None:
+            self._on_pass(rows, seconds)
         metrics.BATCH_ROWS.labels(backbone=self.name).observe(rows)
         metrics.BATCH_PROMPTS.labels(backbone=self.name).observe(len(grant.slots))
         metrics.MODEL_SECONDS.labels(backbone=self.name).observe(seconds)

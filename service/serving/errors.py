@@ -32,3 +32,32 @@ class ServingClosedError(ServingError):
     """The predictor is shutting down and takes no new work: the gateway answers 503."""
 
     code = "serving_unavailable"
+
+
+class OverloadedError(ServingError):
+    """The engine cannot start this request within its queue-wait budget: refused at once (503 with
+    ``Retry-After``), so a saturated server answers fast instead of queueing without bound."""
+
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceededError(ServingError):
+    """The request's own deadline passed before its rows were computed; they were dropped (504)."""
+
+    status = 504
+    code = "deadline_exceeded"
+    param = "X-Request-Deadline-Ms"
+
+
+class EngineUnavailableError(ServingError):
+    """The engine process is gone or not answering: the front fails fast (503) while it restarts."""
+
+    code = "engine_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

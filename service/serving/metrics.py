@@ -9,6 +9,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
+    "BACKBONES",
     "BATCH_PROMPTS",
     "BATCH_ROWS",
     "CACHE_BYTES",
@@ -17,11 +18,13 @@ __all__ = [
     "CACHE_LOAD_SECONDS",
     "CACHE_MISSES",
     "MODEL_SECONDS",
+    "QUEUE_ROWS",
     "QUEUE_WAIT_SECONDS",
     "RATE_LIMITED",
     "RATE_LIMIT_FALLBACK",
     "RATE_LIMIT_REDIS_OUTAGES",
     "RATE_LIMIT_REDIS_UP",
+    "REFUSED",
     "REQUESTS",
     "set_per_tenant_labels",
     "tenant_label",
@@ -55,6 +58,24 @@ MODEL_SECONDS = Histogram(
     "Model-thread time of one batch's forward pass (slot writes not included).",
     ["backbone"],
     buckets=_SECOND_BUCKETS,
+)
+QUEUE_ROWS = Gauge(
+    "actprompt_serving_queue_rows",
+    "Rows (image x prompt) admitted and not yet computed: the engine's queue depth in its own unit.",
+    ["backbone"],
+    multiprocess_mode="livesum",
+)
+REFUSED = Counter(
+    "actprompt_serving_refused_total",
+    "Predict requests refused by admission control (tenant: see tenant_label), by reason "
+    "(overloaded: past the queue-wait budget; deadline: the request's deadline could not be met).",
+    ["tenant", "reason"],
+)
+BACKBONES = Gauge(
+    "actprompt_serving_backbones",
+    "Backbones this process holds in memory (1 per model and device); the pid label names the process.",
+    ["backbone", "device"],
+    multiprocess_mode="liveall",
 )
 CACHE_HITS = Counter("actprompt_prompt_cache_hits_total", "Prompt cache hits.", ["tier"])
 CACHE_MISSES = Counter("actprompt_prompt_cache_misses_total", "Prompt cache misses.", ["tier"])

@@ -32,10 +32,18 @@ from typing import Any, Protocol
 from redis.exceptions import RedisError
 
 from service.serving import metrics
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["InMemoryRateLimiter", "RateDecision", "RateLimiter", "RedisRateLimiter", "create_rate_limiter"]
+__all__ = [
+    "InMemoryRateLimiter",
+    "RateDecision",
+    "RateLimiter",
+    "RedisRateLimiter",
+    "build_rate_limiter",
+    "create_rate_limiter",
+]
 
 
 @dataclass(frozen=True)
@@ -235,3 +243,23 @@ def create_rate_limiter(
     if redis_url:
         return RedisRateLimiter(redis_url, rate, burst, **redis_options)
     return InMemoryRateLimiter(rate, burst)
+
+
+def build_rate_limiter(settings: Settings) -> RateLimiter | None:
+    """The limiter the settings ask for: in Redis when one is configured (or is the broker), else in
+    memory; None when limits are off. Each front process builds one in its lifespan."""
+    if settings.rate_limit_per_second <= 0:
+        return None
+    url = settings.rate_limit_redis_url
+    if url is None and settings.broker_url and settings.broker_url.startswith(("redis://", "rediss://")):
+        url = settings.broker_url
+    if url is None:
+        return create_rate_limiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+    return create_rate_limiter(
+        settings.rate_limit_per_second,
+        settings.rate_limit_burst,
+        redis_url=url,
+        timeout_s=settings.rate_limit_redis_timeout_ms / 1000,
+        cooldown_s=settings.rate_limit_breaker_seconds,
+        local_share_s=settings.rate_limit_local_share_s,
+    )

@@ -27,7 +27,7 @@ def test_jobs_are_sent_to_the_broker_by_task_name(make_api) -> None:
     api: Api = make_api(broker_url="redis://127.0.0.1:6379/0", job_queue=queue_name, auto_migrate=True)
     r = redis.Redis(host="127.0.0.1", port=6379, db=0)
     try:
-        assert api.client.get("/readyz").json()["checks"] == {"database": "ok", "queue": "ok"}
+        assert api.client.get("/readyz").json()["checks"] == {"database": "ok", "queue": "ok", "engine": "ok"}
         api.tiny_backbone()
         t = api.tenant()
         job = api.client.post("/v1/jobs", json=api.job_body(), headers=t).json()

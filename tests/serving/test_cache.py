@@ -8,8 +8,9 @@ from collections.abc import Callable
 import pytest
 
 from service.engine.artifacts import PromptArtifact
-from service.serving.cache import LoadedPrompt, MemorySource, PromptCache, SlotGrant, SlotPolicy
+from service.serving.cache import LoadedPrompt, MemorySource, PromptCache
 from service.serving.errors import PinLimitError, PromptNotFoundError
+from service.serving.slots import SlotGrant, SlotPolicy
 
 
 class SlowSource(MemorySource):

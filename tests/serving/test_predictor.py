@@ -13,8 +13,8 @@ from service.engine import Backbone, BackboneSpec
 from service.engine.artifacts import PromptArtifact
 from service.engine.mixed_batch import predict_single
 from service.serving.cache import MemorySource
+from service.serving.core import EngineCore, ServingConfig
 from service.serving.errors import PromptNotFoundError
-from service.serving.predictor import ServingConfig, ServingPredictor
 
 # prompts at different layers (input, stem, every stage) so that batches mix layers
 LAYERS = [(0,), (1,), (3,), (5,), (8,), (10,), (4, 9)]
@@ -48,7 +48,9 @@ def test_concurrent_requests_equal_sequential_ones(
     requests = [(keys[i % len(keys)], _images(1 + i % 4, seed=i)) for i in range(36)]
 
     async def run() -> None:
-        pred = ServingPredictor(_source(prompts), ServingConfig(max_wait_ms=20, max_batch_rows=32))
+        # a burst of 36 requests at once: admission control would refuse part of it (tested elsewhere)
+        config = ServingConfig(max_wait_ms=20, max_batch_rows=32, queue_budget_ms=60_000)
+        pred = EngineCore(_source(prompts), config)
         try:
             sequential = [
                 (await pred.predict(spec_, [k], x))[0] for k, x in requests for spec_ in [resnet20_spec]
@@ -83,7 +85,7 @@ def test_deleted_prompt_is_never_served(
 
     async def run() -> None:
         source = _source(prompts)
-        pred = ServingPredictor(source, ServingConfig(max_wait_ms=50))
+        pred = EngineCore(source, ServingConfig(max_wait_ms=50))
         try:
             await pred.predict(resnet20_spec, [key], x)  # now cached on host and in a slot
             srv = await pred.server(resnet20_spec)
@@ -128,7 +130,7 @@ def test_cache_smaller_than_working_set_answers_everything(
     requests = [(rng.choice(keys), _images(rng.randint(1, 3), seed=100 + i)) for i in range(60)]
 
     async def run() -> None:
-        pred = ServingPredictor(_source(prompts), config)
+        pred = EngineCore(_source(prompts), config)
         try:
             await pred.pin(resnet20_spec, keys[0])
             outs = await asyncio.gather(*(pred.predict(resnet20_spec, [k], x) for k, x in requests))
@@ -153,7 +155,7 @@ def test_several_prompts_share_the_prefix(
     x = _images(3, seed=7)
 
     async def run() -> None:
-        pred = ServingPredictor(_source(arts))
+        pred = EngineCore(_source(arts))
         try:
             srv = await pred.server(resnet20_spec)
             seen: list[int] = []
@@ -181,7 +183,7 @@ def test_prompt_wider_than_the_slot_table_is_still_served(
     x = _images(2, seed=3)
 
     async def run() -> None:
-        pred = ServingPredictor(_source(arts), ServingConfig(max_classes=4))
+        pred = EngineCore(_source(arts), ServingConfig(max_classes=4))
         try:
             outs = await pred.predict(resnet20_spec, ["wide", "narrow"], x)
             assert [o.key for o in outs] == ["wide", "narrow"]
@@ -208,7 +210,7 @@ def test_a_prompt_that_cannot_be_written_fails_alone(
     x = _images(2, seed=4)
 
     async def run() -> None:
-        pred = ServingPredictor(_source(arts), ServingConfig(max_wait_ms=50))
+        pred = EngineCore(_source(arts), ServingConfig(max_wait_ms=50))
         try:
             bad, good = await asyncio.gather(
                 pred.predict(resnet20_spec, ["full"], x),

@@ -23,7 +23,7 @@ router = APIRouter(tags=["health"])
 #: What a generated client needs: the 503 body of /readyz, and /metrics as Prometheus text.
 _READY_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"model": Ready},
-    503: {"model": NotReady, "description": "The database or the queue is down (which: `checks`)."},
+    503: {"model": NotReady, "description": "The database, the queue or the engine is down (`checks`)."},
 }
 _METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}, "description": "Prometheus text."}
@@ -52,8 +52,13 @@ async def readyz(request: Request) -> JSONResponse:
     queue = await run_in_threadpool(state.queue.ping)
     if not queue:
         log.warning("readiness: the job queue (broker) does not answer its ping")
-    checks = {"database": "ok" if database else "down", "queue": "ok" if queue else "down"}
-    if database and queue:
+    engine = state.predictor.ready
+    checks = {
+        "database": "ok" if database else "down",
+        "queue": "ok" if queue else "down",
+        "engine": "ok" if engine else "down",
+    }
+    if database and queue and engine:
         return JSONResponse({"status": "ok", "checks": checks})
     return JSONResponse(
         status_code=503,

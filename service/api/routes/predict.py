@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import base64
 import binascii
+import time
+from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api.deps import PredictorDep, ResolverDep, SettingsDep, TenantIdDep
+from service.api.deps import PredictorDep, RateLimited, ResolverDep, SettingsDep, TenantIdDep
 from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES
 from service.api.schemas.predict import PredictRequest, PredictResponse
 from service.domain import predict as predict_domain
 from service.domain.errors import InvalidInput
 from service.domain.predict import ImageInput, ImageURL, PromptResult, URLFetchPolicy
-from service.serving import metrics as serving_metrics
-from service.serving.ratelimit import RateLimiter
 from service.settings import Settings
 
 router = APIRouter(route_class=CheckedRoute, tags=["predict"], responses=ERROR_RESPONSES)
@@ -46,29 +46,11 @@ _MULTIPART_SCHEMA = {
 }
 
 
-async def rate_limit(request: Request, tenant_id: TenantIdDep) -> None:
-    """Per-tenant token bucket: 429 with `Retry-After` (whole seconds) while the tenant is over its rate.
-
-    The limiter never raises for its store: without Redis it limits per process (see serving.ratelimit).
-    """
-    limiter: RateLimiter | None = getattr(request.app.state, "rate_limiter", None)
-    if limiter is None:
-        return
-    decision = await limiter.acquire(tenant_id)
-    if not decision.allowed:
-        serving_metrics.RATE_LIMITED.labels(tenant=serving_metrics.tenant_label(tenant_id)).inc()
-        raise StarletteHTTPException(
-            429,
-            detail=f"rate limit exceeded for this tenant; retry in {decision.retry_after_header} s",
-            headers={"Retry-After": decision.retry_after_header},
-        )
-
-
 @router.post(
     "/v1/predict",
     response_model=PredictResponse,
     response_model_exclude_none=True,
-    dependencies=[Depends(rate_limit)],
+    dependencies=[RateLimited],
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -85,7 +67,17 @@ async def predict(
     settings: SettingsDep,
     predictor: PredictorDep,
     resolver: ResolverDep,
+    deadline_ms: Annotated[
+        float | None,
+        Header(
+            alias="X-Request-Deadline-Ms",
+            gt=0,
+            description="Optional: answer within this many milliseconds or not at all. Rows that cannot "
+            "start in time are dropped before they are computed: 504 `deadline_exceeded`.",
+        ),
+    ] = None,
 ) -> Response:
+    deadline = None if deadline_ms is None else time.time() + deadline_ms / 1000
     refs, images, top_k, several = await _parse(request, settings)
     results = await predict_domain.predict(
         resolver,
@@ -100,6 +92,7 @@ async def predict(
             timeout_s=settings.predict_url_timeout_s,
             allow_private=settings.allow_private_urls,
         ),
+        deadline=deadline,
     )
     return Response(orjson.dumps(_shape(results, several)), media_type="application/json")
 

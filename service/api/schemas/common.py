@@ -44,5 +44,5 @@ class ListPublic(BaseModel, Generic[T]):
 
 #: For `responses=` of routes: every error answers with the same body.
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 429, 503)
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 429, 503, 504)
 }

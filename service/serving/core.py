@@ -1,8 +1,9 @@
-"""The facade the API calls: one shared backbone per (spec, device), one batcher and slot table each.
+"""The engine core: one shared backbone per (spec, device), with its slot table, batcher and admission.
 
-The gateway resolves and authorises tenant-facing ids (``prm_x@3``) into internal keys and the backbone's
-spec before calling here; this layer sees neither tenants' ids nor the database, only keys, a
-:class:`PromptSource` to load them, and tensors.
+It runs in the engine process (:mod:`service.serving.engine_server` feeds it from every front) or, in the
+single-process mode, inside the one API process. Callers resolve and authorise tenant-facing ids
+(``prm_x@3``) into internal keys and decode images into preprocessed tensors first; this layer sees
+neither tenants' ids nor the database, only keys, a :class:`PromptSource` to load them, and tensors.
 """
 
 from __future__ import annotations
@@ -14,22 +15,26 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from service.engine import Backbone, BackboneSpec, ImageDecodeError, create_backbone
-from service.engine.data import decode_image, preprocess
+from service.engine import Backbone, BackboneSpec, create_backbone
 from service.engine.mixed_batch import predict_single
 from service.serving import metrics
+from service.serving.admission import Admission
 from service.serving.batcher import MicroBatcher
-from service.serving.cache import LoadedPrompt, PromptCache, PromptSource, SlotPolicy
-from service.serving.errors import PromptNotFoundError, ServingClosedError
-from service.serving.slots import SlotTable, slot_bytes
+from service.serving.cache import LoadedPrompt, PromptCache, PromptSource
+from service.serving.errors import (
+    DeadlineExceededError,
+    OverloadedError,
+    PromptNotFoundError,
+    ServingClosedError,
+)
+from service.serving.slots import SlotPolicy, SlotTable, slot_bytes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PromptPrediction", "ServingConfig", "ServingPredictor"]
+__all__ = ["EngineCore", "PromptPrediction", "ServingConfig"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,11 @@ class ServingConfig:
     max_classes: int = 100
     #: share of slots that pins may hold, so unpinned traffic always finds room
     pin_fraction: float = 0.5
+    #: a request expected to wait longer than this before its first row runs is refused (503 overloaded);
+    #: half a second keeps the admitted requests' latency a few passes long while the excess is told to retry
+    queue_budget_ms: float = 500.0
+    #: rows each tenant's queue may send per deficit-round-robin turn (small: fine-grained interleaving)
+    fair_quantum_rows: int = 8
 
 
 @dataclass(frozen=True)
@@ -80,16 +90,17 @@ class PromptPrediction:
 
 @dataclass(eq=False)
 class _Server:
-    """One backbone on one device: its slot table (mechanism), slot policy and batcher."""
+    """One backbone on one device: its slot table (mechanism), slot policy, batcher and admission."""
 
     backbone: Backbone
     table: SlotTable
     policy: SlotPolicy
     batcher: MicroBatcher
+    admission: Admission
     checked: set[tuple[str, int]] = field(default_factory=set)  # (key, generation) matched to this backbone
 
 
-class ServingPredictor:
+class EngineCore:
     """Predicts with many tenants' prompts on shared backbones, through the cache and the micro-batcher."""
 
     def __init__(self, source: PromptSource, config: ServingConfig | None = None) -> None:
@@ -162,6 +173,7 @@ class ServingPredictor:
         name = f"{spec.model}@{backbone.device!s}"
         capacity = table.capacity
         policy = SlotPolicy(capacity, max_pinned=int(capacity * cfg.pin_fraction), name=name)
+        admission = Admission(budget_s=cfg.queue_budget_ms / 1000, name=name)
         batcher = MicroBatcher(
             table,
             policy,
@@ -169,8 +181,11 @@ class ServingPredictor:
             name=name,
             max_wait_ms=cfg.max_wait_ms,
             max_batch_rows=cfg.max_batch_rows,
+            fair_quantum=cfg.fair_quantum_rows,
+            on_pass=admission.observe,
         )
-        return _Server(backbone=backbone, table=table, policy=policy, batcher=batcher)
+        metrics.BACKBONES.labels(backbone=spec.model, device=str(backbone.device)).set(1)
+        return _Server(backbone=backbone, table=table, policy=policy, batcher=batcher, admission=admission)
 
     def _on_invalidate(self, key: str) -> None:
         for srv in self._servers.values():
@@ -222,28 +237,56 @@ class ServingPredictor:
 
     # -- prediction -------------------------------------------------------------------------------------
     async def predict(
-        self, spec: BackboneSpec, keys: Sequence[str], x: Tensor, *, tenant_id: str = ""
+        self,
+        spec: BackboneSpec,
+        keys: Sequence[str],
+        x: Tensor,
+        *,
+        tenant_id: str = "",
+        deadline: float | None = None,
     ) -> list[PromptPrediction]:
         """Probabilities of images ``x`` [N, 3, H, W] (preprocessed) under each prompt in ``keys``.
 
+        Admission comes first, before any prompt loads: OverloadedError (past the queue-wait budget) or
+        DeadlineExceededError (``deadline``, ``time.time()`` seconds, cannot be met or passed while queued).
         Raises PromptNotFoundError (gone), ArtifactError (not for this backbone), ServingClosedError.
         """
         outcome = "error"
         try:
-            out = await self._predict(spec, keys, x)
+            out = await self._predict(spec, keys, x, tenant_id, deadline)
             outcome = "ok"
             return out
         except PromptNotFoundError:
             outcome = "not_found"
             raise
+        except (OverloadedError, DeadlineExceededError):
+            outcome = "refused"
+            raise
         finally:
             metrics.REQUESTS.labels(tenant=metrics.tenant_label(tenant_id), outcome=outcome).inc()
 
-    async def _predict(self, spec: BackboneSpec, keys: Sequence[str], x: Tensor) -> list[PromptPrediction]:
+    async def _predict(
+        self, spec: BackboneSpec, keys: Sequence[str], x: Tensor, tenant_id: str, deadline: float | None
+    ) -> list[PromptPrediction]:
         if not keys:
             return []
         srv = await self.server(spec)
         unique = list(dict.fromkeys(keys))
+        ticket = srv.admission.admit(tenant_id, int(x.shape[0]) * len(unique), deadline)
+        try:
+            return await self._run(srv, keys, unique, x, tenant_id, deadline)
+        finally:
+            srv.admission.release(ticket)
+
+    async def _run(
+        self,
+        srv: _Server,
+        keys: Sequence[str],
+        unique: list[str],
+        x: Tensor,
+        tenant_id: str,
+        deadline: float | None,
+    ) -> list[PromptPrediction]:
         prompts = await self._load(srv, unique)
         logits: dict[str, list[Tensor]] = {p.key: [] for p in prompts}
         batched = [p for p in prompts if self._bankable(p)]
@@ -255,7 +298,8 @@ class ServingPredictor:
         for group in groups:
             step = max(1, self.config.max_batch_rows // len(group))
             for i in range(0, n, step):
-                jobs.append((group, srv.batcher.submit(group, x[i : i + step])))
+                chunk = x[i : i + step]
+                jobs.append((group, srv.batcher.submit(group, chunk, tenant=tenant_id, deadline=deadline)))
         for p in prompts:
             if not self._bankable(p):
                 jobs.append(([p], self._single(srv, p, x)))
@@ -284,38 +328,6 @@ class ServingPredictor:
 
         return await srv.batcher.run_on_model_thread(run)
 
-    async def predict_images(
-        self,
-        spec: BackboneSpec,
-        keys: Sequence[str],
-        images: Sequence[bytes | np.ndarray],
-        *,
-        tenant_id: str = "",
-    ) -> list[PromptPrediction]:
-        """Like :meth:`predict` for encoded image files or decoded uint8 HWC arrays.
-
-        Decoding and preprocessing share one hop off the event loop. Raises ImageDecodeError naming
-        ``images[i]`` for a file that does not decode.
-        """
-        srv = await self.server(spec)
-        size, mean, std = srv.backbone.spec.input_size, srv.backbone.spec.mean, srv.backbone.spec.std
-        assert size is not None and mean is not None and std is not None  # a resolved spec
-
-        def prepare() -> Tensor:
-            decoded = []
-            for i, im in enumerate(images):
-                if isinstance(im, np.ndarray):
-                    decoded.append(im)
-                    continue
-                try:
-                    decoded.append(decode_image(im))
-                except ImageDecodeError as exc:
-                    raise ImageDecodeError(f"image {i}: {exc}", param=f"images[{i}]") from exc
-            return preprocess(decoded, size, mean, std)  # [N, 3, H, W]
-
-        x = await asyncio.to_thread(prepare)
-        return await self.predict(spec, keys, x, tenant_id=tenant_id)
-
     # -- introspection and shutdown --------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         return {
@@ -330,6 +342,11 @@ class ServingPredictor:
                     "resident": len(srv.policy),
                     "device": srv.policy.stats.to_dict(),
                     "batches": vars(srv.batcher.stats),
+                    "queue": {
+                        "rows": srv.admission.rows,
+                        "row_ms": round(srv.admission.row_s * 1000, 4),
+                        "refused": srv.admission.refused,
+                    },
                 }
                 for name, srv in self._servers.items()
             },
@@ -343,4 +360,5 @@ class ServingPredictor:
             await asyncio.gather(*starting, return_exceptions=True)
         for srv in self._servers.values():
             await srv.batcher.aclose()
+            metrics.BACKBONES.labels(backbone=srv.backbone.spec.model, device=str(srv.backbone.device)).set(0)
         self._servers.clear()

@@ -1,0 +1,232 @@
+"""The domain's `Predictor` in a front process: handles become keys, images become tensors, then the engine.
+
+The route resolves and authorises `prm_x@3` into a `PromptHandle`; here a handle becomes an internal
+serving key `"<row key>:<sha256>"` (the content hash keeps a reused row id from ever naming a cached
+artifact of another prompt), images are decoded and preprocessed in a thread of this process (the engine
+only ever sees ready tensors), and serving errors become domain ones. The engine is the engine process
+(:class:`service.serving.client.EngineClient`, the split `actprompt serve` runs) or an
+:class:`service.serving.core.EngineCore` inside this process (the single-process mode and in-process tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+from torch import Tensor
+
+from service.domain.errors import (
+    Conflict,
+    DomainError,
+    InvalidInput,
+    NotFound,
+    Unavailable,
+    from_engine_error,
+)
+from service.domain.predict import Prediction
+from service.domain.prompts import PromptHandle
+from service.engine import BackboneSpec, EngineError, ImageDecodeError
+from service.engine.data import decode_image, preprocess
+from service.serving.core import EngineCore, PromptPrediction, ServingConfig
+from service.serving.errors import (
+    PinLimitError,
+    PromptNotFoundError,
+    ServingError,
+)
+from service.settings import Settings
+
+__all__ = ["Engine", "EnginePredictor", "LocalEngine", "serving_config", "serving_key"]
+
+
+def serving_key(key: int, sha256: str) -> str:
+    return f"{key}:{sha256}"
+
+
+def serving_config(settings: Settings) -> ServingConfig:
+    return ServingConfig(
+        device=settings.resolved_device(),
+        max_wait_ms=settings.serving_max_wait_ms,
+        max_batch_rows=settings.serving_max_batch_rows,
+        host_cache_bytes=settings.prompt_cache_host_bytes,
+        device_cache_bytes=settings.prompt_cache_device_bytes,
+        max_slots=settings.prompt_cache_max_slots,
+        min_slots=min(settings.serving_max_batch_rows, settings.prompt_cache_max_slots),
+        max_classes=settings.serving_max_classes,
+        pin_fraction=settings.prompt_cache_pin_fraction,
+        queue_budget_ms=settings.serving_queue_budget_ms,
+        fair_quantum_rows=settings.serving_fair_quantum_rows,
+    )
+
+
+class Engine(Protocol):
+    """What a front needs from the engine, wherever it runs."""
+
+    @property
+    def alive(self) -> bool: ...
+
+    async def predict(
+        self,
+        spec: BackboneSpec,
+        keys: Sequence[str],
+        x: Tensor,
+        *,
+        tenant_id: str = "",
+        deadline: float | None = None,
+    ) -> list[PromptPrediction]: ...
+
+    async def pin(self, spec: BackboneSpec, key: str) -> int: ...
+
+    async def unpin(self, key: str) -> bool: ...
+
+    async def invalidate(self, key: str) -> None: ...
+
+    async def stats(self) -> dict[str, Any]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class LocalEngine:
+    """An :class:`EngineCore` in this process, behind the same async interface as the engine process."""
+
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+
+    @property
+    def alive(self) -> bool:
+        return True
+
+    async def predict(
+        self,
+        spec: BackboneSpec,
+        keys: Sequence[str],
+        x: Tensor,
+        *,
+        tenant_id: str = "",
+        deadline: float | None = None,
+    ) -> list[PromptPrediction]:
+        return await self.core.predict(spec, keys, x, tenant_id=tenant_id, deadline=deadline)
+
+    async def pin(self, spec: BackboneSpec, key: str) -> int:
+        return await self.core.pin(spec, key)
+
+    async def unpin(self, key: str) -> bool:
+        return self.core.unpin(key)
+
+    async def invalidate(self, key: str) -> None:
+        self.core.invalidate(key)
+
+    async def stats(self) -> dict[str, Any]:
+        return self.core.stats()
+
+    async def aclose(self) -> None:
+        await self.core.aclose()
+
+
+def _domain_error(exc: Exception) -> DomainError | ServingError:
+    """Serving errors keep their own status (503 overloaded / engine_unavailable with Retry-After, 504);
+    the ones the domain has a name for become it."""
+    if isinstance(exc, PromptNotFoundError):
+        return NotFound(str(exc), code="prompt_not_found", param="prompt")
+    if isinstance(exc, PinLimitError):
+        return Conflict(str(exc), code=exc.code, param="prompt_id")
+    if isinstance(exc, ServingError):
+        return exc
+    if isinstance(exc, EngineError):
+        return from_engine_error(exc, default_param="prompt")
+    return Unavailable(str(exc), code=getattr(exc, "code", "unavailable"))
+
+
+class EnginePredictor:
+    """`service.domain.predict.Predictor` for a front process, on an :class:`Engine`.
+
+    Built in the app's lifespan and called from the event loop only.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._specs: dict[str, BackboneSpec] = {}  # backbone spec hash -> resolved spec (resolved once)
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.alive
+
+    def _spec(self, handle: PromptHandle) -> BackboneSpec:
+        """The resolved spec (input size, mean, std from timm's config; no weights are loaded here)."""
+        spec = self._specs.get(handle.backbone_spec_hash)
+        if spec is None:
+            spec = BackboneSpec.from_dict(handle.backbone_spec).resolved()
+            self._specs[handle.backbone_spec_hash] = spec
+        return spec
+
+    async def predict_many(
+        self,
+        prompts: Sequence[PromptHandle],
+        images: Sequence[bytes | np.ndarray],
+        top_k: int,
+        *,
+        tenant_id: str = "",
+        deadline: float | None = None,
+    ) -> list[list[list[Prediction]]]:
+        """Every image (an encoded file, or decoded uint8 HWC) under every prompt (one backbone): the shared
+        prefix runs once per image."""
+        specs = {p.backbone_spec_hash for p in prompts}
+        if len(specs) > 1:
+            raise InvalidInput("prompts: all prompts of one request must share a backbone", param="prompts")
+        spec = self._spec(prompts[0])
+        keys = [serving_key(p.key, p.sha256) for p in prompts]
+        x = await asyncio.to_thread(_prepare, spec, list(images))
+        try:
+            outs = await self.engine.predict(spec, keys, x, tenant_id=tenant_id, deadline=deadline)
+        except (ServingError, EngineError) as exc:
+            raise _domain_error(exc) from exc
+        return [_rows(out, top_k) for out in outs]
+
+    async def pin(self, prompt: PromptHandle) -> int:
+        try:
+            return await self.engine.pin(self._spec(prompt), serving_key(prompt.key, prompt.sha256))
+        except (ServingError, EngineError) as exc:
+            raise _domain_error(exc) from exc
+
+    async def unpin(self, prompt: PromptHandle) -> bool:
+        try:
+            return await self.engine.unpin(serving_key(prompt.key, prompt.sha256))
+        except ServingError as exc:
+            raise _domain_error(exc) from exc
+
+    async def invalidate(self, key: int, sha256: str) -> None:
+        """After a deletion committed: the engine never serves the artifact again (every front's traffic)."""
+        try:
+            await self.engine.invalidate(serving_key(key, sha256))
+        except ServingError as exc:
+            raise _domain_error(exc) from exc
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.engine.stats()
+
+    async def aclose(self) -> None:
+        await self.engine.aclose()
+
+
+def _prepare(spec: BackboneSpec, images: list[bytes | np.ndarray]) -> Tensor:
+    """Decode and preprocess in one hop off the event loop; a file that does not decode names images[i]."""
+    size, mean, std = spec.input_size, spec.mean, spec.std
+    assert size is not None and mean is not None and std is not None  # a resolved spec
+    decoded = []
+    for i, im in enumerate(images):
+        if isinstance(im, np.ndarray):
+            decoded.append(im)
+            continue
+        try:
+            decoded.append(decode_image(im))
+        except ImageDecodeError as exc:
+            raise ImageDecodeError(f"image {i}: {exc}", param=f"images[{i}]") from exc
+    return preprocess(decoded, size, mean, std)  # [N, 3, H, W]
+
+
+def _rows(out: PromptPrediction, top_k: int) -> list[list[Prediction]]:
+    return [
+        [Prediction(label=d["label"], index=d["index"], probability=d["probability"]) for d in row]
+        for row in out.top_k(top_k)
+    ]

@@ -1,0 +1,136 @@
+"""The engine process's server: one ZeroMQ ROUTER socket in front of one :class:`EngineCore`.
+
+Every front connects a DEALER socket (:class:`service.serving.client.EngineClient`); each message is
+handled in its own task, so the rows of every front meet in the same batcher and form one mixed batch.
+Ops (header ``"op"``; see :mod:`service.serving.transport` for the framing):
+
+====================  ===========================================  =====================================
+op                    request                                      reply
+====================  ===========================================  =====================================
+``ping``              (heartbeat)                                  ``pong``
+``predict``           spec, keys, tenant, deadline; x [N,3,H,W]    classes per key; probabilities [N,K]
+``pin`` / ``unpin``   spec, key / key                              slot / whether it was pinned
+``invalidate``        key                                          (done: no front is served it again)
+``stats``                                                          the core's stats
+====================  ===========================================  =====================================
+
+SIGTERM drains: the socket stops taking requests, the ones in flight finish and are answered, then the
+core closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import zmq
+import zmq.asyncio
+
+from service.engine import BackboneSpec
+from service.serving.core import EngineCore
+from service.serving.transport import decode, encode, error_to_wire
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EngineServer"]
+
+
+class EngineServer:
+    """Serves an :class:`EngineCore` to the fronts on ``endpoint`` (``ipc://...``)."""
+
+    def __init__(self, core: EngineCore, endpoint: str) -> None:
+        self.core = core
+        self.endpoint = endpoint
+        self._specs: dict[str, BackboneSpec] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(self, on_ready: Callable[[], None] = lambda: None) -> None:
+        """Answer until SIGTERM (or cancellation), then drain the requests in flight and close the core."""
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a reply to a front that went away is dropped quietly
+        sock.bind(self.endpoint)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread (tests)
+            loop.add_signal_handler(signal.SIGTERM, stop.set)
+        log.info("engine listening on %s", self.endpoint)
+        on_ready()
+        try:
+            stopping = asyncio.ensure_future(stop.wait())
+            while not stop.is_set():
+                receiving = asyncio.ensure_future(sock.recv_multipart(copy=False))
+                done, _ = await asyncio.wait({receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if receiving not in done:
+                    receiving.cancel()
+                    break
+                frames = receiving.result()
+                task = asyncio.ensure_future(self._handle(sock, frames))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            log.info("engine draining %d requests in flight", len(self._tasks))
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+        finally:
+            await self.core.aclose()
+            sock.close()
+            ctx.term()
+
+    async def _handle(self, sock: zmq.asyncio.Socket, frames: list[Any]) -> None:
+        identity, *body = frames
+        header, tensors = decode(body)
+        reply: dict[str, Any] = {"id": header.get("id"), "op": "reply"}
+        out: list[torch.Tensor] = []
+        try:
+            out = await self._dispatch(header, tensors, reply)
+        except Exception as exc:  # every failure goes back to the front that asked, typed
+            if not hasattr(exc, "code"):
+                log.exception("engine op %s failed", header.get("op"))
+            reply["error"] = error_to_wire(exc)
+        try:
+            await sock.send_multipart([identity, *encode(reply, out)], copy=False)
+        except zmq.ZMQError as exc:  # the socket closed under us (shutdown): nobody to answer
+            log.warning("engine could not answer %s: %s", header.get("op"), exc)
+
+    def _spec(self, raw: dict[str, Any]) -> BackboneSpec:
+        key = repr(sorted(raw.items()))
+        spec = self._specs.get(key)
+        if spec is None:
+            spec = self._specs[key] = BackboneSpec.from_dict(raw)
+        return spec
+
+    async def _dispatch(
+        self, header: dict[str, Any], tensors: list[torch.Tensor], reply: dict[str, Any]
+    ) -> list[torch.Tensor]:
+        op = header.get("op")
+        if op == "ping":
+            reply["op"] = "pong"
+            return []
+        if op == "predict":
+            outs = await self.core.predict(
+                self._spec(header["spec"]),
+                header["keys"],
+                tensors[0],
+                tenant_id=header.get("tenant", ""),
+                deadline=header.get("deadline"),
+            )
+            reply["keys"] = [o.key for o in outs]
+            reply["classes"] = [o.classes for o in outs]
+            return [o.probabilities for o in outs]
+        if op == "pin":
+            reply["slot"] = await self.core.pin(self._spec(header["spec"]), header["key"])
+        elif op == "unpin":
+            reply["was"] = self.core.unpin(header["key"])
+        elif op == "invalidate":
+            self.core.invalidate(header["key"])
+        elif op == "stats":
+            reply["stats"] = self.core.stats()
+        else:
+            raise ValueError(f"unknown op {op!r}")
+        return []
