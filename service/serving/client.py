@@ -25,6 +25,7 @@ from torch import Tensor
 from zmq.utils.monitor import recv_monitor_message
 
 from service.engine import BackboneSpec
+from service.serving import metrics
 from service.serving.core import PromptPrediction
 from service.serving.errors import EngineUnavailableError
 from service.serving.transport import decode, encode, error_from_wire
@@ -60,6 +61,7 @@ class EngineClient:
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for an engine that is not connected
         sock.setsockopt(zmq.RECONNECT_IVL, 50)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+        metrics.ENGINE_UP.labels(endpoint=self.endpoint).set(0)
         monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         sock.connect(self.endpoint)
         self._sock = sock
@@ -163,6 +165,7 @@ class EngineClient:
             if not self._up.is_set():
                 log.info("engine at %s answers", self.endpoint)
                 self._up.set()
+                metrics.ENGINE_UP.labels(endpoint=self.endpoint).set(1)
             fut = self._pending.get(header.get("id", -1)) if header.get("op") == "reply" else None
             if fut is not None and not fut.done():
                 fut.set_result((header, tensors))
@@ -192,6 +195,7 @@ class EngineClient:
                 "engine at %s down: %s; failing %d requests in flight", self.endpoint, why, len(self._pending)
             )
         self._up.clear()
+        metrics.ENGINE_UP.labels(endpoint=self.endpoint).set(0)
         self._fail_all(why)
 
     def _fail_all(self, why: str) -> None:

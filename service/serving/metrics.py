@@ -17,6 +17,7 @@ __all__ = [
     "CACHE_HITS",
     "CACHE_LOAD_SECONDS",
     "CACHE_MISSES",
+    "ENGINE_UP",
     "MODEL_SECONDS",
     "QUEUE_ROWS",
     "QUEUE_WAIT_SECONDS",
@@ -75,6 +76,13 @@ BACKBONES = Gauge(
     "actprompt_serving_backbones",
     "Backbones this process holds in memory (1 per model and device); the pid label names the process.",
     ["backbone", "device"],
+    multiprocess_mode="liveall",
+)
+ENGINE_UP = Gauge(
+    "actprompt_serving_engine_up",
+    "1 while this front process hears the engine process, 0 while it fails requests fast (one series per "
+    "front: the pid label).",
+    ["endpoint"],
     multiprocess_mode="liveall",
 )
 CACHE_HITS = Counter("actprompt_prompt_cache_hits_total", "Prompt cache hits.", ["tier"])

@@ -1,4 +1,5 @@
-"""`actprompt serve --workers 2`: two API processes on one port, and one /metrics that sums them."""
+"""`actprompt serve --workers 2`: two front processes on one port, and one /metrics that sums them with the
+engine process's."""
 
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ def test_two_workers_serve_and_metrics_sum_both() -> None:
                 assert r.status_code == 200, r.text
                 n += 1
         text = httpx.get(f"{server.url}/metrics", timeout=30).text
-        pids = set(re.findall(r'actprompt_rate_limit_redis_up\{pid="(\d+)"\}', text))
-        assert len(pids) == 2  # one scrape shows both processes
+        pids = set(re.findall(r'actprompt_serving_engine_up\{endpoint="[^"]*",pid="(\d+)"\}', text))
+        assert len(pids) == 2  # one scrape shows both fronts
         served = sum(
             float(line.rsplit(" ", 1)[1])
             for line in text.splitlines()
