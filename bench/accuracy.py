@@ -146,7 +146,8 @@ class Plan:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-#: The methods the external reference run (bench/GOALS.md) reports on ResNet-20 -> GTSRB (LoRA at r=4, the one it ranks).
+#: The methods the external reference run (bench/GOALS.md) reports on ResNet-20 -> GTSRB (LoRA at r=4,
+#: the one it ranks).
 REFERENCE_VARIANTS = ("linear", "vp_additive", "norm", "lora_r4", "full", "ap", "deep_ap", "deep_ap_norm")
 
 
