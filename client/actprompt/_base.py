@@ -22,7 +22,6 @@ DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = 60.0
 #: Statuses worth another try: rate limited, or the service (or a proxy in front of it) briefly unavailable.
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
-TERMINAL_JOB_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
 ImageInput = Any  # str path | pathlib.Path | bytes | a PIL image | "https://..." URL
 
