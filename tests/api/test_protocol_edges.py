@@ -1,4 +1,4 @@
-"""Protocol details at the gateway's edge (issue 9, points 1, 9-12, 15): one job per Idempotency-Key under
+"""Protocol details at the gateway's edge: one job per Idempotency-Key under
 concurrency, the `Allow` header, one too-many-images error, 415 for a wrong Content-Type, 401 before any
 body error, no `assert` as a runtime check."""
 
