@@ -100,10 +100,22 @@ def image_bytes(image: ImageInput) -> bytes:
     raise TypeError(f"unsupported image {type(image).__name__}: use a path, bytes, a PIL image or a URL")
 
 
+#: Names the prompt of a predict outside its body, so a balancer can route it to the replica that caches
+#: that prompt without reading the body (deploy/haproxy.cfg hashes it; docs/DEPLOY.md). A hint only: the
+#: server answers from the body's prompt whatever the header says.
+PROMPT_HEADER = "X-Actprompt-Prompt"
+
+
+def routing_headers(prompt: str) -> dict[str, str]:
+    """The prompt header, when the reference can be a header value at all (else the server's 4xx says why)."""
+    return {PROMPT_HEADER: prompt} if prompt.isascii() and prompt.isprintable() else {}
+
+
 def predict_request(prompt: str, images: Sequence[ImageInput], top_k: int) -> dict[str, Any]:
     """httpx request kwargs: multipart for files only; JSON when a URL is among the images.
 
-    JSON images are base64 strings, or `{"url": ...}` objects that the server fetches.
+    JSON images are base64 strings, or `{"url": ...}` objects that the server fetches. The prompt also goes
+    in the routing header.
     """
     if not images:
         raise ValueError("at least one image")
@@ -111,11 +123,18 @@ def predict_request(prompt: str, images: Sequence[ImageInput], top_k: int) -> di
         encoded = [
             {"url": im} if _is_url(im) else base64.b64encode(image_bytes(im)).decode() for im in images
         ]
-        return {"json": {"prompt": prompt, "images": encoded, "top_k": top_k}}
+        return {
+            "json": {"prompt": prompt, "images": encoded, "top_k": top_k},
+            "headers": routing_headers(prompt),
+        }
     files = [
         ("images", (f"image{i}", image_bytes(im), "application/octet-stream")) for i, im in enumerate(images)
     ]
-    return {"data": {"prompt": prompt, "top_k": str(top_k)}, "files": files}
+    return {
+        "data": {"prompt": prompt, "top_k": str(top_k)},
+        "files": files,
+        "headers": routing_headers(prompt),
+    }
 
 
 def predictions(body: dict[str, Any]) -> list[list[Prediction]]:
