@@ -49,7 +49,7 @@ test: lint typecheck pytest
 test-quick: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not postgres and not redis"
 
-# BUDGET=full: the issue's full budget (CPU-hours); default: ~105 min on a quiet 2-core CPU
+# BUDGET=full: the full budget of bench/GOALS.md (CPU-hours); default: ~105 min on a quiet 2-core CPU
 bench: $(STAMP)
 	$(PY) -m bench.run_all $(if $(BUDGET),--budget $(BUDGET))
 

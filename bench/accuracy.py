@@ -1,4 +1,4 @@
-"""Accuracy of AP against the baselines users would pick, on real weights and data (issue 14).
+"""Accuracy of AP against the baselines users would pick, on real weights and data.
 
 Protocol per (backbone, dataset) "scope" (the test split never chooses anything):
 1. Learning rate per method on the validation split (carved, stratified, from the training images), at
@@ -146,7 +146,8 @@ class Plan:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-#: The methods the issue's reference run reports on ResNet-20 -> GTSRB (LoRA at r=4, the one it ranks).
+#: The methods the external reference run (bench/GOALS.md) reports on ResNet-20 -> GTSRB (LoRA at r=4,
+#: the one it ranks).
 REFERENCE_VARIANTS = ("linear", "vp_additive", "norm", "lora_r4", "full", "ap", "deep_ap", "deep_ap_norm")
 
 
@@ -160,13 +161,13 @@ def _r20(dataset: str, **kw: Any) -> Scope:
 
 
 #: `make bench` on the shared 2-core machine (~105 min wall in all with two workers): every
-#: (backbone, dataset) cell of the issue gets rows at a small stated budget. ResNet-20 on GTSRB first
+#: (backbone, dataset) cell gets rows at a small stated budget. ResNet-20 on GTSRB first
 #: (3 seeds), then the same at the reference run's budget (3 seeds, at the small budget's choices), then
 #: the 224-px MobileNetV2 (the ImageNet backbone), then the cheaper 32-px cells.
 DEFAULT = Plan(
     name="default",
     note="sized for ~105 min of a quiet 2-core CPU in all (accuracy stops starting runs after 85 min; "
-    "a rerun at the same commit resumes); `make bench BUDGET=full` is the issue's full budget",
+    "a rerun at the same commit resumes); `make bench BUDGET=full` is the full budget",
     max_minutes=85.0,
     scopes=(  # in priority order: what a cut run must have first
         _r20(
@@ -179,9 +180,9 @@ DEFAULT = Plan(
             seeds=(0, 1, 2),
             grid_points=2,
         ),
-        # The issue's reference setting (8,000 / 4,000 images, 10 epochs, batch 128), 3 seeds, for the
+        # The reference setting (8,000 / 4,000 images, 10 epochs, batch 128), 3 seeds, for the
         # methods the reference reports: each at the learning rate and AP layer that the scope above chose
-        # on validation (tuning at this size does not fit in the session).
+        # on validation (tuning at this size does not fit the budget).
         _r20(
             "gtsrb",
             n_train=8000,
@@ -198,7 +199,7 @@ DEFAULT = Plan(
         # grid per method (extended at an edge), and neither the second LoRA rank nor the padding VP (the
         # budget does not stretch to them). The methods that move every ImageNet weight or norm affine
         # start their grids lower: at the 32-px backbones' starting rates they wrecked the ImageNet
-        # features in 27 steps (full fine-tuning 5.6 %, below the linear probe, in the e1c5eac run).
+        # features in 27 steps (full fine-tuning fell to 5.6 %, below the linear probe).
         Scope(
             "mobilenetv2_100",
             "gtsrb",
@@ -218,11 +219,11 @@ DEFAULT = Plan(
         Scope("resnet56_cifar", "gtsrb", 500, 200, 800, 3, 64, grid_points=2, sweep_stride=6),
     ),
 )
-#: The issue's budget: full training sets, 10 epochs, batch 128, 3 seeds on ResNet-20, every dataset
+#: The full budget: full training sets, 10 epochs, batch 128, 3 seeds on ResNet-20, every dataset
 #: on the 32-px backbones; MobileNetV2 at a stated smaller budget (224-px inputs on a CPU).
 FULL = Plan(
     name="full",
-    note="the issue's budget: tens of CPU-hours (see REPORT.md for the estimate)",
+    note="the full budget: tens of CPU-hours (see REPORT.md for the estimate)",
     scopes=(
         *(
             _r20(ds, n_train=8000, n_val=1000, n_test=nt, epochs=10, batch_size=128, seeds=(0, 1, 2))

@@ -19,7 +19,7 @@ from bench.common import fmt_bytes, fmt_params, md_table, mean_std, read_json, r
 
 DATASET_LABELS = {"gtsrb": "GTSRB-43", "tinyimagenet": "Tiny-ImageNet-200 (32 px)", "mnist": "MNIST"}
 AP_VARIANTS = ("ap", "ap_channel", "deep_ap", "deep_ap_norm")
-#: An external reference run quoted by issue 14 (ResNet-20 -> GTSRB-43, 8,000 / 4,000 images, 10 epochs,
+#: An external reference run quoted in bench/GOALS.md (ResNet-20 -> GTSRB-43, 8,000 / 4,000 images, 10 epochs,
 #: Adam + cosine, batch 128): what our numbers are checked against, not a result of this project.
 CALIBRATION = {
     "resnet20_cifar/gtsrb": {
@@ -294,7 +294,7 @@ def sweep_section(acc: dict[str, Any]) -> str:
 
 
 def accuracy_goals(acc: dict[str, Any]) -> list[Check]:
-    """DESIGN.md §6 accuracy goals, per backbone."""
+    """The accuracy goals of bench/GOALS.md, per backbone."""
     checks: list[Check] = []
     per_bb: dict[str, dict[str, list[tuple[str, bool]]]] = defaultdict(lambda: defaultdict(list))
     lora_notes: dict[str, list[str]] = defaultdict(list)
@@ -474,7 +474,7 @@ def full_budget_estimate(acc: dict[str, Any]) -> str:
     total, missing = plan_cpu_seconds(acc, "full")
     note = f" (not counted, no measurement: {', '.join(sorted(missing)[:6])})" if missing else ""
     return (
-        f"Estimated cost of `make bench BUDGET=full` (the issue's budget) from the seconds per image-epoch "
+        f"Estimated cost of `make bench BUDGET=full` (the full budget) from the seconds per image-epoch "
         f"measured in this run: about **{total / 3600:.0f} CPU-hours** of training{note}, i.e. "
         f"{total / 3600 / 2:.0f} h wall on 2 cores; not run here."
     )
@@ -729,7 +729,7 @@ def build(out_dir: Path) -> Path:
         cal = calibration_section(acc)
         if cal:
             body += [
-                "### Against the reference run quoted in issue 14",
+                "### Against the external reference run",
                 "",
                 "The reference used 8,000 training images and 10 epochs; this run's budget is in the table "
                 "above, so lower numbers are expected where the budget is smaller.",
@@ -767,7 +767,7 @@ def build(out_dir: Path) -> Path:
     if checks:
         lines += [
             "",
-            "## Goals (DESIGN.md §6), per backbone",
+            "## Goals (bench/GOALS.md), per backbone",
             "",
             md_table(
                 ["goal", "met", "measured"],

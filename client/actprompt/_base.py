@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import os
@@ -22,7 +21,6 @@ DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = 60.0
 #: Statuses worth another try: rate limited, or the service (or a proxy in front of it) briefly unavailable.
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
-TERMINAL_JOB_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
 ImageInput = Any  # str path | pathlib.Path | bytes | a PIL image | "https://..." URL
 
@@ -112,27 +110,20 @@ def routing_headers(prompt: str) -> dict[str, str]:
 
 
 def predict_request(prompt: str, images: Sequence[ImageInput], top_k: int) -> dict[str, Any]:
-    """httpx request kwargs: multipart for files only; JSON when a URL is among the images.
+    """httpx request kwargs: a multipart form, each image a file part or a text part holding its URL.
 
-    JSON images are base64 strings, or `{"url": ...}` objects that the server fetches. The prompt also goes
-    in the routing header.
+    One part list keeps the images in order (httpx sends a `(None, text)` entry as a plain text part). The
+    prompt also goes in the routing header.
     """
     if not images:
         raise ValueError("at least one image")
-    if any(_is_url(im) for im in images):
-        encoded = [
-            {"url": im} if _is_url(im) else base64.b64encode(image_bytes(im)).decode() for im in images
-        ]
-        return {
-            "json": {"prompt": prompt, "images": encoded, "top_k": top_k},
-            "headers": routing_headers(prompt),
-        }
-    files = [
-        ("images", (f"image{i}", image_bytes(im), "application/octet-stream")) for i, im in enumerate(images)
+    parts = [
+        ("images", (None, im) if _is_url(im) else (f"image{i}", image_bytes(im), "application/octet-stream"))
+        for i, im in enumerate(images)
     ]
     return {
         "data": {"prompt": prompt, "top_k": str(top_k)},
-        "files": files,
+        "files": parts,
         "headers": routing_headers(prompt),
     }
 

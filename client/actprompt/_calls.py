@@ -16,7 +16,6 @@ import httpx
 from pydantic import BaseModel
 
 from actprompt._base import (
-    TERMINAL_JOB_STATES,
     ImageInput,
     RetryPolicy,
     SSEDecoder,
@@ -29,6 +28,7 @@ from actprompt._base import (
     retry_after,
 )
 from actprompt._errors import APIConnectionError, APIError
+from actprompt.states import TERMINAL_JOB_STATES
 from actprompt.types import Backbone, Evaluation, File, Job, JobEvent, Page, Prediction, Prompt
 
 T = TypeVar("T")

@@ -7,8 +7,9 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Literal
+from typing import Annotated
 
+from actprompt.states import TERMINAL_JOB_STATES, JobStatus
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -25,14 +26,12 @@ from service.api.deps import (
 from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
 from service.api.schemas.jobs import CheckpointPublic, JobCreate, JobEventPublic, JobPublic, Progress
-from service.db.models import TERMINAL_JOB_STATES, Job, JobEvent
+from service.db.models import Job, JobEvent
 from service.domain import jobs
 from service.domain.jobs import JobRequest
 
 log = logging.getLogger("actprompt.api.jobs")
 router = APIRouter(route_class=CheckedRoute, tags=["jobs"], responses=ERROR_RESPONSES)
-
-JobStatus = Literal["validating", "queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 
 
 def to_request(body: JobCreate) -> JobRequest:

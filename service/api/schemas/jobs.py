@@ -3,6 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+from actprompt.states import JobStatus
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
 from service.domain.jobs import check_metadata
@@ -104,7 +105,7 @@ class Progress(BaseModel):
 class JobPublic(BaseModel):
     id: str
     object: Literal["job"] = "job"
-    status: str
+    status: JobStatus
     backbone: str
     dataset_uri: str
     method: str
