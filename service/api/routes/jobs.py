@@ -41,6 +41,7 @@ def to_request(body: JobCreate) -> JobRequest:
         prompt_layer=body.prompt_layer,
         method=body.method,
         prompt_shape=body.prompt_shape,
+        method_options=body.method_options,
         hyperparameters=body.hyperparameters.model_dump(),
         name=body.name,
         metadata=body.metadata,
@@ -59,7 +60,8 @@ def job_public(job: Job) -> JobPublic:
         prompt_layer=job.prompt_layer,
         resolved_layers=job.resolved_layers,
         prompt_shape=job.prompt_shape,
-        hyperparameters=job.hyperparameters,
+        method_options=jobs.method_options(job),
+        hyperparameters=jobs.train_hyperparameters(job),
         name=job.name,
         metadata=jobs.stored_metadata(job.metadata_),
         progress=Progress(
