@@ -68,6 +68,7 @@ def _serve(args: argparse.Namespace) -> int:
     from service.api.main import resolve_admin_key
     from service.db.migrate import DatabaseNotMigrated, check_migrated_url
     from service.settings import get_settings
+    from workers.queues import train_queue
 
     settings = resolve_admin_key(get_settings())
     if not settings.should_auto_migrate:
@@ -87,7 +88,7 @@ def _serve(args: argparse.Namespace) -> int:
             url=url,
             mode="embedded (in-process job runner)"
             if settings.is_embedded
-            else f"celery ({settings.train_queue()})",
+            else f"celery ({train_queue(settings)})",
             layout="one process (engine inside)"
             if single
             else f"1 engine process + {workers} front process{'es' if workers > 1 else ''}",

@@ -1,8 +1,9 @@
-"""Multi-tenant prompt serving: a tiered prompt cache, a slot table, and a cross-request micro-batcher.
+"""Multi-tenant prompt serving: the engine core and its process, and the fronts' side of the wire.
 
-Imports the engine and asyncio only (no FastAPI, no database): the gateway hands in a
-:class:`PromptSource` and internal keys. The facade the API calls is
-:class:`service.serving.predictor.ServingPredictor`.
+Imports the engine, asyncio and ZeroMQ only (no FastAPI, no database): callers hand in a
+:class:`PromptSource` and internal keys. :class:`service.serving.core.EngineCore` holds the backbones, the
+cache tiers, the batcher and admission control; :mod:`service.serving.engine_server` serves it to the
+front processes, which reach it through :class:`service.serving.client.EngineClient`.
 """
 
 from service.serving.cache import CallableSource, LoadedPrompt, PromptCache, PromptSource
