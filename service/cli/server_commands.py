@@ -112,7 +112,9 @@ def _serve(args: argparse.Namespace) -> int:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, **options)  # type: ignore[arg-type]
         return 0
     from service.launch.serve import run
+    from service.log import configure_logging
 
+    configure_logging(settings.log_level, json_lines=settings.log_json)  # the supervisor's own lines
     assert endpoint is not None
     return run(
         endpoint,

@@ -170,6 +170,7 @@ def test_a_tenant_flooding_the_engine_does_not_starve_another(split: Split) -> N
 
 
 def test_engine_killed_mid_traffic_fronts_fail_fast_then_recover(split: Split) -> None:
+    assert split.predict(2, IMAGES[:1]).status_code == 200
     (engine_pid,) = split.backbone_pids()
     log: list[tuple[float, int, float, str]] = []  # (sent at, status, seconds, error code)
     stop = threading.Event()
@@ -206,7 +207,7 @@ def test_engine_killed_mid_traffic_fronts_fail_fast_then_recover(split: Split) -
     assert unavailable and all(e[3] == "engine_unavailable" for e in unavailable)
     assert max(e[2] for e in after) < 10.0  # nothing hung on the dead engine
     assert {e[1] for e in after} <= {200, 503}
-    assert recovery_s < 120
+    assert recovery_s < 30  # measured 1.5 s on a loaded 2-core host (engines fork from a warm fork server)
     assert split.backbone_pids() != [engine_pid]  # a new engine process holds the backbone
 
 
