@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -271,7 +271,7 @@ class Fleet:
                 raise RuntimeError(f"api{i} not ready: {proc.log_tail()}")
             time.sleep(0.3)
 
-    def wait_balanced(self, replicas: Iterator[int] | range, timeout: float) -> None:
+    def wait_balanced(self, replicas: Iterable[int], timeout: float) -> None:
         """Until HAProxy's health checks see every one of `replicas` UP (in both backends)."""
         want = {f"api{i}" for i in replicas}
         deadline = time.monotonic() + timeout
