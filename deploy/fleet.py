@@ -238,7 +238,7 @@ class Fleet:
     def start_haproxy(self, predict_balance: str | None = None) -> Proc:
         """HAProxy in the foreground (-db) on the shipped config; `predict_balance` overrides the hash."""
         self.stop_haproxy()
-        cmd = ["haproxy", "-db", "-f", str(HAPROXY_CFG)]
+        cmd = [shutil.which("haproxy") or "/usr/sbin/haproxy", "-db", "-f", str(HAPROXY_CFG)]
         proc = self._spawn("haproxy", cmd, self.haproxy_env(predict_balance))
         deadline = time.monotonic() + 15
         while not self.socket_path.exists() or not _port_open(self.balancer_port):
