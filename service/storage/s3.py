@@ -114,8 +114,11 @@ def make_client(endpoint_url: str | None, region: str | None, timeout_s: float, 
 
 
 def client_for(settings: Settings) -> Any:
-    return make_client(
-        settings.s3_endpoint_url, settings.s3_region, settings.s3_timeout_seconds, settings.s3_max_attempts
+    return make_client(  # an empty value (compose's `${VAR:-}`) means unset
+        settings.s3_endpoint_url or None,
+        settings.s3_region or None,
+        settings.s3_timeout_seconds,
+        settings.s3_max_attempts,
     )
 
 
