@@ -340,12 +340,6 @@ class Settings(BaseSettings):
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def train_queue(self) -> str:
-        """Celery queue that training tasks are sent to (and that a worker of this device consumes)."""
-        if self.job_queue:
-            return self.job_queue
-        return "actprompt.gpu" if self.resolved_device() == "cuda" else "actprompt.cpu"
-
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
