@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
 from service.settings import Settings
@@ -31,6 +32,10 @@ def storage_settings(url: str, bucket: str, var_dir: Path, **overrides: Any) -> 
     }
     values.update(overrides)
     return Settings(**values)
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(f"actprompt_object_cache_{name}_total", labels) or 0.0
 
 
 def _uploads(client: Any, bucket: str) -> list[dict[str, Any]]:
@@ -69,6 +74,8 @@ def test_a_multipart_upload_appears_whole_only_on_commit_and_reads_back_on_anoth
     assert (tmp_path / "api" / "cache" / "objects" / f"{sha}.zip").read_bytes() == data
 
     worker = S3Storage.from_settings(storage_settings(s3_url, s3_bucket, tmp_path / "worker"))
+    misses, hits = _sample("requests", result="miss"), _sample("requests", result="hit")
+    downloaded = REGISTRY.get_sample_value("actprompt_storage_bytes_total", {"direction": "download"}) or 0
     path = worker.local_path("tenant/file_1.zip", sha)
     assert path == tmp_path / "worker" / "cache" / "objects" / f"{sha}.zip"
     assert path.read_bytes() == data
@@ -76,6 +83,10 @@ def test_a_multipart_upload_appears_whole_only_on_commit_and_reads_back_on_anoth
     worker.delete("tenant/file_1.zip")
     assert not worker.exists("tenant/file_1.zip")
     assert worker.local_path("tenant/file_1.zip", sha) == path  # a cache hit needs no store
+    assert _sample("requests", result="miss") == misses + 1 and _sample("requests", result="hit") == hits + 1
+    assert REGISTRY.get_sample_value(
+        "actprompt_storage_bytes_total", {"direction": "download"}
+    ) == downloaded + len(data)
     with pytest.raises(ObjectMissing):
         S3Storage.from_settings(storage_settings(s3_url, s3_bucket, tmp_path / "n3")).local_path(
             "tenant/file_1.zip", sha
