@@ -21,7 +21,20 @@ from actprompt._errors import (
     ServiceUnavailableError,
     UnprocessableEntityError,
 )
-from actprompt.types import Backbone, Evaluation, File, Job, JobEvent, Prediction, Progress, Prompt
+from actprompt.types import (
+    ApiKey,
+    ApiKeyCreated,
+    Backbone,
+    Evaluation,
+    File,
+    Job,
+    JobEvent,
+    Prediction,
+    Progress,
+    Prompt,
+    Tenant,
+    TenantCreated,
+)
 
 __version__ = "0.1.0"
 
@@ -29,6 +42,8 @@ __all__ = [
     "APIConnectionError",
     "APIError",
     "ActpromptError",
+    "ApiKey",
+    "ApiKeyCreated",
     "AsyncClient",
     "AuthenticationError",
     "Backbone",
@@ -48,5 +63,7 @@ __all__ = [
     "Prompt",
     "RateLimitError",
     "ServiceUnavailableError",
+    "Tenant",
+    "TenantCreated",
     "UnprocessableEntityError",
 ]
