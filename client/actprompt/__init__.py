@@ -21,6 +21,7 @@ from actprompt._errors import (
     ServiceUnavailableError,
     UnprocessableEntityError,
 )
+from actprompt.states import EvaluationStatus, JobStatus
 from actprompt.types import (
     ApiKey,
     ApiKeyCreated,
@@ -51,10 +52,12 @@ __all__ = [
     "Client",
     "ConflictError",
     "Evaluation",
+    "EvaluationStatus",
     "File",
     "InternalServerError",
     "Job",
     "JobEvent",
+    "JobStatus",
     "NotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
