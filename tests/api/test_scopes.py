@@ -25,6 +25,7 @@ PUBLIC = {
     ("GET", "/redoc"),
     ("GET", "/console"),
     ("GET", "/console/"),
+    ("GET", "/console/static/states.js"),
 }
 #: Routes only the admin key may call: no tenant key, whatever its scopes.
 ADMIN_ONLY = {
