@@ -36,7 +36,7 @@ from bench.common import (
 )
 from bench.provenance import now, provenance
 
-GOAL_STEP_RATIO = 0.35  # AP at the CNN-preferred layer vs VP step time (DESIGN.md §6)
+GOAL_STEP_RATIO = 0.35  # AP at the CNN-preferred layer vs VP step time (bench/GOALS.md)
 GOAL_MEMORY_RATIO = 0.5  # ... and peak memory
 GOAL_CACHE_RATIO = 0.2  # cached epochs vs the first epoch
 NUM_CLASSES = 10

@@ -21,6 +21,7 @@ from actprompt._errors import (
     ServiceUnavailableError,
     UnprocessableEntityError,
 )
+from actprompt.states import EvaluationStatus, JobStatus
 from actprompt.types import Backbone, Evaluation, File, Job, JobEvent, Prediction, Progress, Prompt
 
 __version__ = "0.1.0"
@@ -36,10 +37,12 @@ __all__ = [
     "Client",
     "ConflictError",
     "Evaluation",
+    "EvaluationStatus",
     "File",
     "InternalServerError",
     "Job",
     "JobEvent",
+    "JobStatus",
     "NotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",

@@ -16,7 +16,6 @@ import httpx
 from pydantic import BaseModel
 
 from actprompt._base import (
-    TERMINAL_JOB_STATES,
     ImageInput,
     RetryPolicy,
     SSEDecoder,
@@ -29,6 +28,7 @@ from actprompt._base import (
     retry_after,
 )
 from actprompt._errors import APIConnectionError, APIError
+from actprompt.states import TERMINAL_JOB_STATES
 from actprompt.types import Backbone, Evaluation, File, Job, JobEvent, Page, Prediction, Prompt
 
 T = TypeVar("T")
@@ -205,6 +205,7 @@ def create_job(
     prompt_layer: Any,
     method: str | None,
     prompt_shape: str | None,
+    method_options: Mapping[str, Any] | None,
     hyperparameters: Mapping[str, Any] | None,
     name: str | None,
     metadata: Mapping[str, Any] | None,
@@ -217,6 +218,7 @@ def create_job(
         "prompt_layer": prompt_layer,
         "method": method,
         "prompt_shape": prompt_shape,
+        "method_options": dict(method_options) if method_options is not None else None,
         "hyperparameters": dict(hyperparameters) if hyperparameters is not None else None,
         "name": name,
         "metadata": dict(metadata) if metadata is not None else None,

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
+from actprompt.states import EvaluationStatus
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
@@ -60,7 +59,7 @@ def list_evaluations(
     settings: SettingsDep,
     limit: int = Query(20, ge=1, le=1000),
     after: str | None = Query(None, max_length=64, description="Cursor: `next_cursor` of the previous page."),
-    status: Literal["queued", "running", "succeeded", "failed"] | None = Query(None),
+    status: EvaluationStatus | None = Query(None),
 ) -> ListPublic[EvaluationPublic]:
     limit = page_limit(limit, settings)
     rows = evaluations.list_evaluations(session, tenant_id, limit=limit + 1, after=after, status=status)

@@ -7,8 +7,9 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Literal
+from typing import Annotated
 
+from actprompt.states import TERMINAL_JOB_STATES, JobStatus
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -25,14 +26,12 @@ from service.api.deps import (
 from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
 from service.api.schemas.jobs import CheckpointPublic, JobCreate, JobEventPublic, JobPublic, Progress
-from service.db.models import TERMINAL_JOB_STATES, Job, JobEvent
+from service.db.models import Job, JobEvent
 from service.domain import jobs
 from service.domain.jobs import JobRequest
 
 log = logging.getLogger("actprompt.api.jobs")
 router = APIRouter(route_class=CheckedRoute, tags=["jobs"], responses=ERROR_RESPONSES)
-
-JobStatus = Literal["validating", "queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 
 
 def to_request(body: JobCreate) -> JobRequest:
@@ -42,6 +41,7 @@ def to_request(body: JobCreate) -> JobRequest:
         prompt_layer=body.prompt_layer,
         method=body.method,
         prompt_shape=body.prompt_shape,
+        method_options=body.method_options,
         hyperparameters=body.hyperparameters.model_dump(),
         name=body.name,
         metadata=body.metadata,
@@ -60,7 +60,8 @@ def job_public(job: Job) -> JobPublic:
         prompt_layer=job.prompt_layer,
         resolved_layers=job.resolved_layers,
         prompt_shape=job.prompt_shape,
-        hyperparameters=job.hyperparameters,
+        method_options=jobs.method_options(job),
+        hyperparameters=jobs.train_hyperparameters(job),
         name=job.name,
         metadata=jobs.stored_metadata(job.metadata_),
         progress=Progress(

@@ -3,6 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
+from actprompt.states import EvaluationStatus
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -22,7 +23,7 @@ class EvaluationCreate(BaseModel):
 class EvaluationPublic(BaseModel):
     id: str
     object: Literal["evaluation"] = "evaluation"
-    status: str = Field(description="queued | running | succeeded | failed")
+    status: EvaluationStatus
     prompt: str = Field(description="`prompt_id@version` that was scored.")
     dataset_uri: str
     metrics: dict[str, Any] | None = Field(
