@@ -145,6 +145,29 @@ def test_a_store_that_stops_answering_mid_upload_fails_fast_and_nothing_is_left(
     assert _objects(raw, "uploads-down") == []
 
 
+def test_a_store_that_is_gone_refuses_at_once_and_serves_again_once_restarted(
+    private_s3: PrivateS3, tmp_path: Path
+) -> None:
+    private_s3.client().create_bucket(Bucket="uploads-gone")
+    storage = S3Storage.from_settings(
+        storage_settings(private_s3.url, "uploads-gone", tmp_path, s3_timeout_seconds=1.0, s3_max_attempts=2)
+    )
+    private_s3.kill()
+    started = time.monotonic()
+    writer = storage.writer("t/file_5.zip")
+    writer.write(b"small")
+    with pytest.raises(StorageUnavailable, match="unreachable"):
+        writer.commit()
+    writer.abort()
+    assert time.monotonic() - started < 10
+    private_s3.restart()
+    private_s3.client().create_bucket(Bucket="uploads-gone")  # moto keeps buckets in memory only
+    writer = storage.writer("t/file_5.zip")
+    writer.write(b"small")
+    writer.commit()
+    assert storage.exists("t/file_5.zip")
+
+
 def test_settings_refuse_bad_urls_and_dataset_prefixes_that_reach_the_uploads(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="not an s3"):
         Settings(storage_url="https://bucket/x")
