@@ -16,6 +16,7 @@ from typing import Any
 
 from actprompt import Client
 from actprompt._errors import ActpromptError, APIError
+from actprompt.states import EvaluationStatus, JobStatus
 from pydantic import BaseModel
 
 
@@ -193,7 +194,7 @@ def _watch(args: argparse.Namespace, c: Client, job_id: str) -> int:
             assert bar is not None
             data = event.data or {}
             if (event.type == "progress" and "fraction" in data) or event.type == "end":
-                done = event.type == "end" and data.get("status") == "succeeded"
+                done = event.type == "end" and data.get("status") == JobStatus.SUCCEEDED
                 bar.n = 100 if done else round(100 * float(data.get("fraction", bar.n / 100)))
                 bar.refresh()
             elif event.type == "epoch" or event.level != "info" or event.type in ("state", "validation"):
@@ -212,7 +213,7 @@ def _watch(args: argparse.Namespace, c: Client, job_id: str) -> int:
             + (f"  prompt {job.prompt}" if job.prompt else "")
             + (f"  error {job.error.get('message')}" if job.error else "")
         )
-    return 0 if job.status == "succeeded" else 2
+    return 0 if job.status == JobStatus.SUCCEEDED else 2
 
 
 # --- prompts ----------------------------------------------------------------------------------------
@@ -266,7 +267,7 @@ def evaluations_create(args: argparse.Namespace, c: Client) -> int:
     if args.wait:
         ev = c.evaluations.wait(ev.id)
     _emit(args, ev, _evaluation_text)
-    return 0 if ev.status != "failed" else 2
+    return 0 if ev.status != EvaluationStatus.FAILED else 2
 
 
 def evaluations_get(args: argparse.Namespace, c: Client) -> int:
