@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test test-quick lint typecheck pytest bench bench-quick worker clean chromium
+.PHONY: fleet serve test test-quick lint typecheck pytest bench bench-quick worker clean chromium
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,12 +18,17 @@ $(STAMP): pyproject.toml client/pyproject.toml
 serve: $(STAMP)
 	$(VENV)/bin/actprompt serve
 
+# PostgreSQL, Redis, HAProxy (balancer on :8080, stats on :8404), 3 API replicas and 2 workers as separate
+# processes on this machine, in the foreground (Ctrl-C stops them); see docs/DEPLOY.md
+fleet: $(STAMP)
+	$(PY) -m deploy.fleet
+
 worker: $(STAMP)
 	$(VENV)/bin/actprompt worker
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check service workers client tests bench migrations
-	$(VENV)/bin/ruff format --check service workers client tests bench migrations
+	$(VENV)/bin/ruff check service workers client tests bench migrations deploy
+	$(VENV)/bin/ruff format --check service workers client tests bench migrations deploy
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

@@ -98,10 +98,22 @@ def image_bytes(image: ImageInput) -> bytes:
     raise TypeError(f"unsupported image {type(image).__name__}: use a path, bytes, a PIL image or a URL")
 
 
+#: Names the prompt of a predict outside its body, so a balancer can route it to the replica that caches
+#: that prompt without reading the body (deploy/haproxy.cfg hashes it; docs/DEPLOY.md). A hint only: the
+#: server answers from the body's prompt whatever the header says.
+PROMPT_HEADER = "X-Actprompt-Prompt"
+
+
+def routing_headers(prompt: str) -> dict[str, str]:
+    """The prompt header, when the reference can be a header value at all (else the server's 4xx says why)."""
+    return {PROMPT_HEADER: prompt} if prompt.isascii() and prompt.isprintable() else {}
+
+
 def predict_request(prompt: str, images: Sequence[ImageInput], top_k: int) -> dict[str, Any]:
     """httpx request kwargs: a multipart form, each image a file part or a text part holding its URL.
 
-    One part list keeps the images in order (httpx sends a `(None, text)` entry as a plain text part).
+    One part list keeps the images in order (httpx sends a `(None, text)` entry as a plain text part). The
+    prompt also goes in the routing header.
     """
     if not images:
         raise ValueError("at least one image")
@@ -109,7 +121,11 @@ def predict_request(prompt: str, images: Sequence[ImageInput], top_k: int) -> di
         ("images", (None, im) if _is_url(im) else (f"image{i}", image_bytes(im), "application/octet-stream"))
         for i, im in enumerate(images)
     ]
-    return {"data": {"prompt": prompt, "top_k": str(top_k)}, "files": parts}
+    return {
+        "data": {"prompt": prompt, "top_k": str(top_k)},
+        "files": parts,
+        "headers": routing_headers(prompt),
+    }
 
 
 def predictions(body: dict[str, Any]) -> list[list[Prediction]]:

@@ -50,6 +50,7 @@ class Job(_Model):
     prompt_layer: Any = None
     resolved_layers: list[int] | None = None
     prompt_shape: str
+    method_options: dict[str, Any] = Field(default_factory=dict)
     hyperparameters: dict[str, Any]
     name: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)

@@ -31,6 +31,7 @@ from service.domain.backbones import BackboneCache
 from service.domain.datasets import resolve_dataset
 from service.domain.job_lease import JobLease, LeaseStop
 from service.domain.job_recorder import JobRecorder, jsonable
+from service.domain.jobs import METHOD_OPTIONS_KEY
 from service.domain.prompts import store_prompt
 from service.settings import Settings
 
@@ -287,6 +288,7 @@ class _JobRun:
 
     def _train(self) -> _Trained:
         from service.engine import BackboneError, pipeline
+        from service.engine.method_search import AUTO
         from service.engine.train import Checkpoint as EngineCheckpoint
         from service.engine.train import TrainConfig
 
@@ -306,20 +308,25 @@ class _JobRun:
             self.lease.event(
                 "log", f"resuming from the checkpoint after epoch {resume.epoch}", {"epoch": resume.epoch}
             )
-        if job.method == "activation" and job.resolved_layers is None:
-            self.lease.event("log", "searching the prompt layer (auto)")
+        options = dict(hp.get(METHOD_OPTIONS_KEY) or {})
+        if job.method == AUTO:
+            self.lease.event("log", "searching the method (auto): each candidate trained, chosen on val")
+        else:
+            options["prompt_shape"] = job.prompt_shape
+            if job.method == "activation" and job.resolved_layers is None:
+                self.lease.event("log", "searching the prompt layer (auto)")
         trained = pipeline.train_prompt(
             backbone,
             data,
             job.method,
             prompt_layer=job.prompt_layer,
             layers=job.resolved_layers,  # resolved at submission (or by an earlier attempt's probe)
-            method_options={"prompt_shape": job.prompt_shape},
+            method_options=options,
             config=TrainConfig(**{k: hp[k] for k in _TRAIN_CONFIG_KEYS if k in hp}),
             callbacks=self.recorder.callbacks(),
             resume=resume,
         )
-        return _Trained(trained.result, trained.layers, trained.train_config.epochs)
+        return _Trained(trained.result, trained.method, trained.layers, trained.train_config.epochs)
 
     # --- result -------------------------------------------------------------------------------------
     def _store(self, trained: _Trained) -> RunOutcome:
@@ -335,7 +342,7 @@ class _JobRun:
                         self.job.tenant_id,
                         artifact=data,
                         backbone_id=self.job.backbone_id,
-                        method=self.job.method,
+                        method=trained.method,  # "auto" stores the method it chose
                         prompt_layers=trained.layers,
                         prompt_shape=self.job.prompt_shape if trained.layers else None,
                         classes=[str(c) for c in artifact.classes],
@@ -397,5 +404,6 @@ class _JobRun:
 @dataclass
 class _Trained:
     result: Any  # engine TrainResult
+    method: str
     layers: list[int]
     epochs: int

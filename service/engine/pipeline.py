@@ -28,6 +28,7 @@ from service.engine.data import (
 from service.engine.errors import DatasetError, MethodError
 from service.engine.layer_search import auto_select_layer
 from service.engine.layers import resolve_prompt_layers
+from service.engine.method_search import AUTO, AutoConfig, train_auto
 from service.engine.methods import MethodConfig, get_method_class
 from service.engine.train import Checkpoint, TrainCallbacks, TrainConfig, TrainResult
 
@@ -76,6 +77,7 @@ class PipelineCallbacks(TrainCallbacks):
     on_layer_probe: Callable[[dict[str, Any]], None] | None = None  # one row of the auto-layer sweep
     on_layer_selected: Callable[[int, list[dict[str, Any]]], None] | None = None
     on_start: Callable[[str, MethodConfig, TrainConfig], None] | None = None  # just before fit
+    on_candidate: Callable[[dict[str, Any]], None] | None = None  # one row of the `auto` method search
 
     def train_callbacks(self) -> TrainCallbacks:
         return TrainCallbacks(
@@ -239,11 +241,24 @@ def train_prompt(
     Args:
         prompt_layer: what the user asked for (index, name, list, "all", "auto", None = recommended).
         layers: already resolved layers (a resumed job); skips the resolution and the auto probe.
+        method: a registered method, or "auto" (see `method_search`: the candidates trained on train
+            and chosen on val; its options are `AutoConfig`'s; no checkpoints, `resume` is ignored).
         method_options: the method's own options (e.g. `prompt_shape`, `input_variant`); an option
             the method does not take is a MethodError naming it.
         resume: a checkpoint of this same run.
     """
     cb = callbacks or PipelineCallbacks()
+    if method == AUTO:  # the method search: every servable candidate, chosen on validation
+        if prompt_layer is not None:
+            raise MethodError(
+                "prompt_layer does not apply to method 'auto' (each candidate has its own)",
+                code="invalid_prompt_layer",
+                param="prompt_layer",
+            )
+        auto = AutoConfig.from_options(method_options)
+        return train_auto(
+            backbone, data, auto=auto, config=config, callbacks=cb, on_candidate=cb.on_candidate
+        )
     if layers is None:
         resolved = resolve_method_layers(backbone, method, prompt_layer, data, cb)
     else:

@@ -41,6 +41,7 @@ def to_request(body: JobCreate) -> JobRequest:
         prompt_layer=body.prompt_layer,
         method=body.method,
         prompt_shape=body.prompt_shape,
+        method_options=body.method_options,
         hyperparameters=body.hyperparameters.model_dump(),
         name=body.name,
         metadata=body.metadata,

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 from actprompt.states import JobStatus
 from pydantic import (
     AliasChoices,
+    AliasPath,
     BaseModel,
     ConfigDict,
     Field,
@@ -16,7 +17,8 @@ from pydantic import (
 )
 
 from service.api.schemas.common import FromRow
-from service.domain.jobs import check_metadata, stored_metadata
+from service.domain.jobs import METHOD_OPTIONS_KEY, check_metadata, stored_metadata
+from service.engine.method_search import AUTO
 from service.engine.methods import PROMPT_SHAPES, list_methods
 from service.engine.pipeline import SplitSpec
 from service.engine.train import OPTIMIZERS, TrainConfig
@@ -28,6 +30,8 @@ _TRAIN = TrainConfig()
 _SPLIT = SplitSpec()
 #: Methods a job may train: the registry's servable ones (a new method appears here by registering).
 SERVABLE_METHODS: list[Any] = list_methods(servable_only=True)
+#: What a job may ask for: a servable method or the search among them.
+JOB_METHODS: list[Any] = [*SERVABLE_METHODS, AUTO]
 
 
 class Hyperparameters(BaseModel):
@@ -72,13 +76,23 @@ class JobCreate(BaseModel):
     )
     method: str = Field(
         default="activation",
-        description="The adaptation method (the registry's servable methods).",
-        json_schema_extra={"enum": SERVABLE_METHODS},
+        description='The adaptation method (the registry\'s servable methods), or "auto": each servable '
+        "candidate (activation at the auto layer, deep_activation_norm, lora r=4) trained at its own "
+        "learning rate on the training split and one chosen on validation; the job's metrics.auto "
+        "records every candidate. The stored prompt has the chosen method.",
+        json_schema_extra={"enum": JOB_METHODS},
     )
     prompt_shape: str = Field(
         default="full",
         description="Activation prompt shape; only for methods with prompt layers.",
         json_schema_extra={"enum": list(PROMPT_SHAPES)},
+    )
+    method_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The method's own options besides prompt_layer and prompt_shape, e.g. "
+        '`{"lora_rank": 8}` for lora; for auto: `max_train_seconds` (a budget on the search), `prefer` '
+        '("accuracy" or "cost": the cheapest serving cost within `tolerance` of the best validation '
+        "accuracy) and `tolerance` (a fraction, default 0.01). An option the method does not take is a 422.",
     )
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     name: str | None = Field(default=None, max_length=200)
@@ -96,6 +110,17 @@ class JobCreate(BaseModel):
         if value not in PROMPT_SHAPES:
             raise ValueError(f"one of {', '.join(PROMPT_SHAPES)}")
         return value
+
+    @field_validator("method_options", mode="before")
+    @classmethod
+    def _options(cls, value: Any) -> dict[str, Any]:
+        return dict(value or {})
+
+    @field_validator("hyperparameters", mode="before")
+    @classmethod
+    def _without_method_options(cls, value: Any) -> dict[str, Any]:
+        """The method options are stored inside the hyperparameters JSON; shown beside them."""
+        return {k: v for k, v in (value or {}).items() if k != METHOD_OPTIONS_KEY}
 
     @field_validator("metadata", mode="before")
     @classmethod
@@ -122,6 +147,10 @@ class JobPublic(FromRow):
     prompt_layer: Any
     resolved_layers: list[int] | None
     prompt_shape: str
+    method_options: dict[str, Any] = Field(
+        default_factory=dict,
+        validation_alias=AliasChoices(AliasPath("hyperparameters", METHOD_OPTIONS_KEY), "method_options"),
+    )
     hyperparameters: dict[str, Any]
     name: str | None
     metadata: dict[str, Any] = Field(validation_alias=AliasChoices("metadata_", "metadata"))
@@ -143,6 +172,17 @@ class JobPublic(FromRow):
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+
+    @field_validator("method_options", mode="before")
+    @classmethod
+    def _options(cls, value: Any) -> dict[str, Any]:
+        return dict(value or {})
+
+    @field_validator("hyperparameters", mode="before")
+    @classmethod
+    def _without_method_options(cls, value: Any) -> dict[str, Any]:
+        """The method options are stored inside the hyperparameters JSON; shown beside them."""
+        return {k: v for k, v in (value or {}).items() if k != METHOD_OPTIONS_KEY}
 
     @field_validator("metadata", mode="before")
     @classmethod
