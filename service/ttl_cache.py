@@ -30,8 +30,9 @@ class TTLCache(Generic[K, V]):
         self, ttl_s: float, *, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.ttl_s = ttl_s
+        self.clock = clock  # read at each access, so a test can swap in its own
         self._data: cachetools.TTLCache[K, V] = cachetools.TTLCache(
-            maxsize=max_entries, ttl=max(ttl_s, 0.0), timer=clock
+            maxsize=max_entries, ttl=max(ttl_s, 0.0), timer=lambda: self.clock()
         )
         self._lock = threading.Lock()
 

@@ -36,3 +36,12 @@ def test_discard_where_drops_only_what_it_selects_and_size_is_bounded() -> None:
     assert len(cache) == 3 and cache.get("a") is None  # the least recently used went first
     assert cache.discard_where(lambda _, v: v % 2 == 1) == 2  # b=1, d=3
     assert cache.get("c") == 2 and cache.get("b") is None and cache.get("d") is None
+
+
+def test_the_clock_can_be_swapped_after_construction() -> None:
+    cache: TTLCache[str, int] = TTLCache(5.0)
+    clock = Clock()
+    cache.clock = clock
+    cache.put("a", 1)
+    clock.now += 5.0
+    assert cache.get("a") is None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -27,10 +26,6 @@ def remote_options() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="tenant API key (default: $ACTPROMPT_API_KEY)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return p
-
-
-def is_remote(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "base_url", None) or os.environ.get("ACTPROMPT_BASE_URL"))
 
 
 def _client(args: argparse.Namespace) -> Client:

@@ -111,17 +111,6 @@ class JobCreate(BaseModel):
             raise ValueError(f"one of {', '.join(PROMPT_SHAPES)}")
         return value
 
-    @field_validator("method_options", mode="before")
-    @classmethod
-    def _options(cls, value: Any) -> dict[str, Any]:
-        return dict(value or {})
-
-    @field_validator("hyperparameters", mode="before")
-    @classmethod
-    def _without_method_options(cls, value: Any) -> dict[str, Any]:
-        """The method options are stored inside the hyperparameters JSON; shown beside them."""
-        return {k: v for k, v in (value or {}).items() if k != METHOD_OPTIONS_KEY}
-
     @field_validator("metadata", mode="before")
     @classmethod
     def _metadata(cls, value: Any) -> Any:
