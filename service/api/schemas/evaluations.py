@@ -17,8 +17,8 @@ class EvaluationCreate(BaseModel):
     dataset_uri: str = Field(
         min_length=1,
         max_length=4096,
-        description="A labelled dataset: an uploaded file id (`file_...`), file:// or https://. Its test "
-        "split is scored when it has one, else every image.",
+        description="A labelled dataset: an uploaded file id (`file_...`), file://, https:// or s3://. "
+        "Its test split is scored when it has one, else every image.",
     )
 
 

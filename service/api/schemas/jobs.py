@@ -67,7 +67,8 @@ class JobCreate(BaseModel):
     dataset_uri: str = Field(
         min_length=1,
         max_length=4096,
-        description="An uploaded file id (`file_...`), file:// (under DATA_ROOTS) or https://",
+        description="An uploaded file id (`file_...`), file:// (under DATA_ROOTS), https://, or s3:// (under "
+        "the operator's DATASET_S3_PREFIXES; elsewhere 403 dataset_uri_not_allowed)",
     )
     prompt_layer: LayerRef | Annotated[list[LayerRef], Field(min_length=1, max_length=256)] | None = Field(
         default=None,
