@@ -6,7 +6,7 @@ from actprompt.states import EvaluationStatus
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import SessionDep, SettingsDep, TenantIdDep, page_limit, paginate
+from service.api.deps import ReadTenantDep, SessionDep, SettingsDep, TrainTenantDep, page_limit, paginate
 from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
 from service.api.schemas.evaluations import EvaluationCreate, EvaluationPublic
@@ -25,7 +25,7 @@ def evaluation_public(e: Evaluation) -> EvaluationPublic:
 async def create_evaluation(
     body: EvaluationCreate,
     request: Request,
-    tenant_id: TenantIdDep,
+    tenant_id: TrainTenantDep,
     session: SessionDep,
     settings: SettingsDep,
 ) -> EvaluationPublic:
@@ -44,7 +44,7 @@ async def create_evaluation(
 
 @router.get("/v1/evaluations", response_model=ListPublic[EvaluationPublic])
 def list_evaluations(
-    tenant_id: TenantIdDep,
+    tenant_id: ReadTenantDep,
     session: SessionDep,
     settings: SettingsDep,
     limit: int = Query(20, ge=1, le=1000),
@@ -60,5 +60,5 @@ def list_evaluations(
 
 
 @router.get("/v1/evaluations/{evaluation_id}", response_model=EvaluationPublic)
-def get_evaluation(evaluation_id: str, tenant_id: TenantIdDep, session: SessionDep) -> EvaluationPublic:
+def get_evaluation(evaluation_id: str, tenant_id: ReadTenantDep, session: SessionDep) -> EvaluationPublic:
     return evaluation_public(evaluations.get_evaluation(session, tenant_id, evaluation_id))

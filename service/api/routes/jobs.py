@@ -16,10 +16,11 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import (
     QueueDep,
+    ReadTenantDep,
     SessionDep,
     SessionFactoryDep,
     SettingsDep,
-    TenantIdDep,
+    TrainTenantDep,
     page_limit,
     paginate,
 )
@@ -61,7 +62,7 @@ def event_public(e: JobEvent) -> JobEventPublic:
 def create_job(
     body: JobCreate,
     response: Response,
-    tenant_id: TenantIdDep,
+    tenant_id: TrainTenantDep,
     session: SessionDep,
     settings: SettingsDep,
     queue: QueueDep,
@@ -79,7 +80,7 @@ def create_job(
 
 @router.get("/v1/jobs", response_model=ListPublic[JobPublic])
 def list_jobs(
-    tenant_id: TenantIdDep,
+    tenant_id: ReadTenantDep,
     session: SessionDep,
     settings: SettingsDep,
     limit: int = Query(20, ge=1, le=1000),
@@ -95,12 +96,12 @@ def list_jobs(
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobPublic)
-def get_job(job_id: str, tenant_id: TenantIdDep, session: SessionDep) -> JobPublic:
+def get_job(job_id: str, tenant_id: ReadTenantDep, session: SessionDep) -> JobPublic:
     return job_public(jobs.get_job(session, tenant_id, job_id))
 
 
 @router.post("/v1/jobs/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: str, tenant_id: TenantIdDep, session: SessionDep) -> JobPublic:
+def cancel_job(job_id: str, tenant_id: TrainTenantDep, session: SessionDep) -> JobPublic:
     job = jobs.cancel_job(session, tenant_id, job_id)
     session.commit()
     return job_public(job)
@@ -114,7 +115,7 @@ def cancel_job(job_id: str, tenant_id: TenantIdDep, session: SessionDep) -> JobP
 async def list_events(
     job_id: str,
     request: Request,
-    tenant_id: TenantIdDep,
+    tenant_id: ReadTenantDep,
     factory: SessionFactoryDep,
     settings: SettingsDep,
     limit: int = Query(100, ge=1, le=1000),
@@ -171,7 +172,7 @@ async def _stream(
 
 @router.get("/v1/jobs/{job_id}/checkpoints", response_model=ListPublic[CheckpointPublic])
 def list_checkpoints(
-    job_id: str, tenant_id: TenantIdDep, session: SessionDep
+    job_id: str, tenant_id: ReadTenantDep, session: SessionDep
 ) -> ListPublic[CheckpointPublic]:
     rows = jobs.list_checkpoints(session, tenant_id, job_id)
     data = [CheckpointPublic.model_validate(c) for c in rows]
