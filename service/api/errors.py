@@ -90,8 +90,8 @@ async def _product(_: Request, exc: Exception) -> JSONResponse:
     if not isinstance(exc, ActpromptError):
         return error_response(500, "internal_error", "internal server error")
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    retry_after = getattr(exc, "retry_after_s", None)  # overloaded, engine restarting: when to come back
-    if retry_after is not None:
+    if exc.status == 503:  # overloaded, the engine restarting, the object store down: when to come back
+        retry_after = getattr(exc, "retry_after_s", None) or RETRY_AFTER_SECONDS
         headers = {"Retry-After": str(max(1, math.ceil(retry_after)))}
     return error_response(exc.status, exc.code, exc.message, exc.param, headers)
 

@@ -12,7 +12,6 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.console import install_console
 from service.api.errors import install_error_handlers
-from service.api.evaluations import EvaluationRunner
 from service.api.observability import Metrics, RequestMiddleware
 from service.api.routes import (
     backbones,
@@ -28,6 +27,7 @@ from service.api.routes import (
 from service.api.routes.docs import install_docs
 from service.db.migrate import check_migrated, upgrade
 from service.db.session import make_engine, make_session_factory
+from service.domain.evaluation_runner import EvaluationRunner
 from service.domain.predict import PromptResolver
 from service.domain.tenants import Authenticator, load_or_create_admin_key
 from service.launch.engine import DatabasePromptSource
@@ -88,10 +88,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stack.callback(engine.dispose)
         if settings.should_auto_migrate:
             await run_in_threadpool(upgrade, settings.database_url)
-        else:
-            await run_in_threadpool(
-                check_migrated, engine
-            )  # DatabaseNotMigrated: refuse to start, say the fix
+        else:  # DatabaseNotMigrated: refuse to start, say the fix
+            await run_in_threadpool(check_migrated, engine)
         session_factory = make_session_factory(engine)
         app.state.session_factory = session_factory
         app.state.authenticator = Authenticator(
@@ -106,7 +104,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if app.state.rate_limiter is not None:
             stack.push_async_callback(app.state.rate_limiter.aclose)
         serving_metrics.set_per_tenant_labels(settings.metrics_per_tenant)
-        app.state.storage = create_storage(settings.files_root)
+        app.state.storage = create_storage(settings)
         app.state.evaluations = EvaluationRunner(
             session_factory, app.state.predictor, app.state.storage, settings
         )

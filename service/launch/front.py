@@ -2,8 +2,9 @@
 
 The route resolves and authorises `prm_x@3` into a `PromptHandle`; here a handle becomes an internal
 serving key `"<row key>:<sha256>"` (the content hash keeps a reused row id from ever naming a cached
-artifact of another prompt), images are decoded and preprocessed in a thread of this process (the engine
-only ever sees ready tensors), and serving errors become domain ones. The engine is the engine process
+artifact of another prompt), images are decoded and preprocessed in a thread of this process with the
+pipeline each prompt was trained with (asked of the engine once per key; the engine only ever sees ready
+tensors), and serving errors become domain ones. The engine is the engine process
 (:class:`service.serving.client.EngineClient`, the split `actprompt serve` runs) or an
 :class:`service.serving.core.EngineCore` inside this process (the single-process mode and in-process tests).
 """
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
+from cachetools import LRUCache
 from torch import Tensor
 
 from service.domain.errors import (
@@ -28,7 +30,8 @@ from service.domain.errors import (
 from service.domain.predict import Prediction
 from service.domain.prompts import PromptHandle
 from service.engine import BackboneSpec, EngineError, ImageDecodeError
-from service.engine.data import decode_image, preprocess
+from service.engine.data import decode_image
+from service.engine.preprocessing import Preprocessing
 from service.serving.core import EngineCore, PromptPrediction, ServingConfig
 from service.serving.errors import (
     PinLimitError,
@@ -76,6 +79,8 @@ class Engine(Protocol):
         deadline: float | None = None,
     ) -> list[PromptPrediction]: ...
 
+    async def pipelines(self, spec: BackboneSpec, keys: Sequence[str]) -> list[Preprocessing]: ...
+
     async def pin(self, spec: BackboneSpec, key: str) -> int: ...
 
     async def unpin(self, key: str) -> bool: ...
@@ -107,6 +112,9 @@ class LocalEngine:
         deadline: float | None = None,
     ) -> list[PromptPrediction]:
         return await self.core.predict(spec, keys, x, tenant_id=tenant_id, deadline=deadline)
+
+    async def pipelines(self, spec: BackboneSpec, keys: Sequence[str]) -> list[Preprocessing]:
+        return await self.core.pipelines(spec, keys)
 
     async def pin(self, spec: BackboneSpec, key: str) -> int:
         return await self.core.pin(spec, key)
@@ -144,20 +152,20 @@ class EnginePredictor:
     Built in the app's lifespan and called from the event loop only.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, max_pipelines: int = 100_000) -> None:
         self.engine = engine
-        self._specs: dict[str, BackboneSpec] = {}  # backbone spec hash -> resolved spec (resolved once)
+        self._specs: dict[str, BackboneSpec] = {}  # backbone spec hash -> parsed spec (parsed once)
+        # serving key -> its training pipeline; a key names immutable bytes (sha256), so it never goes stale
+        self._pipelines: LRUCache[str, Preprocessing] = LRUCache(max_pipelines)
 
     @property
     def ready(self) -> bool:
         return self.engine.alive
 
     def _spec(self, handle: PromptHandle) -> BackboneSpec:
-        """The resolved spec (input size, mean, std from timm's config; no weights are loaded here)."""
         spec = self._specs.get(handle.backbone_spec_hash)
         if spec is None:
-            spec = BackboneSpec.from_dict(handle.backbone_spec).resolved()
-            self._specs[handle.backbone_spec_hash] = spec
+            spec = self._specs[handle.backbone_spec_hash] = BackboneSpec.from_dict(handle.backbone_spec)
         return spec
 
     async def predict_many(
@@ -176,12 +184,43 @@ class EnginePredictor:
             raise InvalidInput("prompts: all prompts of one request must share a backbone", param="prompts")
         spec = self._spec(prompts[0])
         keys = [serving_key(p.key, p.sha256) for p in prompts]
-        x = await asyncio.to_thread(_prepare, spec, list(images))
         try:
-            outs = await self.engine.predict(spec, keys, x, tenant_id=tenant_id, deadline=deadline)
+            outs = await self.predict_images(spec, keys, images, tenant_id=tenant_id, deadline=deadline)
         except (ServingError, EngineError) as exc:
             raise _domain_error(exc) from exc
         return [_rows(out, top_k) for out in outs]
+
+    async def predict_images(
+        self,
+        spec: BackboneSpec,
+        keys: Sequence[str],
+        images: Sequence[bytes | np.ndarray],
+        *,
+        tenant_id: str = "",
+        deadline: float | None = None,
+    ) -> list[PromptPrediction]:
+        """Every image under every key, each prompt's images through the pipeline its artifact records
+        (one decode; one tensor and one engine call per distinct pipeline, usually one).
+
+        Raises ImageDecodeError naming ``images[i]`` for a file that does not decode.
+        """
+        unique = list(dict.fromkeys(keys))
+        missing = [k for k in unique if k not in self._pipelines]
+        if missing:
+            for key, pipeline in zip(missing, await self.engine.pipelines(spec, missing), strict=True):
+                self._pipelines[key] = pipeline
+        by_pipeline: dict[Preprocessing, list[str]] = {}
+        for key in unique:
+            by_pipeline.setdefault(self._pipelines[key], []).append(key)
+        groups = await asyncio.to_thread(_prepare, list(by_pipeline.items()), list(images))
+        outs = await asyncio.gather(
+            *(
+                self.engine.predict(spec, group, x, tenant_id=tenant_id, deadline=deadline)
+                for group, x in groups
+            )
+        )
+        answers = {a.key: a for out in outs for a in out}
+        return [answers[k] for k in keys]
 
     async def pin(self, prompt: PromptHandle) -> int:
         try:
@@ -209,10 +248,11 @@ class EnginePredictor:
         await self.engine.aclose()
 
 
-def _prepare(spec: BackboneSpec, images: list[bytes | np.ndarray]) -> Tensor:
-    """Decode and preprocess in one hop off the event loop; a file that does not decode names images[i]."""
-    size, mean, std = spec.input_size, spec.mean, spec.std
-    assert size is not None and mean is not None and std is not None  # a resolved spec
+def _prepare(
+    groups: list[tuple[Preprocessing, list[str]]], images: list[bytes | np.ndarray]
+) -> list[tuple[list[str], Tensor]]:
+    """Decode once, then each group's pipeline, in one hop off the event loop; a file that does not decode
+    names images[i]."""
     decoded = []
     for i, im in enumerate(images):
         if isinstance(im, np.ndarray):
@@ -222,7 +262,7 @@ def _prepare(spec: BackboneSpec, images: list[bytes | np.ndarray]) -> Tensor:
             decoded.append(decode_image(im))
         except ImageDecodeError as exc:
             raise ImageDecodeError(f"image {i}: {exc}", param=f"images[{i}]") from exc
-    return preprocess(decoded, size, mean, std)  # [N, 3, H, W]
+    return [(keys, pipeline(decoded)) for pipeline, keys in groups]  # x [N, 3, H, W] per group
 
 
 def _rows(out: PromptPrediction, top_k: int) -> list[list[Prediction]]:

@@ -25,6 +25,7 @@ from torch import Tensor
 from zmq.utils.monitor import recv_monitor_message
 
 from service.engine import BackboneSpec
+from service.engine.preprocessing import Preprocessing
 from service.serving import metrics
 from service.serving.core import PromptPrediction
 from service.serving.errors import EngineUnavailableError
@@ -99,6 +100,10 @@ class EngineClient:
             PromptPrediction(key=k, classes=list(c), probabilities=p)
             for k, c, p in zip(reply["keys"], reply["classes"], probs, strict=True)
         ]
+
+    async def pipelines(self, spec: BackboneSpec, keys: Sequence[str]) -> list[Preprocessing]:
+        reply, _ = await self._call({"op": "pipelines", "spec": spec.to_dict(), "keys": list(keys)})
+        return [Preprocessing.from_dict(p) for p in reply["pipelines"]]
 
     async def pin(self, spec: BackboneSpec, key: str) -> int:
         reply, _ = await self._call({"op": "pin", "spec": spec.to_dict(), "key": key})

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from service.engine import Backbone, BackboneSpec, create_backbone
 from service.engine.mixed_batch import predict_single
+from service.engine.preprocessing import Preprocessing
 from service.serving import metrics
 from service.serving.admission import Admission
 from service.serving.batcher import MicroBatcher
@@ -327,6 +328,12 @@ class EngineCore:
                 return [predict_single(srv.backbone, p.artifact, x).float().cpu()]  # [N, K]
 
         return await srv.batcher.run_on_model_thread(run)
+
+    async def pipelines(self, spec: BackboneSpec, keys: Sequence[str]) -> list[Preprocessing]:
+        """The image pipeline each prompt was trained with (loading the prompts): the front preprocesses
+        every image with exactly that before it asks for a prediction."""
+        srv = await self.server(spec)
+        return [p.artifact.preprocessing(srv.backbone) for p in await self._load(srv, list(keys))]
 
     # -- introspection and shutdown --------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ op                    request                                      reply
 ====================  ===========================================  =====================================
 ``ping``              (heartbeat)                                  ``pong``
 ``predict``           spec, keys, tenant, deadline; x [N,3,H,W]    classes per key; probabilities [N,K]
+``pipelines``         spec, keys                                   each prompt's training image pipeline
 ``pin`` / ``unpin``   spec, key / key                              slot / whether it was pinned
 ``invalidate``        key                                          (done: no front is served it again)
 ``stats``                                                          the core's stats
@@ -123,7 +124,10 @@ class EngineServer:
             reply["keys"] = [o.key for o in outs]
             reply["classes"] = [o.classes for o in outs]
             return [o.probabilities for o in outs]
-        if op == "pin":
+        if op == "pipelines":
+            pipelines = await self.core.pipelines(self._spec(header["spec"]), header["keys"])
+            reply["pipelines"] = [p.to_dict() for p in pipelines]
+        elif op == "pin":
             reply["slot"] = await self.core.pin(self._spec(header["spec"]), header["key"])
         elif op == "unpin":
             reply["was"] = self.core.unpin(header["key"])

@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api.deps import PredictorDep, RateLimited, ResolverDep, SettingsDep, TenantIdDep
+from service.api.deps import PredictorDep, PredictTenantDep, RateLimited, ResolverDep, SettingsDep
 from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES
 from service.api.schemas.predict import LIST_FIELDS, PredictRequest, PredictResponse
@@ -49,7 +49,7 @@ _INLINE_BODY_BYTES = 64 << 10
 )
 async def predict(
     request: Request,
-    tenant_id: TenantIdDep,
+    tenant_id: PredictTenantDep,
     settings: SettingsDep,
     predictor: PredictorDep,
     resolver: ResolverDep,
