@@ -411,7 +411,7 @@ def measure_gateway(
 ) -> dict[str, Any]:
     tenants, n_prompts = (4, 48)
     env, cleanup = _postgres_env() if production else ({}, lambda: None)
-    server = Server(extra_env=env, args=["--workers", str(workers)] if workers > 1 else [])
+    server = Server(extra_env=env, args=["--workers", str(workers)])
     try:
         server.wait_ready()
         prompts = setup_tenants_and_prompts(server, spec, tenants=tenants, prompts=n_prompts)

@@ -154,7 +154,7 @@ class Settings(BaseSettings):
     )
     serving_engine_timeout_ms: float = Field(
         gt=0,
-        default=2000.0,
+        default=5000.0,
         description="A front that hears nothing from the engine (heartbeat) this long fails requests "
         "fast with 503 until it answers again.",
     )

@@ -29,7 +29,7 @@ from service.db.migrate import check_migrated, upgrade
 from service.db.session import make_engine, make_session_factory
 from service.domain.evaluation_runner import EvaluationRunner
 from service.domain.predict import PromptResolver
-from service.domain.tenants import Authenticator, load_or_create_admin_key
+from service.domain.tenants import Authenticator, resolve_admin_key
 from service.launch.engine import DatabasePromptSource
 from service.launch.front import EnginePredictor, LocalEngine, serving_config
 from service.log import configure_logging
@@ -69,13 +69,6 @@ def body_limit(settings: Settings, path: str) -> int:
     if path.rstrip("/") == "/v1/files":
         return settings.max_file_bytes + files.MULTIPART_SLACK
     return settings.max_upload_bytes
-
-
-def resolve_admin_key(settings: Settings) -> Settings:
-    """Embedded mode without ACTPROMPT_ADMIN_KEY: the key stored under var_dir (generated once)."""
-    if settings.admin_key or not settings.is_embedded:
-        return settings
-    return settings.model_copy(update={"admin_key": load_or_create_admin_key(settings.var_dir)})
 
 
 @asynccontextmanager

@@ -65,8 +65,8 @@ def _serve(args: argparse.Namespace) -> int:
 
         endpoint = prepare_environment(workers)
 
-    from service.api.main import resolve_admin_key
     from service.db.migrate import DatabaseNotMigrated, check_migrated_url
+    from service.domain.tenants import resolve_admin_key
     from service.settings import get_settings
     from workers.queues import train_queue
 

@@ -19,6 +19,7 @@ from service.db.models import ApiKey, Tenant
 from service.db.repositories import ApiKeyRepository, TenantRepository
 from service.db.session import retry_read
 from service.domain.errors import InvalidInput, NotFound, Unauthorized
+from service.settings import Settings
 from service.ttl_cache import TTLCache
 
 KEY_PREFIX = "ap_"
@@ -197,3 +198,10 @@ def load_or_create_admin_key(var_dir: Path) -> str:
     path.write_text(key + "\n")
     path.chmod(0o600)
     return key
+
+
+def resolve_admin_key(settings: Settings) -> Settings:
+    """Embedded mode without ACTPROMPT_ADMIN_KEY: the key stored under var_dir (generated once)."""
+    if settings.admin_key or not settings.is_embedded:
+        return settings
+    return settings.model_copy(update={"admin_key": load_or_create_admin_key(settings.var_dir)})

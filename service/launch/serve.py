@@ -20,8 +20,6 @@ import threading
 import time
 from typing import Any
 
-from service.launch.engine import engine_main
-
 log = logging.getLogger("actprompt.serve")
 
 #: What the fork server imports once for every engine it forks (what engine_main would import itself).
@@ -68,7 +66,7 @@ class EngineSupervisor:
         while not self._stop.is_set():
             ready = self._mp.Event()
             proc = self._mp.Process(
-                target=engine_main,
+                target=_engine_main,
                 args=(self.endpoint, ready, self.torch_threads),
                 name="actprompt-engine",
             )
@@ -109,6 +107,13 @@ class EngineSupervisor:
                 proc.kill()
                 proc.join()
         self._thread.join(timeout_s)
+
+
+def _engine_main(endpoint: str, ready: Any, torch_threads: int) -> None:
+    """The engine's entry, imported only in the engine (the parent stays free of torch)."""
+    from service.launch.engine import engine_main
+
+    engine_main(endpoint, ready, torch_threads)
 
 
 def _forget_metrics_of(pid: int | None) -> None:

@@ -60,6 +60,8 @@ class EngineClient:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for an engine that is not connected
+        sock.setsockopt(zmq.SNDHWM, 0)  # so a send fails only for want of a connection, never of room
+        sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 50)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
         metrics.ENGINE_UP.labels(endpoint=self.endpoint).set(0)

@@ -56,6 +56,8 @@ class EngineServer:
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a reply to a front that went away is dropped quietly
+        sock.setsockopt(zmq.SNDHWM, 0)  # a ROUTER drops what passes its high-water mark: never for a reply
+        sock.setsockopt(zmq.RCVHWM, 0)
         sock.bind(self.endpoint)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -85,7 +87,11 @@ class EngineServer:
 
     async def _handle(self, sock: zmq.asyncio.Socket, frames: list[Any]) -> None:
         identity, *body = frames
-        header, tensors = decode(body)
+        try:
+            header, tensors = decode(body)
+        except Exception:  # not one of our fronts' messages: nobody to answer by id
+            log.exception("undecodable message on %s", self.endpoint)
+            return
         reply: dict[str, Any] = {"id": header.get("id"), "op": "reply"}
         out: list[torch.Tensor] = []
         try:

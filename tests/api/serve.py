@@ -77,7 +77,7 @@ def run_server(tmp_path: Path, **env_overrides: str) -> Iterator[tuple[str, str,
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 180  # an engine and a front per core import torch (loaded CI hosts)
         while time.monotonic() < deadline:
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()
             try:

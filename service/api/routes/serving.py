@@ -1,7 +1,8 @@
-"""`POST /v1/prompts/{id}/pin`, `DELETE /v1/prompts/{id}/pin`: keep a prompt resident in this process.
+"""`POST /v1/prompts/{id}/pin`, `DELETE /v1/prompts/{id}/pin`: keep a prompt resident in the engine.
 
 A pin holds the artifact in host memory and in a device slot of its backbone until unpinned, deleted or the
-process restarts (pins are a cache hint, not stored state). `prm_x` pins the version that is latest now.
+engine process restarts (pins are a cache hint, not stored state), whichever front the next request reaches.
+`prm_x` pins the version that is latest now.
 """
 
 from __future__ import annotations
