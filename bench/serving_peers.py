@@ -182,6 +182,18 @@ class Target:
         r.raise_for_status()
         return [row[0]["index"] for row in r.json()["predictions"]]
 
+    def drain(self, image: str, tries: int = 60) -> None:
+        """Wait until a request is answered: what a previous run left queued is then done (503 = retry)."""
+        for _ in range(tries):
+            try:
+                self.predict(0, [image])
+                return
+            except httpx.HTTPStatusError as e:
+                if e.response.status_code != 503:
+                    raise
+                time.sleep(0.5)
+        raise RuntimeError(f"{self.name}: still refusing after {tries} tries")
+
 
 def keep_log(server: Server, logs: Path, name: str) -> Path:
     """Copy a server's log into `logs` (before stop() removes its folder); returns the copy."""
@@ -318,7 +330,12 @@ def _label(p: psutil.Process) -> str:
 
 
 def closed_loop(
-    target: Target, requests: list[Request], n_images: int, plan: Plan, cpu: TreeCPU
+    target: Target,
+    requests: list[Request],
+    n_images: int,
+    plan: Plan,
+    cpu: TreeCPU,
+    barrier: Callable[[], object],
 ) -> dict[str, Any]:
     """wrk per connection count; the point with the most images/s is the saturation."""
     points = []
@@ -326,6 +343,7 @@ def closed_loop(
         before = cpu.snapshot()
         res = run_wrk(target.server.url, "/v1/predict", requests, connections=c, seconds=plan.seconds)
         by_proc = TreeCPU.diff(before, cpu.snapshot())
+        barrier()  # one request, answered once the requests wrk left queued are done
         res["images_per_s"] = round(res["rps"] * n_images, 1)
         res["server_cpu_s"] = {k: round(v, 3) for k, v in sorted(by_proc.items(), key=lambda kv: -kv[1])}
         total = sum(by_proc.values())
@@ -378,7 +396,7 @@ def measure(target: Target, corpus: Corpus, plan: Plan, workloads: Sequence[str]
         else:
             n = int(wl.rsplit("_", 1)[1])
             reqs = target.wrk_requests([0] * 16, b64, n)
-        res = closed_loop(target, reqs, n, plan, cpu)
+        res = closed_loop(target, reqs, n, plan, cpu, lambda: target.drain(b64[0]))
         if not res["images_per_s"]:
             raise RuntimeError(
                 f"{target.name} {wl}: no request completed in {plan.seconds} s (server stalled)"
@@ -399,6 +417,7 @@ def measure(target: Target, corpus: Corpus, plan: Plan, workloads: Sequence[str]
             )
             res["p99_at_70pct_ms"], res["p50_at_70pct_ms"] = ol["ok_p99_ms"], ol["ok_p50_ms"]
             res["at_70pct"] = ol
+            target.drain(b64[0])
         out[wl] = res
     return out
 
@@ -421,7 +440,7 @@ def overload(target: Target, corpus: Corpus, plan: Plan, saturation_rps: float) 
             f"{res['timeouts']}, conn errors {res['conn_errors']}, generator late p99 "
             f"{res['generator_lateness_p99_ms']} ms"
         )
-        time.sleep(1.0)  # let the queue drain between rates
+        target.drain(corpus.b64[0])  # the next rate starts on an empty queue
     return out
 
 
