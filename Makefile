@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test test-quick lint typecheck pytest bench bench-quick worker clean chromium peers-venv soak
+.PHONY: fleet serve test test-quick lint typecheck pytest bench bench-quick worker clean chromium peers-venv soak
 
 # The serving frameworks the benchmark compares against (LitServe, Ray Serve, mosec) live in their own venv,
 # never in the product's: same torch pin, the engine code comes from the checkout.
@@ -31,12 +31,17 @@ peers-venv: $(PEERS_STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/actprompt serve
 
+# PostgreSQL, Redis, HAProxy (balancer on :8080, stats on :8404), 3 API replicas and 2 workers as separate
+# processes on this machine, in the foreground (Ctrl-C stops them); see docs/DEPLOY.md
+fleet: $(STAMP)
+	$(PY) -m deploy.fleet
+
 worker: $(STAMP)
 	$(VENV)/bin/actprompt worker
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check service workers client tests bench migrations
-	$(VENV)/bin/ruff format --check service workers client tests bench migrations
+	$(VENV)/bin/ruff check service workers client tests bench migrations deploy
+	$(VENV)/bin/ruff format --check service workers client tests bench migrations deploy
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
@@ -57,7 +62,7 @@ test: lint typecheck pytest
 test-quick: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not postgres and not redis"
 
-# BUDGET=full: the issue's full budget (CPU-hours); default: ~105 min on a quiet 2-core CPU
+# BUDGET=full: the full budget of bench/GOALS.md (CPU-hours); default: ~105 min on a quiet 2-core CPU
 bench: $(STAMP) $(PEERS_STAMP)
 	$(PY) -m bench.run_all $(if $(BUDGET),--budget $(BUDGET))
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepared script for a session with a GPU (issue 6 §4), under 8 minutes:
+# Prepared script for a machine with a GPU, under 8 minutes:
 #   1. the 224-px training-cost benchmark (timm resnet50 and vit_base_patch16_224, random weights) on CUDA,
 #   2. the serving benchmark (bench/serving.py) on the same machine.
 # Needs nothing from ../shared (which does not travel to the device machine). Results go to

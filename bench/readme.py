@@ -106,7 +106,7 @@ def headline(out_dir: Path) -> str:
 
 
 def http_lines(serving: dict[str, Any]) -> list[str]:
-    """HTTP images/s against the bare engine (issue 12), per server mode, from `http_vs_engine`."""
+    """HTTP images/s against the bare engine, per server mode, from `http_vs_engine`."""
     http = serving.get("http_vs_engine") or {}
     details_path = (http.get("provenance") or {}).get("details")
     details = read_json(REPO_ROOT / details_path) if details_path else None  # absolute stays absolute

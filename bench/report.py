@@ -17,9 +17,14 @@ import matplotlib.pyplot as plt
 from bench.accuracy import PLANS, SERVABLE, VARIANT_LABELS
 from bench.common import fmt_bytes, fmt_params, md_table, mean_std, read_json, results_dir
 
-DATASET_LABELS = {"gtsrb": "GTSRB-43", "tinyimagenet": "Tiny-ImageNet-200 (32 px)", "mnist": "MNIST"}
+DATASET_LABELS = {
+    "gtsrb": "GTSRB-43",
+    "tinyimagenet": "Tiny-ImageNet-200 (32 px)",
+    "tinyimagenet20": "Tiny-ImageNet, 20 classes (32 px)",
+    "mnist": "MNIST",
+}
 AP_VARIANTS = ("ap", "ap_channel", "deep_ap", "deep_ap_norm")
-#: An external reference run quoted by issue 14 (ResNet-20 -> GTSRB-43, 8,000 / 4,000 images, 10 epochs,
+#: An external reference run quoted in bench/GOALS.md (ResNet-20 -> GTSRB-43, 8,000 / 4,000 images, 10 epochs,
 #: Adam + cosine, batch 128): what our numbers are checked against, not a result of this project.
 CALIBRATION = {
     "resnet20_cifar/gtsrb": {
@@ -167,11 +172,16 @@ def calibration_section(acc: dict[str, Any]) -> str:
 
 
 def reference_budget_section(acc: dict[str, Any]) -> list[str]:
-    """The reference setting's table (rows at another scope's val-chosen rate and layer) and what it says
-    about the claim that matters most: LoRA against deep AP and deep AP + norm-tune."""
-    rows = acc.get("reference_budget") or []
-    if not rows:
-        return []
+    """One table per reference-budget scope (rows at another scope's val-chosen rate and layer)."""
+    scopes: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in acc.get("reference_budget") or []:
+        scopes[r.get("scope", f"{r['backbone']}/{r['dataset']}")].append(r)
+    return [line for rows in scopes.values() for line in _reference_scope_section(rows)]
+
+
+def _reference_scope_section(rows: list[dict[str, Any]]) -> list[str]:
+    """A reference setting's table and what it says about the claim that matters most: LoRA against
+    deep AP and deep AP + norm-tune."""
     by: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by[r["variant"]].append(r)
@@ -223,6 +233,7 @@ def reference_budget_section(acc: dict[str, Any]) -> list[str]:
         closed = mean["deep_ap_norm"] - mean["deep_ap"]
         share = f" ({100 * closed / lead:.0f} % of it)" if lead > 0 else ""
         ref_lead = ref.get("lora_r4", float("nan")) - ref.get("deep_ap", float("nan"))
+        ref_text = f"reference: {ref_lead:+.1f}" if ref_lead == ref_lead else "no reference for deep AP"
         verdicts = (
             f" Over the seeds, LoRA r=4 is {compare(by['lora_r4'], by['deep_ap'])} deep AP, and deep AP + "
             f"norm-tune is {compare(by['deep_ap_norm'], by['lora_r4'])} LoRA r=4."
@@ -230,7 +241,7 @@ def reference_budget_section(acc: dict[str, Any]) -> list[str]:
             else ""
         )
         lines += [
-            f"LoRA r=4 is {lead:+.1f} points against deep AP here (reference: {ref_lead:+.1f}); "
+            f"LoRA r=4 is {lead:+.1f} points against deep AP here ({ref_text}); "
             f"deep AP + norm-tune moves deep AP by {closed:+.1f} points{share}.{verdicts}",
             "",
         ]
@@ -294,7 +305,7 @@ def sweep_section(acc: dict[str, Any]) -> str:
 
 
 def accuracy_goals(acc: dict[str, Any]) -> list[Check]:
-    """DESIGN.md §6 accuracy goals, per backbone."""
+    """The accuracy goals of bench/GOALS.md, per backbone."""
     checks: list[Check] = []
     per_bb: dict[str, dict[str, list[tuple[str, bool]]]] = defaultdict(lambda: defaultdict(list))
     lora_notes: dict[str, list[str]] = defaultdict(list)
@@ -474,7 +485,7 @@ def full_budget_estimate(acc: dict[str, Any]) -> str:
     total, missing = plan_cpu_seconds(acc, "full")
     note = f" (not counted, no measurement: {', '.join(sorted(missing)[:6])})" if missing else ""
     return (
-        f"Estimated cost of `make bench BUDGET=full` (the issue's budget) from the seconds per image-epoch "
+        f"Estimated cost of `make bench BUDGET=full` (the full budget) from the seconds per image-epoch "
         f"measured in this run: about **{total / 3600:.0f} CPU-hours** of training{note}, i.e. "
         f"{total / 3600 / 2:.0f} h wall on 2 cores; not run here."
     )
@@ -729,7 +740,7 @@ def build(out_dir: Path) -> Path:
         cal = calibration_section(acc)
         if cal:
             body += [
-                "### Against the reference run quoted in issue 14",
+                "### Against the external reference run",
                 "",
                 "The reference used 8,000 training images and 10 epochs; this run's budget is in the table "
                 "above, so lower numbers are expected where the budget is smaller.",
@@ -767,7 +778,7 @@ def build(out_dir: Path) -> Path:
     if checks:
         lines += [
             "",
-            "## Goals (DESIGN.md §6), per backbone",
+            "## Goals (bench/GOALS.md), per backbone",
             "",
             md_table(
                 ["goal", "met", "measured"],

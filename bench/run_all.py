@@ -1,7 +1,7 @@
 """Run every benchmark and regenerate every published figure: ``python -m bench.run_all``.
 
 Budgets: ``--quick`` (every code path, minutes, into ``bench/results/quick/``), the default (sized for
-~105 min of a quiet 2-core CPU) and ``--budget full`` (the issue's full budget; CPU-hours). Each part
+~105 min of a quiet 2-core CPU) and ``--budget full`` (the full budget; CPU-hours). Each part
 writes its JSON with ``provenance``; the accuracy part resumes at the same commit from its row cache.
 ``--only accuracy,cost,serving,http,peers`` reruns some parts (or ``--only resnet20_cifar/gtsrb`` some
 accuracy scopes) and merges into the files there, refusing to mix commits unless told.

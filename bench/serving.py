@@ -1,4 +1,4 @@
-"""Serving benchmark (issue 5): mixed-prompt batches vs one prompt, the bare backbone and the naive way;
+"""Serving benchmark: mixed-prompt batches vs one prompt, the bare backbone and the naive way;
 HTTP throughput and latency against a running ``actprompt serve``; 10,000 prompts through a bounded cache.
 
     python -m bench.serving [--quick] [--parts engine,http,scale] [--backbones resnet20_cifar,resnet50,...]

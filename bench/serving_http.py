@@ -271,7 +271,7 @@ def run_http_bench(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Issue 12: HTTP images/s through `actprompt serve` against the bare engine, with wrk as the load generator.
+# HTTP images/s through `actprompt serve` against the bare engine, with wrk as the load generator.
 #
 #   python -m bench.serving_http [--quick] [--out DIR] [--results bench/results/serving.json]
 # ---------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Job queues: the task name, the Celery client (by name, never importing `workers`), the in-process queue.
+"""Job queues: the Celery client (sends by task name, never importing the worker application) and the
+in-process queue.
 
 Both queues end in the same call, `service.domain.job_runner.run_job`, and both are used only after the
 job row is committed.
@@ -16,13 +17,9 @@ from typing import Any, Protocol
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.settings import Settings
+from workers.queues import TRAIN_TASK, train_queue
 
 log = logging.getLogger("actprompt.queue")
-
-#: The Celery task that trains one job (workers register it under exactly this name).
-TRAIN_TASK = "actprompt.train_prompt"
-#: The periodic reaper task (sent only by the workers' own beat schedule).
-REAP_TASK = "actprompt.reap_jobs"
 
 
 class JobQueue(Protocol):
@@ -155,5 +152,5 @@ class InProcessQueue:
 def create_queue(settings: Settings, session_factory: sessionmaker[Session]) -> CeleryQueue | InProcessQueue:
     """Celery when a broker is configured, else the in-process queue (not started)."""
     if settings.broker_url:
-        return CeleryQueue(settings.broker_url, settings.train_queue())
+        return CeleryQueue(settings.broker_url, train_queue(settings))
     return InProcessQueue(session_factory, settings, run_jobs=settings.embedded_worker)

@@ -22,7 +22,7 @@ from typing import Any
 from kombu import Connection
 
 from service.queue import CeleryQueue
-from workers.celeryconfig import TRAIN_TASK
+from workers.queues import TRAIN_TASK
 
 log = logging.getLogger("actprompt.workers.broker")
 

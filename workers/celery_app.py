@@ -1,6 +1,6 @@
 """The Celery application of the workers, configured from `service.settings.get_settings()`.
 
-`celery -A workers.celery_app worker` works as is; `actprompt worker` (service/cli/worker_commands.py) calls
+`celery -A workers.celery_app worker` works as is; `actprompt worker` (workers/start.py) calls
 `configure()` again with its command-line overrides (device, maintenance queue) before it starts the worker.
 The process-wide resources a task needs (settings, the database session factory, the job queue) live here,
 built lazily once per process, so task modules stay a few lines long.
@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 from celery import Celery
 
 from service.settings import Settings, get_settings
-from workers.celeryconfig import MAINTENANCE_QUEUE, build_config
+from workers.celeryconfig import build_config
+from workers.queues import MAINTENANCE_QUEUE, train_queue
 
 if TYPE_CHECKING:
     from service.db.session import SessionFactory
@@ -85,7 +86,7 @@ def job_queue() -> BrokerJobQueue:
             settings = worker_settings()
             if not settings.broker_url:
                 raise RuntimeError("workers run in production mode only: set ACTPROMPT_BROKER_URL")
-            _queue = BrokerJobQueue(settings.broker_url, settings.train_queue())
+            _queue = BrokerJobQueue(settings.broker_url, train_queue(settings))
         return _queue
 
 

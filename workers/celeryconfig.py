@@ -13,20 +13,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from service import queue as service_queue
 from service.settings import Settings
-
-#: Dotted task names, defined once in the gateway's queue module (the gateway sends by name and never
-#: imports this package); the reaper's is only sent by our own beat schedule.
-TRAIN_TASK = service_queue.TRAIN_TASK
-REAP_TASK = service_queue.REAP_TASK
-
-#: Queues per device kind, so CPU and GPU workers can share one broker (`Settings.train_queue()` picks one).
-GPU_QUEUE = "actprompt.gpu"
-CPU_QUEUE = "actprompt.cpu"
-#: The reaper's queue: consumed by the worker that runs beat (`actprompt worker --beat`), never stuck behind
-#: an hour of training in a training queue.
-MAINTENANCE_QUEUE = "actprompt.maintenance"
+from workers.queues import MAINTENANCE_QUEUE, REAP_TASK, train_queue
 
 #: The longest training job a deployment plans for (a day on one GPU). A longer one still runs to the end;
 #: only its message may be handed out again, which its lease refuses.
@@ -94,7 +82,7 @@ def build_config(settings: Settings, *, maintenance_queue: str = MAINTENANCE_QUE
         # --- routing ----------------------------------------------------------------------------------
         # Training tasks are sent with an explicit queue by the gateway; anything unrouted lands on the
         # training queue of this worker's device kind rather than on Celery's default "celery" queue.
-        "task_default_queue": settings.train_queue(),
+        "task_default_queue": train_queue(settings),
         "task_create_missing_queues": True,
         "task_routes": {REAP_TASK: {"queue": maintenance_queue}},
         # No time limits: the job's own cancel flag stops training cooperatively; a hard kill mid-step would

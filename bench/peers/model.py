@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from service.engine import BackboneSpec, create_backbone, decode_image, preprocess
+from service.engine import BackboneSpec, create_backbone, decode_image
 from service.engine.artifacts import PromptArtifact, load_module
 from service.engine.methods.activation import delta_key
 
@@ -36,12 +36,13 @@ class PromptedModel:
     def __init__(self, weights: str, prompts_dir: Path) -> None:
         torch.set_num_threads(int(os.environ.get("BENCH_TORCH_THREADS", "1")))
         self.backbone = create_backbone(BackboneSpec("resnet20_cifar", weights=weights), "cpu")
-        self.spec = self.backbone.spec
         files = sorted(prompts_dir.glob("p*.safetensors"), key=lambda p: int(p.stem[1:]))
         if not files:
             raise FileNotFoundError(f"no p<N>.safetensors in {prompts_dir}")
         self.artifacts = {p.stem: PromptArtifact.from_bytes(p.read_bytes()) for p in files}
         self.default = files[0].stem
+        # the image pipeline the prompts were made with (one backbone: the same for every prompt)
+        self.preprocessing = self.artifacts[self.default].preprocessing(self.backbone)
         self.modules = {k: load_module(a, self.backbone).eval() for k, a in self.artifacts.items()}
         self.index = {k: i for i, k in enumerate(self.artifacts)}
         layers = {a.prompt_layers for a in self.artifacts.values()}
@@ -61,8 +62,7 @@ class PromptedModel:
 
     def decode(self, images_b64: Sequence[str]) -> Tensor:
         """Base64 PNGs -> normalised [N, 3, H, W] (the engine's decoding and preprocessing)."""
-        imgs = [decode_image(base64.b64decode(s)) for s in images_b64]
-        return preprocess(imgs, self.spec.input_size, self.spec.mean, self.spec.std)  # type: ignore[arg-type]
+        return self.preprocessing([decode_image(base64.b64decode(s)) for s in images_b64])
 
     def forward_one(self, prompt: str, x: Tensor) -> Tensor:
         """Probabilities [N, K] of one prompt's module."""

@@ -21,7 +21,21 @@ from actprompt._errors import (
     ServiceUnavailableError,
     UnprocessableEntityError,
 )
-from actprompt.types import Backbone, Evaluation, File, Job, JobEvent, Prediction, Progress, Prompt
+from actprompt.states import EvaluationStatus, JobStatus
+from actprompt.types import (
+    ApiKey,
+    ApiKeyCreated,
+    Backbone,
+    Evaluation,
+    File,
+    Job,
+    JobEvent,
+    Prediction,
+    Progress,
+    Prompt,
+    Tenant,
+    TenantCreated,
+)
 
 __version__ = "0.1.0"
 
@@ -29,6 +43,8 @@ __all__ = [
     "APIConnectionError",
     "APIError",
     "ActpromptError",
+    "ApiKey",
+    "ApiKeyCreated",
     "AsyncClient",
     "AuthenticationError",
     "Backbone",
@@ -36,10 +52,12 @@ __all__ = [
     "Client",
     "ConflictError",
     "Evaluation",
+    "EvaluationStatus",
     "File",
     "InternalServerError",
     "Job",
     "JobEvent",
+    "JobStatus",
     "NotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
@@ -48,5 +66,7 @@ __all__ = [
     "Prompt",
     "RateLimitError",
     "ServiceUnavailableError",
+    "Tenant",
+    "TenantCreated",
     "UnprocessableEntityError",
 ]

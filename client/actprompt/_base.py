@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import os
@@ -22,7 +21,6 @@ DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = 60.0
 #: Statuses worth another try: rate limited, or the service (or a proxy in front of it) briefly unavailable.
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
-TERMINAL_JOB_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
 ImageInput = Any  # str path | pathlib.Path | bytes | a PIL image | "https://..." URL
 
@@ -100,22 +98,34 @@ def image_bytes(image: ImageInput) -> bytes:
     raise TypeError(f"unsupported image {type(image).__name__}: use a path, bytes, a PIL image or a URL")
 
 
-def predict_request(prompt: str, images: Sequence[ImageInput], top_k: int) -> dict[str, Any]:
-    """httpx request kwargs: multipart for files only; JSON when a URL is among the images.
+#: Names the prompt of a predict outside its body, so a balancer can route it to the replica that caches
+#: that prompt without reading the body (deploy/haproxy.cfg hashes it; docs/DEPLOY.md). A hint only: the
+#: server answers from the body's prompt whatever the header says.
+PROMPT_HEADER = "X-Actprompt-Prompt"
 
-    JSON images are base64 strings, or `{"url": ...}` objects that the server fetches.
+
+def routing_headers(prompt: str) -> dict[str, str]:
+    """The prompt header, when the reference can be a header value at all (else the server's 4xx says why)."""
+    return {PROMPT_HEADER: prompt} if prompt.isascii() and prompt.isprintable() else {}
+
+
+def predict_request(prompt: str, images: Sequence[ImageInput], top_k: int) -> dict[str, Any]:
+    """httpx request kwargs: a multipart form, each image a file part or a text part holding its URL.
+
+    One part list keeps the images in order (httpx sends a `(None, text)` entry as a plain text part). The
+    prompt also goes in the routing header.
     """
     if not images:
         raise ValueError("at least one image")
-    if any(_is_url(im) for im in images):
-        encoded = [
-            {"url": im} if _is_url(im) else base64.b64encode(image_bytes(im)).decode() for im in images
-        ]
-        return {"json": {"prompt": prompt, "images": encoded, "top_k": top_k}}
-    files = [
-        ("images", (f"image{i}", image_bytes(im), "application/octet-stream")) for i, im in enumerate(images)
+    parts = [
+        ("images", (None, im) if _is_url(im) else (f"image{i}", image_bytes(im), "application/octet-stream"))
+        for i, im in enumerate(images)
     ]
-    return {"data": {"prompt": prompt, "top_k": str(top_k)}, "files": files}
+    return {
+        "data": {"prompt": prompt, "top_k": str(top_k)},
+        "files": parts,
+        "headers": routing_headers(prompt),
+    }
 
 
 def predictions(body: dict[str, Any]) -> list[list[Prediction]]:

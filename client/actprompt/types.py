@@ -10,6 +10,13 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from actprompt.states import (
+    TERMINAL_EVALUATION_STATES,
+    TERMINAL_JOB_STATES,
+    EvaluationStatus,
+    JobStatus,
+)
+
 T = TypeVar("T")
 
 
@@ -36,13 +43,14 @@ class Progress(_Model):
 class Job(_Model):
     id: str
     object: str = "job"
-    status: str
+    status: JobStatus
     backbone: str
     dataset_uri: str
     method: str
     prompt_layer: Any = None
     resolved_layers: list[int] | None = None
     prompt_shape: str
+    method_options: dict[str, Any] = Field(default_factory=dict)
     hyperparameters: dict[str, Any]
     name: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
@@ -64,7 +72,7 @@ class Job(_Model):
 
     @property
     def done(self) -> bool:
-        return self.status in ("succeeded", "failed", "cancelled")
+        return self.status in TERMINAL_JOB_STATES
 
 
 class JobEvent(_Model):
@@ -101,7 +109,7 @@ class Prompt(_Model):
 class Evaluation(_Model):
     id: str
     object: str = "evaluation"
-    status: str
+    status: EvaluationStatus
     prompt: str
     dataset_uri: str
     metrics: dict[str, Any] | None = None
@@ -112,7 +120,7 @@ class Evaluation(_Model):
 
     @property
     def done(self) -> bool:
-        return self.status in ("succeeded", "failed")
+        return self.status in TERMINAL_EVALUATION_STATES
 
 
 class Backbone(_Model):
@@ -129,6 +137,31 @@ class Backbone(_Model):
     spec_hash: str
     created_at: datetime
     layers: list[dict[str, Any]] | None = None
+
+
+class Tenant(_Model):
+    id: str
+    name: str
+    created_at: datetime
+
+
+class TenantCreated(Tenant):
+    api_key: str
+    key_id: str
+
+
+class ApiKey(_Model):
+    id: str
+    tenant_id: str
+    prefix: str
+    name: str | None = None
+    scopes: list[str] = Field(default_factory=list)
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+class ApiKeyCreated(ApiKey):
+    api_key: str
 
 
 class Prediction(_Model):

@@ -1,4 +1,4 @@
-"""files and evaluations: uploaded dataset files and prompt evaluations (issue 11)
+"""files and evaluations: uploaded dataset files and prompt evaluations
 
 Revision ID: 0002
 Revises: 0001

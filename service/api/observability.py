@@ -9,14 +9,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from actprompt.states import JobStatus
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from service.db.models import JOB_STATES
 
 log = logging.getLogger("actprompt.access")
 
@@ -43,7 +42,7 @@ class JobStateCollector(Collector):
             ok.add_metric([], 0)
             yield ok
             return
-        for state in JOB_STATES:
+        for state in JobStatus:
             family.add_metric([state], counts.get(state, 0))
         ok.add_metric([], 1)
         yield family

@@ -113,16 +113,22 @@ def files_delete(args: argparse.Namespace, c: Client) -> int:
 
 
 # --- jobs -------------------------------------------------------------------------------------------
-def _hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
-    hp: dict[str, Any] = {}
-    for item in args.hp or []:
+def _pairs(items: list[str] | None, flag: str) -> dict[str, Any]:
+    """KEY=VALUE arguments as a dict; a value that parses as JSON is taken as JSON."""
+    out: dict[str, Any] = {}
+    for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise ValueError(f"--hp {item!r}: use key=value")
+            raise ValueError(f"{flag} {item!r}: use key=value")
         try:
-            hp[key] = json.loads(raw)
+            out[key] = json.loads(raw)
         except ValueError:
-            hp[key] = raw
+            out[key] = raw
+    return out
+
+
+def _hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
+    hp = _pairs(args.hp, "--hp")
     if args.epochs is not None:
         hp["epochs"] = args.epochs
     return hp
@@ -141,6 +147,7 @@ def jobs_create(args: argparse.Namespace, c: Client) -> int:
         dataset=args.dataset,
         prompt_layer=_layer(args.layer),
         method=args.method,
+        method_options=_pairs(args.option, "--option") or None,
         hyperparameters=_hyperparameters(args),
         name=args.name,
         prompt_id=args.prompt_id,
@@ -327,7 +334,13 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--backbone", required=True)
     p.add_argument("--dataset", required=True, help="file_... id or a URI")
     p.add_argument("--layer", default=None, help="index, name, comma list, 'all' or 'auto'")
-    p.add_argument("--method", default=None)
+    p.add_argument("--method", default=None, help="a servable method, or 'auto' (chosen on validation)")
+    p.add_argument(
+        "--option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a method option, e.g. lora_rank=8, or for auto prefer=cost, max_train_seconds=600 (repeatable)",
+    )
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--hp", action="append", metavar="KEY=VALUE", help="a hyperparameter (repeatable)")
     p.add_argument("--name", default=None)

@@ -63,6 +63,7 @@ def _serve(args: argparse.Namespace) -> int:
     from service.api.main import create_app, resolve_admin_key
     from service.db.migrate import DatabaseNotMigrated, check_migrated_url
     from service.settings import get_settings
+    from workers.queues import train_queue
 
     settings = resolve_admin_key(get_settings())
     if not settings.should_auto_migrate:
@@ -79,7 +80,7 @@ def _serve(args: argparse.Namespace) -> int:
             url=url,
             mode="embedded (in-process job runner)"
             if settings.is_embedded
-            else f"celery ({settings.train_queue()})",
+            else f"celery ({train_queue(settings)})",
             database=settings.database_url,
             admin_key=settings.admin_key or "(ACTPROMPT_ADMIN_KEY is not set: admin calls are refused)",
             data_roots=":".join(map(str, roots)),

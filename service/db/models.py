@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
+from actprompt.states import EvaluationStatus, JobStatus
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -17,22 +19,22 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy import Enum as SAEnum
 from sqlalchemy.orm import Mapped, deferred, mapped_column
 
 from service.db.base import Base, utcnow
 
-#: Every job state; `validating` is transient inside `POST /v1/jobs`.
-JOB_STATES: tuple[str, ...] = (
-    "validating",
-    "queued",
-    "running",
-    "cancelling",
-    "succeeded",
-    "failed",
-    "cancelled",
-)
-ACTIVE_JOB_STATES: tuple[str, ...] = ("validating", "queued", "running", "cancelling")
-TERMINAL_JOB_STATES: tuple[str, ...] = ("succeeded", "failed", "cancelled")
+
+def _status_type(states: type[StrEnum]) -> SAEnum:
+    """A state stored as its string value in a VARCHAR(16) (no database enum type, no CHECK constraint), so
+    the schema stays the migrations' and a new state needs no migration; rows read back as the enum."""
+    return SAEnum(
+        states,
+        native_enum=False,
+        create_constraint=False,
+        length=16,
+        values_callable=lambda e: [m.value for m in e],
+    )
 
 
 class Tenant(Base):
@@ -53,6 +55,8 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     name: Mapped[str | None] = mapped_column(String(200))
+    #: what the key may do: names of `service.domain.tenants.Scope`, as a JSON list
+    scopes: Mapped[list[str]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column()
     revoked_at: Mapped[datetime | None] = mapped_column()
@@ -87,7 +91,7 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[JobStatus] = mapped_column(_status_type(JobStatus))
     backbone_id: Mapped[str] = mapped_column(String(64))  # no FK: a finished job outlives its backbone
     dataset_uri: Mapped[str] = mapped_column(Text)
     method: Mapped[str] = mapped_column(String(32))
@@ -200,11 +204,6 @@ class File(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-#: Evaluation states; `queued`/`running` ones are owned by one API process, which renews `heartbeat_at`.
-EVALUATION_STATES: tuple[str, ...] = ("queued", "running", "succeeded", "failed")
-ACTIVE_EVALUATION_STATES: tuple[str, ...] = ("queued", "running")
-
-
 class Evaluation(Base):
     """A prompt scored on a labelled dataset through the serving path: top-1/top-5, per class, confusion."""
 
@@ -216,7 +215,7 @@ class Evaluation(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[EvaluationStatus] = mapped_column(_status_type(EvaluationStatus))
     prompt_id: Mapped[str] = mapped_column(String(40))
     prompt_version: Mapped[int] = mapped_column(Integer)
     dataset_uri: Mapped[str] = mapped_column(Text)

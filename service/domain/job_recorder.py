@@ -49,7 +49,20 @@ class JobRecorder:
             on_layer_probe=self.on_layer_probe,
             on_layer_selected=self.on_layer_selected,
             on_start=self.on_start,
+            on_candidate=self.on_candidate,
         )
+
+    def on_candidate(self, row: dict[str, Any]) -> None:
+        """One row of the `auto` method search (the console draws the table from these events)."""
+        if row.get("val_accuracy") is None:
+            message = f"candidate {row.get('label')}: skipped ({row.get('skipped')})"
+        else:
+            message = (
+                f"candidate {row.get('label')}: val acc {row['val_accuracy']:.4f}, "
+                f"{row.get('trainable_params')} trainable parameters, {row.get('train_seconds')} s, "
+                f"{row.get('serving_ms_per_image')} ms per image served"
+            )
+        self.lease.event("method_search", message, jsonable(row))
 
     def on_layer_probe(self, row: dict[str, Any]) -> None:
         message = f"probed layer {row.get('index')}: val acc {row.get('val_accuracy')}"

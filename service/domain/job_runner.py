@@ -11,9 +11,11 @@ import copy
 import enum
 import logging
 import threading
+import time
 import traceback
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -31,8 +33,10 @@ from service.domain.backbones import BackboneCache
 from service.domain.datasets import resolve_dataset
 from service.domain.job_lease import JobLease, LeaseStop
 from service.domain.job_recorder import JobRecorder, jsonable
+from service.domain.jobs import METHOD_OPTIONS_KEY
 from service.domain.prompts import store_prompt
 from service.settings import Settings
+from service.storage import StorageUnavailable
 
 log = logging.getLogger("actprompt.job_runner")
 
@@ -272,12 +276,38 @@ class _JobRun:
         return outcome if ok else RunOutcome.LOST
 
     # --- validation + training ----------------------------------------------------------------------
+    def _dataset_path(self) -> Path:
+        """The dataset as a local file. While the object store is down the job waits on its worker (lease
+        renewed, cancel honoured) up to `storage_wait_seconds`; past that the attempt counts as crashed."""
+        deadline = time.monotonic() + self.settings.storage_wait_seconds
+        delay, told = 0.5, False
+        while True:
+            try:
+                return resolve_dataset(
+                    self.lease.session_factory, self.job.tenant_id, self.job.dataset_uri, self.settings
+                )
+            except StorageUnavailable as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                if not told:
+                    told = True
+                    log.warning("object store unavailable; waiting", extra={"job_id": self.job.id})
+                    self.lease.event(
+                        "log",
+                        f"waiting for the object store: {exc.message}",
+                        {"code": exc.code},
+                        level="warning",
+                    )
+                self.lease.pause(min(delay, left))
+                delay = min(delay * 2, 10.0)
+
     def _validate(self) -> Any:
         """Download, load, validate and split the dataset; `validating` → `running` with the report."""
         from service.engine import pipeline
 
         settings, hp = self.settings, self.job.hyperparameters
-        path = resolve_dataset(self.lease.session_factory, self.job.tenant_id, self.job.dataset_uri, settings)
+        path = self._dataset_path()
         self.lease.check_stop()
         split = pipeline.SplitSpec(
             val_fraction=float(hp.get("val_fraction", 0.1)), seed=int(hp.get("seed", 0))
@@ -307,6 +337,7 @@ class _JobRun:
 
     def _train(self) -> _Trained:
         from service.engine import BackboneError, pipeline
+        from service.engine.method_search import AUTO
         from service.engine.train import Checkpoint as EngineCheckpoint
         from service.engine.train import TrainConfig
 
@@ -326,20 +357,25 @@ class _JobRun:
             self.lease.event(
                 "log", f"resuming from the checkpoint after epoch {resume.epoch}", {"epoch": resume.epoch}
             )
-        if job.method == "activation" and job.resolved_layers is None:
-            self.lease.event("log", "searching the prompt layer (auto)")
+        options = dict(hp.get(METHOD_OPTIONS_KEY) or {})
+        if job.method == AUTO:
+            self.lease.event("log", "searching the method (auto): each candidate trained, chosen on val")
+        else:
+            options["prompt_shape"] = job.prompt_shape
+            if job.method == "activation" and job.resolved_layers is None:
+                self.lease.event("log", "searching the prompt layer (auto)")
         trained = pipeline.train_prompt(
             backbone,
             data,
             job.method,
             prompt_layer=job.prompt_layer,
             layers=job.resolved_layers,  # resolved at submission (or by an earlier attempt's probe)
-            method_options={"prompt_shape": job.prompt_shape},
+            method_options=options,
             config=TrainConfig(**{k: hp[k] for k in _TRAIN_CONFIG_KEYS if k in hp}),
             callbacks=self.recorder.callbacks(),
             resume=resume,
         )
-        return _Trained(trained.result, trained.layers, trained.train_config.epochs)
+        return _Trained(trained.result, trained.method, trained.layers, trained.train_config.epochs)
 
     # --- result -------------------------------------------------------------------------------------
     def _store(self, trained: _Trained) -> RunOutcome:
@@ -355,7 +391,7 @@ class _JobRun:
                         self.job.tenant_id,
                         artifact=data,
                         backbone_id=self.job.backbone_id,
-                        method=self.job.method,
+                        method=trained.method,  # "auto" stores the method it chose
                         prompt_layers=trained.layers,
                         prompt_shape=self.job.prompt_shape if trained.layers else None,
                         classes=[str(c) for c in artifact.classes],
@@ -415,5 +451,6 @@ class _JobRun:
 @dataclass
 class _Trained:
     result: Any  # engine TrainResult
+    method: str
     layers: list[int]
     epochs: int

@@ -25,6 +25,7 @@ from service.db.repositories import (
 )
 from service.domain import files
 from service.domain.backbones import get_backbone, resolve_layers
+from service.domain.datasets import allowed_s3_location
 from service.domain.errors import (
     BadRequest,
     Conflict,
@@ -45,6 +46,7 @@ class JobRequest:
     prompt_layer: Any = None  # int | str | list | "all" | "auto" | None (= recommended)
     method: str = "activation"
     prompt_shape: str = "full"
+    method_options: dict[str, Any] = field(default_factory=dict)  # the method's own (lora_rank, auto's)
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -97,24 +99,78 @@ def stored_metadata(value: Any) -> dict[str, Any]:
     return dict(value or {})
 
 
+#: Where a job row keeps its method options: inside the hyperparameters JSON, under this key.
+METHOD_OPTIONS_KEY = "method_options"
+#: Options with a request field of their own, never inside `method_options`.
+_OWN_FIELDS = ("prompt_layers", "prompt_layer", "prompt_shape", "num_classes")
+
+
+def method_options(job: Job) -> dict[str, Any]:
+    """The job's method options (stored inside its hyperparameters JSON)."""
+    return dict((job.hyperparameters or {}).get(METHOD_OPTIONS_KEY) or {})
+
+
+def train_hyperparameters(job: Job) -> dict[str, Any]:
+    """The job's hyperparameters without the method options stored beside them."""
+    return {k: v for k, v in (job.hyperparameters or {}).items() if k != METHOD_OPTIONS_KEY}
+
+
 def servable_methods() -> list[str]:
     from service.engine.methods import list_methods
 
     return list(list_methods(servable_only=True))
 
 
+def job_methods() -> list[str]:
+    """What a job may ask for: every servable method, and "auto" (the search among them)."""
+    from service.engine.method_search import AUTO
+
+    return [*servable_methods(), AUTO]
+
+
+def _check_auto(request: JobRequest) -> list[int]:
+    from service.engine import EngineError
+    from service.engine.method_search import AutoConfig
+
+    if request.prompt_layer is not None:
+        raise InvalidInput(
+            "prompt_layer does not apply to method 'auto' (each candidate has its own)",
+            code="invalid_prompt_layer",
+            param="prompt_layer",
+        )
+    if request.prompt_shape != "full":
+        raise InvalidInput(
+            "prompt_shape does not apply to method 'auto'", code="option_not_applicable", param="prompt_shape"
+        )
+    try:
+        AutoConfig.from_options(request.method_options)
+    except EngineError as exc:
+        raise from_engine_error(exc) from exc
+    return []
+
+
 def check_method(backbone: Any, request: JobRequest) -> list[int] | None:
     """The cheap synchronous checks of the method and its options (the registry and the engine's own
     per-method config decide); returns the resolved prompt layers (None = "auto", probed by the runner)."""
     from service.engine import EngineError, MethodConfig, get_method_class
+    from service.engine.method_search import AUTO
 
-    methods = servable_methods()
+    methods = job_methods()
     if request.method not in methods:
         raise InvalidInput(
             f"unknown method {request.method!r}; one of {', '.join(methods)}",
             code="invalid_method",
             param="method",
         )
+    for key in request.method_options:
+        if key in _OWN_FIELDS:
+            raise InvalidInput(
+                f"{key} is not a method option (it has a request field of its own)",
+                code="invalid_method_option",
+                param=key,
+            )
+    if request.method == AUTO:
+        return _check_auto(request)
     resolved: list[int] | None = []
     cls = get_method_class(request.method)
     if cls.uses_prompt_layers():
@@ -126,6 +182,7 @@ def check_method(backbone: Any, request: JobRequest) -> list[int] | None:
             num_classes=2,
             prompt_layers=tuple(resolved or ()) if request.prompt_layer != "auto" else (),
             prompt_shape=request.prompt_shape,
+            **request.method_options,
         )
         if request.prompt_layer is not None and not cls.uses_prompt_layers():
             raise EngineError(
@@ -139,7 +196,8 @@ def check_method(backbone: Any, request: JobRequest) -> list[int] | None:
 
 
 def check_dataset_uri(uri: str, settings: Settings) -> None:
-    """Cheap checks at submission (no download): scheme, and file:// inside DATA_ROOTS and present."""
+    """Cheap checks at submission (no download): scheme, file:// inside DATA_ROOTS and present, s3:// under
+    an allowed prefix (403 otherwise)."""
     parsed = urlparse(uri)
     scheme = parsed.scheme.lower()
     if scheme == "file":
@@ -166,9 +224,11 @@ def check_dataset_uri(uri: str, settings: Settings) -> None:
             )
         if not parsed.hostname:
             raise BadRequest("dataset URI has no host", code="invalid_dataset_uri", param="dataset_uri")
+    elif scheme == "s3":
+        allowed_s3_location(uri, settings)
     else:
         raise BadRequest(
-            f"unsupported dataset URI scheme {scheme or '(none)'!r}: use file:// or https://",
+            f"unsupported dataset URI scheme {scheme or '(none)'!r}: use file://, https:// or s3://",
             code="invalid_dataset_uri",
             param="dataset_uri",
         )
@@ -213,7 +273,10 @@ def create_job(
         prompt_layer=request.prompt_layer,
         resolved_layers=resolved,
         prompt_shape=request.prompt_shape,
-        hyperparameters=dict(request.hyperparameters),
+        hyperparameters={
+            **request.hyperparameters,
+            **({METHOD_OPTIONS_KEY: dict(request.method_options)} if request.method_options else {}),
+        },
         name=request.name,
         metadata_=dict(request.metadata),
         idempotency_key=idempotency_key,

@@ -1,6 +1,6 @@
 """Datasets: load any supported format into a validated :class:`LoadedDataset`, split, preprocess.
 
-Formats (DESIGN.md §3): a folder with one sub-folder per class (optionally ``train/ val/ test/``), a
+Formats: a folder with one sub-folder per class (optionally ``train/ val/ test/``), a
 ``.zip`` / ``.tar`` / ``.tar.gz`` of that, a CSV or JSONL manifest (``path,label``), or an ``.npz``
 with ``x_train, y_train[, x_test, y_test, classes]``. The format loaders live in
 ``service.engine.datasets``; this module picks one and re-exports the public names.

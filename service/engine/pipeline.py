@@ -22,12 +22,12 @@ from service.engine.data import (
     LoadedDataset,
     ValidationReport,
     load_dataset,
-    preprocess,
     split_train_val,
 )
 from service.engine.errors import DatasetError, MethodError
 from service.engine.layer_search import auto_select_layer
 from service.engine.layers import resolve_prompt_layers
+from service.engine.method_search import AUTO, AutoConfig, train_auto
 from service.engine.methods import MethodConfig, get_method_class
 from service.engine.train import Checkpoint, TrainCallbacks, TrainConfig, TrainResult
 
@@ -76,6 +76,7 @@ class PipelineCallbacks(TrainCallbacks):
     on_layer_probe: Callable[[dict[str, Any]], None] | None = None  # one row of the auto-layer sweep
     on_layer_selected: Callable[[int, list[dict[str, Any]]], None] | None = None
     on_start: Callable[[str, MethodConfig, TrainConfig], None] | None = None  # just before fit
+    on_candidate: Callable[[dict[str, Any]], None] | None = None  # one row of the `auto` method search
 
     def train_callbacks(self) -> TrainCallbacks:
         return TrainCallbacks(
@@ -143,11 +144,10 @@ def split_dataset(ds: LoadedDataset, split: SplitSpec) -> LoadedDataset:
 
 
 def to_tensors(images: ImageSet | None, backbone: Backbone) -> Tensors | None:
-    """Preprocess one split for `backbone` (its input size, mean and std); None for an absent split."""
+    """One split through `backbone`'s pipeline (recorded in the artifact); None for an absent split."""
     if images is None or len(images) == 0:
         return None
-    spec = backbone.spec
-    x = preprocess(images.images, backbone.input_size, spec.mean or (), spec.std or ())
+    x = backbone.preprocessing(images.images)
     return x, torch.as_tensor(images.labels, dtype=torch.int64)
 
 
@@ -239,11 +239,24 @@ def train_prompt(
     Args:
         prompt_layer: what the user asked for (index, name, list, "all", "auto", None = recommended).
         layers: already resolved layers (a resumed job); skips the resolution and the auto probe.
+        method: a registered method, or "auto" (see `method_search`: the candidates trained on train
+            and chosen on val; its options are `AutoConfig`'s; no checkpoints, `resume` is ignored).
         method_options: the method's own options (e.g. `prompt_shape`, `input_variant`); an option
             the method does not take is a MethodError naming it.
         resume: a checkpoint of this same run.
     """
     cb = callbacks or PipelineCallbacks()
+    if method == AUTO:  # the method search: every servable candidate, chosen on validation
+        if prompt_layer is not None:
+            raise MethodError(
+                "prompt_layer does not apply to method 'auto' (each candidate has its own)",
+                code="invalid_prompt_layer",
+                param="prompt_layer",
+            )
+        auto = AutoConfig.from_options(method_options)
+        return train_auto(
+            backbone, data, auto=auto, config=config, callbacks=cb, on_candidate=cb.on_candidate
+        )
     if layers is None:
         resolved = resolve_method_layers(backbone, method, prompt_layer, data, cb)
     else:

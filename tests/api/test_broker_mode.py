@@ -9,8 +9,8 @@ import time
 import pytest
 import redis
 
-from service.queue import TRAIN_TASK
 from tests.api.conftest import Api, _truncate
+from workers.queues import TRAIN_TASK
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 

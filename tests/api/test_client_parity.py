@@ -1,23 +1,29 @@
 """`Client` and `AsyncClient` against one scripted server: the same calls send the same requests and
 give the same results, including what the real app rarely shows (a stream closed early or dropped and
 resumed with Last-Event-ID, a 503 retried on a read but not on a create, a two-page listing, a download,
-a prediction by URL)."""
+a prediction by URL). The server validates every request body with the real server's own schemas."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
+import email
+import email.policy
 import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
 from actprompt import AsyncClient, Client, ServiceUnavailableError
 from actprompt._base import RetryPolicy
+from pydantic import BaseModel
 
+from service.api.schemas.evaluations import EvaluationCreate
+from service.api.schemas.predict import LIST_FIELDS, PredictRequest
+
+M = TypeVar("M", bound=BaseModel)
 NOW = "2024-01-01T00:00:00Z"
 
 
@@ -76,12 +82,13 @@ class ScriptedServer:
                 200, json=_evaluation("running" if self.evaluation_reads == 2 else "succeeded")
             )
         if route == ("POST", "/v1/evaluations"):
+            _validate(request, EvaluationCreate)
             return _unavailable()
         if route == ("POST", "/v1/predict"):
-            body = json.loads(request.content)
-            assert body["images"] == [{"url": "https://x/a.png"}, base64.b64encode(b"png").decode()]
+            body = _validate(request, PredictRequest)
+            assert body.images == ["https://x/a.png", b"png"]
             row = [{"label": "a", "index": 0, "probability": 1.0}]
-            return httpx.Response(200, json={"predictions": [row] * len(body["images"])})
+            return httpx.Response(200, json={"predictions": [row] * len(body.images)})
         return httpx.Response(404, json={"error": {"code": "not_found", "message": target}})
 
     def _watch(self) -> httpx.Response:
@@ -96,6 +103,23 @@ class ScriptedServer:
         return httpx.Response(
             200, content=_sse(("progress", {"id": 3, "type": "progress"}), ("end", {"status": "succeeded"}))
         )
+
+
+def _validate(request: httpx.Request, model: type[M]) -> M:
+    """The body, validated as the server does: JSON directly, a multipart form field by field."""
+    content_type = request.headers["content-type"]
+    if not content_type.startswith("multipart/form-data"):
+        return model.model_validate_json(request.content)
+    message = email.message_from_bytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + request.content, policy=email.policy.HTTP
+    )
+    fields: dict[str, Any] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        value = payload if part.get_filename() else payload.decode()
+        fields[name] = [*fields.get(name, []), value] if name in LIST_FIELDS else value
+    return model.model_validate(fields)
 
 
 def _unavailable() -> httpx.Response:

@@ -265,3 +265,52 @@ def test_console_admin_train_watch_and_playground(page: playwright_api.Page, ser
     expected = httpx.get(f"{server.url}/v1/jobs/job_does_not_exist", headers=t).json()["error"]["message"]
     assert page.get_by_test_id("error-message").inner_text() == expected
     shot(page, "10-job-not-found")
+
+
+def test_new_job_form_offers_every_method_and_the_auto_table(
+    page: playwright_api.Page, server: Server
+) -> None:
+    """Every method the API lists is offered with its own options; an `auto` job's candidates table is
+    drawn from the job's record, the chosen row marked."""
+    admin = {"Authorization": f"Bearer {server.admin_key}"}
+    key = httpx.post(f"{server.url}/v1/tenants", json={"name": "console-auto"}, headers=admin).json()[
+        "api_key"
+    ]
+    spec = {"id": "resnet20", "model": "resnet20_cifar", "weights": RESNET20.as_uri()}
+    assert httpx.post(f"{server.url}/v1/backbones", json=spec, headers=admin, timeout=120).status_code in (
+        201,
+        409,
+    )
+    dataset = gtsrb_zip(server.data_root / "gtsrb4.zip", num_classes=4, train_per_class=60)
+    sign_in(page, server, key)
+    page.get_by_test_id("new-job").click()
+    select = page.get_by_test_id("method-select")
+    select.wait_for()
+    listed = httpx.get(f"{server.url}/openapi.json").json()["components"]["schemas"]["JobCreate"]
+    assert [o.get_attribute("value") for o in select.locator("option").all()] == listed["properties"][
+        "method"
+    ]["enum"]
+    assert page.get_by_test_id("layer-option").first.is_visible()  # activation: the layer picture
+    select.select_option("input")
+    page.get_by_test_id("option-input_variant").wait_for()
+    assert not page.get_by_test_id("layer-option").first.is_visible()
+    select.select_option("auto")
+    page.get_by_test_id("option-prefer").wait_for()
+    assert page.get_by_test_id("option-max_train_seconds").is_visible()
+    page.get_by_test_id("dataset-uri").fill(dataset.as_uri())
+    page.get_by_test_id("epochs").fill("1")
+    shot(page, "08-new-job-auto")
+    page.get_by_test_id("submit-job").click()
+    page.wait_for_url(re.compile(r".*#/jobs/job_.+"))
+    job_id = page.url.rsplit("/", 1)[-1]
+    assert wait_for_final(page) == "succeeded", page.get_by_test_id("event-log").inner_text()
+    t = {"Authorization": f"Bearer {key}"}
+    job = httpx.get(f"{server.url}/v1/jobs/{job_id}", headers=t).json()
+    assert job["method"] == "auto" and job["method_options"] == {"prefer": "accuracy"}
+    table = job["metrics"]["auto"]["candidates"]
+    rows = page.get_by_test_id("method-search-row")
+    playwright_api.expect(rows).to_have_count(len(table))
+    assert [r.get_attribute("data-method") for r in rows.all()] == [r["method"] for r in table]
+    chosen = page.locator("[data-testid=method-search-row][data-chosen=true]")
+    assert chosen.count() == 1 and chosen.get_attribute("data-method") == job["metrics"]["auto"]["chosen"]
+    shot(page, "09-job-auto-method")

@@ -5,10 +5,12 @@ The browser tests (test_console_browser.py) check behaviour; these check the fil
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
+from actprompt.states import TERMINAL_JOB_STATES, EvaluationStatus, JobStatus
 from fastapi.testclient import TestClient
 
 from service.api.console import STATIC_DIR
@@ -58,7 +60,18 @@ def test_console_page_and_every_module_it_imports_are_served(client: TestClient)
             base = url.rsplit("/", 1)[0]
             pending += [f"{base}/{name[2:]}" for name in IMPORT.findall(asset.text)]
     on_disk = {f"/console/static/{p.name}" for p in STATIC_DIR.iterdir()}
-    assert seen == on_disk - {"/console/static/index.html"}  # every file is used, every import exists
+    generated = {"/console/static/states.js"}
+    assert seen == (on_disk | generated) - {"/console/static/index.html"}
+    # every file is used, every import exists
+
+
+def test_console_state_lists_are_the_api_enums(client: TestClient) -> None:
+    text = client.get("/console/static/states.js").text
+    jobs = json.loads(re.search(r"JOB_STATES = (\[.*?\]);", text)[1])  # type: ignore[index]
+    terminal = json.loads(re.search(r"TERMINAL = new Set\((\[.*?\])\);", text)[1])  # type: ignore[index]
+    evaluations = json.loads(re.search(r"EVALUATION_STATES = (\[.*?\]);", text)[1])  # type: ignore[index]
+    assert jobs == [s.value for s in JobStatus] and set(terminal) == set(TERMINAL_JOB_STATES)
+    assert evaluations == [s.value for s in EvaluationStatus]
 
 
 def test_console_loads_nothing_from_other_hosts_and_has_the_test_ids() -> None:

@@ -1,4 +1,4 @@
-"""The real PostgreSQL failing under the gateway (issue 9, points 2 and 3).
+"""The real PostgreSQL failing under the gateway.
 
 * a connection terminated (`pg_terminate_backend`) after the pool's pre-ping handed it out, i.e. while the
   request's query is in flight: a read is retried once on a fresh connection, the caller sees nothing;

@@ -96,7 +96,7 @@ def _printed_walkthrough(printed: str) -> str:
 
 
 def test_printed_walkthrough_runs_as_is(server: tuple[str, str, Path], tmp_path: Path) -> None:
-    """Paste the printed walkthrough into bash: every step works, the last one predicts (issue 9, 14)."""
+    """Paste the printed walkthrough into bash: every step works, the last one predicts."""
     printed = (tmp_path / "serve.log").read_text()
     script = _printed_walkthrough(printed)
     assert "/abs/path" not in script and "some_image" not in script

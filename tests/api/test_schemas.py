@@ -28,7 +28,7 @@ def test_api_defaults_are_the_engines() -> None:
 def test_openapi_lists_the_registry_and_the_bounds(api: Api) -> None:
     spec = api.client.get("/openapi.json").json()
     props = spec["components"]["schemas"]["JobCreate"]["properties"]
-    assert props["method"]["enum"] == list_methods(servable_only=True)
+    assert props["method"]["enum"] == [*list_methods(servable_only=True), "auto"]
     assert props["prompt_shape"]["enum"] == list(PROMPT_SHAPES)
     hp = spec["components"]["schemas"]["Hyperparameters"]["properties"]
     assert hp["optimizer"]["enum"] == list(OPTIMIZERS)

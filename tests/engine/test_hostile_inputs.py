@@ -1,4 +1,4 @@
-"""Inputs that used to decode wrong or blow up (issue 9, points 5, 6, 8): every Pillow mode decoded
+"""Hostile inputs: every Pillow mode decoded
 faithfully or refused by name, archive members streamed under per-member / total / ratio limits, and
 errors that say what is wrong with which file."""
 

@@ -17,7 +17,8 @@ from celery.concurrency.solo import TaskPool as InProcessPool
 from service.cli import build_parser
 from service.queue import CeleryQueue
 from service.settings import Settings
-from workers.celeryconfig import LONGEST_JOB_SECONDS, REAP_TASK, build_config
+from workers.celeryconfig import LONGEST_JOB_SECONDS, build_config
+from workers.queues import REAP_TASK, train_queue
 
 ACTPROMPT = str(Path(sys.executable).with_name("actprompt"))
 
@@ -92,7 +93,7 @@ def test_workers_consume_what_the_gateway_sends(device: str, monkeypatch: pytest
 
     settings = Settings(broker_url="redis://localhost:6379/0", device=device)
     sent: list[tuple[str, dict[str, Any]]] = []
-    gateway = CeleryQueue(settings.broker_url, settings.train_queue())
+    gateway = CeleryQueue(settings.broker_url, train_queue(settings))
     monkeypatch.setattr(gateway._app, "send_task", lambda name, **kw: sent.append((name, kw)))
     gateway.enqueue("job_1")
     [(name, options)] = sent

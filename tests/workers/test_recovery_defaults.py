@@ -1,4 +1,4 @@
-"""Recovery with the shipped defaults (issue 9, points 16 and 17), against real Redis, PostgreSQL and
+"""Recovery with the shipped defaults, against real Redis, PostgreSQL and
 `actprompt worker` processes. Unlike the other worker tests (seconds-long leases), these run with the
 product's own lease, heartbeat, reaper and staleness settings, and print how long each recovery took.
 

@@ -11,7 +11,7 @@ import logging
 
 from workers import celery_app
 from workers.celery_app import app
-from workers.celeryconfig import REAP_TASK
+from workers.queues import REAP_TASK
 
 logger = logging.getLogger("actprompt.workers.maintenance")
 

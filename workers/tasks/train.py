@@ -16,7 +16,7 @@ from celery.signals import worker_shutting_down
 
 from workers import celery_app
 from workers.celery_app import app
-from workers.celeryconfig import TRAIN_TASK
+from workers.queues import TRAIN_TASK
 
 logger = logging.getLogger("actprompt.workers.train")
 

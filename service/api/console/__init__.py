@@ -6,10 +6,12 @@ signed in with; this package only hands out files and holds no privilege of its 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from actprompt.states import TERMINAL_JOB_STATES, EvaluationStatus, JobStatus
 from fastapi import APIRouter, FastAPI
-from fastapi.responses import FileResponse, RedirectResponse
+from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -38,6 +40,21 @@ def console_index() -> FileResponse:
 @router.get(CONSOLE_PATH + "/", include_in_schema=False)
 def console_slash() -> RedirectResponse:
     return RedirectResponse(CONSOLE_PATH, status_code=308)
+
+
+def _states_module() -> str:
+    """The state lists as an ES module, from the one enum the API uses, so the console never copies them."""
+    jobs = [s.value for s in JobStatus]
+    return (
+        f"export const JOB_STATES = {json.dumps(jobs)};\n"
+        f"export const TERMINAL = new Set({json.dumps([s for s in jobs if s in TERMINAL_JOB_STATES])});\n"
+        f"export const EVALUATION_STATES = {json.dumps([s.value for s in EvaluationStatus])};\n"
+    )
+
+
+@router.get(CONSOLE_PATH + "/static/states.js")  # ahead of the static mount: generated, not on disk
+def console_states() -> Response:
+    return Response(_states_module(), media_type="text/javascript", headers=_NO_STORE)
 
 
 def install_console(app: FastAPI) -> None:

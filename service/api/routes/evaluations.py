@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
+from actprompt.states import EvaluationStatus
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import SessionDep, SettingsDep, TenantIdDep, page_limit, paginate
+from service.api.deps import ReadTenantDep, SessionDep, SettingsDep, TrainTenantDep, page_limit, paginate
 from service.api.evaluations import EvaluationRunner
 from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
@@ -36,7 +35,7 @@ def evaluation_public(e: Evaluation) -> EvaluationPublic:
 async def create_evaluation(
     body: EvaluationCreate,
     request: Request,
-    tenant_id: TenantIdDep,
+    tenant_id: TrainTenantDep,
     session: SessionDep,
     settings: SettingsDep,
 ) -> EvaluationPublic:
@@ -55,12 +54,12 @@ async def create_evaluation(
 
 @router.get("/v1/evaluations", response_model=ListPublic[EvaluationPublic])
 def list_evaluations(
-    tenant_id: TenantIdDep,
+    tenant_id: ReadTenantDep,
     session: SessionDep,
     settings: SettingsDep,
     limit: int = Query(20, ge=1, le=1000),
     after: str | None = Query(None, max_length=64, description="Cursor: `next_cursor` of the previous page."),
-    status: Literal["queued", "running", "succeeded", "failed"] | None = Query(None),
+    status: EvaluationStatus | None = Query(None),
 ) -> ListPublic[EvaluationPublic]:
     limit = page_limit(limit, settings)
     rows = evaluations.list_evaluations(session, tenant_id, limit=limit + 1, after=after, status=status)
@@ -71,5 +70,5 @@ def list_evaluations(
 
 
 @router.get("/v1/evaluations/{evaluation_id}", response_model=EvaluationPublic)
-def get_evaluation(evaluation_id: str, tenant_id: TenantIdDep, session: SessionDep) -> EvaluationPublic:
+def get_evaluation(evaluation_id: str, tenant_id: ReadTenantDep, session: SessionDep) -> EvaluationPublic:
     return evaluation_public(evaluations.get_evaluation(session, tenant_id, evaluation_id))

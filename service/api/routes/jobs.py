@@ -7,32 +7,32 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Literal
+from typing import Annotated
 
+from actprompt.states import TERMINAL_JOB_STATES, JobStatus
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import (
     QueueDep,
+    ReadTenantDep,
     SessionDep,
     SessionFactoryDep,
     SettingsDep,
-    TenantIdDep,
+    TrainTenantDep,
     page_limit,
     paginate,
 )
 from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
 from service.api.schemas.jobs import CheckpointPublic, JobCreate, JobEventPublic, JobPublic, Progress
-from service.db.models import TERMINAL_JOB_STATES, Job, JobEvent
+from service.db.models import Job, JobEvent
 from service.domain import jobs
 from service.domain.jobs import JobRequest
 
 log = logging.getLogger("actprompt.api.jobs")
 router = APIRouter(route_class=CheckedRoute, tags=["jobs"], responses=ERROR_RESPONSES)
-
-JobStatus = Literal["validating", "queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 
 
 def to_request(body: JobCreate) -> JobRequest:
@@ -42,6 +42,7 @@ def to_request(body: JobCreate) -> JobRequest:
         prompt_layer=body.prompt_layer,
         method=body.method,
         prompt_shape=body.prompt_shape,
+        method_options=body.method_options,
         hyperparameters=body.hyperparameters.model_dump(),
         name=body.name,
         metadata=body.metadata,
@@ -60,7 +61,8 @@ def job_public(job: Job) -> JobPublic:
         prompt_layer=job.prompt_layer,
         resolved_layers=job.resolved_layers,
         prompt_shape=job.prompt_shape,
-        hyperparameters=job.hyperparameters,
+        method_options=jobs.method_options(job),
+        hyperparameters=jobs.train_hyperparameters(job),
         name=job.name,
         metadata=jobs.stored_metadata(job.metadata_),
         progress=Progress(
@@ -95,7 +97,7 @@ def event_public(e: JobEvent) -> JobEventPublic:
 def create_job(
     body: JobCreate,
     response: Response,
-    tenant_id: TenantIdDep,
+    tenant_id: TrainTenantDep,
     session: SessionDep,
     settings: SettingsDep,
     queue: QueueDep,
@@ -113,7 +115,7 @@ def create_job(
 
 @router.get("/v1/jobs", response_model=ListPublic[JobPublic])
 def list_jobs(
-    tenant_id: TenantIdDep,
+    tenant_id: ReadTenantDep,
     session: SessionDep,
     settings: SettingsDep,
     limit: int = Query(20, ge=1, le=1000),
@@ -129,12 +131,12 @@ def list_jobs(
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobPublic)
-def get_job(job_id: str, tenant_id: TenantIdDep, session: SessionDep) -> JobPublic:
+def get_job(job_id: str, tenant_id: ReadTenantDep, session: SessionDep) -> JobPublic:
     return job_public(jobs.get_job(session, tenant_id, job_id))
 
 
 @router.post("/v1/jobs/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: str, tenant_id: TenantIdDep, session: SessionDep) -> JobPublic:
+def cancel_job(job_id: str, tenant_id: TrainTenantDep, session: SessionDep) -> JobPublic:
     job = jobs.cancel_job(session, tenant_id, job_id)
     session.commit()
     return job_public(job)
@@ -148,7 +150,7 @@ def cancel_job(job_id: str, tenant_id: TenantIdDep, session: SessionDep) -> JobP
 async def list_events(
     job_id: str,
     request: Request,
-    tenant_id: TenantIdDep,
+    tenant_id: ReadTenantDep,
     factory: SessionFactoryDep,
     settings: SettingsDep,
     limit: int = Query(100, ge=1, le=1000),
@@ -205,7 +207,7 @@ async def _stream(
 
 @router.get("/v1/jobs/{job_id}/checkpoints", response_model=ListPublic[CheckpointPublic])
 def list_checkpoints(
-    job_id: str, tenant_id: TenantIdDep, session: SessionDep
+    job_id: str, tenant_id: ReadTenantDep, session: SessionDep
 ) -> ListPublic[CheckpointPublic]:
     rows = jobs.list_checkpoints(session, tenant_id, job_id)
     data = [

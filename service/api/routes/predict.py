@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
@@ -13,10 +14,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api.deps import PredictorDep, ResolverDep, SettingsDep, TenantIdDep
+from service.api.deps import PredictorDep, PredictTenantDep, ResolverDep, SettingsDep
 from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES
-from service.api.schemas.predict import PredictRequest, PredictResponse
+from service.api.schemas.predict import LIST_FIELDS, PredictRequest, PredictResponse
 from service.domain import predict as predict_domain
 from service.domain.errors import InvalidInput
 from service.domain.predict import ImageInput, ImageURL, PromptResult, URLFetchPolicy
@@ -30,23 +31,8 @@ router = APIRouter(route_class=CheckedRoute, tags=["predict"], responses=ERROR_R
 #: which on the event loop would stall every other request; below it the thread hop costs more than it saves.
 _INLINE_BODY_BYTES = 64 << 10
 
-_MULTIPART_SCHEMA = {
-    "type": "object",
-    "required": ["images"],
-    "properties": {
-        "prompt": {"type": "string"},
-        "prompts": {"type": "array", "items": {"type": "string"}},
-        "images": {
-            "type": "array",
-            "items": {"type": "string", "format": "binary"},
-            "description": "Image files; a text part holding an http(s) URL is fetched instead.",
-        },
-        "top_k": {"type": "integer", "default": 5},
-    },
-}
 
-
-async def rate_limit(request: Request, tenant_id: TenantIdDep) -> None:
+async def rate_limit(request: Request, tenant_id: PredictTenantDep) -> None:
     """Per-tenant token bucket: 429 with `Retry-After` (whole seconds) while the tenant is over its rate.
 
     The limiter never raises for its store: without Redis it limits per process (see serving.ratelimit).
@@ -74,14 +60,14 @@ async def rate_limit(request: Request, tenant_id: TenantIdDep) -> None:
             "required": True,
             "content": {
                 "application/json": {"schema": PredictRequest.model_json_schema()},
-                "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
+                "multipart/form-data": {"schema": PredictRequest.model_json_schema()},
             },
         }
     },
 )
 async def predict(
     request: Request,
-    tenant_id: TenantIdDep,
+    tenant_id: PredictTenantDep,
     settings: SettingsDep,
     predictor: PredictorDep,
     resolver: ResolverDep,
@@ -121,29 +107,54 @@ def _shape(results: list[PromptResult], several: bool) -> dict[str, object]:
     return {"object": "predictions", "prompt": results[0].ref, "predictions": rows(results[0])}
 
 
-def _image(i: int, text: str) -> ImageInput:
-    if text.startswith(("http://", "https://")):
-        return ImageURL(text)
+def _image(i: int, image: str | bytes) -> ImageInput:
+    """A file part as it is; a string is an http(s) URL to fetch or a base64-encoded file."""
+    if isinstance(image, bytes):
+        return image
+    if image.startswith(("http://", "https://")):
+        return ImageURL(image)
     try:
-        return base64.b64decode(text.split(",", 1)[-1] if text.startswith("data:") else text, validate=True)
+        return base64.b64decode(
+            image.split(",", 1)[-1] if image.startswith("data:") else image, validate=True
+        )
     except (binascii.Error, ValueError):
         raise InvalidInput(
             f"images[{i}]: not valid base64 (nor an http(s) URL)", code="invalid_image", param=f"images[{i}]"
         ) from None
 
 
-def _parse_json(raw: bytes) -> tuple[list[str], list[ImageInput], int, bool]:
-    """Validation and base64 decoding of a JSON body (CPU-bound: big bodies come here in a thread)."""
+def _validated(validate: Callable[[], PredictRequest]) -> tuple[list[str], list[ImageInput], int, bool]:
+    """Run the model's validation (its errors are the 422 of any body) and decode the images."""
     try:
-        body = PredictRequest.model_validate_json(raw)
+        body = validate()
     except ValidationError as exc:
         raise RequestValidationError(
             [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
         ) from None
-    if (body.prompt is None) == (body.prompts is None):
-        raise InvalidInput("give exactly one of prompt and prompts", param="prompts")
     refs = body.prompts or [str(body.prompt)]
-    return refs, [_image(i, t) for i, t in enumerate(body.images)], body.top_k, body.prompts is not None
+    return refs, [_image(i, im) for i, im in enumerate(body.images)], body.top_k, body.prompts is not None
+
+
+def _parse_json(raw: bytes) -> tuple[list[str], list[ImageInput], int, bool]:
+    """Validation and base64 decoding of a JSON body (CPU-bound: big bodies come here in a thread)."""
+    return _validated(lambda: PredictRequest.model_validate_json(raw))
+
+
+async def _parse_form(request: Request, settings: Settings) -> tuple[list[str], list[ImageInput], int, bool]:
+    """A multipart form, validated by the same model as a JSON body: file parts become `bytes`."""
+    try:
+        form = await request.form(
+            max_files=settings.max_images_per_request, max_fields=16 + settings.max_prompts_per_request
+        )
+    except StarletteHTTPException as exc:  # Starlette's own 400: the same 422 as the JSON body's
+        if not str(exc.detail).startswith("Too many files"):
+            raise
+        raise too_many_images(settings) from None
+    fields: dict[str, object] = {}
+    for name in form:
+        values = [await v.read() if isinstance(v, UploadFile) else v for v in form.getlist(name)]
+        fields[name] = values if name in LIST_FIELDS else values[0]
+    return _validated(lambda: PredictRequest.model_validate(fields))
 
 
 def too_many_images(settings: Settings) -> InvalidInput:
@@ -157,52 +168,14 @@ def too_many_images(settings: Settings) -> InvalidInput:
 
 async def _parse(request: Request, settings: Settings) -> tuple[list[str], list[ImageInput], int, bool]:
     """(prompt refs, images, top_k, whether `prompts` was used) from either body kind, with limits."""
-    content_type = request.headers.get("content-type", "")
-    images: list[ImageInput]
-    if content_type.startswith("multipart/form-data"):
-        try:
-            form = await request.form(
-                max_files=settings.max_images_per_request, max_fields=16 + settings.max_prompts_per_request
-            )
-        except StarletteHTTPException as exc:  # Starlette's own 400: the same 422 as the JSON body's
-            if not str(exc.detail).startswith("Too many files"):
-                raise
-            raise too_many_images(settings) from None
-        prompt = form.get("prompt")
-        listed = [p for p in form.getlist("prompts") if isinstance(p, str) and p]
-        if (not isinstance(prompt, str) or not prompt) and not listed:
-            raise RequestValidationError(
-                [{"loc": ("body", "prompt"), "msg": "Field required", "type": "missing"}]
-            )
-        several = bool(listed)
-        refs = listed or [str(prompt)]
-        if several and isinstance(prompt, str) and prompt:
-            raise InvalidInput("give exactly one of prompt and prompts", param="prompts")
-        raw_k = form.get("top_k")
-        try:
-            top_k = int(raw_k) if isinstance(raw_k, str) and raw_k else 5
-        except ValueError:
-            raise InvalidInput("top_k: must be an integer", param="top_k") from None
-        images = []
-        for i, part in enumerate(form.getlist("images")):
-            if isinstance(part, UploadFile):
-                images.append(await part.read())
-            elif part.startswith(("http://", "https://")):
-                images.append(ImageURL(part))
-            else:
-                raise InvalidInput(
-                    f"images[{i}]: a text part must be an http(s) URL",
-                    code="invalid_image",
-                    param=f"images[{i}]",
-                )
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        refs, images, top_k, several = await _parse_form(request, settings)
     else:
         raw = await request.body()
         if len(raw) > _INLINE_BODY_BYTES:
             refs, images, top_k, several = await run_in_threadpool(_parse_json, raw)
         else:
             refs, images, top_k, several = _parse_json(raw)
-    if not images:
-        raise InvalidInput("images: at least one image is required", param="images")
     if len(images) > settings.max_images_per_request:
         raise too_many_images(settings)
     if not 1 <= top_k <= settings.max_top_k:

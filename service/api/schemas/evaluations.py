@@ -3,6 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
+from actprompt.states import EvaluationStatus
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -14,15 +15,15 @@ class EvaluationCreate(BaseModel):
     dataset_uri: str = Field(
         min_length=1,
         max_length=4096,
-        description="A labelled dataset: an uploaded file id (`file_...`), file:// or https://. Its test "
-        "split is scored when it has one, else every image.",
+        description="A labelled dataset: an uploaded file id (`file_...`), file://, https:// or s3://. "
+        "Its test split is scored when it has one, else every image.",
     )
 
 
 class EvaluationPublic(BaseModel):
     id: str
     object: Literal["evaluation"] = "evaluation"
-    status: str = Field(description="queued | running | succeeded | failed")
+    status: EvaluationStatus
     prompt: str = Field(description="`prompt_id@version` that was scored.")
     dataset_uri: str
     metrics: dict[str, Any] | None = Field(

@@ -3,9 +3,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+from actprompt.states import JobStatus
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
 from service.domain.jobs import check_metadata
+from service.engine.method_search import AUTO
 from service.engine.methods import PROMPT_SHAPES, list_methods
 from service.engine.pipeline import SplitSpec
 from service.engine.train import OPTIMIZERS, TrainConfig
@@ -17,6 +19,8 @@ _TRAIN = TrainConfig()
 _SPLIT = SplitSpec()
 #: Methods a job may train: the registry's servable ones (a new method appears here by registering).
 SERVABLE_METHODS: list[Any] = list_methods(servable_only=True)
+#: What a job may ask for: a servable method or the search among them.
+JOB_METHODS: list[Any] = [*SERVABLE_METHODS, AUTO]
 
 
 class Hyperparameters(BaseModel):
@@ -52,7 +56,8 @@ class JobCreate(BaseModel):
     dataset_uri: str = Field(
         min_length=1,
         max_length=4096,
-        description="An uploaded file id (`file_...`), file:// (under DATA_ROOTS) or https://",
+        description="An uploaded file id (`file_...`), file:// (under DATA_ROOTS), https://, or s3:// (under "
+        "the operator's DATASET_S3_PREFIXES; elsewhere 403 dataset_uri_not_allowed)",
     )
     prompt_layer: LayerRef | Annotated[list[LayerRef], Field(min_length=1, max_length=256)] | None = Field(
         default=None,
@@ -61,13 +66,23 @@ class JobCreate(BaseModel):
     )
     method: str = Field(
         default="activation",
-        description="The adaptation method (the registry's servable methods).",
-        json_schema_extra={"enum": SERVABLE_METHODS},
+        description='The adaptation method (the registry\'s servable methods), or "auto": each servable '
+        "candidate (activation at the auto layer, deep_activation_norm, lora r=4) trained at its own "
+        "learning rate on the training split and one chosen on validation; the job's metrics.auto "
+        "records every candidate. The stored prompt has the chosen method.",
+        json_schema_extra={"enum": JOB_METHODS},
     )
     prompt_shape: str = Field(
         default="full",
         description="Activation prompt shape; only for methods with prompt layers.",
         json_schema_extra={"enum": list(PROMPT_SHAPES)},
+    )
+    method_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The method's own options besides prompt_layer and prompt_shape, e.g. "
+        '`{"lora_rank": 8}` for lora; for auto: `max_train_seconds` (a budget on the search), `prefer` '
+        '("accuracy" or "cost": the cheapest serving cost within `tolerance` of the best validation '
+        "accuracy) and `tolerance` (a fraction, default 0.01). An option the method does not take is a 422.",
     )
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     name: str | None = Field(default=None, max_length=200)
@@ -104,13 +119,14 @@ class Progress(BaseModel):
 class JobPublic(BaseModel):
     id: str
     object: Literal["job"] = "job"
-    status: str
+    status: JobStatus
     backbone: str
     dataset_uri: str
     method: str
     prompt_layer: Any
     resolved_layers: list[int] | None
     prompt_shape: str
+    method_options: dict[str, Any] = Field(default_factory=dict)
     hyperparameters: dict[str, Any]
     name: str | None
     metadata: dict[str, Any]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from actprompt.states import ACTIVE_JOB_STATES
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service.db.models import ACTIVE_JOB_STATES, Backbone, Job, Prompt
+from service.db.models import Backbone, Job, Prompt
 
 
 class BackboneRepository:

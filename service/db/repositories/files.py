@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from actprompt.states import ACTIVE_EVALUATION_STATES, ACTIVE_JOB_STATES
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from service.db.models import ACTIVE_EVALUATION_STATES, ACTIVE_JOB_STATES, Evaluation, File, Job
+from service.db.models import Evaluation, File, Job
 from service.db.repositories.base import TenantScopedRepository
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from actprompt.states import ACTIVE_JOB_STATES
 from sqlalchemy import and_, case, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from service.db.models import ACTIVE_JOB_STATES, Checkpoint, Job, JobEvent
+from service.db.models import Checkpoint, Job, JobEvent
 from service.db.repositories.base import TenantScopedRepository
 
 

@@ -56,7 +56,8 @@ export const fmt = {
   },
 };
 
-export const TERMINAL = new Set(['succeeded', 'failed', 'cancelled']);
+// The state lists come from the API's own enum (served by the console router), never copied here.
+export { TERMINAL } from './states.js';
 
 export function statusBadge(status, testid = 'job-status') {
   return h('span', { class: `status status-${status}`, 'data-testid': testid, 'data-status': status }, status);

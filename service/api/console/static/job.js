@@ -1,4 +1,5 @@
-// One job: live curves from the SSE stream, event log, auto-layer sweep, validation report, cancel.
+// One job: live curves from the SSE stream, event log, auto-layer sweep, auto-method table, validation
+// report, cancel.
 import { api, events } from './api.js';
 import { h, clear, fmt, statusBadge, TERMINAL } from './dom.js';
 import { lineChart, barChart } from './charts.js';
@@ -24,11 +25,13 @@ export async function renderJob(ctx) {
 
   const curves = { loss: [], acc: [], trainAcc: [], valAcc: [], epochLoss: [] };
   let sweep = null;
+  let candidates = [];  // rows of the `auto` method search, as its events arrive
   const log = h('ol', { class: 'log', 'data-testid': 'event-log', 'aria-live': 'polite', 'aria-label': 'Event log' });
   const header = h('div');
   const facts = h('div');
   const charts = h('div', { class: 'charts' });
   const sweepBox = h('div');
+  const searchBox = h('div');
   const reportBox = h('div');
   const resultBox = h('div');
 
@@ -56,6 +59,7 @@ export async function renderJob(ctx) {
     const hp = job.hyperparameters || {};
     clear(facts, h('section', { class: 'card' }, h('h2', {}, 'Job'), kv([
       ['id', h('code', {}, job.id)], ['backbone', job.backbone], ['method', job.method],
+      ['method options', Object.keys(job.method_options || {}).length ? JSON.stringify(job.method_options) : null],
       ['prompt layer', fmt.layer(job)], ['prompt shape', job.prompt_shape], ['dataset', h('code', {}, job.dataset_uri)],
       ['epochs', hp.epochs], ['learning rate', hp.learning_rate], ['batch size', hp.batch_size],
       ['attempts', `${job.attempts} of ${job.max_attempts}`], ['created', fmt.time(job.created_at)],
@@ -92,6 +96,26 @@ export async function renderJob(ctx) {
       })));
   }
 
+  function drawSearch() {
+    // The job's own record once it finished; the live events until then.
+    const rows = (job.metrics && job.metrics.auto && job.metrics.auto.candidates) || candidates;
+    if (!rows.length) { clear(searchBox); return; }
+    const num = (v, digits) => (typeof v === 'number' ? v.toFixed(digits) : '—');
+    clear(searchBox, h('section', { class: 'card' }, h('h2', {}, 'Auto method search'),
+      h('p', { class: 'muted small' }, 'Each candidate trained on the training split; the choice is made on validation only.'),
+      h('table', { class: 'table', 'data-testid': 'method-search' },
+        h('thead', {}, h('tr', {}, h('th', {}, 'method'), h('th', { class: 'num' }, 'val top-1'),
+          h('th', { class: 'num' }, 'trainable parameters'), h('th', { class: 'num' }, 'train s'),
+          h('th', { class: 'num' }, 'serving ms / image'), h('th', {}, ''))),
+        h('tbody', {}, rows.map((r) => h('tr', {
+          class: r.chosen ? 'chosen' : '', 'data-testid': 'method-search-row', 'data-method': r.method, 'data-chosen': r.chosen ? 'true' : 'false',
+        },
+        h('td', {}, r.label || r.method), h('td', { class: 'num' }, r.val_accuracy === null || r.val_accuracy === undefined ? '—' : fmt.pct(r.val_accuracy)),
+        h('td', { class: 'num' }, fmt.int(r.trainable_params)), h('td', { class: 'num' }, num(r.train_seconds, 1)),
+        h('td', { class: 'num' }, num(r.serving_ms_per_image, 3)),
+        h('td', {}, r.chosen ? h('span', { class: 'badge' }, '★ chosen') : (r.skipped || ''))))))));
+  }
+
   function drawResult() {
     if (job.status !== 'succeeded') { clear(resultBox); return; }
     const m = job.metrics || {};
@@ -103,12 +127,12 @@ export async function renderJob(ctx) {
   }
 
   function draw() {
-    drawHeader(); drawFacts(); drawSweep(); drawResult();
+    drawHeader(); drawFacts(); drawSweep(); drawSearch(); drawResult();
     clear(reportBox, h('section', { class: 'card' }, h('h2', {}, 'Validation report'), reportView(job.validation_report)));
   }
 
   clear(ctx.root, header, h('div', { class: 'grid2' }, h('section', { class: 'card' }, h('h2', {}, 'Curves'), charts), facts),
-    sweepBox, resultBox, reportBox, h('section', { class: 'card' }, h('h2', {}, 'Events'), log));
+    sweepBox, searchBox, resultBox, reportBox, h('section', { class: 'card' }, h('h2', {}, 'Events'), log));
   draw();
   drawCharts();
 
@@ -143,6 +167,10 @@ export async function renderJob(ctx) {
         curves.trainAcc.push([d.epoch, d.train_accuracy]);
         if (typeof d.val_accuracy === 'number') curves.valAcc.push([d.epoch, d.val_accuracy]);
         drawCharts();
+        refresh();
+      } else if (e.type === 'method_search') {
+        candidates = [...candidates, d];
+        drawSearch();
         refresh();
       } else if (e.type === 'layer_search') {
         if (Array.isArray(d.sweep)) sweep = d.sweep;

@@ -1,8 +1,9 @@
 // Jobs list: status, backbone, layer, progress, test accuracy; refreshed every 2 s while shown.
 import { api } from './api.js';
 import { h, clear, fmt, statusBadge, TERMINAL } from './dom.js';
+import { JOB_STATES } from './states.js';
 
-const FILTERS = ['', 'validating', 'queued', 'running', 'succeeded', 'failed', 'cancelled'];
+const FILTERS = ['', ...JOB_STATES];
 
 function row(job) {
   const p = job.progress || {};

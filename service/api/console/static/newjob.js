@@ -1,5 +1,6 @@
-// New job: dataset (upload through the Files API, or a URI), backbone, prompt layer from a picture of
-// the backbone's layer catalog (or `auto`), epochs and learning rate.
+// New job: dataset (upload through the Files API, or a URI), backbone, method (every servable one the
+// API lists, and `auto`) with its options, the prompt layer from a picture of the backbone's layer
+// catalog (or `auto`), epochs and learning rate.
 import { api, upload, ApiError } from './api.js';
 import { h, clear, fmt } from './dom.js';
 
@@ -40,8 +41,31 @@ function layerPicker(backbone, onPick) {
     h('div', { class: 'layer-strip' }, opts));
 }
 
+/** What each method takes besides the dataset and hyperparameters; a method the API lists that is
+ * missing here is still offered, with no options. */
+const METHODS = {
+  activation: { about: 'activation prompt at one layer (or several)', layer: true, shape: true },
+  deep_activation_norm: { about: 'a prompt at every block output + norm-tune', shape: true },
+  lora: { about: 'low-rank updates of the convolutions / attention linears', options: ['lora_rank'] },
+  input: { about: 'visual prompt on the input image', options: ['input_variant', 'pad_size'] },
+  norm: { about: 'norm-tune: the norm layers\' scale and shift' },
+  linear: { about: 'linear probe: the head only' },
+  auto: {
+    about: 'train activation (auto layer), deep_activation_norm and lora; keep the best on validation',
+    options: ['prefer', 'max_train_seconds'],
+  },
+};
+
+/** The methods a job may ask for, read from the API's own schema (the registry's servable ones + auto). */
+async function jobMethods(signal) {
+  const spec = await api('/openapi.json', { signal });
+  const enumOf = spec.components.schemas.JobCreate.properties.method.enum;
+  return Array.isArray(enumOf) && enumOf.length ? enumOf : ['activation'];
+}
+
 export async function renderNewJob(ctx) {
-  const backbones = (await api('/v1/backbones', { signal: ctx.signal })).data;
+  const [backbones, methods] = await Promise.all([
+    api('/v1/backbones', { signal: ctx.signal }).then((r) => r.data), jobMethods(ctx.signal)]);
   let layer = null;
   const field = (id, label, input, help) => h('div', { class: 'field' }, h('label', { for: id }, label), input, help ? h('p', { class: 'muted small', id: `${id}-help` }, help) : null);
 
@@ -56,6 +80,44 @@ export async function renderNewJob(ctx) {
   const lr = h('input', { id: 'learning-rate', type: 'number', min: 0.00001, max: 10, step: 'any', value: 0.01, required: true, 'data-testid': 'learning-rate' });
   const shape = h('select', { id: 'prompt-shape' }, h('option', { value: 'full' }, 'full (one value per activation)'), h('option', { value: 'channel' }, 'channel (one value per channel)'));
   const name = h('input', { id: 'job-name', type: 'text', maxlength: 200 });
+  const methodSelect = h('select', { id: 'method', name: 'method', 'data-testid': 'method-select', 'aria-describedby': 'method-help' },
+    methods.map((m) => h('option', { value: m, selected: m === 'activation' }, m)));
+  // One input per method option; `option` names the API's method_options key (blank = the default).
+  const optionInputs = {
+    lora_rank: h('input', { id: 'opt-lora-rank', type: 'number', min: 1, max: 256, step: 1, value: 4, 'data-testid': 'option-lora_rank', 'data-option': 'lora_rank' }),
+    input_variant: h('select', { id: 'opt-input-variant', 'data-testid': 'option-input_variant', 'data-option': 'input_variant' },
+      h('option', { value: 'pad' }, 'pad (learn a frame)'), h('option', { value: 'additive' }, 'additive (full-image delta)')),
+    pad_size: h('input', { id: 'opt-pad-size', type: 'number', min: 1, max: 64, step: 1, placeholder: 'default', 'data-testid': 'option-pad_size', 'data-option': 'pad_size' }),
+    prefer: h('select', { id: 'opt-prefer', 'data-testid': 'option-prefer', 'data-option': 'prefer' },
+      h('option', { value: 'accuracy' }, 'accuracy (best validation top-1)'), h('option', { value: 'cost' }, 'cost (cheapest serving within 1 point)')),
+    max_train_seconds: h('input', { id: 'opt-max-train-seconds', type: 'number', min: 1, step: 'any', placeholder: 'no limit', 'data-testid': 'option-max_train_seconds', 'data-option': 'max_train_seconds' }),
+  };
+  const optionLabels = {
+    lora_rank: 'LoRA rank', input_variant: 'VP variant', pad_size: 'Pad size (px)',
+    prefer: 'Prefer', max_train_seconds: 'Training budget (s, whole search)',
+  };
+  const methodHelp = h('p', { class: 'muted small', id: 'method-help' });
+  const optionBox = h('div', { class: 'row wrap', 'data-testid': 'method-options' });
+  const shapeField = h('div');
+  function methodInfo() { return METHODS[methodSelect.value] || { about: '' }; }
+  function drawMethod() {
+    const info = methodInfo();
+    methodHelp.textContent = info.about + (methodSelect.value === 'auto' ? ' (each candidate uses its own learning rate).' : '');
+    layerBox.hidden = !info.layer;
+    shapeField.hidden = !info.shape;
+    clear(optionBox, (info.options || []).map((o) => field(optionInputs[o].id, optionLabels[o], optionInputs[o])));
+  }
+  methodSelect.addEventListener('change', drawMethod);
+  function methodOptions() {
+    const out = {};
+    for (const o of methodInfo().options || []) {
+      const el = optionInputs[o];
+      const v = el.value.trim();
+      if (v === '') continue;
+      out[o] = el.type === 'number' ? Number(v) : v;
+    }
+    return out;
+  }
   const submit = h('button', { type: 'submit', class: 'primary', 'data-testid': 'submit-job' }, 'Start training');
   const formError = h('div', { class: 'callout error', role: 'alert', hidden: true, 'data-testid': 'form-error' });
 
@@ -72,7 +134,7 @@ export async function renderNewJob(ctx) {
     const msg = err instanceof ApiError ? err.message : String(err.message || err);
     clear(formError, h('strong', {}, 'The job was not created: '), h('span', { 'data-testid': 'error-message' }, msg));
     formError.hidden = false;
-    const target = { dataset_uri: uriInput, 'hyperparameters.epochs': epochs, 'hyperparameters.learning_rate': lr, prompt_layer: layerBox.querySelector('input:checked'), backbone: bbSelect, file: fileInput }[err.param];
+    const target = { method: methodSelect, ...Object.fromEntries(Object.entries(optionInputs)), dataset_uri: uriInput, 'hyperparameters.epochs': epochs, 'hyperparameters.learning_rate': lr, prompt_layer: layerBox.querySelector('input:checked'), backbone: bbSelect, file: fileInput }[err.param];
     if (target) { target.setAttribute('aria-invalid', 'true'); target.focus(); }
   }
 
@@ -96,13 +158,17 @@ export async function renderNewJob(ctx) {
           uri = f.id;
         }
         if (!uri) throw new ApiError(0, 'missing_field', 'Choose a dataset file to upload or give a dataset URI.', 'dataset_uri');
+        const info = methodInfo();
         const body = {
           backbone: bbSelect.value,
           dataset_uri: uri,
-          prompt_layer: layer === null || layer === 'auto' ? (layer || undefined) : Number(layer),
-          prompt_shape: shape.value,
+          method: methodSelect.value,
           hyperparameters: { epochs: Number(epochs.value), learning_rate: Number(lr.value) },
         };
+        if (info.layer) body.prompt_layer = layer === null || layer === 'auto' ? (layer || undefined) : Number(layer);
+        if (info.shape) body.prompt_shape = shape.value;
+        const options = methodOptions();
+        if (Object.keys(options).length) body.method_options = options;
         if (name.value.trim()) body.name = name.value.trim();
         const job = await api('/v1/jobs', { method: 'POST', json: body, headers: { 'Idempotency-Key': crypto.randomUUID() }, signal: ctx.signal });
         location.hash = `#/jobs/${encodeURIComponent(job.id)}`;
@@ -119,13 +185,17 @@ export async function renderNewJob(ctx) {
     h('div', { class: 'row' }, uploadBar, uploadText),
     field('dataset-uri', '… or a dataset URI', uriInput, 'file:// under the server’s data roots, https://, or an uploaded file id.')),
   field('backbone', 'Backbone', bbSelect),
+  h('div', { class: 'field' }, h('label', { for: 'method' }, 'Method'), methodSelect, methodHelp),
+  optionBox,
   layerBox,
   h('div', { class: 'row wrap' },
-    field('epochs', 'Epochs', epochs), field('learning-rate', 'Learning rate', lr), field('prompt-shape', 'Prompt shape', shape), field('job-name', 'Name (optional)', name)),
+    field('epochs', 'Epochs', epochs), field('learning-rate', 'Learning rate', lr), shapeField, field('job-name', 'Name (optional)', name)),
   formError,
   submit);
 
   clear(ctx.root, h('p', {}, h('a', { href: '#/jobs' }, '← Jobs')), h('h1', {}, 'New training job'),
     backbones.length ? form : h('p', { class: 'callout' }, 'No backbone is registered yet: an admin registers one (Admin → Backbones).'));
+  clear(shapeField, field('prompt-shape', 'Prompt shape', shape));
+  drawMethod();
   if (backbones.length) await loadCatalog();
 }

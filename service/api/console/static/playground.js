@@ -60,7 +60,8 @@ export async function renderPlayground(ctx) {
       form.append('prompt', ref);
       form.append('top_k', topk.value);
       for (const img of images.slice(i, i + CHUNK)) form.append('images', img.file, img.file.name);
-      const r = await api('/v1/predict', { method: 'POST', form, signal: ctx.signal });
+      // the header lets a balancer route to the replica that caches this prompt (docs/DEPLOY.md)
+      const r = await api('/v1/predict', { method: 'POST', form, headers: { 'X-Actprompt-Prompt': ref }, signal: ctx.signal });
       out.push(...r.predictions);
     }
     results.set(key, out);

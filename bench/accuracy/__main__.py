@@ -1,0 +1,5 @@
+"""`python -m bench.accuracy`."""
+
+from bench.accuracy.driver import main
+
+main()
