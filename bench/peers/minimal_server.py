@@ -15,14 +15,25 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: service.engine, bench.peers
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from bench.peers.model import from_env
+from bench.peers.model import PromptedModel, from_env
 
-model = from_env()
-app = FastAPI()
+models: dict[str, PromptedModel] = {}
+
+
+@asynccontextmanager
+async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    models["m"] = from_env()  # in each worker process, not in uvicorn's supervisor
+    yield
+
+
+app = FastAPI(lifespan=lifespan)
 
 
 class Body(BaseModel):
@@ -32,6 +43,7 @@ class Body(BaseModel):
 
 
 def _run(body: Body) -> list[list[dict[str, Any]]]:
+    model = models["m"]
     prompt = model.prompt_of(body.model_dump())
     return model.shape(prompt, model.forward_one(prompt, model.decode(body.images)), body.top_k)
 
@@ -57,4 +69,7 @@ if __name__ == "__main__":
         port=args.port,
         workers=workers,
         log_level="warning",
+        # uvicorn's supervisor restarts a worker that misses a 5-s ping: one still importing torch on a
+        # busy box, or one whose GIL a forward pass holds, would be killed over and over
+        timeout_worker_healthcheck=120,
     )
