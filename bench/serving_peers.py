@@ -566,7 +566,8 @@ def plot(details: dict[str, Any], path: Path) -> None:
         res = servers.get(name) or {}
         ys = [(res.get(wl) or {}).get("images_per_s", 0) for wl in WORKLOADS]
         ax.bar(np.arange(len(WORKLOADS)) + i * width, ys, width, label=name)
-    ax.set_xticks(np.arange(len(WORKLOADS)) + 0.4 - width / 2, [w.replace("_", " ") for w in WORKLOADS])
+    labels = ["1 image", "8 images", "32 images", "1,000 prompts"]
+    ax.set_xticks(np.arange(len(WORKLOADS)) + 0.4 - width / 2, labels)
     ax.set_ylabel("images/s at saturation")
     ax.legend(fontsize=7)
     ax = axes[1]
