@@ -3,7 +3,7 @@
 Budgets: ``--quick`` (every code path, minutes, into ``bench/results/quick/``), the default (sized for
 ~105 min of a quiet 2-core CPU) and ``--budget full`` (the full budget; CPU-hours). Each part
 writes its JSON with ``provenance``; the accuracy part resumes at the same commit from its row cache.
-``--only accuracy,cost,serving,http,peers`` reruns some parts (or ``--only resnet20_cifar/gtsrb`` some
+``--only accuracy,cost,serving,http,peers,fleet`` reruns some parts (or ``--only resnet20_cifar/gtsrb`` some
 accuracy scopes) and merges into the files there, refusing to mix commits unless told.
 Finally ``REPORT.md`` and the README's generated tables are rewritten from the JSON.
 """
@@ -20,7 +20,7 @@ import torch
 from bench import accuracy, readme, report, serving, training_cost
 from bench.common import log, read_json, results_dir, set_threads, write_json
 
-PARTS = ("cost", "accuracy", "serving", "http", "peers")
+PARTS = ("cost", "accuracy", "serving", "http", "peers", "fleet")
 
 #: The peers part (bench/serving_peers.py: every server, every workload, the overload sweep) starts no
 #: server after this many minutes, so with the HTTP sweep the HTTP side stays within ~25 min.
@@ -130,6 +130,11 @@ def main(argv: list[str] | None = None) -> None:
             ["--results", str(out / "serving.json"), "--out", str(out / "serving_peers")]
             + (["--quick"] if quick else ["--budget-minutes", str(PEERS_BUDGET_MINUTES)])
         )
+    if "fleet" in parts:
+        log("fleet: round robin against prompt-affine routing over HAProxy and 3 replicas")
+        from bench import fleet
+
+        fleet.main(["--out", str(out), *(["--quick"] if quick else [])])
     path = report.build(out)
     if not quick and not args.no_readme:
         readme.update(out)

@@ -125,6 +125,11 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column()
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
+    @property
+    def prompt_ref(self) -> str | None:
+        """`prompt_id@version` of the result, once there is one."""
+        return f"{self.prompt_id}@{self.prompt_version}" if self.prompt_id else None
+
 
 class JobEvent(Base):
     """A log line, a state change, a progress tick or an epoch's metrics; ids ascend, so they are cursors."""
@@ -187,6 +192,11 @@ class Prompt(Base):
     imported: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
+    @property
+    def ref(self) -> str:
+        """`prompt_id@version`: how the API names this version."""
+        return f"{self.prompt_id}@{self.version}"
+
 
 class File(Base):
     """An uploaded file (a dataset archive); the bytes live in `service.storage`, under `storage_key`."""
@@ -227,3 +237,8 @@ class Evaluation(Base):
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    @property
+    def prompt_ref(self) -> str:
+        """`prompt_id@version` that is scored."""
+        return f"{self.prompt_id}@{self.prompt_version}"

@@ -19,7 +19,7 @@ from service.db.models import ApiKey, Tenant
 from service.db.repositories import ApiKeyRepository, TenantRepository
 from service.db.session import retry_read
 from service.domain.errors import InvalidInput, NotFound, Unauthorized
-from service.domain.ttl_cache import TTLCache
+from service.ttl_cache import TTLCache
 
 KEY_PREFIX = "ap_"
 VISIBLE_PREFIX_LEN = 11

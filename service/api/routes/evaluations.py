@@ -7,28 +7,18 @@ from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import ReadTenantDep, SessionDep, SettingsDep, TrainTenantDep, page_limit, paginate
-from service.api.evaluations import EvaluationRunner
 from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
 from service.api.schemas.evaluations import EvaluationCreate, EvaluationPublic
 from service.db.models import Evaluation
 from service.domain import evaluations
+from service.domain.evaluation_runner import EvaluationRunner
 
 router = APIRouter(route_class=CheckedRoute, tags=["evaluations"], responses=ERROR_RESPONSES)
 
 
 def evaluation_public(e: Evaluation) -> EvaluationPublic:
-    return EvaluationPublic(
-        id=e.id,
-        status=e.status,
-        prompt=f"{e.prompt_id}@{e.prompt_version}",
-        dataset_uri=e.dataset_uri,
-        metrics=e.metrics,
-        error=e.error,
-        created_at=e.created_at,
-        started_at=e.started_at,
-        finished_at=e.finished_at,
-    )
+    return EvaluationPublic.model_validate(e)
 
 
 @router.post("/v1/evaluations", status_code=202, response_model=EvaluationPublic)

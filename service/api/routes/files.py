@@ -31,9 +31,7 @@ _UPLOAD_SCHEMA = {
 
 
 def file_public(f: File) -> FilePublic:
-    return FilePublic(
-        id=f.id, filename=f.filename, bytes=f.bytes, sha256=f.sha256, status=f.status, created_at=f.created_at
-    )
+    return FilePublic.model_validate(f)
 
 
 def _storage(request: Request) -> Storage:

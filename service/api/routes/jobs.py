@@ -26,7 +26,7 @@ from service.api.deps import (
 )
 from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
-from service.api.schemas.jobs import CheckpointPublic, JobCreate, JobEventPublic, JobPublic, Progress
+from service.api.schemas.jobs import CheckpointPublic, JobCreate, JobEventPublic, JobPublic
 from service.db.models import Job, JobEvent
 from service.domain import jobs
 from service.domain.jobs import JobRequest
@@ -51,46 +51,11 @@ def to_request(body: JobCreate) -> JobRequest:
 
 
 def job_public(job: Job) -> JobPublic:
-    progress = job.progress or {}
-    return JobPublic(
-        id=job.id,
-        status=job.status,
-        backbone=job.backbone_id,
-        dataset_uri=job.dataset_uri,
-        method=job.method,
-        prompt_layer=job.prompt_layer,
-        resolved_layers=job.resolved_layers,
-        prompt_shape=job.prompt_shape,
-        method_options=jobs.method_options(job),
-        hyperparameters=jobs.train_hyperparameters(job),
-        name=job.name,
-        metadata=jobs.stored_metadata(job.metadata_),
-        progress=Progress(
-            epoch=int(progress.get("epoch", 0)),
-            epochs=int(progress.get("epochs", job.hyperparameters.get("epochs", 0))),
-            fraction=float(progress.get("fraction", 0.0)),
-        ),
-        metrics=job.metrics,
-        validation_report=job.validation_report,
-        prompt_id=job.prompt_id,
-        prompt_version=job.prompt_version,
-        prompt=f"{job.prompt_id}@{job.prompt_version}" if job.prompt_id else None,
-        error=job.error,
-        attempts=job.attempts,
-        max_attempts=job.max_attempts,
-        worker_id=job.worker_id,
-        created_at=job.created_at,
-        enqueued_at=job.enqueued_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-        updated_at=job.updated_at,
-    )
+    return JobPublic.model_validate(job)
 
 
 def event_public(e: JobEvent) -> JobEventPublic:
-    return JobEventPublic(
-        id=e.id, type=e.type, level=e.level, message=e.message, data=e.data, created_at=e.created_at
-    )
+    return JobEventPublic.model_validate(e)
 
 
 @router.post("/v1/jobs", status_code=202, response_model=JobPublic)
@@ -210,10 +175,5 @@ def list_checkpoints(
     job_id: str, tenant_id: ReadTenantDep, session: SessionDep
 ) -> ListPublic[CheckpointPublic]:
     rows = jobs.list_checkpoints(session, tenant_id, job_id)
-    data = [
-        CheckpointPublic(
-            id=c.id, epoch=c.epoch, attempt=c.attempt, size_bytes=c.size_bytes, created_at=c.created_at
-        )
-        for c in rows
-    ]
+    data = [CheckpointPublic.model_validate(c) for c in rows]
     return ListPublic[CheckpointPublic](data=data, has_more=False)

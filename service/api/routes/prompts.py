@@ -28,23 +28,7 @@ router = APIRouter(route_class=CheckedRoute, tags=["prompts"], responses=ERROR_R
 
 
 def prompt_public(p: Prompt) -> PromptPublic:
-    return PromptPublic(
-        id=p.prompt_id,
-        version=p.version,
-        ref=f"{p.prompt_id}@{p.version}",
-        name=p.name,
-        backbone=p.backbone_id,
-        method=p.method,
-        prompt_layer=[int(i) for i in p.prompt_layers],
-        prompt_shape=p.prompt_shape,
-        classes=[str(c) for c in p.classes],
-        metrics=p.metrics,
-        size_bytes=p.size_bytes,
-        sha256=p.sha256,
-        job_id=p.job_id,
-        imported=p.imported,
-        created_at=p.created_at,
-    )
+    return PromptPublic.model_validate(p)
 
 
 @router.get("/v1/prompts", response_model=ListPublic[PromptPublic])
