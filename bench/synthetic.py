@@ -14,7 +14,7 @@ from service.engine import Backbone
 from service.engine.artifacts import PromptArtifact
 from service.engine.methods import MethodConfig, create_method
 
-__all__ = ["random_artifact"]
+__all__ = ["random_artifact", "random_lora_artifacts"]
 
 
 def random_artifact(
@@ -38,3 +38,31 @@ def random_artifact(
             p.copy_(torch.randn(p.shape, generator=gen) * scale)
     classes = [f"class_{seed}_{i}" for i in range(num_classes)]
     return PromptArtifact.from_module(module, classes=classes, metrics={"synthetic": True})
+
+
+def random_lora_artifacts(
+    backbone: Backbone,
+    n: int,
+    *,
+    rank: int = 4,
+    num_classes: int = 10,
+    seed: int = 0,
+    scale: float = 0.02,
+) -> list[PromptArtifact]:
+    """n LoRA artifacts with seeded N(0, scale^2) factors (B too, so every update acts) and heads.
+
+    One module (one peft copy of the backbone) is refilled for each artifact: building 32 copies of a
+    224-px backbone would cost more than the benchmark it feeds.
+    """
+    from service.engine.methods import LoRAConfig
+
+    module = create_method("lora", backbone, LoRAConfig(num_classes, lora_rank=rank))
+    out = []
+    for i in range(n):
+        gen = torch.Generator().manual_seed(seed + i)
+        with torch.no_grad():
+            for p in module.trainable_parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+        classes = [f"class_{seed + i}_{k}" for k in range(num_classes)]
+        out.append(PromptArtifact.from_module(module, classes=classes, metrics={"synthetic": True}))
+    return out

@@ -1,7 +1,8 @@
-"""A multi-replica actprompt on one machine: PostgreSQL, Redis, HAProxy, N API replicas, M workers.
+"""A multi-replica actprompt on one machine: PostgreSQL, Redis, S3, HAProxy, N API replicas, M workers.
 
 Every part is a separate process, as on separate nodes: the replicas share nothing but the database, the
-broker and the file store, each has its own var folder (caches), and HAProxy runs the shipped
+broker and the object store (moto's standalone S3 server, on its own port), each process has its own var
+folder (caches, the workers' object cache), and HAProxy runs the shipped
 `deploy/haproxy.cfg` with local addresses. `make fleet` runs it in the foreground; the end-to-end test
 and `bench/fleet.py` drive it through :class:`Fleet`.
 
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,9 @@ PG_ADMIN_URL = os.environ.get("ACTPROMPT_FLEET_PG_ADMIN_URL", "postgresql://post
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 ACTPROMPT = str(Path(sys.executable).with_name("actprompt"))
+S3_BUCKET = "actprompt-fleet"
+#: moto accepts any credentials; boto3 needs some to sign with. A real store's come from the environment.
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "fleet", "AWS_SECRET_ACCESS_KEY": "fleet-secret"}
 
 
 def free_port() -> int:
@@ -86,6 +90,7 @@ class Fleet:
     workers: int = 2
     balancer_port: int = 0
     stats_port: int = 0
+    s3_port: int = 0
     redis_db: int = int(os.environ.get("ACTPROMPT_FLEET_REDIS_DB", "6"))
     extra_env: dict[str, str] = field(default_factory=dict)
     keep_database: bool = False
@@ -98,6 +103,7 @@ class Fleet:
         self.root.mkdir(parents=True, exist_ok=True)
         self.balancer_port = self.balancer_port or free_port()
         self.stats_port = self.stats_port or free_port()
+        self.s3_port = self.s3_port or free_port()
         self.ports = self.ports or [free_port() for _ in range(SLOTS)]
         self.database = f"actprompt_fleet_{self.tag}"
 
@@ -110,6 +116,10 @@ class Fleet:
     def replica_url(self, i: int) -> str:
         """Replica `i` (1-based, as api1..api4 in the HAProxy config) directly, bypassing the balancer."""
         return f"http://127.0.0.1:{self.ports[i - 1]}"
+
+    @property
+    def s3_url(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
 
     @property
     def database_url(self) -> str:
@@ -134,8 +144,11 @@ class Fleet:
                 "ACTPROMPT_ADMIN_KEY": self.admin_key,
                 "ACTPROMPT_DEVICE": "cpu",
                 "ACTPROMPT_DATA_ROOTS": str(self.data_root),
-                # One file store for every process: the stand-in for the object store all nodes reach.
-                "ACTPROMPT_FILES_DIR": str(self.root / "files"),
+                # Uploads go to the object store every node reaches; no folder is shared.
+                "ACTPROMPT_STORAGE_URL": f"s3://{S3_BUCKET}/files",
+                "ACTPROMPT_S3_ENDPOINT_URL": self.s3_url,
+                "ACTPROMPT_S3_REGION": "us-east-1",
+                **S3_CREDENTIALS,
                 "ACTPROMPT_LOG_JSON": "true",
                 "ACTPROMPT_LOG_LEVEL": "INFO",
                 # Many processes on few cores: one intra-op thread each.
@@ -171,6 +184,7 @@ class Fleet:
         self._create_database()
         try:
             self._run_once("migrate", [ACTPROMPT, "db", "upgrade"], timeout=180)
+            self.start_s3()
             self.start_haproxy(predict_balance)
             for i in range(1, self.replicas + 1):
                 self.start_replica(i)
@@ -218,6 +232,19 @@ class Fleet:
         if rc != 0:
             raise RuntimeError(f"{name} failed (exit {rc}): {proc.log_tail()}")
 
+    def start_s3(self) -> Proc:
+        """moto's standalone S3 server on its own port, with the fleet's bucket."""
+        moto = str(Path(sys.executable).with_name("moto_server"))
+        proc = self._spawn("s3", [moto, "-H", "127.0.0.1", "-p", str(self.s3_port)], os.environ)
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.put(f"{self.s3_url}/{S3_BUCKET}", timeout=2).status_code == 200:  # CreateBucket
+                    return proc
+            if not proc.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the S3 server did not start: {proc.log_tail()}")
+            time.sleep(0.2)
+
     def start_replica(self, i: int) -> Proc:
         """API replica `i` (1..4): `actprompt serve --workers 1` on its slot's port, its own var folder."""
         env = self.env()
@@ -238,7 +265,7 @@ class Fleet:
     def start_haproxy(self, predict_balance: str | None = None) -> Proc:
         """HAProxy in the foreground (-db) on the shipped config; `predict_balance` overrides the hash."""
         self.stop_haproxy()
-        cmd = ["haproxy", "-db", "-f", str(HAPROXY_CFG)]
+        cmd = [shutil.which("haproxy") or "/usr/sbin/haproxy", "-db", "-f", str(HAPROXY_CFG)]
         proc = self._spawn("haproxy", cmd, self.haproxy_env(predict_balance))
         deadline = time.monotonic() + 15
         while not self.socket_path.exists() or not _port_open(self.balancer_port):
@@ -271,7 +298,7 @@ class Fleet:
                 raise RuntimeError(f"api{i} not ready: {proc.log_tail()}")
             time.sleep(0.3)
 
-    def wait_balanced(self, replicas: Iterator[int] | range, timeout: float) -> None:
+    def wait_balanced(self, replicas: Iterable[int], timeout: float) -> None:
         """Until HAProxy's health checks see every one of `replicas` UP (in both backends)."""
         want = {f"api{i}" for i in replicas}
         deadline = time.monotonic() + timeout
@@ -387,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         f"actprompt fleet is up: {fleet.url}  (HAProxy stats: http://127.0.0.1:{fleet.stats_port}/stats)\n"
         f"admin key: {fleet.admin_key}\n"
         f"replicas: {', '.join(fleet.replica_url(i) for i in range(1, args.replicas + 1))}\n"
-        f"database: {fleet.database_url}   data root (file:// datasets): {fleet.data_root}\n"
+        f"database: {fleet.database_url}   S3: {fleet.s3_url} (bucket {S3_BUCKET})\n"
+        f"data root (file:// datasets): {fleet.data_root}\n"
         "Ctrl-C stops every process.",
         flush=True,
     )

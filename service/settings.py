@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from service.storage.s3 import S3Location
 
 
 class Settings(BaseSettings):
@@ -52,6 +55,48 @@ class Settings(BaseSettings):
         default=None,
         description="Where uploaded files (POST /v1/files) are stored. Unset = var_dir/files; in production "
         "a path shared by the API and the workers (a volume).",
+    )
+    storage_url: str | None = Field(
+        default=None,
+        description="Where uploaded files live: s3://bucket/prefix (credentials from boto3's chain: AWS_* "
+        "environment variables, a profile or an instance role; never from here). Unset = files_dir.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="S3 endpoint for a non-AWS store (MinIO, Ceph, moto: http://host:9000); unset = AWS.",
+    )
+    s3_region: str | None = Field(default=None, description="S3 region; unset = boto3's own (AWS_REGION).")
+    s3_timeout_seconds: float = Field(
+        gt=0,
+        default=10.0,
+        description="Connect and read timeout of one S3 request; an upload fails with 503 after "
+        "s3_max_attempts of them.",
+    )
+    s3_max_attempts: int = Field(
+        ge=1, default=3, description="Tries of one S3 request (boto3's standard retry mode, with backoff)."
+    )
+    storage_part_bytes: int = Field(
+        ge=5 << 20,
+        default=8 << 20,
+        description="Part size of multipart uploads to S3 (S3's minimum is 5 MiB); one part is buffered "
+        "in memory per upload in flight.",
+    )
+    storage_cache_bytes: int = Field(
+        ge=1,
+        default=20 << 30,
+        description="Bound of this node's on-disk cache of S3 objects (var_dir/cache/objects), keyed by "
+        "sha256; least recently used go. Make it larger than the largest dataset.",
+    )
+    storage_wait_seconds: float = Field(
+        ge=0,
+        default=300.0,
+        description="How long a job waits for an unreachable object store before the attempt counts as "
+        "failed (the job is queued again while attempts remain).",
+    )
+    dataset_s3_prefixes: str = Field(
+        default="",
+        description="Comma-separated s3://bucket/prefix locations that s3:// dataset URIs may name, read "
+        "with the server's credentials; any other bucket is refused (403). Empty = no s3:// datasets.",
     )
     max_file_bytes: int = Field(
         ge=1, default=2 << 30, description="Largest file accepted by POST /v1/files, in bytes; 413 above."
@@ -239,6 +284,22 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _s3_locations_parse(self) -> Settings:
+        """Bad S3 URLs fail at start, and tenants can never name the bucket prefix that holds uploads."""
+        from service.storage.s3 import S3Location
+
+        allowed = self.dataset_s3_locations
+        if self.storage_url:
+            store = S3Location.parse(self.storage_url)
+            clash = [str(loc) for loc in allowed if loc.overlaps(store)]
+            if clash:
+                raise ValueError(
+                    f"dataset_s3_prefixes {clash} overlap storage_url {self.storage_url}: tenants could "
+                    "read each other's uploads"
+                )
+        return self
+
     # --- derived -----------------------------------------------------------------------------------
     @property
     def is_embedded(self) -> bool:
@@ -260,6 +321,16 @@ class Settings(BaseSettings):
     @property
     def files_root(self) -> Path:
         return self.files_dir if self.files_dir is not None else self.var_dir / "files"
+
+    @property
+    def object_cache_dir(self) -> Path:
+        return self.var_dir / "cache" / "objects"
+
+    @property
+    def dataset_s3_locations(self) -> list[S3Location]:
+        from service.storage.s3 import S3Location
+
+        return [S3Location.parse(p.strip()) for p in self.dataset_s3_prefixes.split(",") if p.strip()]
 
     def resolved_device(self) -> str:
         """`cpu` or `cuda` (imports torch only for `auto`)."""

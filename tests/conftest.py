@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -54,3 +61,74 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def resnet20_uri(weights_dir: Path) -> str:
     return (weights_dir / "resnet20-12fca82f.th").as_uri()
+
+
+# --- S3 (moto's standalone server: a real S3-protocol server on 127.0.0.1, never mocked in-process) -------
+@pytest.fixture(scope="session")
+def s3_credentials() -> None:
+    """boto3 reads test credentials from the environment, as production reads real ones."""
+    from tests.services import S3_TEST_CREDENTIALS
+
+    for key, value in S3_TEST_CREDENTIALS.items():
+        os.environ.setdefault(key, value)
+
+
+@pytest.fixture(scope="session")
+def s3_url(s3_credentials: None) -> str:
+    """The shared S3 server, started when absent (and left running, as `.ci/run` leaves it)."""
+    from tests.services import S3_URL, ensure_s3
+
+    ensure_s3()
+    return S3_URL
+
+
+def s3_client(url: str) -> Any:
+    import boto3
+
+    return boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+
+
+def new_bucket(url: str) -> str:
+    name = f"t-{secrets.token_hex(6)}"
+    s3_client(url).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3_bucket(s3_url: str) -> str:
+    """A fresh bucket of the shared server for this test."""
+    return new_bucket(s3_url)
+
+
+@dataclass
+class PrivateS3:
+    """A moto server of this test's own, which the test may freeze (SIGSTOP: requests hang, like a store
+    that stopped answering) and thaw (SIGCONT: it answers again, its objects intact)."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
+    def client(self) -> Any:
+        return s3_client(self.url)
+
+
+@pytest.fixture
+def private_s3(s3_credentials: None, tmp_path: Path) -> Iterator[PrivateS3]:
+    from tests.api.serve import free_port
+    from tests.services import start_moto
+
+    port = free_port()
+    proc = start_moto(port, tmp_path / "moto.log")
+    try:
+        yield PrivateS3(f"http://127.0.0.1:{port}", proc)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGCONT)
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)

@@ -88,6 +88,8 @@ async def _product(_: Request, exc: Exception) -> JSONResponse:
     if not isinstance(exc, ActpromptError):
         return error_response(500, "internal_error", "internal server error")
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    if exc.status == 503:  # a dependency is down for now (the object store): say when to come back
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
     return error_response(exc.status, exc.code, exc.message, exc.param, headers)
 
 

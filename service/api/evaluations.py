@@ -23,10 +23,10 @@ from service.db.base import utcnow
 from service.db.repositories import EvaluationRunRepository
 from service.domain import evaluations
 from service.domain.datasets import resolve_dataset
-from service.domain.errors import DomainError, InvalidInput
+from service.domain.errors import InvalidInput
 from service.domain.predict import Predictor
 from service.domain.prompts import PromptHandle
-from service.engine import EngineError
+from service.engine.errors import ActpromptError
 from service.settings import Settings
 from service.storage import Storage
 
@@ -128,7 +128,7 @@ class EvaluationRunner:
         except asyncio.CancelledError:  # the process is stopping: say so rather than leave it running
             await asyncio.to_thread(self._fail, evaluation_id, "evaluation_interrupted", "the API stopped")
             raise
-        except (DomainError, EngineError) as exc:
+        except ActpromptError as exc:  # a bad dataset, or the object store down (code storage_unavailable)
             code = str(getattr(exc, "code", "invalid_value"))
             await asyncio.to_thread(self._fail, evaluation_id, code, getattr(exc, "message", str(exc)))
         except Exception as exc:

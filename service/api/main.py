@@ -79,7 +79,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.predictor = build_predictor(settings, session_factory)  # on the loop that will own its state
     app.state.rate_limiter = build_rate_limiter(settings)
     serving_metrics.set_per_tenant_labels(settings.metrics_per_tenant)
-    app.state.storage = create_storage(settings.files_root)
+    app.state.storage = create_storage(settings)
     app.state.evaluations = EvaluationRunner(
         session_factory, app.state.predictor, app.state.storage, settings
     )

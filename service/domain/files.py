@@ -1,7 +1,7 @@
 """Uploaded files: names and kinds accepted, the row, tenant-checked lookup, deletion refused while in use.
 
 A job's or an evaluation's `dataset_uri` may be a file id (`file_...`): `is_file_id` tells it from a URI,
-`dataset_path` turns it into the stored path (a foreign id is a 404, like any other tenant's object).
+`stored_object` names its stored bytes (a foreign id is a 404, like any other tenant's object).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from service.db.ids import new_id
 from service.db.models import File
 from service.db.repositories import FileRepository
 from service.domain.errors import Conflict, InvalidInput, NotFound
-from service.storage import Storage
 
 #: Dataset archives the loaders read, longest first (the stored object keeps it: loaders dispatch on it).
 FILE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip", ".npz")
@@ -109,10 +108,11 @@ def delete_file(session: Session, tenant_id: str, file_id: str) -> File:
     return row
 
 
-def dataset_path(session: Session, tenant_id: str, file_id: str, storage: Storage) -> Path:
-    """The stored path of the tenant's file `file_id` (a job or evaluation reads it from there)."""
+def stored_object(session: Session, tenant_id: str, file_id: str) -> tuple[str, str]:
+    """(storage key, sha256) of the tenant's file `file_id`, which a job or an evaluation reads.
+
+    Raises:
+        NotFound: no such file for this tenant (a foreign id included).
+    """
     row = get_file(session, tenant_id, file_id, param="dataset_uri")
-    path = storage.local_path(row.storage_key)
-    if not path.is_file():
-        raise NotFound(f"file {file_id} has no stored bytes", code="file_not_found", param="dataset_uri")
-    return path
+    return row.storage_key, row.sha256

@@ -89,6 +89,14 @@ class JobLease:
         if self.should_stop():
             raise LeaseStop()
 
+    def pause(self, seconds: float) -> None:
+        """Sleep up to `seconds`, the lease kept alive; LeaseStop at once on a cancel, loss or shutdown."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self.check_stop()
+            self.shutdown.wait(min(left, 0.2))
+        self.check_stop()
+
     # --- owned writes ---------------------------------------------------------------------------------
     def write(
         self,

@@ -11,9 +11,11 @@ import copy
 import enum
 import logging
 import threading
+import time
 import traceback
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -34,6 +36,7 @@ from service.domain.job_recorder import JobRecorder, jsonable
 from service.domain.jobs import METHOD_OPTIONS_KEY
 from service.domain.prompts import store_prompt
 from service.settings import Settings
+from service.storage import StorageUnavailable
 
 log = logging.getLogger("actprompt.job_runner")
 
@@ -270,12 +273,38 @@ class _JobRun:
         return outcome if ok else RunOutcome.LOST
 
     # --- validation + training ----------------------------------------------------------------------
+    def _dataset_path(self) -> Path:
+        """The dataset as a local file. While the object store is down the job waits on its worker (lease
+        renewed, cancel honoured) up to `storage_wait_seconds`; past that the attempt counts as crashed."""
+        deadline = time.monotonic() + self.settings.storage_wait_seconds
+        delay, told = 0.5, False
+        while True:
+            try:
+                return resolve_dataset(
+                    self.lease.session_factory, self.job.tenant_id, self.job.dataset_uri, self.settings
+                )
+            except StorageUnavailable as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                if not told:
+                    told = True
+                    log.warning("object store unavailable; waiting", extra={"job_id": self.job.id})
+                    self.lease.event(
+                        "log",
+                        f"waiting for the object store: {exc.message}",
+                        {"code": exc.code},
+                        level="warning",
+                    )
+                self.lease.pause(min(delay, left))
+                delay = min(delay * 2, 10.0)
+
     def _validate(self) -> Any:
         """Download, load, validate and split the dataset; `validating` → `running` with the report."""
         from service.engine import pipeline
 
         settings, hp = self.settings, self.job.hyperparameters
-        path = resolve_dataset(self.lease.session_factory, self.job.tenant_id, self.job.dataset_uri, settings)
+        path = self._dataset_path()
         self.lease.check_stop()
         split = pipeline.SplitSpec(
             val_fraction=float(hp.get("val_fraction", 0.1)), seed=int(hp.get("seed", 0))

@@ -25,6 +25,7 @@ from service.db.repositories import (
 )
 from service.domain import files
 from service.domain.backbones import get_backbone, resolve_layers
+from service.domain.datasets import allowed_s3_location
 from service.domain.errors import (
     BadRequest,
     Conflict,
@@ -195,7 +196,8 @@ def check_method(backbone: Any, request: JobRequest) -> list[int] | None:
 
 
 def check_dataset_uri(uri: str, settings: Settings) -> None:
-    """Cheap checks at submission (no download): scheme, and file:// inside DATA_ROOTS and present."""
+    """Cheap checks at submission (no download): scheme, file:// inside DATA_ROOTS and present, s3:// under
+    an allowed prefix (403 otherwise)."""
     parsed = urlparse(uri)
     scheme = parsed.scheme.lower()
     if scheme == "file":
@@ -222,9 +224,11 @@ def check_dataset_uri(uri: str, settings: Settings) -> None:
             )
         if not parsed.hostname:
             raise BadRequest("dataset URI has no host", code="invalid_dataset_uri", param="dataset_uri")
+    elif scheme == "s3":
+        allowed_s3_location(uri, settings)
     else:
         raise BadRequest(
-            f"unsupported dataset URI scheme {scheme or '(none)'!r}: use file:// or https://",
+            f"unsupported dataset URI scheme {scheme or '(none)'!r}: use file://, https:// or s3://",
             code="invalid_dataset_uri",
             param="dataset_uri",
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -32,6 +32,8 @@ from service.engine.layers import (
 
 LayerFn = Callable[[int, torch.Tensor], torch.Tensor]
 NormFn = Callable[[str, torch.Tensor], torch.Tensor]
+#: (module name, module input, module output) -> new output: per-row updates of a weight layer (LoRA).
+ModuleFn = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: Prefixes that wrappers (DataParallel, EMA, Lightning) put in front of checkpoint keys.
 _KEY_PREFIXES = ("module.", "model.", "_orig_mod.")
@@ -121,6 +123,7 @@ class Backbone:
         self._decomposition: Decomposition = decompose(model)
         self.family = self._decomposition.family
         self._local = threading.local()
+        self._hooked_modules: set[str] = set()
         self.norm_layers: list[NormLayerInfo] = []
         self._install_norm_hooks()
         self.layers: list[LayerInfo] = []
@@ -176,6 +179,30 @@ class Backbone:
 
         return pre_hook
 
+    def hook_modules(self, names: Iterable[str]) -> None:
+        """Let `run(module_fn=...)` rewrite the outputs of the named modules (idempotent).
+
+        Installed on demand, not for every module up front: a hook takes a module off PyTorch's fast
+        call path, so only the weight layers some resident adapter updates pay for one.
+        """
+        modules = dict(self.model.named_modules())
+        for name in names:
+            if name in self._hooked_modules:
+                continue
+            if name not in modules:
+                raise EngineError(f"backbone {self.spec.model!r} has no module {name!r}")
+            modules[name].register_forward_hook(self._make_module_hook(name))
+            self._hooked_modules.add(name)
+
+    def _make_module_hook(self, name: str) -> Callable[..., torch.Tensor | None]:
+        def hook(
+            _module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+        ) -> torch.Tensor | None:
+            fn: ModuleFn | None = getattr(self._local, "module_fn", None)
+            return fn(name, inputs[0], output) if fn is not None else None
+
+        return hook
+
     @torch.no_grad()
     def _measure(self) -> None:
         """Run one dummy image to learn every layer's shape and which layer each norm sits in."""
@@ -209,16 +236,19 @@ class Backbone:
         *,
         layer_fn: LayerFn | None = None,
         norm_fn: NormFn | None = None,
+        module_fn: ModuleFn | None = None,
     ) -> torch.Tensor:
         """Activation at layer `start` -> activation at layer `stop` (L+1 = pooled features [B, D]).
 
         `layer_fn(i, h_i)` rewrites every layer i in (start, stop]; `norm_fn(name, y)` rewrites the
-        output of every norm module on the way. One caller at a time per thread.
+        output of every norm module on the way; `module_fn(name, x, y)` the output of every module
+        `hook_modules` named. One caller at a time per thread.
         """
         if not 0 <= start <= stop <= self.pooled_index:
             raise ValueError(f"bad run range {start}..{stop} (layers 0..{self.pooled_index})")
         segments = self._decomposition.segments
         self._local.norm_fn = norm_fn
+        self._local.module_fn = module_fn
         try:
             for index in range(start + 1, stop + 1):
                 if index == self.pooled_index:
@@ -229,6 +259,7 @@ class Backbone:
                         h = layer_fn(index, h)
         finally:
             self._local.norm_fn = None
+            self._local.module_fn = None
         return h
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,12 +4,14 @@ Semantics (row i of a batch, s = slot[i], every tensor below lives in the Prompt
 
     x[i]      <- where(pad[s], shrink(x[i], scale[s]) * keep[s], x[i]) + frame[s]    # VP (layer 0)
     h_l[i]    += P_l[s]                  for every layer l any row of the batch prompts at
+    y_m[i]    += B_m[s] (A_m[s] x_m[i])  for every module m a LoRA row adapts (see `lora_rows`)
     y_n[i]    <- y_n[i] * (1 + S_n[s]) + T_n[s]   for every norm module n (norm-tune, deep AP + norm rows)
     logits[i] = W[s] @ f[i] + b[s]       # W [Kmax, D], b [Kmax], b = -inf on padded classes
 
 A slot's entries are neutral wherever its prompt does not act (P_l[s] = 0 at layers it does not use,
-S = T = 0 without norm-tune, frame = 0 and keep = 1 without VP), so "rows whose prompt sits elsewhere
-add nothing there" holds exactly, and each row equals `predict_single` for its own artifact.
+no LoRA update on modules it does not adapt, S = T = 0 without norm-tune, frame = 0 and keep = 1
+without VP), so "rows whose prompt sits elsewhere add nothing there" holds exactly, and each row equals
+`predict_single` for its own artifact (for LoRA: its own peft forward).
 P_l[s] is stored as `table_l.data[table_l.rows[s]]` (row 0 = zeros), so a layer's table holds rows
 only for the slots prompting there. The bank is the mechanism (slots written by index); which prompts
 are resident is the serving layer's policy.
@@ -25,64 +27,19 @@ from torch import Tensor
 
 from service.engine.artifacts import PromptArtifact, load_module
 from service.engine.errors import ArtifactError
+from service.engine.lora_rows import LoRABank
 from service.engine.methods.activation import delta_key
 from service.engine.methods.input_prompt import INPUT_KEY, frame_mask, shrink_images, shrink_scale
+from service.engine.methods.lora import LoRAConfig, lora_factors
 from service.engine.methods.norm import affine_view, scale_key, shift_key
+from service.engine.row_table import RowTable
 
 if TYPE_CHECKING:
     from service.engine.backbones import Backbone
 
 
-class RowTable:
-    """A growable table of per-slot rows behind an indirection: slot -> row, row 0 = the default.
-
-    Only slots that actually use this table hold a row, so a layer's delta table costs memory in
-    proportion to the prompts at that layer, not to the bank's capacity. Rows are recycled on clear;
-    the table doubles when full (on write, never on the forward path).
-    """
-
-    def __init__(self, capacity: int, shape: tuple[int, ...], fill: float, device: torch.device) -> None:
-        self.shape, self.fill, self.device = shape, fill, device
-        self.rows = torch.zeros(capacity, dtype=torch.long, device=device)  # [S] slot -> row
-        self._host_rows = [0] * capacity
-        self.data = torch.full((1 + min(capacity, 4), *shape), fill, device=device)  # [R, *shape]
-        self._free = list(range(self.data.shape[0] - 1, 0, -1))
-
-    def put(self, slot: int, value: Tensor) -> int:
-        """Store `value` (broadcast to the row shape) for `slot`; returns the row's bytes."""
-        row = self._host_rows[slot]
-        if row == 0:
-            if not self._free:
-                old = self.data.shape[0]
-                grown = torch.full((old * 2 - 1, *self.shape), self.fill, device=self.device)
-                grown[:old] = self.data
-                self.data = grown
-                self._free = list(range(grown.shape[0] - 1, old - 1, -1))
-            row = self._free.pop()
-            self._host_rows[slot] = row
-            self.rows[slot] = row
-        self.data[row] = value.to(self.device).expand(self.shape)
-        return self.data[row].numel() * self.data.element_size()
-
-    def drop(self, slot: int) -> None:
-        row = self._host_rows[slot]
-        if row:
-            self.data[row].fill_(self.fill)
-            self._free.append(row)
-            self._host_rows[slot] = 0
-            self.rows[slot] = 0
-
-    def gather(self, idx: Tensor) -> Tensor:
-        """Rows for slots idx [B] -> [B, *shape] (the default row for slots without one)."""
-        return self.data.index_select(0, self.rows.index_select(0, idx))
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size() + self.rows.numel() * 8
-
-
 class PromptBank:
-    """Per-slot tensors for one backbone: heads (preallocated), deltas, norm affine, VP frames.
+    """Per-slot tensors for one backbone: heads (preallocated), deltas, norm affine, VP frames, LoRA.
 
     Heads and per-slot scalars are preallocated for `capacity` slots. Per-layer delta tables and the
     VP frame tables are RowTables created on the first write that needs them and grown on demand, so
@@ -106,6 +63,7 @@ class PromptBank:
         self.vp_keep: RowTable | None = None  # rows of [1, H, W]: 1 where the (shrunk) image shows
         self.vp_scale: Tensor | None = None  # [S, 2]: (sx, sy) of the shrink, 1 for non-pad slots
         self.vp_pad: Tensor | None = None  # [S] bool: the slot shrinks its image
+        self.lora = LoRABank(backbone, capacity)  # per adapted module: rows of A and (scaled) B
         # Routing metadata, on the host so that a batch needs no device sync to plan its pass.
         self._layers: list[frozenset[int]] = [frozenset()] * capacity
         self._first: list[int] = [backbone.pooled_index] * capacity
@@ -153,17 +111,26 @@ class PromptBank:
             ArtifactError: another backbone, a non-servable method, or more classes than max_classes.
         """
         self._check_slot(slot)
-        module = load_module(artifact, self.backbone)  # validates backbone, method and tensor shapes
-        if not module.servable:
-            raise ArtifactError(f"method {artifact.method!r} copies the backbone and cannot be served")
         k = artifact.num_classes
         if k > self.max_classes:
             raise ArtifactError(f"artifact has {k} classes; this bank holds at most {self.max_classes}")
-        t = module.export_tensors()
-        # What the slot holds follows from the tensors the method exports (AP deltas, norm affine, VP
-        # frame), so a method that combines them (deep AP + norm) is gathered for both per row.
-        delta_layers = tuple(i for i in module.prompt_layers if delta_key(i) in t)
-        uses_norm = any(scale_key(n.name) in t for n in self.backbone.norm_layers)
+        factors: dict[str, tuple[Tensor, Tensor]] = {}
+        lora_scale = 1.0
+        t: dict[str, Tensor]
+        if artifact.method == LoRAConfig.method:
+            t, factors, lora_scale = self._lora_parts(artifact)
+            delta_layers: tuple[int, ...] = ()
+            uses_norm, first_layer = False, 0
+        else:
+            module = load_module(artifact, self.backbone)  # validates backbone, method and tensor shapes
+            if not module.servable:
+                raise ArtifactError(f"method {artifact.method!r} copies the backbone and cannot be served")
+            t = module.export_tensors()
+            # What the slot holds follows from the tensors the method exports (AP deltas, norm affine, VP
+            # frame), so a method that combines them (deep AP + norm) is gathered for both per row.
+            delta_layers = tuple(i for i in module.prompt_layers if delta_key(i) in t)
+            uses_norm = any(scale_key(n.name) in t for n in self.backbone.norm_layers)
+            first_layer = module.first_layer
         self.clear(slot)
         dev = self.backbone.device
         nbytes = 0
@@ -190,12 +157,35 @@ class PromptBank:
                     pad[slot] = True
                     self._pad[slot] = True
                 self._vp[slot] = True
+            if factors:
+                nbytes += self.lora.write(slot, factors, lora_scale)
         self._layers[slot] = frozenset(delta_layers)
-        self._first[slot] = module.first_layer
+        self._first[slot] = first_layer
         self._norm[slot] = uses_norm
         self._occupied[slot] = True
         self._num_classes[slot] = k
         return nbytes
+
+    def _lora_parts(
+        self, artifact: PromptArtifact
+    ) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]], float]:
+        """Head tensors, factors (module -> (A, B)) and scale of a LoRA artifact, all checked.
+
+        Read straight from the artifact: rebuilding its module would copy the whole backbone (the peft
+        training copy) for every slot write.
+        """
+        artifact.check_backbone(self.backbone)
+        cfg = artifact.method_config
+        assert isinstance(cfg, LoRAConfig)
+        factors = lora_factors(self.backbone, cfg, artifact.tensors)
+        head: dict[str, Tensor] = {
+            k: artifact.tensors[k] for k in ("head.weight", "head.bias") if k in artifact.tensors
+        }
+        if tuple(head.get("head.bias", torch.empty(0)).shape) != (artifact.num_classes,):
+            raise ArtifactError(
+                f"artifact tensor 'head.bias' does not fit a {artifact.num_classes}-class head"
+            )
+        return head, factors, cfg.scale
 
     def clear(self, slot: int) -> None:
         """Reset `slot` to "no prompt": zero deltas / affine / frame, padded head."""
@@ -215,6 +205,7 @@ class PromptBank:
                 self.vp_keep.drop(slot)
                 self.vp_scale[slot].fill_(1.0)
                 self.vp_pad[slot] = False
+            self.lora.drop(slot)
         self._layers[slot] = frozenset()
         self._first[slot] = self.backbone.pooled_index
         self._norm[slot] = self._vp[slot] = self._pad[slot] = self._occupied[slot] = False
@@ -237,7 +228,8 @@ class PromptBank:
         tensors = [self.head_w, self.head_b, *self.norm_scale.values(), *self.norm_shift.values()]
         tensors += [t for t in (self.vp_scale, self.vp_pad) if t is not None]
         tables = [*self.deltas.values(), *(t for t in (self.vp_frame, self.vp_keep) if t is not None)]
-        return sum(t.numel() * t.element_size() for t in tensors) + sum(t.nbytes for t in tables)
+        held = sum(t.numel() * t.element_size() for t in tensors) + sum(t.nbytes for t in tables)
+        return held + self.lora.nbytes
 
 
 def _slot_list(slots: Tensor | Sequence[int]) -> list[int]:
@@ -297,7 +289,10 @@ def forward_mixed_from(
             t = affine_view(bank.norm_shift[name].index_select(0, idx), y, cdim[name])
             return y * (1.0 + s) + t
 
-    f = backbone.run(h, start, backbone.pooled_index, layer_fn=layer_fn, norm_fn=norm_fn)  # [B, D]
+    module_fn = bank.lora.module_fn(idx, host)  # None when no row of the batch carries LoRA
+    f = backbone.run(
+        h, start, backbone.pooled_index, layer_fn=layer_fn, norm_fn=norm_fn, module_fn=module_fn
+    )  # [B, D]
     w = bank.head_w.index_select(0, idx)  # [B, Kmax, D]
     b = bank.head_b.index_select(0, idx)  # [B, Kmax]
     return torch.baddbmm(b.unsqueeze(2), w, f.unsqueeze(2).to(w.dtype)).squeeze(2)  # [B, Kmax]

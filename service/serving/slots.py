@@ -14,24 +14,46 @@ from torch import Tensor
 
 from service.engine import Backbone
 from service.engine.artifacts import PromptArtifact
+from service.engine.errors import MethodError
+from service.engine.methods.lora import lora_targets
 from service.engine.mixed_batch import PromptBank, forward_mixed_from
 
-__all__ = ["SlotTable", "slot_bytes"]
+__all__ = ["LORA_RANK_BOUND", "SlotTable", "slot_bytes"]
+
+#: The LoRA rank the per-slot byte bound assumes; a higher rank still loads (the bank's LoRA tables pad
+#: to the largest rank resident), it only makes the bound an underestimate.
+LORA_RANK_BOUND = 16
 
 
 def slot_bytes(backbone: Backbone, max_classes: int) -> int:
     """Device bytes one slot can cost at most on ``backbone``: what sizes the table from a byte budget.
 
-    A padded head plus a full-shape delta at every layer of the catalog, the norm-tune affine of every norm
-    module and a VP frame (float32 throughout). The bank's per-layer tables only hold rows for the prompts
-    that use them, so real use is usually far below this bound (``SlotTable.device_bytes`` says how far).
+    A padded head plus the larger of what one prompt can hold besides: a full-shape delta at every layer of
+    the catalog, the norm-tune affine of every norm module and a VP frame; or LoRA factors at
+    ``LORA_RANK_BOUND`` on every module LoRA can adapt (a LoRA slot holds no delta). Float32 throughout.
+    The bank's tables only hold rows for the prompts that use them, so real use is usually far below this
+    bound (``SlotTable.device_bytes`` says how far).
     """
-    floats = max_classes * (backbone.num_features + 1)  # head W [Kmax, D] + b [Kmax]
-    floats += sum(math.prod(layer.shape) for layer in backbone.layers)  # deltas at every layer, input incl.
-    floats += sum(2 * n.num_features for n in backbone.norm_layers)  # norm scale + shift
+    head = max_classes * (backbone.num_features + 1)  # head W [Kmax, D] + b [Kmax]
+    prompt = sum(math.prod(layer.shape) for layer in backbone.layers)  # deltas at every layer, input incl.
+    prompt += sum(2 * n.num_features for n in backbone.norm_layers)  # norm scale + shift
     h, w = backbone.layers[0].shape[1:]
-    floats += 4 * h * w + 2  # VP frame [3, H, W] + keep [1, H, W] + scale [2]
-    return 4 * floats
+    prompt += 4 * h * w + 2  # VP frame [3, H, W] + keep [1, H, W] + scale [2]
+    return 4 * (head + max(prompt, _lora_floats(backbone, LORA_RANK_BOUND)))
+
+
+def _lora_floats(backbone: Backbone, rank: int) -> int:
+    """Floats of rank-`rank` factors A [r, C_in * kh * kw] and B [C_out, r] on every adaptable module."""
+    try:
+        targets = set(lora_targets(backbone))
+    except MethodError:  # nothing LoRA can adapt on this backbone
+        return 0
+    total = 0
+    for name, module in backbone.model.named_modules():
+        if name in targets:
+            weight = module.weight  # [C_out, C_in, kh, kw] / [D_out, D_in]
+            total += rank * (weight[0].numel() + weight.shape[0])
+    return total
 
 
 class SlotTable:

@@ -1,9 +1,11 @@
-"""The local multi-replica topology end to end: real PostgreSQL, Redis, HAProxy, 3 replicas, 2 workers.
+"""The local multi-replica topology end to end: real PostgreSQL, Redis, S3 server (moto), HAProxy, 3 API
+replicas, 2 workers, each a separate process.
 
-A dataset uploaded through one replica trains on a worker; predicts through the balancer reach the replica
-that owns the prompt (the client's routing header, hashed with bounded load), spill over when one prompt
-is hot, survive a replica killed under them, and a deleted prompt stops being served by every replica
-within the prompt-resolve cache's TTL (ACTPROMPT_PROMPT_RESOLVE_CACHE_SECONDS, default 5 s).
+A dataset uploaded through one replica lands in the object store and trains on a worker; predicts through
+the balancer reach the replica that owns the prompt (the client's routing header, hashed with bounded
+load), spill over when one prompt is hot, survive a replica killed under them, and a deleted prompt stops
+being served by every replica within the prompt-resolve cache's TTL (ACTPROMPT_PROMPT_RESOLVE_CACHE_SECONDS,
+default 5 s).
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import httpx
 import numpy as np
 import pytest
 from actprompt import Client
 from PIL import Image
 
-from deploy.fleet import Fleet
+from deploy.fleet import S3_BUCKET, S3_CREDENTIALS, Fleet
 from tests.conftest import DATA_DIR, WEIGHTS_DIR
 from tests.services import require
 
@@ -82,6 +85,15 @@ def trained(fleet: Fleet, tenant: str) -> tuple[str, bytes]:
     dataset, image = _dataset(fleet.root / "gtsrb10.npz")
     with Client(fleet.replica_url(1), tenant) as direct:
         file = direct.files.upload(dataset)
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=fleet.s3_url,
+        region_name="us-east-1",
+        aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+    )
+    stored = s3.list_objects_v2(Bucket=S3_BUCKET).get("Contents", [])
+    assert [o["Size"] for o in stored] == [dataset.stat().st_size], stored  # in the object store, whole
     with Client(fleet.url, tenant) as c:
         job = c.jobs.create(backbone="resnet20", dataset=file.id, hyperparameters={"epochs": 1})
         job = c.jobs.wait(job.id, poll=0.5)

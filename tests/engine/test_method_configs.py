@@ -44,6 +44,8 @@ OTHER_VALUE: dict[str, Any] = {
     "input_variant": "additive",
     "pad_size": 3,
     "lora_rank": 8,
+    "lora_alpha": 16.0,
+    "target_modules": ("layer1.0.conv1", "layer2.0.conv2"),
 }
 #: What the single MethodConfig wrote before configs had a type tag: every option of every method.
 LEGACY_DEFAULTS: dict[str, Any] = {
@@ -52,6 +54,8 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "input_variant": "pad",
     "pad_size": None,
     "lora_rank": 4,
+    "lora_alpha": None,  # options added after the tag: their defaults stand in
+    "target_modules": None,
 }
 
 
@@ -73,7 +77,7 @@ def test_every_registered_method_has_its_own_tagged_config_class() -> None:
         assert cls is CLASSES[method] and cls.method == method
     assert ActivationConfig.options() == ("prompt_layers", "prompt_shape")
     assert InputPromptConfig.options() == ("input_variant", "pad_size")
-    assert LoRAConfig.options() == ("lora_rank",)
+    assert LoRAConfig.options() == ("lora_rank", "lora_alpha", "target_modules")
     assert LinearConfig.options() == NormConfig.options() == FullConfig.options() == ()
 
 
@@ -133,6 +137,12 @@ def test_each_config_validates_its_own_fields() -> None:
         InputPromptConfig(2, pad_size=0)
     with pytest.raises(MethodError, match="lora_rank"):
         LoRAConfig(2, lora_rank=0)
+    with pytest.raises(MethodError, match="lora_alpha"):
+        LoRAConfig(2, lora_alpha=0)
+    with pytest.raises(MethodError, match="target_modules"):
+        LoRAConfig(2, target_modules="layer1.0.conv1")  # type: ignore[arg-type]
+    assert LoRAConfig(2, lora_rank=4, lora_alpha=8).scale == 2.0
+    assert LoRAConfig(2, lora_rank=4).scale == 1.0
     assert ActivationConfig(2, [4, 2]).prompt_layers == (4, 2)  # type: ignore[arg-type]
     assert LinearConfig(2).prompt_layers == ()  # methods without prompt layers read as ()
 

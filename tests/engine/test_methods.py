@@ -64,7 +64,7 @@ def _configs(bb: Backbone) -> list[tuple[str, MethodConfig]]:
 
 def test_registry_lists_every_method_and_rejects_unknown() -> None:
     assert list_methods() == ["activation", "input", "linear", "norm", "full", "deep_activation_norm", "lora"]
-    servable = ["activation", "input", "linear", "norm", "deep_activation_norm"]
+    servable = ["activation", "input", "linear", "norm", "deep_activation_norm", "lora"]
     assert list_methods(servable_only=True) == servable
     bb = create_backbone(BackboneSpec("test_resnet", input_size=(32, 32)))
     with pytest.raises(MethodError, match="unknown method 'dora'"):
@@ -220,7 +220,8 @@ def test_full_fine_tuning_copies_and_never_touches_the_shared_backbone() -> None
 
 
 def test_lora_adapts_a_private_copy_through_peft(backbone: Backbone) -> None:
-    """peft LoRA factors on every conv (CNN) or the block qkv/proj/fc1/fc2 (ViT); the shared model stays."""
+    """peft LoRA factors on every ungrouped conv (CNN) or the block qkv/proj/fc1/fc2 (ViT); the shared
+    model stays."""
     before = backbone.parameter_fingerprint()
     module = create_method("lora", backbone, LoRAConfig(3, lora_rank=2))
     if backbone.family == "vit":
@@ -245,7 +246,7 @@ def test_lora_adapts_a_private_copy_through_peft(backbone: Backbone) -> None:
     lora_b = [p for n, p in module.named_parameters() if "lora_B" in n]
     assert any(p.abs().sum() > 0 for p in lora_b)
     assert backbone.parameter_fingerprint() == before
-    assert not module.servable
+    assert module.servable  # served per row on the shared backbone, not through this copy
     # The artifact carries the adapters: a rebuilt module predicts the same.
     art = PromptArtifact.from_module(module, classes=["a", "b", "c"])
     assert any(k.startswith("lora.") for k in art.tensors)

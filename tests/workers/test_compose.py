@@ -18,8 +18,9 @@ import yaml
 from service.cli import build_parser
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-REQUIRED_SERVICES = {"postgres", "redis", "migrate", "api", "worker"}
-ACTPROMPT_SERVICES = ("migrate", "api", "scheduler", "worker", "worker-cpu")
+API_REPLICAS = ("api1", "api2", "api3")
+REQUIRED_SERVICES = {"postgres", "redis", "migrate", *API_REPLICAS, "haproxy", "minio", "worker"}
+ACTPROMPT_SERVICES = ("migrate", *API_REPLICAS, "api4", "scheduler", "worker", "worker-cpu")
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,9 @@ def test_worker_reserves_a_gpu(services: dict[str, dict[str, Any]]) -> None:
     assert "cu" in services["worker"]["build"]["args"]["TORCH_INDEX_URL"].rsplit("/", 1)[-1]
 
 
-@pytest.mark.parametrize("name", ["postgres", "redis", "api", "scheduler", "worker", "worker-cpu"])
+@pytest.mark.parametrize(
+    "name", ["postgres", "redis", *API_REPLICAS, "haproxy", "minio", "scheduler", "worker", "worker-cpu"]
+)
 def test_long_running_services_have_healthchecks(services: dict[str, dict[str, Any]], name: str) -> None:
     check = services[name]["healthcheck"]
     assert check["test"][0] in {"CMD", "CMD-SHELL"} and len(check["test"]) >= 2
@@ -94,7 +97,7 @@ def test_long_running_services_have_healthchecks(services: dict[str, dict[str, A
 def test_dependencies_wait_for_health_and_migration(services: dict[str, dict[str, Any]]) -> None:
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert services["migrate"].get("restart") == "no"
-    for name in ("api", "scheduler", "worker", "worker-cpu"):
+    for name in (*API_REPLICAS, "scheduler", "worker", "worker-cpu"):
         depends = services[name]["depends_on"]
         assert depends["migrate"]["condition"] == "service_completed_successfully", name
         assert depends["redis"]["condition"] == "service_healthy", name
@@ -139,8 +142,43 @@ def test_uploaded_files_are_on_a_volume_shared_by_api_and_workers(
     files_dir = compose["x-actprompt-env"]["ACTPROMPT_FILES_DIR"]
     mounts = {
         name: [v.split(":")[0] for v in services[name].get("volumes", []) if v.split(":")[1] == files_dir]
-        for name in ("api", "worker", "worker-cpu")
+        for name in (*API_REPLICAS, "worker", "worker-cpu")
     }
     assert all(m == ["files"] for m in mounts.values()), mounts
     assert "files" in compose["volumes"]
-    assert not any(v.endswith(":ro") for v in services["api"]["volumes"] if v.startswith("files:"))
+    assert not any(v.endswith(":ro") for v in services["api1"]["volumes"] if v.startswith("files:"))
+
+
+def test_haproxy_fronts_every_api_replica(services: dict[str, dict[str, Any]]) -> None:
+    """The shipped balancer config names the replica services by their compose names and serve port;
+    only haproxy publishes the API."""
+    cfg = (REPO_ROOT / "deploy" / "haproxy.cfg").read_text()
+    haproxy = services["haproxy"]
+    assert "./deploy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in haproxy["volumes"]
+    assert any(p.split(":")[-1].split()[0] == "8080" for p in haproxy["ports"])
+    assert re.search(r'bind "\$\{ACTPROMPT_HAPROXY_BIND-:8080\}"', cfg)
+    slots = re.findall(r'server (api\d) "\$\{ACTPROMPT_API\d-(\S+?):(\d+)\}"', cfg)
+    assert {name for name, _host, _port in slots} == {"api1", "api2", "api3", "api4"}
+    for name, host, port in slots:
+        assert host == name and host in services, f"{name}: {host} is not a compose service"
+        args = build_parser().parse_args(services[name]["command"])
+        assert str(args.port) == port, name
+        assert "ports" not in services[name], f"{name} must be reached through haproxy only"
+    assert services["api4"]["profiles"] == ["spare"]
+
+
+def test_haproxy_accepts_the_shipped_config(tmp_path: Path) -> None:
+    """The real HAProxy parses deploy/haproxy.cfg (compose's names do not resolve here: those servers start
+    down, which `-c` reports as a warning, not an error)."""
+    import shutil
+    import subprocess
+
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    env = {"ACTPROMPT_HAPROXY_SOCKET": str(tmp_path / "haproxy.sock"), "PATH": "/usr/sbin:/usr/bin:/bin"}
+    result = subprocess.run(
+        [haproxy, "-c", "-f", str(REPO_ROOT / "deploy" / "haproxy.cfg")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -165,7 +165,7 @@ async def upload_file(
 
     def record() -> FilePublic:
         try:
-            files.check_archive(storage.local_path(key), filename)
+            files.check_archive(storage.local_path(key, writer.sha256()), filename)
             row = files.record_file(
                 session, tenant_id, file_id, filename, key, writer.bytes_written, writer.sha256()
             )

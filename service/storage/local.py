@@ -1,10 +1,4 @@
-"""Where uploaded files live: one small interface, a local-directory implementation.
-
-The API streams an upload into `Storage.writer(key)`; the job runner and the evaluation runner read it
-back through `Storage.local_path(key)`, because every dataset loader reads a local file. An object store
-(S3, GCS) would implement the same four calls: `writer` as a multipart upload, `delete` as a delete, and
-`local_path` as a download into the var cache keyed by the object's sha256 (see docs/FILES.md).
-"""
+"""Uploaded files as files under one directory (embedded mode, or a volume every node mounts)."""
 
 from __future__ import annotations
 
@@ -12,31 +6,8 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Protocol
 
-
-class StorageWriter(Protocol):
-    """Chunks in, then `commit()` (the object appears whole) or `abort()` (nothing is left behind)."""
-
-    bytes_written: int
-
-    def write(self, chunk: bytes) -> None: ...
-
-    def sha256(self) -> str: ...
-
-    def commit(self) -> None: ...
-
-    def abort(self) -> None: ...
-
-
-class Storage(Protocol):
-    def writer(self, key: str) -> StorageWriter: ...
-
-    def local_path(self, key: str) -> Path: ...
-
-    def exists(self, key: str) -> bool: ...
-
-    def delete(self, key: str) -> None: ...
+from service.storage import ObjectMissing
 
 
 class _LocalWriter:
@@ -81,16 +52,15 @@ class LocalStorage:
     def writer(self, key: str) -> _LocalWriter:
         return _LocalWriter(self._path(key))
 
-    def local_path(self, key: str) -> Path:
-        return self._path(key)
+    def local_path(self, key: str, sha256: str) -> Path:
+        """The stored file itself (no copy; the sha256 is checked at upload only)."""
+        path = self._path(key)
+        if not path.is_file():
+            raise ObjectMissing(f"no stored bytes under {key!r}")
+        return path
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
-
-
-def create_storage(root: Path) -> Storage:
-    """The configured storage; one implementation today (see the module docstring for object stores)."""
-    return LocalStorage(root)
