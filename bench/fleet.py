@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import io
+import os
 import random
 import shutil
 import signal
@@ -62,7 +63,7 @@ class Plan:
     add_s: float
 
 
-FULL = Plan(10_000, 10, 1.1, 0.4, 16, 75, 60, 40, 60, 60)
+FULL = Plan(10_000, 10, 1.1, 0.4, 16, 75, 60, 40, 60, 90)
 QUICK = Plan(600, 3, 1.1, 0.4, 8, 10, 10, 8, 16, 45)
 
 
@@ -404,6 +405,40 @@ def add_run(
 
 
 # --- report -------------------------------------------------------------------------------------------
+def goal_lines(r: dict[str, Any]) -> list[str]:
+    """Each goal of the fleet against this run's numbers: met, or by how much it is missed."""
+    aff, rr = "affine", "round_robin"
+    hot, kill = r["hot"], r["kill_detail"]
+    goals = [
+        (f"affine hit rate {r['hit_rate'][aff]:.3f} >= 0.95", r["hit_rate"][aff] >= 0.95),
+        (
+            f"p99 {r['p99_ms'][aff]} ms (affine) < {r['p99_ms'][rr]} ms (round robin)",
+            r["p99_ms"][aff] < r["p99_ms"][rr],
+        ),
+        (
+            f"images/s {r['images_per_s'][aff]} (affine) > {r['images_per_s'][rr]} (round robin)",
+            r["images_per_s"][aff] > r["images_per_s"][rr],
+        ),
+        (
+            f"hot prompt: busiest replica {hot['max_over_mean']:.2f} x the mean <= 1.25",
+            hot["max_over_mean"] <= 1.25,
+        ),
+        (
+            f"replica killed: {kill['failed_after_1s']} failed predicts after the in-flight ones (1 s) = 0",
+            kill["failed_after_1s"] == 0,
+        ),
+        (
+            f"replica killed: traffic rebalanced after {kill['traffic_recover_s']} s <= 5 s",
+            kill["traffic_recover_s"] is not None and kill["traffic_recover_s"] <= 5,
+        ),
+        (
+            f"replica added: its share after {r['add_s']} s <= 30 s",
+            r["add_s"] is not None and r["add_s"] <= 30,
+        ),
+    ]
+    return [f"- {'met' if ok else 'MISSED'}: {text}" for text, ok in goals]
+
+
 def write_report(results: dict[str, Any], out: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -440,7 +475,12 @@ def write_report(results: dict[str, Any], out: Path) -> None:
             f"- replica killed: {kill['failed']} failed predicts "
             f"({kill['failed_after_1s']} later than 1 s after the kill), traffic recovered after "
             f"{kill['traffic_recover_s']} s, hit rate after {kill['hit_rate_recover_s']} s",
-            f"- replica added: {r['add_s']} s from its start until it carried 80 % of its even share",
+            f"- replica added: {r['add_s']} s from its start until it carried 80 % of its even share "
+            f"(ready after {r['add_detail']['ready_s']} s)",
+            "",
+            "## Goals",
+            "",
+            *goal_lines(r),
             "",
         ]
     )
@@ -479,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     out = args.out or results_dir(args.quick)
     started, identity = now(), code_identity()
+    load = [round(x, 2) for x in os.getloadavg()]
     root = Path(tempfile.mkdtemp(prefix="actprompt-fleet-bench-"))
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
@@ -538,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick,
         },
     }
-    results["provenance"] = provenance(started, identity=identity)
+    results["provenance"] = provenance(started, identity=identity, extra={"load_average_at_start": load})
     write_json(out / "fleet.json", results)
     write_report(results, out)
     log(f"fleet: wrote {out / 'fleet.json'}, fleet.md, fleet.png")

@@ -107,6 +107,18 @@ class PrivateS3:
 
     url: str
     proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def kill(self) -> None:
+        """Gone: connections are refused (and its objects are lost, as moto keeps them in memory)."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def restart(self) -> None:
+        """A new, empty server on the same port."""
+        from tests.services import start_moto
+
+        self.proc = start_moto(int(self.url.rsplit(":", 1)[1]), self.log_path)
 
     def stop(self) -> None:
         os.killpg(self.proc.pid, signal.SIGSTOP)
@@ -124,11 +136,13 @@ def private_s3(s3_credentials: None, tmp_path: Path) -> Iterator[PrivateS3]:
     from tests.services import start_moto
 
     port = free_port()
-    proc = start_moto(port, tmp_path / "moto.log")
+    server = PrivateS3(
+        f"http://127.0.0.1:{port}", start_moto(port, tmp_path / "moto.log"), tmp_path / "moto.log"
+    )
     try:
-        yield PrivateS3(f"http://127.0.0.1:{port}", proc)
+        yield server
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGCONT)
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+            os.killpg(server.proc.pid, signal.SIGCONT)
+            os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(timeout=10)

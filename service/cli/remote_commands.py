@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from actprompt import Client
 from actprompt._errors import ActpromptError, APIError
+from actprompt.states import EvaluationStatus, JobStatus
 from pydantic import BaseModel
 
 
@@ -26,10 +26,6 @@ def remote_options() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="tenant API key (default: $ACTPROMPT_API_KEY)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return p
-
-
-def is_remote(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "base_url", None) or os.environ.get("ACTPROMPT_BASE_URL"))
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -200,7 +196,7 @@ def _watch(args: argparse.Namespace, c: Client, job_id: str) -> int:
             assert bar is not None
             data = event.data or {}
             if (event.type == "progress" and "fraction" in data) or event.type == "end":
-                done = event.type == "end" and data.get("status") == "succeeded"
+                done = event.type == "end" and data.get("status") == JobStatus.SUCCEEDED
                 bar.n = 100 if done else round(100 * float(data.get("fraction", bar.n / 100)))
                 bar.refresh()
             elif event.type == "epoch" or event.level != "info" or event.type in ("state", "validation"):
@@ -219,7 +215,7 @@ def _watch(args: argparse.Namespace, c: Client, job_id: str) -> int:
             + (f"  prompt {job.prompt}" if job.prompt else "")
             + (f"  error {job.error.get('message')}" if job.error else "")
         )
-    return 0 if job.status == "succeeded" else 2
+    return 0 if job.status == JobStatus.SUCCEEDED else 2
 
 
 # --- prompts ----------------------------------------------------------------------------------------
@@ -282,7 +278,7 @@ def evaluations_create(args: argparse.Namespace, c: Client) -> int:
     if args.wait:
         ev = c.evaluations.wait(ev.id)
     _emit(args, ev, _evaluation_text)
-    return 0 if ev.status != "failed" else 2
+    return 0 if ev.status != EvaluationStatus.FAILED else 2
 
 
 def evaluations_get(args: argparse.Namespace, c: Client) -> int:

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
+from service.storage.metrics import CACHE_EVICTED_BYTES, CACHE_REQUESTS
+
 log = logging.getLogger("actprompt.storage.cache")
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
@@ -72,6 +74,7 @@ class ObjectCache:
             ValueError: `verify` and the written bytes have another sha256 (nothing is cached).
         """
         hit = self.get(digest, suffix)
+        CACHE_REQUESTS.labels("hit" if hit is not None else "miss").inc()
         if hit is not None:
             return hit
         out, tmp = self.temp_file()
@@ -109,6 +112,7 @@ class ObjectCache:
                 total -= size
                 freed += size
         if freed:
+            CACHE_EVICTED_BYTES.inc(freed)
             log.info("object cache evicted", extra={"bytes": freed, "cache_bytes": total})
         return freed
 

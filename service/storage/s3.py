@@ -27,6 +27,7 @@ from typing import IO, TYPE_CHECKING, Any
 from service.engine.errors import ActpromptError
 from service.storage import ObjectMissing, StorageUnavailable
 from service.storage.cache import ObjectCache, suffix_of_key
+from service.storage.metrics import STORAGE_BYTES, STORAGE_FAILURES
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -94,7 +95,9 @@ def _errors(what: str, *, read: bool = False) -> Iterator[None]:
     try:
         yield
     except (BotoCoreError, ClientError, OSError) as exc:
-        raise _failure(exc, what, read=read) from exc
+        error = _failure(exc, what, read=read)
+        STORAGE_FAILURES.labels("missing" if isinstance(error, ObjectMissing) else "unavailable").inc()
+        raise error from exc
 
 
 @lru_cache(maxsize=4)
@@ -138,6 +141,7 @@ def download(client: Any, bucket: str, key: str, out: IO[bytes], *, max_bytes: i
                 out.write(chunk)
         finally:
             body.close()
+    STORAGE_BYTES.labels("download").inc(total)
     return h.hexdigest()
 
 
@@ -217,6 +221,7 @@ class _S3Writer:
                 Body=bytes(self._buffer),
             )
         self._parts.append({"PartNumber": number, "ETag": resp["ETag"]})
+        STORAGE_BYTES.labels("upload").inc(len(self._buffer))
         self._buffer.clear()
 
     def commit(self) -> None:
@@ -225,6 +230,7 @@ class _S3Writer:
         with _errors(f"completing s3://{self._bucket}/{self._key}"):
             if self._upload_id is None:  # smaller than one part: one PUT, as atomic as a completed upload
                 self._client.put_object(Bucket=self._bucket, Key=self._key, Body=bytes(self._buffer))
+                STORAGE_BYTES.labels("upload").inc(len(self._buffer))
             else:
                 if self._buffer:
                     self._send_part()

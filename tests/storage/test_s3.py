@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
 from service.settings import Settings
@@ -31,6 +32,10 @@ def storage_settings(url: str, bucket: str, var_dir: Path, **overrides: Any) -> 
     }
     values.update(overrides)
     return Settings(**values)
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(f"actprompt_object_cache_{name}_total", labels) or 0.0
 
 
 def _uploads(client: Any, bucket: str) -> list[dict[str, Any]]:
@@ -69,6 +74,8 @@ def test_a_multipart_upload_appears_whole_only_on_commit_and_reads_back_on_anoth
     assert (tmp_path / "api" / "cache" / "objects" / f"{sha}.zip").read_bytes() == data
 
     worker = S3Storage.from_settings(storage_settings(s3_url, s3_bucket, tmp_path / "worker"))
+    misses, hits = _sample("requests", result="miss"), _sample("requests", result="hit")
+    downloaded = REGISTRY.get_sample_value("actprompt_storage_bytes_total", {"direction": "download"}) or 0
     path = worker.local_path("tenant/file_1.zip", sha)
     assert path == tmp_path / "worker" / "cache" / "objects" / f"{sha}.zip"
     assert path.read_bytes() == data
@@ -76,6 +83,10 @@ def test_a_multipart_upload_appears_whole_only_on_commit_and_reads_back_on_anoth
     worker.delete("tenant/file_1.zip")
     assert not worker.exists("tenant/file_1.zip")
     assert worker.local_path("tenant/file_1.zip", sha) == path  # a cache hit needs no store
+    assert _sample("requests", result="miss") == misses + 1 and _sample("requests", result="hit") == hits + 1
+    assert REGISTRY.get_sample_value(
+        "actprompt_storage_bytes_total", {"direction": "download"}
+    ) == downloaded + len(data)
     with pytest.raises(ObjectMissing):
         S3Storage.from_settings(storage_settings(s3_url, s3_bucket, tmp_path / "n3")).local_path(
             "tenant/file_1.zip", sha
@@ -132,6 +143,29 @@ def test_a_store_that_stops_answering_mid_upload_fails_fast_and_nothing_is_left(
         private_s3.resume()
     _wait_until(lambda: _uploads(raw, "uploads-down") == [], 30, "the upload to be aborted after the outage")
     assert _objects(raw, "uploads-down") == []
+
+
+def test_a_store_that_is_gone_refuses_at_once_and_serves_again_once_restarted(
+    private_s3: PrivateS3, tmp_path: Path
+) -> None:
+    private_s3.client().create_bucket(Bucket="uploads-gone")
+    storage = S3Storage.from_settings(
+        storage_settings(private_s3.url, "uploads-gone", tmp_path, s3_timeout_seconds=1.0, s3_max_attempts=2)
+    )
+    private_s3.kill()
+    started = time.monotonic()
+    writer = storage.writer("t/file_5.zip")
+    writer.write(b"small")
+    with pytest.raises(StorageUnavailable, match="unreachable"):
+        writer.commit()
+    writer.abort()
+    assert time.monotonic() - started < 10
+    private_s3.restart()
+    private_s3.client().create_bucket(Bucket="uploads-gone")  # moto keeps buckets in memory only
+    writer = storage.writer("t/file_5.zip")
+    writer.write(b"small")
+    writer.commit()
+    assert storage.exists("t/file_5.zip")
 
 
 def test_settings_refuse_bad_urls_and_dataset_prefixes_that_reach_the_uploads(tmp_path: Path) -> None:

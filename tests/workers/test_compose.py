@@ -182,3 +182,17 @@ def test_haproxy_accepts_the_shipped_config(tmp_path: Path) -> None:
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_uploads_go_to_the_minio_bucket_by_default(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    """Replicas on different nodes share no folder: by default the store is the minio service's bucket,
+    which minio-init creates before any replica or training worker starts."""
+    env = compose["x-actprompt-env"]
+    assert re.fullmatch(r"\$\{ACTPROMPT_STORAGE_URL:-s3://actprompt/\S+\}", env["ACTPROMPT_STORAGE_URL"])
+    assert env["ACTPROMPT_S3_ENDPOINT_URL"] == "${ACTPROMPT_S3_ENDPOINT_URL-http://minio:9000}"
+    assert "store/actprompt" in services["minio-init"]["command"][0]
+    for name in (*API_REPLICAS, "worker", "worker-cpu"):
+        depends = services[name]["depends_on"]
+        assert depends["minio-init"]["condition"] == "service_completed_successfully", name

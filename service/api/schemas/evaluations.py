@@ -4,7 +4,9 @@ from datetime import datetime
 from typing import Any, Literal
 
 from actprompt.states import EvaluationStatus
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+from service.api.schemas.common import FromRow
 
 
 class EvaluationCreate(BaseModel):
@@ -15,16 +17,19 @@ class EvaluationCreate(BaseModel):
     dataset_uri: str = Field(
         min_length=1,
         max_length=4096,
-        description="A labelled dataset: an uploaded file id (`file_...`), file:// or https://. Its test "
-        "split is scored when it has one, else every image.",
+        description="A labelled dataset: an uploaded file id (`file_...`), file://, https:// or s3://. "
+        "Its test split is scored when it has one, else every image.",
     )
 
 
-class EvaluationPublic(BaseModel):
+class EvaluationPublic(FromRow):
     id: str
     object: Literal["evaluation"] = "evaluation"
     status: EvaluationStatus
-    prompt: str = Field(description="`prompt_id@version` that was scored.")
+    prompt: str = Field(
+        validation_alias=AliasChoices("prompt_ref", "prompt"),
+        description="`prompt_id@version` that was scored.",
+    )
     dataset_uri: str
     metrics: dict[str, Any] | None = Field(
         description="num_images, top1, top5, classes, per_class {label: {support, accuracy}}, "
