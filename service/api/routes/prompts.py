@@ -159,7 +159,7 @@ def download_artifact(prompt_ref: str, tenant_id: ReadTenantDep, session: Sessio
     },
 )
 def download_peft(
-    prompt_ref: str, tenant_id: TenantIdDep, session: SessionDep, settings: SettingsDep
+    prompt_ref: str, tenant_id: ReadTenantDep, session: SessionDep, settings: SettingsDep
 ) -> Response:
     """A LoRA prompt as PEFT writes an adapter: `adapter_config.json` + `adapter_model.safetensors` (the
     head under the timm classifier's name, listed in modules_to_save), for `PeftModel.from_pretrained`."""
