@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeAlias
 
 from actprompt import Client
 from actprompt._errors import ActpromptError, APIError
@@ -302,22 +302,38 @@ def predict_remote(args: argparse.Namespace, c: Client) -> int:
     return 0
 
 
-def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+Actions: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+Command = Callable[[argparse.Namespace, Client], int]
+
+
+def command_adders(
+    subparsers: Actions, prefix: str = "", before: Callable[[argparse.Namespace], None] | None = None
+) -> tuple[Callable[[str, str], Actions], Callable[[Actions, str, Command, str], argparse.ArgumentParser]]:
+    """`group(name, help)` and `command(group, name, func, help)` for a tree of remote commands; `before`
+    adjusts the parsed arguments of each (e.g. which key to use) before the client is built."""
     common = remote_options()
 
-    def group(name: str, help: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    def group(name: str, help: str) -> Actions:
         p = subparsers.add_parser(name, help=help)
-        return p.add_subparsers(dest=f"{name}_command", metavar="ACTION", required=True)
+        return p.add_subparsers(dest=f"{prefix}{name}_command", metavar="ACTION", required=True)
 
-    def command(
-        parent: argparse._SubParsersAction[argparse.ArgumentParser],
-        name: str,
-        func: Callable[[argparse.Namespace, Client], int],
-        help: str,
-    ) -> argparse.ArgumentParser:
+    def command(parent: Actions, name: str, func: Command, help: str) -> argparse.ArgumentParser:
         p = parent.add_parser(name, help=help, parents=[common])
-        p.set_defaults(func=run_remote(func))
+        run = run_remote(func)
+
+        def prepared(args: argparse.Namespace) -> int:
+            if before is not None:
+                before(args)
+            return run(args)
+
+        p.set_defaults(func=prepared)
         return p
+
+    return group, command
+
+
+def add_commands(subparsers: Actions) -> None:
+    group, command = command_adders(subparsers)
 
     g = group("files", "upload and manage dataset files on a server")
     command(g, "upload", files_upload, "upload a dataset archive").add_argument("path")
