@@ -31,15 +31,6 @@ WEIGHTS_DIR = SHARED_DIR / "weights"
 DATA_DIR = SHARED_DIR / "data"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-#: Backbones with real weights (accuracy) and how to build them.
-REAL_BACKBONES: dict[str, dict[str, Any]] = {
-    "resnet20_cifar": {"model": "resnet20_cifar", "weights": WEIGHTS_DIR / "resnet20-12fca82f.th"},
-    "resnet56_cifar": {"model": "resnet56_cifar", "weights": WEIGHTS_DIR / "resnet56-4bfd9763.th"},
-    "vit_cifar10_p4_d128_l6": {
-        "model": "vit_cifar10_p4_d128_l6",
-        "weights": WEIGHTS_DIR / "vit_cifar10_p4_d128_l6.safetensors",
-    },
-}
 #: Downstream datasets: every .npz in ../shared/data except the backbones' source task (CIFAR-10).
 DATASETS: dict[str, str] = {
     "gtsrb": "gtsrb32.npz",
@@ -138,11 +129,6 @@ def log(message: str) -> None:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def time_calls(fn: Callable[[], Any], *, warmup: int, iters: int, device: torch.device) -> list[float]:
-    """Wall seconds of each of ``iters`` calls after ``warmup`` untimed ones (device synchronised)."""
-    return timed_calls(fn, warmup=warmup, iters=iters, device=device)[0]
 
 
 def timed_calls(

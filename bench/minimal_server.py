@@ -18,12 +18,12 @@ from starlette.concurrency import run_in_threadpool
 
 from service.engine import BackboneSpec, create_backbone
 from service.engine.artifacts import PromptArtifact
-from service.engine.data import decode_image, preprocess
+from service.engine.data import decode_image
 from service.engine.mixed_batch import predict_single
 
 backbone = create_backbone(BackboneSpec("resnet20_cifar", weights=os.environ["BENCH_WEIGHTS"]), "cpu")
 artifact = PromptArtifact.from_bytes(Path(os.environ["BENCH_ARTIFACT"]).read_bytes())
-spec = backbone.spec
+preprocessing = artifact.preprocessing(backbone)
 app = FastAPI()
 
 
@@ -33,7 +33,7 @@ class Body(BaseModel):
 
 
 def _run(images: list[bytes], top_k: int) -> list[list[dict[str, Any]]]:
-    x = preprocess([decode_image(b) for b in images], spec.input_size, spec.mean, spec.std)  # type: ignore[arg-type]
+    x = preprocessing([decode_image(b) for b in images])
     with torch.inference_mode():
         probs = torch.softmax(predict_single(backbone, artifact, x), dim=-1)
     values, indices = probs.topk(min(top_k, probs.shape[1]), dim=-1)

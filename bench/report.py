@@ -774,6 +774,8 @@ def build(out_dir: Path) -> Path:
         checks += c
     if (out_dir / "serving.md").exists():
         body += ["## Serving", "", "Written by `bench/serving.py`: see [serving.md](serving.md).", ""]
+    if (out_dir / "fleet.md").exists():
+        body += ["## Fleet", "", "Written by `bench/fleet.py`: see [fleet.md](fleet.md).", ""]
     checks += serving_goals(serving)
     if checks:
         lines += [

@@ -3,7 +3,7 @@
 Budgets: ``--quick`` (every code path, minutes, into ``bench/results/quick/``), the default (sized for
 ~105 min of a quiet 2-core CPU) and ``--budget full`` (the full budget; CPU-hours). Each part
 writes its JSON with ``provenance``; the accuracy part resumes at the same commit from its row cache.
-``--only accuracy,cost,serving,http`` reruns some parts (or ``--only resnet20_cifar/gtsrb`` some
+``--only accuracy,cost,serving,http,fleet`` reruns some parts (or ``--only resnet20_cifar/gtsrb`` some
 accuracy scopes) and merges into the files there, refusing to mix commits unless told.
 Finally ``REPORT.md`` and the README's generated tables are rewritten from the JSON.
 """
@@ -19,7 +19,7 @@ import torch
 from bench import accuracy, readme, report, serving, training_cost
 from bench.common import log, results_dir, set_threads
 
-PARTS = ("cost", "accuracy", "serving", "http")
+PARTS = ("cost", "accuracy", "serving", "http", "fleet")
 
 
 #: The default plan's HTTP sweep, sized to ~10 min: the single-process and two-process embedded gateway,
@@ -97,6 +97,11 @@ def main(argv: list[str] | None = None) -> None:
     if "http" in parts:
         log("serving over HTTP")
         run_http(out, quick, full=plan.name == "full")
+    if "fleet" in parts:
+        log("fleet: round robin against prompt-affine routing over HAProxy and 3 replicas")
+        from bench import fleet
+
+        fleet.main(["--out", str(out), *(["--quick"] if quick else [])])
     path = report.build(out)
     if not quick and not args.no_readme:
         readme.update(out)

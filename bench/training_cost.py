@@ -272,7 +272,7 @@ def feature_cache_runs(device: str, quick: bool) -> list[dict[str, Any]]:
     import numpy as np
 
     from service.engine.backbones import BackboneSpec, create_backbone
-    from service.engine.data import load_dataset, preprocess
+    from service.engine.data import load_dataset
     from service.engine.layers import resolve_prompt_layers
     from service.engine.methods import ActivationConfig
     from service.engine.train import TrainCallbacks, TrainConfig, fit
@@ -282,7 +282,7 @@ def feature_cache_runs(device: str, quick: bool) -> list[dict[str, Any]]:
     n = 1000 if quick else 2000
     idx = np.random.default_rng(0).permutation(len(ds.train))[:n]
     images = ds.train.subset(idx).images
-    x = preprocess(images, bb.input_size, bb.spec.mean or (0.0,) * 3, bb.spec.std or (1.0,) * 3)
+    x = bb.preprocessing(images)
     y = torch.from_numpy(ds.train.labels[idx])  # [n]
     last = len(bb.layers) - 1
     runs = []

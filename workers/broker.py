@@ -42,6 +42,16 @@ def _job_id_of(raw: bytes | str) -> str | None:
         return None
 
 
+def _ready_lists(channel: Any, queue: str) -> set[str]:
+    """The Redis lists that hold `queue`'s ready messages.
+
+    kombu's Redis transport emulates priorities with one list per priority step (its public
+    `priority_steps`): the queue's own name for step 0, and the name, the channel's `sep` and the step for
+    the others.
+    """
+    return {queue, *(f"{queue}{channel.sep}{step}" for step in channel.priority_steps if step)}
+
+
 class BrokerJobQueue:
     """The reaper's queue: sends like the gateway's `CeleryQueue`, and can list the jobs waiting in Redis."""
 
@@ -65,8 +75,7 @@ class BrokerJobQueue:
         with Connection(self.broker_url, connect_timeout=5) as connection:
             channel: Any = connection.default_channel
             client = channel.client
-            keys = {channel._q_for_pri(self.queue_name, pri) for pri in channel.priority_steps}
-            for key in sorted(keys):
+            for key in sorted(_ready_lists(channel, self.queue_name)):
                 for raw in client.lrange(key, 0, -1):
                     job_id = _job_id_of(raw)
                     if job_id is not None:

@@ -22,7 +22,20 @@ from actprompt._errors import (
     UnprocessableEntityError,
 )
 from actprompt.states import EvaluationStatus, JobStatus
-from actprompt.types import Backbone, Evaluation, File, Job, JobEvent, Prediction, Progress, Prompt
+from actprompt.types import (
+    ApiKey,
+    ApiKeyCreated,
+    Backbone,
+    Evaluation,
+    File,
+    Job,
+    JobEvent,
+    Prediction,
+    Progress,
+    Prompt,
+    Tenant,
+    TenantCreated,
+)
 
 __version__ = "0.1.0"
 
@@ -30,6 +43,8 @@ __all__ = [
     "APIConnectionError",
     "APIError",
     "ActpromptError",
+    "ApiKey",
+    "ApiKeyCreated",
     "AsyncClient",
     "AuthenticationError",
     "Backbone",
@@ -51,5 +66,7 @@ __all__ = [
     "Prompt",
     "RateLimitError",
     "ServiceUnavailableError",
+    "Tenant",
+    "TenantCreated",
     "UnprocessableEntityError",
 ]

@@ -26,7 +26,19 @@ from actprompt._base import (
     resolve_base_url,
 )
 from actprompt._calls import Call, Listing
-from actprompt.types import Backbone, Evaluation, File, Job, JobEvent, Prediction, Prompt
+from actprompt.types import (
+    ApiKey,
+    ApiKeyCreated,
+    Backbone,
+    Evaluation,
+    File,
+    Job,
+    JobEvent,
+    Prediction,
+    Prompt,
+    Tenant,
+    TenantCreated,
+)
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -204,6 +216,53 @@ class AsyncBackbones:
     async def get(self, backbone_id: str) -> Backbone:
         return await self._t.call(_calls.get_backbone(backbone_id))
 
+    async def create(
+        self,
+        backbone_id: str,
+        *,
+        model: str,
+        weights: str = "hub",
+        input_size: tuple[int, int] | None = None,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
+    ) -> Backbone:
+        options = {"input_size": input_size, "mean": mean, "std": std, "model_kwargs": model_kwargs}
+        return await self._t.call(_calls.create_backbone(backbone_id, model, weights, options))
+
+    async def delete(self, backbone_id: str) -> None:
+        await self._t.call(_calls.delete_backbone(backbone_id))
+
+
+class AsyncTenants:
+    def __init__(self, t: _AsyncTransport) -> None:
+        self._t = t
+
+    async def create(self, name: str) -> TenantCreated:
+        return await self._t.call(_calls.create_tenant(name))
+
+    def list(self, *, page_size: int = 100) -> AsyncIterator[Tenant]:
+        return self._t.pages(_calls.list_tenants(page_size))
+
+    async def get(self, tenant_id: str) -> Tenant:
+        return await self._t.call(_calls.get_tenant(tenant_id))
+
+
+class AsyncKeys:
+    def __init__(self, t: _AsyncTransport) -> None:
+        self._t = t
+
+    async def create(
+        self, tenant_id: str, *, name: str | None = None, scopes: Sequence[str] | None = None
+    ) -> ApiKeyCreated:
+        return await self._t.call(_calls.create_key(tenant_id, name, scopes))
+
+    async def list(self, tenant_id: str) -> list[ApiKey]:
+        return [k async for k in self._t.pages(_calls.list_keys(tenant_id))]
+
+    async def revoke(self, key_id: str) -> None:
+        await self._t.call(_calls.revoke_key(key_id))
+
 
 class AsyncClient:
     """`AsyncClient(base_url=..., api_key=...)`; use `async with` or `await client.aclose()`."""
@@ -228,6 +287,8 @@ class AsyncClient:
         self.prompts = AsyncPrompts(t)
         self.evaluations = AsyncEvaluations(t)
         self.backbones = AsyncBackbones(t)
+        self.tenants = AsyncTenants(t)
+        self.keys = AsyncKeys(t)
 
     async def predict(
         self, *, prompt: str, images: Sequence[ImageInput], top_k: int = 5

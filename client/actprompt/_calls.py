@@ -29,7 +29,20 @@ from actprompt._base import (
 )
 from actprompt._errors import APIConnectionError, APIError
 from actprompt.states import TERMINAL_JOB_STATES
-from actprompt.types import Backbone, Evaluation, File, Job, JobEvent, Page, Prediction, Prompt
+from actprompt.types import (
+    ApiKey,
+    ApiKeyCreated,
+    Backbone,
+    Evaluation,
+    File,
+    Job,
+    JobEvent,
+    Page,
+    Prediction,
+    Prompt,
+    Tenant,
+    TenantCreated,
+)
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -303,6 +316,49 @@ def list_backbones() -> Listing[Backbone]:
 
 def get_backbone(backbone_id: str) -> Call[Backbone]:
     return _read(Backbone, f"/v1/backbones/{backbone_id}")
+
+
+def create_backbone(backbone_id: str, model: str, weights: str, options: Mapping[str, Any]) -> Call[Backbone]:
+    """Not retried (a lost answer would make the retry a 409 `backbone_exists`)."""
+    body = {"id": backbone_id, "model": model, "weights": weights}
+    body.update({k: v for k, v in options.items() if v is not None})
+    return Call("POST", "/v1/backbones", False, _model(Backbone), {"json": body})
+
+
+def delete_backbone(backbone_id: str) -> Call[None]:
+    return Call("DELETE", f"/v1/backbones/{backbone_id}", True, _nothing)
+
+
+# --- tenants and keys (the admin key; a tenant key with the `admin` scope for its own keys) --------------
+
+
+def create_tenant(name: str) -> Call[TenantCreated]:
+    """Not retried: a second try would create a second tenant."""
+    return Call("POST", "/v1/tenants", False, _model(TenantCreated), {"json": {"name": name}})
+
+
+def list_tenants(page_size: int) -> Listing[Tenant]:
+    return Listing("/v1/tenants", Tenant, {"limit": page_size})
+
+
+def get_tenant(tenant_id: str) -> Call[Tenant]:
+    return _read(Tenant, f"/v1/tenants/{tenant_id}")
+
+
+def create_key(tenant_id: str, name: str | None, scopes: Sequence[str] | None) -> Call[ApiKeyCreated]:
+    """Not retried: a second try would issue a second key. Without `scopes`, the key holds all four."""
+    body: dict[str, Any] = {"name": name}
+    if scopes is not None:
+        body["scopes"] = list(scopes)
+    return Call("POST", f"/v1/tenants/{tenant_id}/keys", False, _model(ApiKeyCreated), {"json": body})
+
+
+def list_keys(tenant_id: str) -> Listing[ApiKey]:
+    return Listing(f"/v1/tenants/{tenant_id}/keys", ApiKey, {})
+
+
+def revoke_key(key_id: str) -> Call[None]:
+    return Call("DELETE", f"/v1/keys/{key_id}", True, _nothing)
 
 
 def predict(prompt: str, images: Sequence[ImageInput], top_k: int) -> Call[list[list[Prediction]]]:

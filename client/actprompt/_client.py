@@ -26,7 +26,19 @@ from actprompt._base import (
     resolve_base_url,
 )
 from actprompt._calls import Call, Listing
-from actprompt.types import Backbone, Evaluation, File, Job, JobEvent, Prediction, Prompt
+from actprompt.types import (
+    ApiKey,
+    ApiKeyCreated,
+    Backbone,
+    Evaluation,
+    File,
+    Job,
+    JobEvent,
+    Prediction,
+    Prompt,
+    Tenant,
+    TenantCreated,
+)
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -216,6 +228,59 @@ class Backbones:
     def get(self, backbone_id: str) -> Backbone:
         return self._t.call(_calls.get_backbone(backbone_id))
 
+    def create(
+        self,
+        backbone_id: str,
+        *,
+        model: str,
+        weights: str = "hub",
+        input_size: tuple[int, int] | None = None,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
+    ) -> Backbone:
+        """Register a backbone (the admin key): `weights` is "hub", "random" or a file:// checkpoint."""
+        options = {"input_size": input_size, "mean": mean, "std": std, "model_kwargs": model_kwargs}
+        return self._t.call(_calls.create_backbone(backbone_id, model, weights, options))
+
+    def delete(self, backbone_id: str) -> None:
+        self._t.call(_calls.delete_backbone(backbone_id))
+
+
+class Tenants:
+    """The admin key's calls: tenants, each created with a first key that holds every scope."""
+
+    def __init__(self, t: _Transport) -> None:
+        self._t = t
+
+    def create(self, name: str) -> TenantCreated:
+        return self._t.call(_calls.create_tenant(name))
+
+    def list(self, *, page_size: int = 100) -> Iterator[Tenant]:
+        return self._t.pages(_calls.list_tenants(page_size))
+
+    def get(self, tenant_id: str) -> Tenant:
+        return self._t.call(_calls.get_tenant(tenant_id))
+
+
+class Keys:
+    """API keys: the admin key for any tenant, a tenant key with the `admin` scope for its own."""
+
+    def __init__(self, t: _Transport) -> None:
+        self._t = t
+
+    def create(
+        self, tenant_id: str, *, name: str | None = None, scopes: Sequence[str] | None = None
+    ) -> ApiKeyCreated:
+        """A new key (its secret only in this answer); `scopes` among predict, read, train, admin."""
+        return self._t.call(_calls.create_key(tenant_id, name, scopes))
+
+    def list(self, tenant_id: str) -> list[ApiKey]:
+        return list(self._t.pages(_calls.list_keys(tenant_id)))
+
+    def revoke(self, key_id: str) -> None:
+        self._t.call(_calls.revoke_key(key_id))
+
 
 class Client:
     """`Client(base_url=..., api_key=...)`; both default to ACTPROMPT_BASE_URL / ACTPROMPT_API_KEY."""
@@ -240,6 +305,8 @@ class Client:
         self.prompts = Prompts(t)
         self.evaluations = Evaluations(t)
         self.backbones = Backbones(t)
+        self.tenants = Tenants(t)
+        self.keys = Keys(t)
 
     def predict(
         self,

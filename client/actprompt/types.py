@@ -139,6 +139,35 @@ class Backbone(_Model):
     layers: list[dict[str, Any]] | None = None
 
 
+#: What an API key may do (the API's `Scope`): predict, read, train, and admin (the tenant's own keys).
+SCOPES = ("predict", "read", "train", "admin")
+
+
+class Tenant(_Model):
+    id: str
+    name: str
+    created_at: datetime
+
+
+class TenantCreated(Tenant):
+    api_key: str
+    key_id: str
+
+
+class ApiKey(_Model):
+    id: str
+    tenant_id: str
+    prefix: str
+    name: str | None = None
+    scopes: list[str] = Field(default_factory=list)
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+class ApiKeyCreated(ApiKey):
+    api_key: str
+
+
 class Prediction(_Model):
     label: str
     index: int

@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from service.domain.errors import Forbidden
 from service.domain.predict import Predictor, PromptResolver
-from service.domain.tenants import Authenticator, Principal
+from service.domain.tenants import Authenticator, Principal, Scope
 from service.queue import JobQueue
 from service.settings import Settings
 
@@ -74,7 +74,19 @@ async def authenticate_dependency(
 PrincipalDep = Annotated[Principal, Depends(authenticate_dependency)]
 
 
-def _tenant_id(principal: PrincipalDep) -> str:
+def _scoped(security_scopes: SecurityScopes, principal: PrincipalDep) -> Principal:
+    """The caller, if its key holds every scope the route (and what it depends on) asks for; else 403."""
+    missing = [str(s) for s in security_scopes.scopes if s not in principal.scopes]
+    if missing:
+        raise Forbidden(
+            f"this API key lacks the {' and '.join(repr(s) for s in missing)} scope "
+            f"(it holds: {', '.join(sorted(principal.scopes)) or 'none'}); create a key with it",
+            code="insufficient_scope",
+        )
+    return principal
+
+
+def _tenant_id(principal: Annotated[Principal, Security(_scoped)]) -> str:
     if principal.tenant_id is None:
         raise Forbidden("this call needs a tenant API key, not the admin key", code="tenant_key_required")
     return principal.tenant_id
@@ -86,7 +98,14 @@ def _admin(principal: PrincipalDep) -> Principal:
     return principal
 
 
-TenantIdDep = Annotated[str, Depends(_tenant_id)]
+#: The calling tenant, whose key holds the scope the alias names (every tenant route takes one of these).
+PredictTenantDep = Annotated[str, Security(_tenant_id, scopes=[Scope.PREDICT])]
+ReadTenantDep = Annotated[str, Security(_tenant_id, scopes=[Scope.READ])]
+TrainTenantDep = Annotated[str, Security(_tenant_id, scopes=[Scope.TRAIN])]
+#: The admin key, or a tenant key with the scope (the admin key holds every scope).
+ReaderDep = Annotated[Principal, Security(_scoped, scopes=[Scope.READ])]
+KeyAdminDep = Annotated[Principal, Security(_scoped, scopes=[Scope.ADMIN])]
+#: The admin key only (tenants, backbones).
 AdminDep = Annotated[Principal, Depends(_admin)]
 
 

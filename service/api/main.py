@@ -12,7 +12,6 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.console import install_console
 from service.api.errors import install_error_handlers
-from service.api.evaluations import EvaluationRunner
 from service.api.observability import Metrics, RequestMiddleware
 from service.api.routes import (
     backbones,
@@ -28,6 +27,7 @@ from service.api.routes import (
 from service.api.routes.docs import install_docs
 from service.db.migrate import check_migrated, upgrade
 from service.db.session import make_engine, make_session_factory
+from service.domain.evaluation_runner import EvaluationRunner
 from service.domain.predict import Predictor, PromptResolver
 from service.domain.tenants import Authenticator, load_or_create_admin_key
 from service.gateway.predictor import BatchingPredictor

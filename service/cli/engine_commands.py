@@ -192,14 +192,14 @@ def _predict_local(args: argparse.Namespace) -> int:
 
     from service.engine import BackboneSpec, EngineError, create_backbone
     from service.engine.artifacts import PromptArtifact
-    from service.engine.data import decode_image, preprocess
+    from service.engine.data import decode_image
     from service.engine.mixed_batch import predict_single
 
     try:
         artifact = PromptArtifact.from_bytes(args.artifact.read_bytes())
         bb = create_backbone(BackboneSpec.from_dict(artifact.metadata["backbone"]), device=args.device)
         images = [decode_image(path.read_bytes()) for path in args.images]
-        x = preprocess(images, bb.input_size, bb.spec.mean or (), bb.spec.std or ())
+        x = artifact.preprocessing(bb)(images)
         probs = torch.softmax(predict_single(bb, artifact, x).float(), dim=1).cpu()
     except (EngineError, OSError) as exc:
         return _fail(exc)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeAlias
 
 from actprompt import Client
 from actprompt._errors import ActpromptError, APIError
+from actprompt.states import EvaluationStatus, JobStatus
 from pydantic import BaseModel
 
 
@@ -26,10 +26,6 @@ def remote_options() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="tenant API key (default: $ACTPROMPT_API_KEY)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return p
-
-
-def is_remote(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "base_url", None) or os.environ.get("ACTPROMPT_BASE_URL"))
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -200,7 +196,7 @@ def _watch(args: argparse.Namespace, c: Client, job_id: str) -> int:
             assert bar is not None
             data = event.data or {}
             if (event.type == "progress" and "fraction" in data) or event.type == "end":
-                done = event.type == "end" and data.get("status") == "succeeded"
+                done = event.type == "end" and data.get("status") == JobStatus.SUCCEEDED
                 bar.n = 100 if done else round(100 * float(data.get("fraction", bar.n / 100)))
                 bar.refresh()
             elif event.type == "epoch" or event.level != "info" or event.type in ("state", "validation"):
@@ -219,7 +215,7 @@ def _watch(args: argparse.Namespace, c: Client, job_id: str) -> int:
             + (f"  prompt {job.prompt}" if job.prompt else "")
             + (f"  error {job.error.get('message')}" if job.error else "")
         )
-    return 0 if job.status == "succeeded" else 2
+    return 0 if job.status == JobStatus.SUCCEEDED else 2
 
 
 # --- prompts ----------------------------------------------------------------------------------------
@@ -273,7 +269,7 @@ def evaluations_create(args: argparse.Namespace, c: Client) -> int:
     if args.wait:
         ev = c.evaluations.wait(ev.id)
     _emit(args, ev, _evaluation_text)
-    return 0 if ev.status != "failed" else 2
+    return 0 if ev.status != EvaluationStatus.FAILED else 2
 
 
 def evaluations_get(args: argparse.Namespace, c: Client) -> int:
@@ -306,22 +302,38 @@ def predict_remote(args: argparse.Namespace, c: Client) -> int:
     return 0
 
 
-def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+Actions: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+Command = Callable[[argparse.Namespace, Client], int]
+
+
+def command_adders(
+    subparsers: Actions, prefix: str = "", before: Callable[[argparse.Namespace], None] | None = None
+) -> tuple[Callable[[str, str], Actions], Callable[[Actions, str, Command, str], argparse.ArgumentParser]]:
+    """`group(name, help)` and `command(group, name, func, help)` for a tree of remote commands; `before`
+    adjusts the parsed arguments of each (e.g. which key to use) before the client is built."""
     common = remote_options()
 
-    def group(name: str, help: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    def group(name: str, help: str) -> Actions:
         p = subparsers.add_parser(name, help=help)
-        return p.add_subparsers(dest=f"{name}_command", metavar="ACTION", required=True)
+        return p.add_subparsers(dest=f"{prefix}{name}_command", metavar="ACTION", required=True)
 
-    def command(
-        parent: argparse._SubParsersAction[argparse.ArgumentParser],
-        name: str,
-        func: Callable[[argparse.Namespace, Client], int],
-        help: str,
-    ) -> argparse.ArgumentParser:
+    def command(parent: Actions, name: str, func: Command, help: str) -> argparse.ArgumentParser:
         p = parent.add_parser(name, help=help, parents=[common])
-        p.set_defaults(func=run_remote(func))
+        run = run_remote(func)
+
+        def prepared(args: argparse.Namespace) -> int:
+            if before is not None:
+                before(args)
+            return run(args)
+
+        p.set_defaults(func=prepared)
         return p
+
+    return group, command
+
+
+def add_commands(subparsers: Actions) -> None:
+    group, command = command_adders(subparsers)
 
     g = group("files", "upload and manage dataset files on a server")
     command(g, "upload", files_upload, "upload a dataset archive").add_argument("path")

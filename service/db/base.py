@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import JSON, DateTime, MetaData
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.types import TypeDecorator
@@ -47,3 +49,16 @@ class UTCDateTime(TypeDecorator[datetime]):
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map: dict[Any, Any] = {datetime: UTCDateTime(), dict[str, Any]: JSON, list[Any]: JSON}
+
+
+RowT = TypeVar("RowT", bound=Base)
+
+
+def detached_copy(row: RowT) -> RowT:
+    """A transient copy of a loaded row: every column value (JSON values deep-copied), in no session.
+
+    For code that must keep reading a row after its session closed (a training run of hours) without
+    listing the row's fields a second time.
+    """
+    mapper = sa_inspect(type(row))
+    return type(row)(**{c.key: copy.deepcopy(getattr(row, c.key)) for c in mapper.column_attrs})

@@ -55,6 +55,8 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     name: Mapped[str | None] = mapped_column(String(200))
+    #: what the key may do: names of `service.domain.tenants.Scope`, as a JSON list
+    scopes: Mapped[list[str]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column()
     revoked_at: Mapped[datetime | None] = mapped_column()
@@ -123,6 +125,11 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column()
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
+    @property
+    def prompt_ref(self) -> str | None:
+        """`prompt_id@version` of the result, once there is one."""
+        return f"{self.prompt_id}@{self.prompt_version}" if self.prompt_id else None
+
 
 class JobEvent(Base):
     """A log line, a state change, a progress tick or an epoch's metrics; ids ascend, so they are cursors."""
@@ -185,6 +192,11 @@ class Prompt(Base):
     imported: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
+    @property
+    def ref(self) -> str:
+        """`prompt_id@version`: how the API names this version."""
+        return f"{self.prompt_id}@{self.version}"
+
 
 class File(Base):
     """An uploaded file (a dataset archive); the bytes live in `service.storage`, under `storage_key`."""
@@ -225,3 +237,8 @@ class Evaluation(Base):
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    @property
+    def prompt_ref(self) -> str:
+        """`prompt_id@version` that is scored."""
+        return f"{self.prompt_id}@{self.prompt_version}"

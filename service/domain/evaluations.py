@@ -1,8 +1,8 @@
 """Evaluations: a prompt version scored on a labelled dataset (submission, reads, scores, orphan sweep).
 
-The scoring itself runs in the API process, through the serving path (service/api/evaluations.py); here
-are the rules that do not need a model: what may be submitted, how labels map onto the prompt's classes,
-and how top-1/top-5, per-class accuracy and the confusion matrix are counted.
+The scoring itself runs in the API process, through the predictor (`evaluation_runner`); here are the
+rules that do not need a model: what may be submitted, how labels map onto the prompt's classes, and how
+top-1/top-5, per-class accuracy and the confusion matrix are counted.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from service.db.ids import new_id
 from service.db.models import Evaluation
 from service.db.repositories import EvaluationRepository, EvaluationRunRepository
 from service.domain import prompts
-from service.domain.errors import InvalidInput, NotFound, TooManyRequests
+from service.domain.errors import InvalidInput, NotFound
 from service.domain.jobs import check_dataset
+from service.domain.quota import check_active_quota
 from service.settings import Settings
 
 #: Above this many classes the dense confusion matrix is replaced by its non-zero cells.
@@ -33,11 +34,7 @@ def create_evaluation(
     handle = prompts.resolve_for_predict(session, tenant_id, prompt_ref)
     check_dataset(session, tenant_id, dataset_uri, settings)
     repo = EvaluationRepository(session, tenant_id)
-    if repo.count_active() >= settings.max_active_jobs_per_tenant:
-        raise TooManyRequests(
-            f"at most {settings.max_active_jobs_per_tenant} unfinished evaluations per tenant",
-            code="too_many_active_evaluations",
-        )
+    check_active_quota(repo.count_active(), settings, "evaluations")
     now = utcnow()
     row = Evaluation(
         id=new_id("eval"),

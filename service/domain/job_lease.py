@@ -13,6 +13,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
+from actprompt.states import JobStatus
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.base import utcnow
@@ -76,7 +77,7 @@ class JobLease:
                     status = lease.status_if_owner(self.job_id, self.worker_id)
                     if status is None:
                         self.lost.set()
-                    elif status == "cancelling":
+                    elif status == JobStatus.CANCELLING:
                         self.cancel_requested.set()
             except Exception:  # a DB hiccup must not kill the heartbeat; the next tick retries
                 log.exception("heartbeat failed", extra={"job_id": self.job_id})

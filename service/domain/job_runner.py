@@ -7,21 +7,21 @@ training pipeline, its callbacks recorded by `JobRecorder` → the artifact stor
 
 from __future__ import annotations
 
-import copy
 import enum
 import logging
 import threading
 import time
 import traceback
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from actprompt.states import JobStatus
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.base import utcnow
+from service.db.base import detached_copy, utcnow
 from service.db.models import Job
 from service.db.repositories import (
     BackboneRepository,
@@ -102,7 +102,7 @@ def run_job(
             {"status": job.status, "worker_id": worker_id, "attempt": job.attempts},
         )
         session.commit()
-        snapshot = _JobSnapshot.of(job)
+        snapshot = detached_copy(job)
     log.info("job claimed", extra={"job_id": job_id, "worker_id": worker_id, "attempt": snapshot.attempts})
     TRAINING_BACKBONES.max_bytes = settings.training_backbones_bytes
     with JobLease(job_id, session_factory, worker_id, settings, stop_event) as held:
@@ -115,52 +115,27 @@ def _settle_unclaimable(session: Session, job_id: str, now: datetime) -> None:
     job = lease.get(job_id)
     if job is None or job.lease_expires_at is None or job.lease_expires_at >= now:
         return
-    if job.status in ("validating", "running") and job.attempts >= job.max_attempts:
+    if job.status in (JobStatus.VALIDATING, JobStatus.RUNNING) and job.attempts >= job.max_attempts:
         error = {
             "code": "worker_lost",
             "message": f"the worker stopped during attempt {job.attempts}; no attempts left",
         }
         if lease.update_if_status(
-            job_id, (job.status,), status="failed", error=error, finished_at=now, updated_at=now
+            job_id, (job.status,), status=JobStatus.FAILED, error=error, finished_at=now, updated_at=now
         ):
             JobEventRepository.add(
-                session, job, "state", error["message"], {"status": "failed"}, level="error"
+                session, job, "state", error["message"], {"status": JobStatus.FAILED}, level="error"
             )
-    elif job.status == "cancelling" and lease.update_if_status(
-        job_id, ("cancelling",), status="cancelled", finished_at=now, updated_at=now
+    elif job.status == JobStatus.CANCELLING and lease.update_if_status(
+        job_id, (JobStatus.CANCELLING,), status=JobStatus.CANCELLED, finished_at=now, updated_at=now
     ):
         JobEventRepository.add(
-            session, job, "state", "cancelled (its worker was gone)", {"status": "cancelled"}
+            session, job, "state", "cancelled (its worker was gone)", {"status": JobStatus.CANCELLED}
         )
 
 
-@dataclass(frozen=True)
-class _JobSnapshot:
-    """The claimed row's fields, read once (the ORM object does not outlive its session)."""
-
-    id: str
-    tenant_id: str
-    status: str
-    backbone_id: str
-    dataset_uri: str
-    method: str
-    prompt_layer: Any
-    resolved_layers: list[int] | None
-    prompt_shape: str
-    hyperparameters: dict[str, Any]
-    name: str | None
-    target_prompt_id: str | None
-    attempts: int
-    max_attempts: int
-
-    @classmethod
-    def of(cls, job: Job) -> _JobSnapshot:
-        """Copy the fields the run needs by name (mutable JSON values deep-copied, detached from the ORM)."""
-        return cls(**{f.name: copy.deepcopy(getattr(job, f.name)) for f in fields(cls)})
-
-
 class _JobRun:
-    def __init__(self, job: _JobSnapshot, lease: JobLease) -> None:
+    def __init__(self, job: Job, lease: JobLease) -> None:
         self.job = job
         self.lease = lease
         self.settings = lease.settings
@@ -196,7 +171,7 @@ class _JobRun:
             details = getattr(exc, "details", None)
             extra["validation_report"] = jsonable(details) if details else {"errors": [error["message"]]}
         return self._finish(
-            "failed", RunOutcome.FAILED, error=error, message=f"failed: {error['message']}", **extra
+            JobStatus.FAILED, RunOutcome.FAILED, error=error, message=f"failed: {error['message']}", **extra
         )
 
     def _crashed(self, exc: Exception) -> RunOutcome:
@@ -207,7 +182,7 @@ class _JobRun:
         tb = traceback.format_exc(limit=8)
         if self.job.attempts >= self.job.max_attempts:
             return self._finish(
-                "failed",
+                JobStatus.FAILED,
                 RunOutcome.FAILED,
                 error=error,
                 message=f"failed after {self.job.attempts} attempt(s): {error['message']}",
@@ -217,10 +192,10 @@ class _JobRun:
             event=(
                 "state",
                 f"attempt {self.job.attempts} crashed ({error['message']}); queued for a retry",
-                {"status": "queued", "traceback": tb},
+                {"status": JobStatus.QUEUED, "traceback": tb},
             ),
             level="warning",
-            status="queued",
+            status=JobStatus.QUEUED,
             error=error,
             lease_owner=None,
             lease_expires_at=None,
@@ -233,10 +208,12 @@ class _JobRun:
             log.warning("lease lost; leaving the job to its new owner", extra={"job_id": self.job.id})
             return RunOutcome.LOST
         if self.lease.cancel_requested.is_set():
-            return self._finish("cancelled", RunOutcome.CANCELLED, message="cancelled")
+            return self._finish(JobStatus.CANCELLED, RunOutcome.CANCELLED, message="cancelled")
         # Process shutdown: give the attempt back; the next start resumes the job from its checkpoint.
         status = (
-            "validating" if self.validation_report is None and self.job.status == "validating" else "queued"
+            JobStatus.VALIDATING
+            if self.validation_report is None and self.job.status == JobStatus.VALIDATING
+            else JobStatus.QUEUED
         )
         ok = self.lease.write(
             event=("state", "interrupted by a worker shutdown; queued again", {"status": status}),
@@ -258,7 +235,7 @@ class _JobRun:
         data: dict[str, Any] | None = None,
         **values: Any,
     ) -> RunOutcome:
-        level = "error" if status == "failed" else "info"
+        level = "error" if status == JobStatus.FAILED else "info"
         ok = self.lease.write(
             event=(
                 "state",
@@ -320,15 +297,18 @@ class _JobRun:
             f"{report.get('num_val')} val / {report.get('num_test')} test images",
             report,
         )
-        if self.job.status == "validating":
+        if self.job.status == JobStatus.VALIDATING:
             moved = self.lease.write(
-                event=event, only_if_status=("validating",), status="running", validation_report=report
+                event=event,
+                only_if_status=(JobStatus.VALIDATING,),
+                status=JobStatus.RUNNING,
+                validation_report=report,
             )
             if not moved:  # cancelled meanwhile (or the lease is gone)
                 if not self.lease.lost.is_set():
                     self.lease.cancel_requested.set()
                 raise LeaseStop()
-            self.lease.event("state", "validated; running", {"status": "running"})
+            self.lease.event("state", "validated; running", {"status": JobStatus.RUNNING})
         else:
             self.lease.write(event=event, validation_report=report)
         self.validation_report = report
@@ -410,7 +390,9 @@ class _JobRun:
             f"{_STORE_ATTEMPTS} tries (concurrent retrains); submit the job again",
             "param": "prompt_id",
         }
-        return self._finish("failed", RunOutcome.FAILED, error=error, message=f"failed: {error['message']}")
+        return self._finish(
+            JobStatus.FAILED, RunOutcome.FAILED, error=error, message=f"failed: {error['message']}"
+        )
 
     def _succeed(self, session: Session, prompt: Any, metrics: dict[str, Any], epochs: int) -> RunOutcome:
         now = utcnow()
@@ -418,7 +400,7 @@ class _JobRun:
         if not lease.update_owned(
             self.job.id,
             self.lease.worker_id,
-            status="succeeded",
+            status=JobStatus.SUCCEEDED,
             prompt_id=prompt.prompt_id,
             prompt_version=prompt.version,
             metrics=metrics,
@@ -441,7 +423,7 @@ class _JobRun:
             job,
             "state",
             f"succeeded: prompt {ref} ({prompt.size_bytes} bytes)",
-            {"status": "succeeded", "prompt": ref, "metrics": metrics},
+            {"status": JobStatus.SUCCEEDED, "prompt": ref, "metrics": metrics},
         )
         session.commit()
         log.info("job succeeded", extra={"job_id": self.job.id, "prompt": ref})

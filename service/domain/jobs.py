@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
+from actprompt.states import JobStatus
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -31,9 +32,9 @@ from service.domain.errors import (
     Conflict,
     InvalidInput,
     NotFound,
-    TooManyRequests,
     from_engine_error,
 )
+from service.domain.quota import check_active_quota
 from service.settings import Settings
 
 log = logging.getLogger("actprompt.jobs")
@@ -103,16 +104,6 @@ def stored_metadata(value: Any) -> dict[str, Any]:
 METHOD_OPTIONS_KEY = "method_options"
 #: Options with a request field of their own, never inside `method_options`.
 _OWN_FIELDS = ("prompt_layers", "prompt_layer", "prompt_shape", "num_classes")
-
-
-def method_options(job: Job) -> dict[str, Any]:
-    """The job's method options (stored inside its hyperparameters JSON)."""
-    return dict((job.hyperparameters or {}).get(METHOD_OPTIONS_KEY) or {})
-
-
-def train_hyperparameters(job: Job) -> dict[str, Any]:
-    """The job's hyperparameters without the method options stored beside them."""
-    return {k: v for k, v in (job.hyperparameters or {}).items() if k != METHOD_OPTIONS_KEY}
 
 
 def servable_methods() -> list[str]:
@@ -257,16 +248,12 @@ def create_job(
     check_dataset(session, tenant_id, request.dataset_uri, settings)
     if request.prompt_id is not None and not PromptRepository(session, tenant_id).exists(request.prompt_id):
         raise NotFound(f"no prompt {request.prompt_id!r}", code="prompt_not_found", param="prompt_id")
-    if jobs.count_active() >= settings.max_active_jobs_per_tenant:
-        raise TooManyRequests(
-            f"at most {settings.max_active_jobs_per_tenant} active jobs per tenant",
-            code="too_many_active_jobs",
-        )
+    check_active_quota(jobs.count_active(), settings, "jobs")
     now = utcnow()
     job = Job(
         id=new_id("job"),
         tenant_id=tenant_id,
-        status="validating",
+        status=JobStatus.VALIDATING,
         backbone_id=backbone.id,
         dataset_uri=request.dataset_uri,
         method=request.method,
@@ -292,7 +279,7 @@ def create_job(
     )
     jobs.add(job)
     JobEventRepository.add(
-        session, job, "state", "job created; its dataset is validated next", {"status": "validating"}
+        session, job, "state", "job created; its dataset is validated next", {"status": JobStatus.VALIDATING}
     )
     return job, True
 
@@ -345,7 +332,9 @@ def dispatch(session: Session, queue: _Enqueuer, job: Job) -> bool:
     except Exception:
         log.warning("enqueue failed; the reaper will send the job", exc_info=True, extra={"job_id": job.id})
     try:
-        JobLeaseRepository(session).update_if_status(job.id, ("validating", "queued"), enqueued_at=None)
+        JobLeaseRepository(session).update_if_status(
+            job.id, (JobStatus.VALIDATING, JobStatus.QUEUED), enqueued_at=None
+        )
         session.commit()
     except Exception:  # the database too: the job still goes out once its queued_stale_seconds are up
         session.rollback()
@@ -385,12 +374,16 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
     lease = JobLeaseRepository(session)
     now = utcnow()
     if lease.cancel_unclaimed(job.id, now):
-        JobEventRepository.add(session, job, "state", "cancelled before it ran", {"status": "cancelled"})
-    elif lease.update_if_status(job.id, ("validating", "running"), status="cancelling", updated_at=now):
-        JobEventRepository.add(session, job, "state", "cancel requested", {"status": "cancelling"})
+        JobEventRepository.add(
+            session, job, "state", "cancelled before it ran", {"status": JobStatus.CANCELLED}
+        )
+    elif lease.update_if_status(
+        job.id, (JobStatus.VALIDATING, JobStatus.RUNNING), status=JobStatus.CANCELLING, updated_at=now
+    ):
+        JobEventRepository.add(session, job, "state", "cancel requested", {"status": JobStatus.CANCELLING})
     else:
         session.refresh(job)
-        if job.status in ("succeeded", "failed"):
+        if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
             raise Conflict(f"job {job.id} already {job.status}", code="job_not_cancellable", param="job_id")
     session.flush()
     session.refresh(job)

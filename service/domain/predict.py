@@ -20,7 +20,7 @@ from service.db.session import retry_read
 from service.domain.errors import DomainError, InvalidInput
 from service.domain.prompts import PromptHandle, list_versions, parse_ref, resolve_for_predict
 from service.domain.prompts import delete_prompt as delete_stored
-from service.domain.ttl_cache import TTLCache
+from service.ttl_cache import TTLCache
 
 if TYPE_CHECKING:
     import numpy as np

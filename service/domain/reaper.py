@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
 
+from actprompt.states import JobStatus
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -52,15 +53,17 @@ def reap(
     with session_factory() as session:
         lease = JobLeaseRepository(session)
         if takeover:
-            held = lease.with_status(("validating", "running", "cancelling"))
-            orphans = [job for job in held if job.status != "validating" or job.lease_owner is not None]
+            held = lease.with_status((JobStatus.VALIDATING, JobStatus.RUNNING, JobStatus.CANCELLING))
+            orphans = [
+                job for job in held if job.status != JobStatus.VALIDATING or job.lease_owner is not None
+            ]
         else:
             orphans = lease.expired_leases(now)
         for job in orphans:
             _reap_orphan(session, job, now, report, to_send)
         if takeover:
-            for job in lease.with_status(("validating", "queued")):
-                if job.status == "queued" or job.lease_owner is None:  # never claimed: send again
+            for job in lease.with_status((JobStatus.VALIDATING, JobStatus.QUEUED)):
+                if job.status == JobStatus.QUEUED or job.lease_owner is None:  # never claimed: send again
                     to_send.append(job.id)
                     report.resent.append(job.id)
         elif requeue_stale_queued:
@@ -110,10 +113,10 @@ def _guarded(session: Session, job: Job, now: datetime, **values: object) -> boo
 
 def _reap_orphan(session: Session, job: Job, now: datetime, report: ReapReport, to_send: list[str]) -> None:
     who = job.lease_owner or "unknown worker"
-    if job.status == "cancelling":
-        if _guarded(session, job, now, status="cancelled", finished_at=now, lease_expires_at=None):
+    if job.status == JobStatus.CANCELLING:
+        if _guarded(session, job, now, status=JobStatus.CANCELLED, finished_at=now, lease_expires_at=None):
             JobEventRepository.add(
-                session, job, "state", f"cancelled ({who} is gone)", {"status": "cancelled"}
+                session, job, "state", f"cancelled ({who} is gone)", {"status": JobStatus.CANCELLED}
             )
             report.cancelled.append(job.id)
     elif job.attempts >= job.max_attempts:
@@ -122,14 +125,16 @@ def _reap_orphan(session: Session, job: Job, now: datetime, report: ReapReport, 
             "message": f"{who} stopped renewing its lease during attempt {job.attempts} "
             f"of {job.max_attempts}",
         }
-        if _guarded(session, job, now, status="failed", error=error, finished_at=now, lease_expires_at=None):
+        if _guarded(
+            session, job, now, status=JobStatus.FAILED, error=error, finished_at=now, lease_expires_at=None
+        ):
             JobEventRepository.add(
-                session, job, "state", error["message"], {"status": "failed"}, level="error"
+                session, job, "state", error["message"], {"status": JobStatus.FAILED}, level="error"
             )
             report.failed.append(job.id)
     else:
         # A job that died while validating is validated again by its next claimer.
-        status = "validating" if job.status == "validating" else "queued"
+        status = JobStatus.VALIDATING if job.status == JobStatus.VALIDATING else JobStatus.QUEUED
         if not _guarded(
             session, job, now, status=status, lease_owner=None, lease_expires_at=None, enqueued_at=now
         ):
@@ -155,9 +160,9 @@ def _resend_stale(
             "message": f"no worker took the job after {job.requeues} re-sends "
             "(is a worker consuming the queue?)",
         }
-        if _guarded(session, job, now, status="failed", error=error, finished_at=now):
+        if _guarded(session, job, now, status=JobStatus.FAILED, error=error, finished_at=now):
             JobEventRepository.add(
-                session, job, "state", error["message"], {"status": "failed"}, level="error"
+                session, job, "state", error["message"], {"status": JobStatus.FAILED}, level="error"
             )
             report.failed.append(job.id)
     elif _guarded(session, job, now, requeues=job.requeues + 1, enqueued_at=now):

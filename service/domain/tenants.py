@@ -6,8 +6,9 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -17,8 +18,8 @@ from service.db.ids import new_id
 from service.db.models import ApiKey, Tenant
 from service.db.repositories import ApiKeyRepository, TenantRepository
 from service.db.session import retry_read
-from service.domain.errors import NotFound, Unauthorized
-from service.domain.ttl_cache import TTLCache
+from service.domain.errors import InvalidInput, NotFound, Unauthorized
+from service.ttl_cache import TTLCache
 
 KEY_PREFIX = "ap_"
 VISIBLE_PREFIX_LEN = 11
@@ -40,13 +41,35 @@ class IssuedKey:
     secret: str
 
 
+class Scope(StrEnum):
+    """What a tenant key may do; a key holds any subset (a predict-only key can ship inside an app)."""
+
+    PREDICT = "predict"  # POST /v1/predict
+    READ = "read"  # every GET of the tenant's files, jobs, prompts, evaluations and the backbones
+    TRAIN = "train"  # uploads, jobs, evaluations, prompt imports, deletions and pins
+    ADMIN = "admin"  # the tenant's own API keys: create, list, revoke
+
+
+ALL_SCOPES: frozenset[Scope] = frozenset(Scope)
+
+
+def parse_scopes(names: Iterable[str]) -> frozenset[Scope]:
+    """Scope names -> scopes; an unknown name is a typed 422 (an empty list is allowed: a dormant key)."""
+    try:
+        return frozenset(Scope(n) for n in names)
+    except ValueError:
+        known = ", ".join(s.value for s in Scope)
+        raise InvalidInput(f"scopes: each one of {known}", param="scopes") from None
+
+
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the admin, or a tenant through one of its keys."""
+    """Who is calling: the admin (every scope), or a tenant through one of its keys (the key's scopes)."""
 
     is_admin: bool
     tenant_id: str | None = None
     key_id: str | None = None
+    scopes: frozenset[Scope] = field(default=ALL_SCOPES)
 
 
 def create_tenant(session: Session, name: str) -> tuple[Tenant, IssuedKey]:
@@ -65,7 +88,9 @@ def list_tenants(session: Session, *, limit: int, after: str | None) -> list[Ten
     return TenantRepository(session).list(limit=limit, after=after)
 
 
-def create_key(session: Session, tenant_id: str, *, name: str | None = None) -> IssuedKey:
+def create_key(
+    session: Session, tenant_id: str, *, name: str | None = None, scopes: Iterable[Scope] = ALL_SCOPES
+) -> IssuedKey:
     get_tenant(session, tenant_id)
     secret = generate_key()
     key = ApiKey(
@@ -74,9 +99,18 @@ def create_key(session: Session, tenant_id: str, *, name: str | None = None) -> 
         prefix=secret[:VISIBLE_PREFIX_LEN],
         key_hash=hash_key(secret),
         name=name,
+        scopes=sorted(Scope(s).value for s in scopes),
     )
     ApiKeyRepository(session).add(key)
     return IssuedKey(key=key, secret=secret)
+
+
+def own_tenant(principal: Principal, tenant_id: str) -> str:
+    """`tenant_id`, if the caller may manage it: the admin any tenant, a tenant key only its own (another
+    tenant is not found, as every foreign id is)."""
+    if principal.tenant_id is not None and principal.tenant_id != tenant_id:
+        raise NotFound(f"no tenant {tenant_id!r}", code="tenant_not_found", param="tenant_id")
+    return tenant_id
 
 
 def list_keys(session: Session, tenant_id: str) -> list[ApiKey]:
@@ -84,10 +118,11 @@ def list_keys(session: Session, tenant_id: str) -> list[ApiKey]:
     return ApiKeyRepository(session).list_for_tenant(tenant_id)
 
 
-def revoke_key(session: Session, key_id: str) -> None:
+def revoke_key(session: Session, key_id: str, *, tenant_id: str | None = None) -> None:
+    """Revoke a key; with `tenant_id` (a tenant managing its own keys) another tenant's key is not found."""
     repo = ApiKeyRepository(session)
     key = repo.get(key_id)
-    if key is None or key.revoked_at is not None:
+    if key is None or key.revoked_at is not None or (tenant_id is not None and key.tenant_id != tenant_id):
         raise NotFound(f"no active key {key_id!r}", code="key_not_found", param="key_id")
     repo.revoke(key, utcnow())
 
@@ -101,7 +136,12 @@ def authenticate(session: Session, raw_key: str | None, *, admin_key: str | None
     key = ApiKeyRepository(session).find_active_by_hash(hash_key(raw_key))
     if key is None:
         raise Unauthorized("invalid or revoked API key")
-    return Principal(is_admin=False, tenant_id=key.tenant_id, key_id=key.id)
+    return Principal(is_admin=False, tenant_id=key.tenant_id, key_id=key.id, scopes=_held(key))
+
+
+def _held(key: ApiKey) -> frozenset[Scope]:
+    """A stored key's scopes (a name this version does not know grants nothing)."""
+    return frozenset(s for s in Scope if s.value in (key.scopes or ()))
 
 
 class Authenticator:

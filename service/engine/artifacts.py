@@ -19,6 +19,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from service.engine.errors import ArtifactError, EngineError
+from service.engine.preprocessing import Preprocessing
 
 if TYPE_CHECKING:
     from service.engine.backbones import Backbone
@@ -69,11 +70,7 @@ class PromptArtifact:
             "num_features": bb.num_features,
             "classes": list(classes),
             "num_classes": len(classes),
-            "preprocessing": {
-                "input_size": list(spec.input_size or ()),
-                "mean": list(spec.mean or ()),
-                "std": list(spec.std or ()),
-            },
+            "preprocessing": bb.preprocessing.to_dict(),
             "trainable_params": module.num_trainable(),
             "metrics": dict(metrics or {}),
             "created_at": created_at or datetime.now(UTC).isoformat(timespec="seconds"),
@@ -180,6 +177,18 @@ class PromptArtifact:
         head = self.tensors.get("head.weight")
         if head is None or tuple(head.shape) != (self.num_classes, backbone.num_features):
             raise ArtifactError("artifact head does not match its classes and the backbone's feature width")
+
+    def preprocessing(self, backbone: Backbone) -> Preprocessing:
+        """The image pipeline this artifact was trained with, to serve and evaluate it with exactly that.
+
+        An artifact without the record keeps `resize` at the backbone's input size, mean and std."""
+        record = self.metadata.get("preprocessing")
+        if isinstance(record, dict) and record.get("input_size") and record.get("mean") and record.get("std"):
+            return Preprocessing.from_dict(record)
+        spec = backbone.spec.resolved()
+        if spec.input_size is None or spec.mean is None or spec.std is None:
+            raise ArtifactError("the backbone has no input size, mean and std to preprocess with")
+        return Preprocessing(spec.input_size, spec.mean, spec.std)
 
     def __repr__(self) -> str:
         return (

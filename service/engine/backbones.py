@@ -29,6 +29,7 @@ from service.engine.layers import (
     decompose,
     recommended_layer,
 )
+from service.engine.preprocessing import preprocessing_for
 
 LayerFn = Callable[[int, torch.Tensor], torch.Tensor]
 NormFn = Callable[[str, torch.Tensor], torch.Tensor]
@@ -129,6 +130,8 @@ class Backbone:
         self.layers: list[LayerInfo] = []
         self._measure()
         self.recommended_layer = recommended_layer(self.layers)
+        #: how images become this backbone's input (recorded in every artifact trained on it)
+        self.preprocessing = preprocessing_for(spec)
 
     @property
     def input_size(self) -> tuple[int, int]:

@@ -22,7 +22,6 @@ from service.engine.data import (
     LoadedDataset,
     ValidationReport,
     load_dataset,
-    preprocess,
     split_train_val,
 )
 from service.engine.errors import DatasetError, MethodError
@@ -145,11 +144,10 @@ def split_dataset(ds: LoadedDataset, split: SplitSpec) -> LoadedDataset:
 
 
 def to_tensors(images: ImageSet | None, backbone: Backbone) -> Tensors | None:
-    """Preprocess one split for `backbone` (its input size, mean and std); None for an absent split."""
+    """One split through `backbone`'s pipeline (recorded in the artifact); None for an absent split."""
     if images is None or len(images) == 0:
         return None
-    spec = backbone.spec
-    x = preprocess(images.images, backbone.input_size, spec.mean or (), spec.std or ())
+    x = backbone.preprocessing(images.images)
     return x, torch.as_tensor(images.labels, dtype=torch.int64)
 
 

@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from service.engine import Backbone, BackboneSpec, ImageDecodeError, create_backbone
-from service.engine.data import decode_image, preprocess
+from service.engine.data import decode_image
 from service.engine.mixed_batch import predict_single
+from service.engine.preprocessing import Preprocessing
 from service.serving import metrics
 from service.serving.batcher import MicroBatcher
 from service.serving.cache import LoadedPrompt, PromptCache, PromptSource, SlotPolicy
@@ -294,14 +295,18 @@ class ServingPredictor:
     ) -> list[PromptPrediction]:
         """Like :meth:`predict` for encoded image files or decoded uint8 HWC arrays.
 
-        Decoding and preprocessing share one hop off the event loop. Raises ImageDecodeError naming
+        Each prompt's images go through the pipeline its artifact records (one decode, one pass per
+        distinct pipeline, usually one); decoding and preprocessing share one hop off the event loop.
+        Raises ImageDecodeError naming
         ``images[i]`` for a file that does not decode.
         """
         srv = await self.server(spec)
-        size, mean, std = srv.backbone.spec.input_size, srv.backbone.spec.mean, srv.backbone.spec.std
-        assert size is not None and mean is not None and std is not None  # a resolved spec
+        unique = list(dict.fromkeys(keys))
+        by_pipeline: dict[Preprocessing, list[str]] = {}
+        for p in await self._load(srv, unique):  # each prompt is served with what it was trained with
+            by_pipeline.setdefault(p.artifact.preprocessing(srv.backbone), []).append(p.key)
 
-        def prepare() -> Tensor:
+        def decode() -> list[np.ndarray]:
             decoded = []
             for i, im in enumerate(images):
                 if isinstance(im, np.ndarray):
@@ -311,10 +316,17 @@ class ServingPredictor:
                     decoded.append(decode_image(im))
                 except ImageDecodeError as exc:
                     raise ImageDecodeError(f"image {i}: {exc}", param=f"images[{i}]") from exc
-            return preprocess(decoded, size, mean, std)  # [N, 3, H, W]
+            return decoded
 
-        x = await asyncio.to_thread(prepare)
-        return await self.predict(spec, keys, x, tenant_id=tenant_id)
+        def prepare() -> list[tuple[list[str], Tensor]]:
+            decoded = decode()
+            return [(group, pipeline(decoded)) for pipeline, group in by_pipeline.items()]  # [N, 3, H, W]
+
+        answers: dict[str, PromptPrediction] = {}
+        for group, x in await asyncio.to_thread(prepare):
+            for answer in await self.predict(spec, group, x, tenant_id=tenant_id):
+                answers[answer.key] = answer
+        return [answers[k] for k in keys]
 
     # -- introspection and shutdown --------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

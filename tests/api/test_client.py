@@ -27,6 +27,10 @@ MODELS: dict[type[BaseModel], str] = {
     actprompt.Backbone: "BackbonePublic",
     actprompt.Prediction: "PredictionPublic",
     actprompt.Progress: "Progress",
+    actprompt.Tenant: "TenantPublic",
+    actprompt.TenantCreated: "TenantCreated",
+    actprompt.ApiKey: "KeyPublic",
+    actprompt.ApiKeyCreated: "KeyCreated",
 }
 
 

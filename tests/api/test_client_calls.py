@@ -15,14 +15,14 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from actprompt import AsyncClient, Client
+from actprompt import AsyncClient, Client, PermissionDeniedError
 from PIL import Image
 
-from tests.api.conftest import Api, make_images, png_bytes
+from tests.api.conftest import ADMIN_KEY, Api, make_images, png_bytes
 from tests.api.test_files import folder_zip
 
 #: the resources of a client; their public methods, and the client's own, are the calls to cover
-RESOURCES = ("files", "jobs", "prompts", "evaluations", "backbones")
+RESOURCES = ("files", "jobs", "prompts", "evaluations", "backbones", "tenants", "keys")
 
 
 def public_calls(client: Any) -> set[str]:
@@ -47,19 +47,27 @@ def image_dir(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     server.server_close()
 
 
-def _runner(
-    kind: str, api: Api, headers: dict[str, str]
-) -> tuple[Any, Callable[[Any], Any], Callable[[], None]]:
-    """A client of `kind` on the app, a function that turns a call's result into a value, and a closer."""
+def _runner(kind: str, api: Api) -> tuple[Callable[[str], Any], Callable[[Any], Any], Callable[[], None]]:
+    """A factory of clients of `kind` on the app (for an API key), a function that turns a call's result
+    into a value, and a closer."""
     if kind == "sync":
-        api.client.headers.update(headers)
-        sync = Client(base_url="http://testserver", http_client=api.client)
+
+        def sync(
+            key: str,
+        ) -> Client:  # the app's own TestClient (its loop runs background work): one key at a time
+            api.client.headers["Authorization"] = f"Bearer {key}"
+            return Client(base_url="http://testserver", http_client=api.client)
+
         return sync, lambda result: list(result) if inspect.isgenerator(result) else result, lambda: None
     loop = asyncio.new_event_loop()
-    http = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=api.client.app), base_url="http://t", headers=headers
-    )
-    client = AsyncClient(http_client=http)
+    opened: list[AsyncClient] = []
+
+    def client(key: str) -> AsyncClient:
+        transport = httpx.ASGITransport(app=api.client.app)
+        headers = {"Authorization": f"Bearer {key}"}
+        http = httpx.AsyncClient(transport=transport, base_url="http://t", headers=headers)
+        opened.append(AsyncClient(http_client=http))
+        return opened[-1]
 
     async def collect(result: Any) -> Any:
         if inspect.isasyncgen(result):
@@ -67,7 +75,8 @@ def _runner(
         return await result
 
     def close() -> None:
-        loop.run_until_complete(client.aclose())
+        for c in opened:
+            loop.run_until_complete(c.aclose())
         loop.close()
 
     return client, lambda result: loop.run_until_complete(collect(result)), close
@@ -78,17 +87,32 @@ def test_every_client_call_against_the_app(
     kind: str, make_api: Callable[..., Api], image_dir: tuple[str, Path], tmp_path: Path
 ) -> None:
     api = make_api(allow_private_urls=True)
-    headers = api.tenant()
-    api.tiny_backbone()
-    c, run, close = _runner(kind, api, headers)
+    client_for, run, close = _runner(kind, api)
+    c = client_for(ADMIN_KEY)
     called: set[str] = set()
 
-    def call(name: str, *args: Any, **kwargs: Any) -> Any:
-        resource, _, method = name.rpartition(".")
-        called.add(name)
+    def call(target: str, /, *args: Any, **kwargs: Any) -> Any:
+        resource, _, method = target.rpartition(".")
+        called.add(target)
         return run(getattr(getattr(c, resource) if resource else c, method)(*args, **kwargs))
 
     try:
+        tenant = call("tenants.create", "calls")
+        assert call("tenants.get", tenant.id).name == "calls"
+        assert [t.id for t in call("tenants.list")] == [tenant.id]
+        key = call("keys.create", tenant.id, name="app", scopes=["predict", "read", "train"])
+        assert key.scopes == ["predict", "read", "train"] and key.api_key
+        spare = call("keys.create", tenant.id)
+        assert spare.scopes == ["admin", "predict", "read", "train"]
+        call("keys.revoke", spare.id)
+        keys = {k.id: k for k in call("keys.list", tenant.id)}
+        assert set(keys) == {tenant.key_id, key.id, spare.id} and keys[spare.id].revoked_at is not None
+        tiny = call("backbones.create", "tiny", model="test_resnet", weights="random", input_size=(32, 32))
+        assert tiny.input_size == [32, 32]
+        assert call("backbones.create", "gone", model="test_resnet", weights="random").id == "gone"
+        call("backbones.delete", "gone")
+
+        c = client_for(key.api_key)  # the tenant's key (no `admin` scope) from here on
         assert [b.id for b in call("backbones.list")] == ["tiny"]
         assert call("backbones.get", "tiny").id == "tiny"
 
@@ -123,7 +147,8 @@ def test_every_client_call_against_the_app(
         ev = call("evaluations.create", prompt=ref, dataset=f.id)
         assert call("evaluations.get", ev.id).id == ev.id
         assert [e.id for e in call("evaluations.list")] == [ev.id]
-        assert call("evaluations.wait", ev.id, poll=0.1).status == "succeeded"
+        finished = call("evaluations.wait", ev.id, poll=0.1)
+        assert finished.status == "succeeded", finished.error
 
         busy = call("jobs.create", backbone="tiny", dataset=f.id, hyperparameters={"epochs": 50})
         assert call("jobs.cancel", busy.id).status in ("cancelled", "cancelling")
@@ -133,6 +158,9 @@ def test_every_client_call_against_the_app(
         call("files.delete", f.id)
         assert call("files.list") == []
 
+        with pytest.raises(PermissionDeniedError) as denied:  # the API's 403, typed, with its message
+            run(c.keys.list(tenant.id))
+        assert denied.value.code == "insufficient_scope" and "'admin'" in denied.value.message
         assert called == public_calls(c), f"calls not exercised: {public_calls(c) - called}"
     finally:
         close()

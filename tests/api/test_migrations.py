@@ -96,3 +96,45 @@ def test_concurrent_upgrades_of_a_fresh_database_all_succeed(kind: str, tmp_path
             check_migrated(engine)
         finally:
             engine.dispose()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_keys_that_predate_scopes_keep_every_scope(kind: str, tmp_path: Path) -> None:
+    """A database at 0002 with a tenant and a key, upgraded to head: the key holds all four scopes, and
+    the model's schema (autogenerate's comparison) has nothing left to migrate."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlalchemy import text
+    from sqlalchemy.orm import Session
+
+    from service.db.base import Base
+    from service.db.migrate import upgrade
+    from service.domain.tenants import ALL_SCOPES, authenticate, hash_key
+
+    with contextlib.ExitStack() as stack:
+        url = (
+            f"sqlite:///{tmp_path / 'old.db'}"
+            if kind == "sqlite"
+            else stack.enter_context(fresh_pg_database())
+        )
+        upgrade(url, "0002")
+        engine = make_engine(url)
+        stack.callback(engine.dispose)
+        with engine.begin() as conn:
+            conn.execute(
+                text("INSERT INTO tenants (id, name, created_at) VALUES ('ten_old', 'old', :t)"),
+                {"t": "2026-01-01"},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO api_keys (id, tenant_id, prefix, key_hash, name, created_at) "
+                    "VALUES ('key_old', 'ten_old', 'ap_old', :h, 'old', :t)"
+                ),
+                {"h": hash_key("ap_old-secret"), "t": "2026-01-01"},
+            )
+        upgrade(url)
+        with Session(engine) as session:
+            principal = authenticate(session, "ap_old-secret", admin_key=None)
+        assert principal.tenant_id == "ten_old" and principal.scopes == ALL_SCOPES
+        with engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []

@@ -10,7 +10,7 @@ import torch
 
 from service.engine import BackboneSpec, create_backbone
 from service.engine.artifacts import PromptArtifact
-from service.engine.data import decode_image, preprocess
+from service.engine.data import decode_image
 from service.engine.mixed_batch import predict_single
 from tests.api.conftest import Api, png_bytes
 from tests.signal_data import square_images
@@ -50,7 +50,7 @@ def test_prompt_beats_probe_and_serving_equals_the_engine(api: Api) -> None:
     data = api.client.get(f"/v1/prompts/{ap['prompt']}/artifact", headers=t).content
     artifact = PromptArtifact.from_bytes(data)
     bb = create_backbone(BackboneSpec.from_dict(artifact.metadata["backbone"]))
-    x = preprocess([decode_image(p) for p in pngs], bb.input_size, bb.spec.mean or (), bb.spec.std or ())
+    x = artifact.preprocessing(bb)([decode_image(p) for p in pngs])
     expected = torch.softmax(predict_single(bb, artifact, x).float(), dim=1)
     assert torch.allclose(served, expected, atol=1e-5), (served, expected)
     assert len({tuple(row.tolist()) for row in expected}) > 1  # not one constant answer

@@ -199,7 +199,8 @@ def test_a_deleted_prompt_stops_on_every_replica_within_the_resolve_ttl(
 
 
 def test_a_killed_replica_fails_no_predict(fleet: Fleet, tenant: str) -> None:
-    """SIGKILL the home replica of a prompt while predicts are in flight: HAProxy resends them elsewhere."""
+    """SIGKILL the home replica of a prompt while predicts are in flight: HAProxy resends them elsewhere
+    (the in-flight ones too), and marks the replica down at its first refused connection."""
     from bench.synthetic import random_artifact
     from service.engine import BackboneSpec, create_backbone
 
@@ -240,9 +241,7 @@ def test_a_killed_replica_fails_no_predict(fleet: Fleet, tenant: str) -> None:
     done.set()
     for t in threads:
         t.join()
-    # At most the predicts in flight on the killed replica fail (one per client); none sent after it.
-    assert len(errors) <= clients, f"{len(errors)} predicts failed after {home} was killed: {errors[:3]}"
-    late = [e for t, e in errors if t - killed_at > 1.0]
-    assert not late, f"predicts still failing a second after the kill: {late[:3]}"
+    # Not even the predicts in flight on the killed replica fail: HAProxy holds each whole and resends it.
+    assert not errors, f"{len(errors)} predicts failed after {home} was killed: {errors[:3]}"
     assert sum(t > killed_at + 1 for t in answered) >= 4, "no predict was answered after the kill"
     assert fleet.haproxy_stats()[("predict", home)]["status"].startswith("DOWN")

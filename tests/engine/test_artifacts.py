@@ -53,11 +53,8 @@ def test_metadata_describes_the_prompt(bb: Backbone, artifact: PromptArtifact) -
     assert m["prompt_layers"] == [3, 4]
     assert m["prompt_layer_names"] == [bb.layers[3].name, bb.layers[4].name]
     assert m["classes"] == CLASSES and artifact.num_classes == 3
-    assert m["preprocessing"] == {
-        "input_size": [32, 32],
-        "mean": list(bb.spec.mean),
-        "std": list(bb.spec.std),
-    }
+    assert m["preprocessing"] == bb.preprocessing.to_dict()
+    assert m["preprocessing"]["input_size"] == [32, 32] and m["preprocessing"]["mean"] == list(bb.spec.mean)
     assert set(m["metrics"]) == {"train_seconds", "test"}  # the small summary, no per-class tables
     assert m["metrics"]["test"]["n"] == 24 and m["metrics"]["test"]["top5"] >= m["metrics"]["test"]["top1"]
     assert m["created_at"]

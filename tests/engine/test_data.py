@@ -518,6 +518,19 @@ def http_server(tmp_path: Path) -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
+        def do_GET(self) -> None:
+            if self.path.startswith("/hop/"):  # /hop/N redirects N times, then to /small.npz
+                n = int(self.path.rsplit("/", 1)[1])
+                self.send_response(302)
+                self.send_header("Location", f"/hop/{n - 1}" if n > 1 else "/small.npz")
+                self.end_headers()
+            elif self.path == "/to-file":
+                self.send_response(302)
+                self.send_header("Location", "file:///etc/passwd")
+                self.end_headers()
+            else:
+                super().do_GET()
+
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -542,3 +555,30 @@ def test_http_download(http_server: str, tmp_path: Path) -> None:
     assert not any(p.name.endswith(".zip") for p in cache.iterdir())  # no partial file left behind
     with pytest.raises(DatasetError, match="404"):
         resolve_dataset_uri(f"{http_server}/nope.zip", allow_http=True, allow_private=True, **kw)  # type: ignore[arg-type]
+
+
+def test_http_redirects_are_followed_within_the_limit(http_server: str, tmp_path: Path) -> None:
+    kw = {"roots": [], "max_bytes": 1000, "allow_http": True, "allow_private": True}
+    got = resolve_dataset_uri(f"{http_server}/hop/3", cache_dir=tmp_path / "a", **kw)  # type: ignore[arg-type]
+    assert got.read_bytes() == b"0123456789" * 10
+    with pytest.raises(DatasetError, match="more than 5 redirects") as info:
+        resolve_dataset_uri(f"{http_server}/hop/6", cache_dir=tmp_path / "b", **kw)  # type: ignore[arg-type]
+    assert info.value.code == "invalid_dataset_uri"
+    with pytest.raises(DatasetError, match="unsupported URL"):
+        resolve_dataset_uri(f"{http_server}/to-file", cache_dir=tmp_path / "c", **kw)  # type: ignore[arg-type]
+
+
+def test_the_connected_peer_is_checked_even_when_dns_looked_public(
+    http_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DNS rebinding: the name passed the check, then connected to a private address. The second guard,
+    on the connected socket, must still refuse before any request is sent."""
+    from service.engine.datasets import remote
+
+    monkeypatch.setattr(remote, "_check_host", lambda host, port, allow_private: None)  # a lying resolver
+    kw = {"roots": [], "max_bytes": 1000, "allow_http": True, "cache_dir": tmp_path}
+    with pytest.raises(DatasetError, match="non-public") as info:
+        resolve_dataset_uri(f"{http_server}/small.npz", **kw)  # type: ignore[arg-type]
+    assert info.value.code == "invalid_dataset_uri"
+    with pytest.raises(DatasetError, match="non-public"):
+        remote.fetch_http_bytes(f"{http_server}/small.npz", max_bytes=1000)

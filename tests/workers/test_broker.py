@@ -64,3 +64,22 @@ def test_sends_still_arrive_after_a_flush(redis_client: redis.Redis, queue_name:
     finally:
         sender.close()
         probe.close()
+
+
+def test_waiting_job_ids_reads_every_priority_list(redis_client: redis.Redis, queue_name: str) -> None:
+    """kombu keeps a prioritised message in a list of its own: the reaper must see it there too."""
+    import celery
+
+    from workers.broker import BrokerJobQueue
+    from workers.queues import TRAIN_TASK
+
+    app = celery.Celery("probe", broker=REDIS_URL, set_as_current=False)
+    probe = BrokerJobQueue(REDIS_URL, queue_name)
+    try:
+        app.send_task(TRAIN_TASK, args=["job_low"], queue=queue_name)
+        app.send_task(TRAIN_TASK, args=["job_high"], queue=queue_name, priority=9)
+        assert len(list(redis_client.scan_iter(match=f"{queue_name}*"))) == 2  # two lists, one per priority
+        assert probe.waiting_job_ids() == {"job_low", "job_high"}
+    finally:
+        app.close()
+        probe.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from service.api.deps import AdminDep, PrincipalDep, SessionDep
+from service.api.deps import AdminDep, ReaderDep, SessionDep
 from service.api.routing import CheckedRoute
 from service.api.schemas.backbones import BackboneCreate, BackbonePublic, BackboneSummary, LayerPublic
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
@@ -50,13 +50,13 @@ def register_backbone(body: BackboneCreate, _: AdminDep, session: SessionDep) ->
 
 
 @router.get("/v1/backbones", response_model=ListPublic[BackboneSummary])
-def list_backbones(_: PrincipalDep, session: SessionDep) -> ListPublic[BackboneSummary]:
+def list_backbones(_: ReaderDep, session: SessionDep) -> ListPublic[BackboneSummary]:
     rows = backbones.list_backbones(session)
     return ListPublic[BackboneSummary](data=[BackboneSummary(**_summary(b)) for b in rows], has_more=False)  # type: ignore[arg-type]
 
 
 @router.get("/v1/backbones/{backbone_id}", response_model=BackbonePublic)
-def get_backbone(backbone_id: str, _: PrincipalDep, session: SessionDep) -> BackbonePublic:
+def get_backbone(backbone_id: str, _: ReaderDep, session: SessionDep) -> BackbonePublic:
     return _public(backbones.get_backbone(session, backbone_id))
 
 

@@ -6,36 +6,26 @@ from actprompt.states import EvaluationStatus
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import SessionDep, SettingsDep, TenantIdDep, page_limit, paginate
-from service.api.evaluations import EvaluationRunner
+from service.api.deps import ReadTenantDep, SessionDep, SettingsDep, TrainTenantDep, page_limit, paginate
 from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
 from service.api.schemas.evaluations import EvaluationCreate, EvaluationPublic
 from service.db.models import Evaluation
 from service.domain import evaluations
+from service.domain.evaluation_runner import EvaluationRunner
 
 router = APIRouter(route_class=CheckedRoute, tags=["evaluations"], responses=ERROR_RESPONSES)
 
 
 def evaluation_public(e: Evaluation) -> EvaluationPublic:
-    return EvaluationPublic(
-        id=e.id,
-        status=e.status,
-        prompt=f"{e.prompt_id}@{e.prompt_version}",
-        dataset_uri=e.dataset_uri,
-        metrics=e.metrics,
-        error=e.error,
-        created_at=e.created_at,
-        started_at=e.started_at,
-        finished_at=e.finished_at,
-    )
+    return EvaluationPublic.model_validate(e)
 
 
 @router.post("/v1/evaluations", status_code=202, response_model=EvaluationPublic)
 async def create_evaluation(
     body: EvaluationCreate,
     request: Request,
-    tenant_id: TenantIdDep,
+    tenant_id: TrainTenantDep,
     session: SessionDep,
     settings: SettingsDep,
 ) -> EvaluationPublic:
@@ -54,7 +44,7 @@ async def create_evaluation(
 
 @router.get("/v1/evaluations", response_model=ListPublic[EvaluationPublic])
 def list_evaluations(
-    tenant_id: TenantIdDep,
+    tenant_id: ReadTenantDep,
     session: SessionDep,
     settings: SettingsDep,
     limit: int = Query(20, ge=1, le=1000),
@@ -70,5 +60,5 @@ def list_evaluations(
 
 
 @router.get("/v1/evaluations/{evaluation_id}", response_model=EvaluationPublic)
-def get_evaluation(evaluation_id: str, tenant_id: TenantIdDep, session: SessionDep) -> EvaluationPublic:
+def get_evaluation(evaluation_id: str, tenant_id: ReadTenantDep, session: SessionDep) -> EvaluationPublic:
     return evaluation_public(evaluations.get_evaluation(session, tenant_id, evaluation_id))

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request, Response
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import SessionDep, SettingsDep, TenantIdDep, page_limit, paginate
+from service.api.deps import ReadTenantDep, SessionDep, SettingsDep, TrainTenantDep, page_limit, paginate
 from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
 from service.api.schemas.files import FilePublic
@@ -31,9 +31,7 @@ _UPLOAD_SCHEMA = {
 
 
 def file_public(f: File) -> FilePublic:
-    return FilePublic(
-        id=f.id, filename=f.filename, bytes=f.bytes, sha256=f.sha256, status=f.status, created_at=f.created_at
-    )
+    return FilePublic.model_validate(f)
 
 
 def _storage(request: Request) -> Storage:
@@ -113,7 +111,7 @@ class _Upload:
     },
 )
 async def upload_file(
-    request: Request, tenant_id: TenantIdDep, session: SessionDep, settings: SettingsDep
+    request: Request, tenant_id: TrainTenantDep, session: SessionDep, settings: SettingsDep
 ) -> FilePublic:
     """Multipart, field `file`; streamed to storage while its sha256 is computed; 413 over the limit.
 
@@ -180,7 +178,7 @@ async def upload_file(
 
 @router.get("/v1/files", response_model=ListPublic[FilePublic])
 def list_files(
-    tenant_id: TenantIdDep,
+    tenant_id: ReadTenantDep,
     session: SessionDep,
     settings: SettingsDep,
     limit: int = Query(20, ge=1, le=1000),
@@ -193,12 +191,12 @@ def list_files(
 
 
 @router.get("/v1/files/{file_id}", response_model=FilePublic)
-def get_file(file_id: str, tenant_id: TenantIdDep, session: SessionDep) -> FilePublic:
+def get_file(file_id: str, tenant_id: ReadTenantDep, session: SessionDep) -> FilePublic:
     return file_public(files.get_file(session, tenant_id, file_id))
 
 
 @router.delete("/v1/files/{file_id}", status_code=204)
-def delete_file(file_id: str, request: Request, tenant_id: TenantIdDep, session: SessionDep) -> Response:
+def delete_file(file_id: str, request: Request, tenant_id: TrainTenantDep, session: SessionDep) -> Response:
     """409 `file_in_use` while a queued, validating or running job (or an evaluation) reads it."""
     row = files.delete_file(session, tenant_id, file_id)
     key = row.storage_key

@@ -16,16 +16,17 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import (
     QueueDep,
+    ReadTenantDep,
     SessionDep,
     SessionFactoryDep,
     SettingsDep,
-    TenantIdDep,
+    TrainTenantDep,
     page_limit,
     paginate,
 )
 from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
-from service.api.schemas.jobs import CheckpointPublic, JobCreate, JobEventPublic, JobPublic, Progress
+from service.api.schemas.jobs import CheckpointPublic, JobCreate, JobEventPublic, JobPublic
 from service.db.models import Job, JobEvent
 from service.domain import jobs
 from service.domain.jobs import JobRequest
@@ -50,53 +51,18 @@ def to_request(body: JobCreate) -> JobRequest:
 
 
 def job_public(job: Job) -> JobPublic:
-    progress = job.progress or {}
-    return JobPublic(
-        id=job.id,
-        status=job.status,
-        backbone=job.backbone_id,
-        dataset_uri=job.dataset_uri,
-        method=job.method,
-        prompt_layer=job.prompt_layer,
-        resolved_layers=job.resolved_layers,
-        prompt_shape=job.prompt_shape,
-        method_options=jobs.method_options(job),
-        hyperparameters=jobs.train_hyperparameters(job),
-        name=job.name,
-        metadata=jobs.stored_metadata(job.metadata_),
-        progress=Progress(
-            epoch=int(progress.get("epoch", 0)),
-            epochs=int(progress.get("epochs", job.hyperparameters.get("epochs", 0))),
-            fraction=float(progress.get("fraction", 0.0)),
-        ),
-        metrics=job.metrics,
-        validation_report=job.validation_report,
-        prompt_id=job.prompt_id,
-        prompt_version=job.prompt_version,
-        prompt=f"{job.prompt_id}@{job.prompt_version}" if job.prompt_id else None,
-        error=job.error,
-        attempts=job.attempts,
-        max_attempts=job.max_attempts,
-        worker_id=job.worker_id,
-        created_at=job.created_at,
-        enqueued_at=job.enqueued_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-        updated_at=job.updated_at,
-    )
+    return JobPublic.model_validate(job)
 
 
 def event_public(e: JobEvent) -> JobEventPublic:
-    return JobEventPublic(
-        id=e.id, type=e.type, level=e.level, message=e.message, data=e.data, created_at=e.created_at
-    )
+    return JobEventPublic.model_validate(e)
 
 
 @router.post("/v1/jobs", status_code=202, response_model=JobPublic)
 def create_job(
     body: JobCreate,
     response: Response,
-    tenant_id: TenantIdDep,
+    tenant_id: TrainTenantDep,
     session: SessionDep,
     settings: SettingsDep,
     queue: QueueDep,
@@ -114,7 +80,7 @@ def create_job(
 
 @router.get("/v1/jobs", response_model=ListPublic[JobPublic])
 def list_jobs(
-    tenant_id: TenantIdDep,
+    tenant_id: ReadTenantDep,
     session: SessionDep,
     settings: SettingsDep,
     limit: int = Query(20, ge=1, le=1000),
@@ -130,12 +96,12 @@ def list_jobs(
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobPublic)
-def get_job(job_id: str, tenant_id: TenantIdDep, session: SessionDep) -> JobPublic:
+def get_job(job_id: str, tenant_id: ReadTenantDep, session: SessionDep) -> JobPublic:
     return job_public(jobs.get_job(session, tenant_id, job_id))
 
 
 @router.post("/v1/jobs/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: str, tenant_id: TenantIdDep, session: SessionDep) -> JobPublic:
+def cancel_job(job_id: str, tenant_id: TrainTenantDep, session: SessionDep) -> JobPublic:
     job = jobs.cancel_job(session, tenant_id, job_id)
     session.commit()
     return job_public(job)
@@ -149,7 +115,7 @@ def cancel_job(job_id: str, tenant_id: TenantIdDep, session: SessionDep) -> JobP
 async def list_events(
     job_id: str,
     request: Request,
-    tenant_id: TenantIdDep,
+    tenant_id: ReadTenantDep,
     factory: SessionFactoryDep,
     settings: SettingsDep,
     limit: int = Query(100, ge=1, le=1000),
@@ -206,13 +172,8 @@ async def _stream(
 
 @router.get("/v1/jobs/{job_id}/checkpoints", response_model=ListPublic[CheckpointPublic])
 def list_checkpoints(
-    job_id: str, tenant_id: TenantIdDep, session: SessionDep
+    job_id: str, tenant_id: ReadTenantDep, session: SessionDep
 ) -> ListPublic[CheckpointPublic]:
     rows = jobs.list_checkpoints(session, tenant_id, job_id)
-    data = [
-        CheckpointPublic(
-            id=c.id, epoch=c.epoch, attempt=c.attempt, size_bytes=c.size_bytes, created_at=c.created_at
-        )
-        for c in rows
-    ]
+    data = [CheckpointPublic.model_validate(c) for c in rows]
     return ListPublic[CheckpointPublic](data=data, has_more=False)

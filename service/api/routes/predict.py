@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api.deps import PredictorDep, ResolverDep, SettingsDep, TenantIdDep
+from service.api.deps import PredictorDep, PredictTenantDep, ResolverDep, SettingsDep
 from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES
 from service.api.schemas.predict import LIST_FIELDS, PredictRequest, PredictResponse
@@ -32,7 +32,7 @@ router = APIRouter(route_class=CheckedRoute, tags=["predict"], responses=ERROR_R
 _INLINE_BODY_BYTES = 64 << 10
 
 
-async def rate_limit(request: Request, tenant_id: TenantIdDep) -> None:
+async def rate_limit(request: Request, tenant_id: PredictTenantDep) -> None:
     """Per-tenant token bucket: 429 with `Retry-After` (whole seconds) while the tenant is over its rate.
 
     The limiter never raises for its store: without Redis it limits per process (see serving.ratelimit).
@@ -67,7 +67,7 @@ async def rate_limit(request: Request, tenant_id: TenantIdDep) -> None:
 )
 async def predict(
     request: Request,
-    tenant_id: TenantIdDep,
+    tenant_id: PredictTenantDep,
     settings: SettingsDep,
     predictor: PredictorDep,
     resolver: ResolverDep,

@@ -8,11 +8,12 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
 from service.api.deps import (
     PredictorDep,
+    ReadTenantDep,
     ResolverDep,
     SessionDep,
     SessionFactoryDep,
     SettingsDep,
-    TenantIdDep,
+    TrainTenantDep,
     page_limit,
     paginate,
 )
@@ -27,28 +28,12 @@ router = APIRouter(route_class=CheckedRoute, tags=["prompts"], responses=ERROR_R
 
 
 def prompt_public(p: Prompt) -> PromptPublic:
-    return PromptPublic(
-        id=p.prompt_id,
-        version=p.version,
-        ref=f"{p.prompt_id}@{p.version}",
-        name=p.name,
-        backbone=p.backbone_id,
-        method=p.method,
-        prompt_layer=[int(i) for i in p.prompt_layers],
-        prompt_shape=p.prompt_shape,
-        classes=[str(c) for c in p.classes],
-        metrics=p.metrics,
-        size_bytes=p.size_bytes,
-        sha256=p.sha256,
-        job_id=p.job_id,
-        imported=p.imported,
-        created_at=p.created_at,
-    )
+    return PromptPublic.model_validate(p)
 
 
 @router.get("/v1/prompts", response_model=ListPublic[PromptPublic])
 def list_prompts(
-    tenant_id: TenantIdDep,
+    tenant_id: ReadTenantDep,
     session: SessionDep,
     settings: SettingsDep,
     limit: int = Query(20, ge=1, le=1000),
@@ -64,7 +49,7 @@ def list_prompts(
 
 @router.post("/v1/prompts", status_code=201, response_model=PromptPublic)
 async def import_prompt(
-    tenant_id: TenantIdDep,
+    tenant_id: TrainTenantDep,
     session: SessionDep,
     resolver: ResolverDep,
     artifact: Annotated[UploadFile, File(description="An artifact file from GET /v1/prompts/{id}/artifact.")],
@@ -88,12 +73,12 @@ async def import_prompt(
 
 
 @router.get("/v1/prompts/{prompt_ref}", response_model=PromptPublic)
-def get_prompt(prompt_ref: str, tenant_id: TenantIdDep, session: SessionDep) -> PromptPublic:
+def get_prompt(prompt_ref: str, tenant_id: ReadTenantDep, session: SessionDep) -> PromptPublic:
     return prompt_public(prompts.get_prompt(session, tenant_id, prompt_ref))
 
 
 @router.get("/v1/prompts/{prompt_ref}/versions", response_model=ListPublic[PromptPublic])
-def list_versions(prompt_ref: str, tenant_id: TenantIdDep, session: SessionDep) -> ListPublic[PromptPublic]:
+def list_versions(prompt_ref: str, tenant_id: ReadTenantDep, session: SessionDep) -> ListPublic[PromptPublic]:
     rows = prompts.list_versions(session, tenant_id, prompt_ref)
     return ListPublic[PromptPublic](data=[prompt_public(p) for p in rows], has_more=False)
 
@@ -103,7 +88,7 @@ def list_versions(prompt_ref: str, tenant_id: TenantIdDep, session: SessionDep) 
     response_class=Response,
     responses={200: {"content": {"application/octet-stream": {}}, "description": "safetensors bytes"}},
 )
-def download_artifact(prompt_ref: str, tenant_id: TenantIdDep, session: SessionDep) -> Response:
+def download_artifact(prompt_ref: str, tenant_id: ReadTenantDep, session: SessionDep) -> Response:
     p = prompts.get_prompt(session, tenant_id, prompt_ref, with_artifact=True)
     return Response(
         content=p.artifact,
@@ -119,7 +104,7 @@ def download_artifact(prompt_ref: str, tenant_id: TenantIdDep, session: SessionD
 @router.delete("/v1/prompts/{prompt_ref}", status_code=204)
 async def delete_prompt(
     prompt_ref: str,
-    tenant_id: TenantIdDep,
+    tenant_id: TrainTenantDep,
     factory: SessionFactoryDep,
     resolver: ResolverDep,
     predictor: PredictorDep,

@@ -11,7 +11,7 @@ from typing import Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from service.api.deps import PredictorDep, ResolverDep, TenantIdDep
+from service.api.deps import PredictorDep, ResolverDep, TrainTenantDep
 from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES
 from service.domain import predict as predict_domain
@@ -27,7 +27,7 @@ class PinPublic(BaseModel):
 
 @router.post("/v1/prompts/{prompt_ref}/pin", response_model=PinPublic)
 async def pin_prompt(
-    prompt_ref: str, tenant_id: TenantIdDep, resolver: ResolverDep, predictor: PredictorDep
+    prompt_ref: str, tenant_id: TrainTenantDep, resolver: ResolverDep, predictor: PredictorDep
 ) -> PinPublic:
     """Load the prompt now and keep it resident (409 when the pinned share of the cache is full)."""
     ref = await predict_domain.pin(resolver, predictor, tenant_id, prompt_ref)
@@ -36,7 +36,7 @@ async def pin_prompt(
 
 @router.delete("/v1/prompts/{prompt_ref}/pin", response_model=PinPublic)
 async def unpin_prompt(
-    prompt_ref: str, tenant_id: TenantIdDep, resolver: ResolverDep, predictor: PredictorDep
+    prompt_ref: str, tenant_id: TrainTenantDep, resolver: ResolverDep, predictor: PredictorDep
 ) -> PinPublic:
     """Let the prompt be evicted again like any other (idempotent)."""
     ref = await predict_domain.unpin(resolver, predictor, tenant_id, prompt_ref)

@@ -1,10 +1,19 @@
-"""Admin: tenants and their API keys."""
+"""Tenants (the admin key) and their API keys (the admin key, or a tenant key with the `admin` scope for
+its own tenant's keys)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Query, Response
 
-from service.api.deps import AdminDep, AuthenticatorDep, SessionDep, SettingsDep, page_limit, paginate
+from service.api.deps import (
+    AdminDep,
+    AuthenticatorDep,
+    KeyAdminDep,
+    SessionDep,
+    SettingsDep,
+    page_limit,
+    paginate,
+)
 from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
 from service.api.schemas.tenants import (
@@ -31,6 +40,7 @@ def _key(k: ApiKey) -> KeyPublic:
         tenant_id=k.tenant_id,
         prefix=k.prefix,
         name=k.name,
+        scopes=sorted(tenants.parse_scopes(k.scopes)),
         created_at=k.created_at,
         revoked_at=k.revoked_at,
     )
@@ -59,28 +69,31 @@ def list_tenants(
 
 
 @router.get("/v1/tenants/{tenant_id}", response_model=TenantPublic)
-def get_tenant(tenant_id: str, _: AdminDep, session: SessionDep) -> TenantPublic:
-    return _tenant(tenants.get_tenant(session, tenant_id))
+def get_tenant(tenant_id: str, principal: KeyAdminDep, session: SessionDep) -> TenantPublic:
+    return _tenant(tenants.get_tenant(session, tenants.own_tenant(principal, tenant_id)))
 
 
 @router.post("/v1/tenants/{tenant_id}/keys", status_code=201, response_model=KeyCreated)
-def create_key(tenant_id: str, _: AdminDep, session: SessionDep, body: KeyCreate | None = None) -> KeyCreated:
-    issued = tenants.create_key(session, tenant_id, name=body.name if body else None)
+def create_key(
+    tenant_id: str, principal: KeyAdminDep, session: SessionDep, body: KeyCreate | None = None
+) -> KeyCreated:
+    body = body or KeyCreate()
+    owned = tenants.own_tenant(principal, tenant_id)
+    issued = tenants.create_key(session, owned, name=body.name, scopes=body.scopes)
     session.commit()
     return KeyCreated(**_key(issued.key).model_dump(), api_key=issued.secret)
 
 
 @router.get("/v1/tenants/{tenant_id}/keys", response_model=ListPublic[KeyPublic])
-def list_keys(tenant_id: str, _: AdminDep, session: SessionDep) -> ListPublic[KeyPublic]:
-    return ListPublic[KeyPublic](
-        data=[_key(k) for k in tenants.list_keys(session, tenant_id)], has_more=False
-    )
+def list_keys(tenant_id: str, principal: KeyAdminDep, session: SessionDep) -> ListPublic[KeyPublic]:
+    keys = tenants.list_keys(session, tenants.own_tenant(principal, tenant_id))
+    return ListPublic[KeyPublic](data=[_key(k) for k in keys], has_more=False)
 
 
 @router.delete("/v1/keys/{key_id}", status_code=204)
-def revoke_key(key_id: str, _: AdminDep, session: SessionDep, auth: AuthenticatorDep) -> Response:
+def revoke_key(key_id: str, principal: KeyAdminDep, session: SessionDep, auth: AuthenticatorDep) -> Response:
     """Refused at once by this process; by other API processes within `auth_cache_seconds`."""
-    tenants.revoke_key(session, key_id)
+    tenants.revoke_key(session, key_id, tenant_id=principal.tenant_id)
     session.commit()
     auth.forget_key(key_id)
     return Response(status_code=204)

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from typing import Generic, Literal, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 T = TypeVar("T")
+
+
+class FromRow(BaseModel):
+    """A response read straight from its ORM row (`Model.model_validate(row)`): no field copied by hand."""
+
+    model_config = ConfigDict(from_attributes=True)
 
 
 class ErrorDetail(BaseModel):

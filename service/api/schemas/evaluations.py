@@ -4,7 +4,9 @@ from datetime import datetime
 from typing import Any, Literal
 
 from actprompt.states import EvaluationStatus
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+from service.api.schemas.common import FromRow
 
 
 class EvaluationCreate(BaseModel):
@@ -20,11 +22,14 @@ class EvaluationCreate(BaseModel):
     )
 
 
-class EvaluationPublic(BaseModel):
+class EvaluationPublic(FromRow):
     id: str
     object: Literal["evaluation"] = "evaluation"
     status: EvaluationStatus
-    prompt: str = Field(description="`prompt_id@version` that was scored.")
+    prompt: str = Field(
+        validation_alias=AliasChoices("prompt_ref", "prompt"),
+        description="`prompt_id@version` that was scored.",
+    )
     dataset_uri: str
     metrics: dict[str, Any] | None = Field(
         description="num_images, top1, top5, classes, per_class {label: {support, accuracy}}, "

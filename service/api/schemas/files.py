@@ -3,10 +3,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from service.api.schemas.common import FromRow
 
 
-class FilePublic(BaseModel):
+class FilePublic(FromRow):
     id: str = Field(description="`file_...`: use it as a job's or an evaluation's `dataset_uri`.")
     object: Literal["file"] = "file"
     filename: str

@@ -4,9 +4,20 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from actprompt.states import JobStatus
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import (
+    AliasChoices,
+    AliasPath,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationInfo,
+    field_validator,
+)
 
-from service.domain.jobs import check_metadata
+from service.api.schemas.common import FromRow
+from service.domain.jobs import METHOD_OPTIONS_KEY, check_metadata, stored_metadata
 from service.engine.method_search import AUTO
 from service.engine.methods import PROMPT_SHAPES, list_methods
 from service.engine.pipeline import SplitSpec
@@ -116,26 +127,32 @@ class Progress(BaseModel):
     fraction: float = 0.0
 
 
-class JobPublic(BaseModel):
+class JobPublic(FromRow):
     id: str
     object: Literal["job"] = "job"
     status: JobStatus
-    backbone: str
+    backbone: str = Field(validation_alias=AliasChoices("backbone_id", "backbone"))
     dataset_uri: str
     method: str
     prompt_layer: Any
     resolved_layers: list[int] | None
     prompt_shape: str
-    method_options: dict[str, Any] = Field(default_factory=dict)
+    method_options: dict[str, Any] = Field(
+        default_factory=dict,
+        validation_alias=AliasChoices(AliasPath("hyperparameters", METHOD_OPTIONS_KEY), "method_options"),
+    )
     hyperparameters: dict[str, Any]
     name: str | None
-    metadata: dict[str, Any]
+    metadata: dict[str, Any] = Field(validation_alias=AliasChoices("metadata_", "metadata"))
     progress: Progress
     metrics: dict[str, Any] | None
     validation_report: dict[str, Any] | None
     prompt_id: str | None
     prompt_version: int | None
-    prompt: str | None = Field(description="`prompt_id@version` of the result, ready for /v1/predict.")
+    prompt: str | None = Field(
+        validation_alias=AliasChoices("prompt_ref", "prompt"),
+        description="`prompt_id@version` of the result, ready for /v1/predict.",
+    )
     error: dict[str, Any] | None
     attempts: int
     max_attempts: int
@@ -146,8 +163,33 @@ class JobPublic(BaseModel):
     finished_at: datetime | None
     updated_at: datetime
 
+    @field_validator("method_options", mode="before")
+    @classmethod
+    def _options(cls, value: Any) -> dict[str, Any]:
+        return dict(value or {})
 
-class JobEventPublic(BaseModel):
+    @field_validator("hyperparameters", mode="before")
+    @classmethod
+    def _without_method_options(cls, value: Any) -> dict[str, Any]:
+        """The method options are stored inside the hyperparameters JSON; shown beside them."""
+        return {k: v for k, v in (value or {}).items() if k != METHOD_OPTIONS_KEY}
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _bounded_metadata(cls, value: Any) -> dict[str, Any]:
+        return stored_metadata(value)
+
+    @field_validator("progress", mode="before")
+    @classmethod
+    def _progress(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, Progress):
+            return value
+        value = dict(value or {})
+        value.setdefault("epochs", (info.data.get("hyperparameters") or {}).get("epochs", 0))
+        return value
+
+
+class JobEventPublic(FromRow):
     id: int
     object: Literal["job.event"] = "job.event"
     type: str
@@ -157,7 +199,7 @@ class JobEventPublic(BaseModel):
     created_at: datetime
 
 
-class CheckpointPublic(BaseModel):
+class CheckpointPublic(FromRow):
     id: int
     epoch: int
     attempt: int

@@ -4,6 +4,8 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.domain.tenants import Scope
+
 
 class TenantCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -24,6 +26,12 @@ class TenantCreated(TenantPublic):
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str | None = Field(default=None, max_length=200)
+    scopes: list[Scope] = Field(
+        default_factory=lambda: sorted(Scope),
+        description="What the key may do: `predict` (POST /v1/predict), `read` (every GET), `train` "
+        "(uploads, jobs, evaluations, prompt imports, deletions, pins), `admin` (the tenant's own keys). "
+        "Default: all four.",
+    )
 
 
 class KeyPublic(BaseModel):
@@ -31,6 +39,7 @@ class KeyPublic(BaseModel):
     tenant_id: str
     prefix: str = Field(description="The first characters of the key, to tell keys apart.")
     name: str | None
+    scopes: list[Scope]
     created_at: datetime
     revoked_at: datetime | None = None
 

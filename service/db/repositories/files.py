@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
@@ -84,7 +85,7 @@ class EvaluationRunRepository:
     def get(self, evaluation_id: str) -> Evaluation | None:
         return self.session.get(Evaluation, evaluation_id, populate_existing=True)
 
-    def update_if(self, evaluation_id: str, statuses: tuple[str, ...], **values: Any) -> bool:
+    def update_if(self, evaluation_id: str, statuses: Collection[str], **values: Any) -> bool:
         stmt = (
             update(Evaluation)
             .where(Evaluation.id == evaluation_id, Evaluation.status.in_(statuses))

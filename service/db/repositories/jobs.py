@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
-from actprompt.states import ACTIVE_JOB_STATES
+from actprompt.states import ACTIVE_JOB_STATES, JobStatus
 from sqlalchemy import and_, case, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
@@ -120,14 +121,16 @@ class JobLeaseRepository:
         """
         no_live_lease = or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now)
         claimable = or_(
-            Job.status == "queued",
-            and_(Job.status.in_(("validating", "running")), no_live_lease),
+            Job.status == JobStatus.QUEUED,
+            and_(Job.status.in_((JobStatus.VALIDATING, JobStatus.RUNNING)), no_live_lease),
         )
         stmt = (
             update(Job)
             .where(Job.id == job_id, Job.attempts < Job.max_attempts, claimable)
             .values(
-                status=case((Job.status == "validating", "validating"), else_="running"),
+                status=case(
+                    (Job.status == JobStatus.VALIDATING, JobStatus.VALIDATING), else_=JobStatus.RUNNING
+                ),
                 lease_owner=worker_id,
                 worker_id=worker_id,
                 lease_expires_at=lease_until,
@@ -166,7 +169,7 @@ class JobLeaseRepository:
         stmt = update(Job).where(*conditions).values(**values).execution_options(synchronize_session=False)
         return bool(self.session.execute(stmt).rowcount == 1)  # type: ignore[attr-defined]
 
-    def update_if_status(self, job_id: str, statuses: tuple[str, ...], **values: Any) -> bool:
+    def update_if_status(self, job_id: str, statuses: Collection[str], **values: Any) -> bool:
         stmt = (
             update(Job)
             .where(Job.id == job_id, Job.status.in_(statuses))
@@ -177,11 +180,14 @@ class JobLeaseRepository:
 
     def cancel_unclaimed(self, job_id: str, now: datetime) -> bool:
         """Cancel a job no worker holds (queued, or validating and never claimed)."""
-        unclaimed = or_(Job.status == "queued", and_(Job.status == "validating", Job.lease_owner.is_(None)))
+        unclaimed = or_(
+            Job.status == JobStatus.QUEUED,
+            and_(Job.status == JobStatus.VALIDATING, Job.lease_owner.is_(None)),
+        )
         stmt = (
             update(Job)
             .where(Job.id == job_id, unclaimed)
-            .values(status="cancelled", finished_at=now, updated_at=now)
+            .values(status=JobStatus.CANCELLED, finished_at=now, updated_at=now)
             .execution_options(synchronize_session=False)
         )
         return bool(self.session.execute(stmt).rowcount == 1)  # type: ignore[attr-defined]
@@ -189,7 +195,10 @@ class JobLeaseRepository:
     def expired_leases(self, now: datetime, *, limit: int = 100) -> list[Job]:
         stmt = (
             select(Job)
-            .where(Job.status.in_(("validating", "running", "cancelling")), Job.lease_expires_at < now)
+            .where(
+                Job.status.in_((JobStatus.VALIDATING, JobStatus.RUNNING, JobStatus.CANCELLING)),
+                Job.lease_expires_at < now,
+            )
             .order_by(Job.id)
             .limit(limit)
         )
@@ -203,7 +212,10 @@ class JobLeaseRepository:
         stmt = (
             select(Job)
             .where(
-                or_(Job.status == "queued", and_(Job.status == "validating", Job.lease_owner.is_(None))),
+                or_(
+                    Job.status == JobStatus.QUEUED,
+                    and_(Job.status == JobStatus.VALIDATING, Job.lease_owner.is_(None)),
+                ),
                 or_(Job.enqueued_at.is_(None), Job.enqueued_at < enqueued_before),
             )
             .order_by(Job.id)

@@ -1,25 +1,26 @@
 """Dataset URIs -> a local path the loaders can read.
 
 ``file://`` must land (after symlinks) inside one of the configured roots; ``http(s)://`` is fetched
-into a cache folder with a byte limit, refusing private, loopback and link-local addresses (checked on
-the resolved name and again on the connected socket, so DNS rebinding cannot slip through);
-``s3://`` goes through fsspec when it is installed. Everything else is refused.
+with httpx (its redirect handling and limit) into a cache folder with a byte limit, refusing private,
+loopback and link-local addresses: every hop's name is checked after DNS, and the connected socket's
+peer again before any request is sent, so DNS rebinding cannot slip through (both through httpcore's
+documented `trace` extension). ``s3://`` goes through fsspec when it is installed. Everything else is
+refused.
 """
 
 from __future__ import annotations
 
 import hashlib
-import http.client
 import ipaddress
 import os
 import socket
-import ssl
 import tempfile
-from collections.abc import Callable, Sequence
-from http.client import HTTPResponse
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path, PurePosixPath
-from typing import IO, TypeVar
-from urllib.parse import unquote, urljoin, urlsplit
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import httpx
 
 from service.engine.errors import DatasetError
 
@@ -68,22 +69,29 @@ def _check_host(host: str, port: int, allow_private: bool) -> None:
         _check_address(host, str(info[4][0]), allow_private)
 
 
-class _CheckedHTTPConnection(http.client.HTTPConnection):
-    """Checks the address actually connected to, after DNS, before any request is sent."""
+def _address_guard(allow_private: bool) -> Callable[[str, dict[str, Any]], None]:
+    """An httpcore `trace` hook: checks each new connection's host after DNS, then its connected peer.
 
-    allow_private = False
+    It runs inside the connection pool, on every hop of a redirect chain, before the request is written.
+    """
 
-    def connect(self) -> None:
-        super().connect()
-        _check_address(self.host, self.sock.getpeername()[0], self.allow_private)
+    host = "?"
 
+    def trace(event: str, info: dict[str, Any]) -> None:
+        nonlocal host
+        if event == "connection.connect_tcp.started":
+            host = str(info["host"])
+            _check_host(host, int(info["port"]), allow_private)
+        elif event == "connection.connect_tcp.complete":
+            stream = info["return_value"]
+            peer = stream.get_extra_info("server_addr")
+            try:
+                _check_address(host, str(peer[0]), allow_private)
+            except DatasetError:
+                stream.close()
+                raise
 
-class _CheckedHTTPSConnection(http.client.HTTPSConnection):
-    allow_private = False
-
-    def connect(self) -> None:
-        super().connect()
-        _check_address(self.host, self.sock.getpeername()[0], self.allow_private)
+    return trace
 
 
 def _cache_name(uri: str, content_type: str | None) -> str:
@@ -98,14 +106,14 @@ def _cache_name(uri: str, content_type: str | None) -> str:
     return digest + suffix
 
 
-def _write_limited(stream: IO[bytes], target: Path, max_bytes: int, uri: str) -> Path:
+def _write_limited(chunks: Iterable[bytes], target: Path, max_bytes: int, uri: str) -> Path:
     """Copy at most ``max_bytes`` into ``target`` atomically (a partial download never looks complete)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
     total = 0
     try:
         with os.fdopen(fd, "wb") as out:
-            while chunk := stream.read(_CHUNK):
+            for chunk in chunks:
                 total += len(chunk)
                 if total > max_bytes:
                     raise _uri_error(f"{uri} is larger than the limit of {max_bytes} bytes")
@@ -118,55 +126,45 @@ def _write_limited(stream: IO[bytes], target: Path, max_bytes: int, uri: str) ->
 
 
 def _http_get(
-    uri: str, *, allow_private: bool, timeout: float, agent: str, consume: Callable[[HTTPResponse], T]
+    uri: str, *, allow_private: bool, timeout: float, agent: str, consume: Callable[[httpx.Response], T]
 ) -> T:
-    """GET ``uri`` following redirects, every hop's address checked; ``consume`` reads the 200 response."""
-    url = uri
-    for _ in range(_MAX_REDIRECTS + 1):
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise _uri_error(f"redirect to an unsupported URL {url!r}")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        _check_host(parts.hostname, port, allow_private)
-        conn: http.client.HTTPConnection
-        if parts.scheme == "https":
-            conn = _CheckedHTTPSConnection(
-                parts.hostname, port, timeout=timeout, context=ssl.create_default_context()
-            )
-        else:
-            conn = _CheckedHTTPConnection(parts.hostname, port, timeout=timeout)
-        conn.allow_private = allow_private
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        try:
-            conn.request("GET", target, headers={"User-Agent": agent})
-            resp = conn.getresponse()
-            if resp.status in (301, 302, 303, 307, 308):
-                location = resp.getheader("Location")
-                if not location:
-                    raise _uri_error(f"{url} redirected without a Location")
-                url = urljoin(url, location)
-                continue
-            if resp.status != 200:
-                raise _uri_error(f"{url} answered HTTP {resp.status}")
+    """GET ``uri`` following at most `_MAX_REDIRECTS` redirects, every hop's address checked;
+    ``consume`` reads the 200 response as it streams in."""
+    trace = _address_guard(allow_private)
+    try:
+        # trust_env=False: no proxy from the environment, whose own address is all the guard would see.
+        with (
+            httpx.Client(
+                follow_redirects=True,
+                max_redirects=_MAX_REDIRECTS,
+                timeout=timeout,
+                trust_env=False,
+                headers={"User-Agent": agent},
+            ) as client,
+            client.stream("GET", uri, extensions={"trace": trace}) as resp,
+        ):
+            if resp.status_code != 200:
+                raise _uri_error(f"{resp.url} answered HTTP {resp.status_code}")
             return consume(resp)
-        except (OSError, http.client.HTTPException) as exc:
-            raise _uri_error(f"cannot download {url}: {exc}") from exc
-        finally:
-            conn.close()
-    raise _uri_error(f"{uri}: more than {_MAX_REDIRECTS} redirects")
+    except httpx.TooManyRedirects as exc:
+        raise _uri_error(f"{uri}: more than {_MAX_REDIRECTS} redirects") from exc
+    except httpx.UnsupportedProtocol as exc:
+        raise _uri_error(f"{uri} redirected to an unsupported URL: {exc}") from exc
+    except httpx.HTTPError as exc:
+        raise _uri_error(f"cannot download {uri}: {exc}") from exc
 
 
-def _check_length(resp: HTTPResponse, uri: str, max_bytes: int) -> None:
-    length = resp.getheader("Content-Length")
+def _check_length(resp: httpx.Response, uri: str, max_bytes: int) -> None:
+    length = resp.headers.get("Content-Length")
     if length and length.isdigit() and int(length) > max_bytes:
         raise _uri_error(f"{uri} is {length} bytes, over the limit of {max_bytes}")
 
 
 def _download_http(uri: str, *, max_bytes: int, cache_dir: Path, allow_private: bool, timeout: float) -> Path:
-    def consume(resp: HTTPResponse) -> Path:
+    def consume(resp: httpx.Response) -> Path:
         _check_length(resp, uri, max_bytes)
-        path = cache_dir / _cache_name(uri, resp.getheader("Content-Type"))
-        return _write_limited(resp, path, max_bytes, uri)
+        path = cache_dir / _cache_name(uri, resp.headers.get("Content-Type"))
+        return _write_limited(resp.iter_bytes(_CHUNK), path, max_bytes, uri)
 
     return _http_get(
         uri, allow_private=allow_private, timeout=timeout, agent="actprompt-dataset-fetch", consume=consume
@@ -183,12 +181,14 @@ def fetch_http_bytes(uri: str, *, max_bytes: int, allow_private: bool = False, t
     if urlsplit(uri).scheme.lower() not in ("http", "https"):
         raise _uri_error(f"unsupported URL {uri!r}; use http(s)://")
 
-    def consume(resp: HTTPResponse) -> bytes:
+    def consume(resp: httpx.Response) -> bytes:
         _check_length(resp, uri, max_bytes)
-        data = resp.read(max_bytes + 1)
-        if len(data) > max_bytes:
-            raise _uri_error(f"{uri} is larger than the limit of {max_bytes} bytes")
-        return data
+        data = bytearray()
+        for chunk in resp.iter_bytes(_CHUNK):
+            data += chunk
+            if len(data) > max_bytes:
+                raise _uri_error(f"{uri} is larger than the limit of {max_bytes} bytes")
+        return bytes(data)
 
     return _http_get(
         uri, allow_private=allow_private, timeout=timeout, agent="actprompt-image-fetch", consume=consume
@@ -203,7 +203,7 @@ def _download_s3(uri: str, *, max_bytes: int, cache_dir: Path) -> Path:
     path = cache_dir / _cache_name(uri, None)
     try:
         with fsspec.open(uri, "rb") as fh:
-            return _write_limited(fh, path, max_bytes, uri)
+            return _write_limited(iter(lambda: fh.read(_CHUNK), b""), path, max_bytes, uri)
     except ImportError as exc:
         raise _uri_error(f"s3:// dataset URIs need s3fs installed beside fsspec: {exc}") from exc
     except (OSError, ValueError) as exc:

@@ -7,14 +7,18 @@ function secret(title, value) {
     h('strong', {}, title), ' — shown only once, copy it now: ', h('code', { class: 'secret' }, value));
 }
 
+const SCOPES = ['predict', 'read', 'train', 'admin'];
+
 async function keysPanel(tenant, ctx, box) {
   const list = (await api(`/v1/tenants/${encodeURIComponent(tenant.id)}/keys`, { signal: ctx.signal })).data;
   const reload = () => keysPanel(tenant, ctx, box).catch(ctx.showError);
+  const boxes = SCOPES.map((s) => h('input', { type: 'checkbox', id: `scope-${tenant.id}-${s}`, value: s, checked: true, 'data-testid': `scope-${s}` }));
   clear(box, h('td', { colspan: 4 },
     h('table', { class: 'table inner' },
-      h('thead', {}, h('tr', {}, ['Key', 'Name', 'Created', 'Revoked', ''].map((t) => h('th', { scope: 'col' }, t)))),
+      h('thead', {}, h('tr', {}, ['Key', 'Name', 'Scopes', 'Created', 'Revoked', ''].map((t) => h('th', { scope: 'col' }, t)))),
       h('tbody', {}, list.map((k) => h('tr', { 'data-testid': 'key-row' },
         h('td', {}, h('code', {}, `${k.prefix}…`), h('div', { class: 'small muted' }, k.id)), h('td', {}, k.name || ''),
+        h('td', { class: 'small' }, (k.scopes || []).join(', ')),
         h('td', { class: 'small' }, fmt.time(k.created_at)), h('td', { class: 'small' }, k.revoked_at ? fmt.time(k.revoked_at) : ''),
         h('td', {}, k.revoked_at ? null : h('button', {
           type: 'button', class: 'danger',
@@ -23,11 +27,14 @@ async function keysPanel(tenant, ctx, box) {
             try { await api(`/v1/keys/${encodeURIComponent(k.id)}`, { method: 'DELETE', signal: ctx.signal }); await reload(); } catch (err) { ctx.showError(err); }
           },
         }, 'Revoke')))))),
+    h('fieldset', { class: 'inline' }, h('legend', {}, 'Scopes of a new key'),
+      ...SCOPES.map((s, i) => h('label', { for: boxes[i].id }, boxes[i], ` ${s} `))),
     h('button', {
       type: 'button',
       onclick: async () => {
         try {
-          const k = await api(`/v1/tenants/${encodeURIComponent(tenant.id)}/keys`, { method: 'POST', json: {}, signal: ctx.signal });
+          const scopes = boxes.filter((b) => b.checked).map((b) => b.value);
+          const k = await api(`/v1/tenants/${encodeURIComponent(tenant.id)}/keys`, { method: 'POST', json: { scopes }, signal: ctx.signal });
           await keysPanel(tenant, ctx, box);
           box.firstChild.prepend(secret(`New key for ${tenant.name}`, k.api_key));
         } catch (err) { ctx.showError(err); }

@@ -66,7 +66,11 @@ function signIn(ctx) {
       if (!key) { input.focus(); return; }
       button.disabled = true;
       try {
-        await api('/v1/backbones?limit=1', { key }); // any valid key: 401 shows the API's message
+        try {
+          await api('/v1/backbones?limit=1', { key }); // any valid key: 401 shows the API's message
+        } catch (err) { // a key without the `read` scope is still a key: its pages show the API's 403
+          if (!(err instanceof ApiError && err.code === 'insufficient_scope')) throw err;
+        }
         let role = 'tenant';
         try {
           await api('/v1/tenants?limit=1', { key });

@@ -1,60 +1,57 @@
-"""A small thread-safe map whose entries expire: the gateway's short-lived caches of database answers.
+"""A thread-safe map whose entries expire: the gateway's short-lived caches of database answers.
 
 Why a TTL and not only explicit invalidation: an API process learns of a change made by *another* process
 (a key revoked, a prompt deleted or a new version trained by a worker) only by asking the database again,
 so the TTL is the documented upper bound on how long such a change can go unnoticed. Changes made through
-this process are invalidated at once.
+this process are invalidated at once (`discard_where`).
+
+The expiry and the size bound are `cachetools.TTLCache`'s; this wrapper adds the lock (sync routes call in
+from worker threads, async ones from the loop), "a TTL of 0 turns the cache off", and invalidation by
+predicate.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
+
+import cachetools
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
 class TTLCache(Generic[K, V]):
-    """key -> value for ``ttl_s`` seconds, at most ``max_entries`` (least recently stored dropped first)."""
+    """key -> value for ``ttl_s`` seconds, at most ``max_entries`` (least recently used dropped first)."""
 
     def __init__(
         self, ttl_s: float, *, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.ttl_s = ttl_s
-        self.max_entries = max_entries
-        self.clock = clock
-        self._data: OrderedDict[K, tuple[float, V]] = OrderedDict()
-        self._lock = threading.Lock()  # sync routes call in from worker threads, async ones from the loop
+        self.clock = clock  # read at each access, so a test can swap in its own
+        self._data: cachetools.TTLCache[K, V] = cachetools.TTLCache(
+            maxsize=max_entries, ttl=max(ttl_s, 0.0), timer=lambda: self.clock()
+        )
+        self._lock = threading.Lock()
 
     def get(self, key: K) -> V | None:
         if self.ttl_s <= 0:
             return None
         with self._lock:
-            entry = self._data.get(key)
-            if entry is None:
-                return None
-            if entry[0] <= self.clock():
-                del self._data[key]
-                return None
-            return entry[1]
+            return self._data.get(key)
 
     def put(self, key: K, value: V) -> None:
         if self.ttl_s <= 0:
             return
         with self._lock:
-            self._data[key] = (self.clock() + self.ttl_s, value)
-            self._data.move_to_end(key)
-            while len(self._data) > self.max_entries:
-                self._data.popitem(last=False)
+            self._data[key] = value
 
     def discard_where(self, predicate: Callable[[K, V], bool]) -> int:
         """Drop every entry the predicate selects (explicit invalidation); returns how many."""
         with self._lock:
-            doomed = [k for k, (_, v) in self._data.items() if predicate(k, v)]
+            doomed = [k for k, v in self._data.items() if predicate(k, v)]
             for k in doomed:
                 del self._data[k]
             return len(doomed)
@@ -64,4 +61,5 @@ class TTLCache(Generic[K, V]):
             self._data.clear()
 
     def __len__(self) -> int:
-        return len(self._data)
+        with self._lock:
+            return len(self._data)

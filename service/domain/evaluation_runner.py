@@ -1,4 +1,4 @@
-"""Runs evaluations in the API process, through the serving path (the prompt cache and the micro-batcher).
+"""The evaluation runner: scores a prompt on a labelled dataset in the API process, through the predictor.
 
 Scoring a prompt on a labelled dataset is exactly what serving does, so it goes through the same predictor
 that answers /v1/predict: the numbers are the ones traffic would get. One evaluation at a time per process
@@ -14,9 +14,11 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
+from actprompt.states import ACTIVE_EVALUATION_STATES, EvaluationStatus
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.base import utcnow
@@ -86,7 +88,7 @@ class EvaluationRunner:
         task.add_done_callback(self._tasks.discard)
 
     # --- one evaluation -------------------------------------------------------------------------------
-    def _update(self, evaluation_id: str, statuses: tuple[str, ...], **values: Any) -> bool:
+    def _update(self, evaluation_id: str, statuses: Collection[EvaluationStatus], **values: Any) -> bool:
         with self._factory() as session:
             ok = EvaluationRunRepository(session).update_if(
                 evaluation_id, statuses, updated_at=utcnow(), **values
@@ -97,7 +99,9 @@ class EvaluationRunner:
     async def _heartbeat(self, evaluation_id: str) -> None:
         while True:
             await asyncio.sleep(self._settings.heartbeat_seconds)
-            await asyncio.to_thread(self._update, evaluation_id, ("queued", "running"), heartbeat_at=utcnow())
+            await asyncio.to_thread(
+                self._update, evaluation_id, ACTIVE_EVALUATION_STATES, heartbeat_at=utcnow()
+            )
 
     async def _run(self, evaluation_id: str, handle: PromptHandle) -> None:
         heartbeat = asyncio.create_task(self._heartbeat(evaluation_id))
@@ -107,8 +111,8 @@ class EvaluationRunner:
                 claimed = await asyncio.to_thread(
                     self._update,
                     evaluation_id,
-                    ("queued",),
-                    status="running",
+                    (EvaluationStatus.QUEUED,),
+                    status=EvaluationStatus.RUNNING,
                     runner_id=self.runner_id,
                     started_at=now,
                     heartbeat_at=now,
@@ -119,8 +123,8 @@ class EvaluationRunner:
             await asyncio.to_thread(
                 self._update,
                 evaluation_id,
-                ("running",),
-                status="succeeded",
+                (EvaluationStatus.RUNNING,),
+                status=EvaluationStatus.SUCCEEDED,
                 metrics=metrics,
                 finished_at=utcnow(),
             )
@@ -142,8 +146,8 @@ class EvaluationRunner:
     def _fail(self, evaluation_id: str, code: str, message: str) -> None:
         self._update(
             evaluation_id,
-            ("queued", "running"),
-            status="failed",
+            ACTIVE_EVALUATION_STATES,
+            status=EvaluationStatus.FAILED,
             error={"code": code, "message": message or code},
             finished_at=utcnow(),
         )
