@@ -182,8 +182,22 @@ class AsyncPrompts:
     async def get(self, prompt: str) -> Prompt:
         return await self._t.call(_calls.get_prompt(prompt))
 
-    async def download(self, prompt: str, path: str | Path) -> Path:
-        return await self._t.call(_calls.download_prompt(prompt, path))
+    async def download(self, prompt: str, path: str | Path, *, format: str = "artifact") -> Path:
+        return await self._t.call(_calls.download_prompt(prompt, path, format))
+
+    async def import_adapter(
+        self,
+        path: str | Path,
+        *,
+        backbone: str,
+        classes: Sequence[str] | None = None,
+        name: str | None = None,
+        prompt_id: str | None = None,
+    ) -> Prompt:
+        with _calls.import_adapter(
+            path, backbone=backbone, classes=classes, name=name, prompt_id=prompt_id
+        ) as call:
+            return await self._t.call(call)
 
     async def delete(self, prompt: str) -> None:
         await self._t.call(_calls.delete_prompt(prompt))

@@ -274,13 +274,52 @@ def get_prompt(prompt: str) -> Call[Prompt]:
     return _read(Prompt, f"/v1/prompts/{prompt}")
 
 
-def download_prompt(prompt: str, path: str | Path) -> Call[Path]:
+#: Download formats: the product's artifact (safetensors), or a LoRA prompt as a zipped PEFT adapter folder.
+DOWNLOAD_FORMATS = {"artifact": "artifact", "peft": "peft"}
+
+
+def download_prompt(prompt: str, path: str | Path, fmt: str = "artifact") -> Call[Path]:
+    if fmt not in DOWNLOAD_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(DOWNLOAD_FORMATS)}, got {fmt!r}")
+
     def write(response: httpx.Response) -> Path:
         target = Path(path)
         target.write_bytes(response.content)
         return target
 
-    return Call("GET", f"/v1/prompts/{prompt}/artifact", True, write)
+    return Call("GET", f"/v1/prompts/{prompt}/{DOWNLOAD_FORMATS[fmt]}", True, write)
+
+
+@contextmanager
+def import_adapter(
+    path: str | Path,
+    *,
+    backbone: str,
+    classes: Sequence[str] | None,
+    name: str | None,
+    prompt_id: str | None,
+) -> Iterator[Call[Prompt]]:
+    """A PEFT LoRA adapter (a zip of its folder, or the folder itself) imported as a prompt version."""
+    import io
+    import zipfile
+
+    source = Path(path)
+    if source.is_dir():
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            for member in ("adapter_config.json", "adapter_model.safetensors"):
+                zf.write(source / member, member)
+        fh: IO[bytes] = io.BytesIO(buf.getvalue())
+    else:
+        fh = source.open("rb")
+    form = {"backbone": backbone, "classes": ",".join(classes) if classes else None, "name": name}
+    form["prompt_id"] = prompt_id
+    data = {k: v for k, v in form.items() if v is not None}
+    try:
+        files = {"artifact": (f"{source.name}.zip" if source.is_dir() else source.name, fh)}
+        yield Call("POST", "/v1/prompts", False, _model(Prompt), {"files": files, "data": data})
+    finally:
+        fh.close()
 
 
 def delete_prompt(prompt: str) -> Call[None]:

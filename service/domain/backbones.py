@@ -162,3 +162,8 @@ class BackboneCache:
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+
+
+#: Backbones loaded by this process for training and for adapter import/export (separate from the
+#: serving copies), LRU-bounded by `Settings.training_backbones_bytes`.
+TRAINING_BACKBONES = BackboneCache()
