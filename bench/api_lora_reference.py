@@ -142,7 +142,7 @@ def run(*, quick: bool, out_dir: Path) -> dict[str, Any]:
             "id": ev.id,
             "top1": top1,
             "top5": ev.metrics.get("top5"),
-            "n": ev.metrics.get("num_images"),
+            "num_images": ev.metrics.get("num_images"),
         },
         "goals": {
             "top1_at_least": GOAL_TOP1,

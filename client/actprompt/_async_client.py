@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import httpx
+from httpx_sse import EventSource
 from pydantic import BaseModel
 
 from actprompt import _calls
@@ -157,12 +158,10 @@ class AsyncJobs:
                     if response.status_code >= 400:
                         await response.aread()
                         raise_for(response)
-                    async for line in response.aiter_lines():
-                        event = watch.feed(line)
-                        if event is not None:
-                            yield event
-                            if watch.ended:
-                                return
+                    async for sse in EventSource(response).aiter_sse():
+                        yield watch.receive(sse)
+                        if watch.ended:
+                            return
             except httpx.TransportError as exc:
                 await asyncio.sleep(watch.dropped(exc))
                 continue

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import IO, Any, Generic, TypeVar
 
 import httpx
+from httpx_sse import ServerSentEvent
 from pydantic import BaseModel
 
 from actprompt._base import (
     ImageInput,
     RetryPolicy,
-    SSEDecoder,
     event_from_sse,
     is_retryable_error,
     new_idempotency_key,
@@ -136,11 +136,9 @@ class Watch:
         self.job_id, self.last, self.max_reconnects, self.retry = job_id, after, max_reconnects, retry
         self.failures = 0
         self.ended = False
-        self._decoder = SSEDecoder()
 
     def request(self) -> dict[str, Any]:
-        """Arguments of `http.stream(...)` for the next connection (a fresh SSE framing)."""
-        self._decoder = SSEDecoder()
+        """Arguments of `http.stream(...)` for the next connection."""
         headers = {"Accept": "text/event-stream"}
         if self.last is not None:
             headers["Last-Event-ID"] = str(self.last)
@@ -151,12 +149,9 @@ class Watch:
             "timeout": httpx.Timeout(60, read=90),
         }
 
-    def feed(self, line: str) -> JobEvent | None:
-        """The event a line completes, if any; the `end` event sets `ended`."""
-        msg = self._decoder.feed(line)
-        if msg is None:
-            return None
-        event = event_from_sse(msg.event, msg.data)
+    def receive(self, sse: ServerSentEvent) -> JobEvent:
+        """The event one SSE message carries (httpx-sse frames them); the `end` event sets `ended`."""
+        event = event_from_sse(sse.event, sse.data)
         if event.type == "end":
             self.ended = True
         else:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import httpx
+from httpx_sse import EventSource
 from pydantic import BaseModel
 
 from actprompt import _calls
@@ -167,12 +168,10 @@ class Jobs:
                     if response.status_code >= 400:
                         response.read()
                         raise_for(response)
-                    for line in response.iter_lines():
-                        event = watch.feed(line)
-                        if event is not None:
-                            yield event
-                            if watch.ended:
-                                return
+                    for sse in EventSource(response).iter_sse():
+                        yield watch.receive(sse)
+                        if watch.ended:
+                            return
             except httpx.TransportError as exc:
                 time.sleep(watch.dropped(exc))
                 continue
