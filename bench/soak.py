@@ -97,7 +97,10 @@ def run(minutes: float, n_prompts: int, out: Path, results: Path, *, quick: bool
         "minutes": round((series[-1]["t_min"] if series else 0.0), 2),
         "rss_growth": round(series[-1]["rss_bytes"] / base - 1, 4) if series else None,
         "errors": totals.get("errors", 0) + totals.get("timeouts", 0) + totals.get("conn_errors", 0),
-        "hit_rate": round(hits / (hits + misses), 4) if hits + misses else None,
+        # one predict may look the cache up more than once, so the hit counter overstates: a miss is a cold
+        # load, and the rate is per answered predict (as bench/fleet.py counts it)
+        "hit_rate": round(1 - misses / totals["ok"], 4) if totals.get("ok") else None,
+        "hit_rate_counter": round(hits / (hits + misses), 4) if hits + misses else None,
         "refused": totals.get("refused", 0),
         "ok": totals.get("ok", 0),
         "rate_rps": round(rate, 2),
