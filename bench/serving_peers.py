@@ -389,7 +389,7 @@ def measure(target: Target, corpus: Corpus, plan: Plan, workloads: Sequence[str]
     out: dict[str, Any] = {"top1_matches_reference": True, "tuning": TUNING[target.name]}
     # warm-up: every prompt of the many-prompt mix once, and each request size (not measured)
     warm = target.wrk_requests(sorted(set(corpus.zipf)), b64, 1)
-    run_wrk(target.server.url, "/v1/predict", warm, connections=4, seconds=2 if plan is QUICK else 4)
+    run_wrk(target.server.url, "/v1/predict", warm, connections=4, seconds=2 if plan is QUICK else 8)
     for wl in workloads:
         if wl == "many_prompts":
             reqs, n = target.wrk_requests(corpus.zipf, b64, 1), 1
