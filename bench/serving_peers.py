@@ -93,10 +93,11 @@ class Plan:
     overload_seconds: float
     overload_timeout: float
     start_timeout: float = 240.0
+    warmup_seconds: float = 8.0  # every prompt of the mix once before anything is measured
 
 
 DEFAULT = Plan((16, 64), 6.0, 1000, 20, 4000, 8.0, 10.0, 10.0)
-QUICK = Plan((8,), 2.0, 24, 4, 200, 2.0, 2.0, 5.0)
+QUICK = Plan((8,), 2.0, 24, 4, 200, 2.0, 2.0, 5.0, warmup_seconds=2.0)
 
 
 @dataclass
@@ -389,7 +390,7 @@ def measure(target: Target, corpus: Corpus, plan: Plan, workloads: Sequence[str]
     out: dict[str, Any] = {"top1_matches_reference": True, "tuning": TUNING[target.name]}
     # warm-up: every prompt of the many-prompt mix once, and each request size (not measured)
     warm = target.wrk_requests(sorted(set(corpus.zipf)), b64, 1)
-    run_wrk(target.server.url, "/v1/predict", warm, connections=4, seconds=2 if plan is QUICK else 8)
+    run_wrk(target.server.url, "/v1/predict", warm, connections=4, seconds=plan.warmup_seconds)
     for wl in workloads:
         if wl == "many_prompts":
             reqs, n = target.wrk_requests(corpus.zipf, b64, 1), 1
@@ -516,6 +517,7 @@ def run(
         identity=identity,
         extra={
             "quick": plan is QUICK,
+            "plan": asdict(plan),
             "details": _rel(out_dir / "serving_peers.json"),
             "load_generators": "wrk (closed loop, prepared bodies) for the workloads; bench/openloop.py "
             "(open loop, Poisson arrivals, latency from the schedule) for 70 % load and overload",

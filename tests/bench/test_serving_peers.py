@@ -26,6 +26,7 @@ TINY = Plan(
     overload_seconds=1.0,
     overload_timeout=5.0,
     start_timeout=300.0,
+    warmup_seconds=1.0,
 )
 
 
