@@ -800,6 +800,12 @@ def build(out_dir: Path) -> Path:
     if (out_dir / "fleet.md").exists():
         body += ["## Fleet", "", "Written by `bench/fleet.py`: see [fleet.md](fleet.md).", ""]
     checks += serving_goals(serving)
+    if serving.get("peers") or serving.get("overload") or serving.get("soak"):
+        from bench.serving_peers import goal_checks  # peers, overload, soak, workers, HTTP ÷ engine
+
+        checks += [
+            (f"{goal} ({target})", ok, measured) for goal, measured, target, ok in goal_checks(serving)
+        ]
     if checks:
         lines += _goals_table(checks)
     lines += ["", *body]
