@@ -222,9 +222,7 @@ def peers_lines(serving: dict[str, Any]) -> list[str]:
             "",
         ]
     if lines:
-        details_path = ((serving.get("http_vs_engine") or {}).get("provenance") or {}).get("details")
-        details = read_json(REPO_ROOT / details_path) if details_path else None
-        goals = goal_checks(serving, details if isinstance(details, dict) else None)
+        goals = goal_checks(serving)
         verdict = {True: "met", False: "**missed**", None: "not measured"}
         lines += [
             "**Serving goals** (measured against target, from the keys above):",

@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> None:
             allow_mixed=args.allow_mixed_commits,
         )
     if "serving" in parts:
-        log("serving (engine level, scale)")
-        serving.main(["--parts", "engine,scale", "--out", str(out), *(["--quick"] if quick else [])])
+        log("serving (engine level, scale, LoRA)")
+        serving.main(["--parts", "engine,scale,lora", "--out", str(out), *(["--quick"] if quick else [])])
     restore_keys(out / "serving.json", saved)
     if "http" in parts:
         log("serving over HTTP")

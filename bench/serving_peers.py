@@ -499,10 +499,10 @@ def run(
                     kept = keep_log(target.server, logs, f"{name}-failed")
                     target.server.stop()
                 target = None
-                details["failures"][name] = f"{type(exc).__name__}: {exc}"[:2000] + (
+                details["failures"][name] = f"{type(exc).__name__}: {exc}"[-2000:] + (
                     f" (its log: {kept})" if kept else ""
                 )
-                log(f"peers: {name} FAILED: {details['failures'][name][:300]}")
+                log(f"peers: {name} FAILED: {details['failures'][name][-600:]}")
             finally:
                 if target is not None:
                     target.server.stop(keep_log_in=logs)
@@ -662,8 +662,11 @@ def _goal(
     return (name, "—" if value is None else fmt.format(value), target, None if value is None else ok(value))
 
 
-def goal_checks(doc: dict[str, Any], http_details: dict[str, Any] | None = None) -> list[Goal]:
-    """Each goal of the serving issue against what serving.json holds (None where it was not measured)."""
+def goal_checks(doc: dict[str, Any]) -> list[Goal]:
+    """Each serving goal of bench/GOALS.md against what serving.json holds (None: not measured)."""
+    details_path = ((doc.get("http_vs_engine") or {}).get("provenance") or {}).get("details")
+    http_details = read_json(REPO_ROOT / details_path) if details_path else None  # absolute stays absolute
+    http_details = http_details if isinstance(http_details, dict) else None
     peers = doc.get("peers") or {}
     out: list[Goal] = []
 

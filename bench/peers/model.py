@@ -43,7 +43,7 @@ class PromptedModel:
         self.default = files[0].stem
         # the image pipeline the prompts were made with (one backbone: the same for every prompt)
         self.preprocessing = self.artifacts[self.default].preprocessing(self.backbone)
-        self.modules = {k: load_module(a, self.backbone).eval() for k, a in self.artifacts.items()}
+        self.modules: dict[str, torch.nn.Module] = {}  # built on a prompt's first request (a model cache)
         self.index = {k: i for i, k in enumerate(self.artifacts)}
         layers = {a.prompt_layers for a in self.artifacts.values()}
         if len(layers) != 1 or len(next(iter(layers))) != 1:
@@ -56,7 +56,7 @@ class PromptedModel:
 
     def prompt_of(self, body: dict[str, Any]) -> str:
         name = body.get("prompt") or self.default
-        if name not in self.modules:
+        if name not in self.artifacts:
             raise KeyError(f"unknown prompt {name!r}")
         return str(name)
 
@@ -66,8 +66,11 @@ class PromptedModel:
 
     def forward_one(self, prompt: str, x: Tensor) -> Tensor:
         """Probabilities [N, K] of one prompt's module."""
+        module = self.modules.get(prompt)
+        if module is None:
+            module = self.modules[prompt] = load_module(self.artifacts[prompt], self.backbone).eval()
         with torch.inference_mode():
-            return torch.softmax(self.modules[prompt](x), dim=-1)
+            return torch.softmax(module(x), dim=-1)
 
     def forward_per_prompt(self, prompts: Sequence[str], x: Tensor) -> list[Tensor]:
         """Row i under prompts[i]: one forward per distinct prompt; per-row probabilities [K]."""
