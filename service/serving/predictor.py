@@ -18,8 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from service.engine import Backbone, BackboneSpec, ImageDecodeError, create_backbone
-from service.engine.data import decode_image
+from service.engine import Backbone, BackboneSpec, ImageDecodeError, create_backbone, decode_image
 from service.engine.mixed_batch import predict_single
 from service.engine.preprocessing import Preprocessing
 from service.serving import metrics

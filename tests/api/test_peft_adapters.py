@@ -17,9 +17,8 @@ import pytest
 import timm
 import torch
 
-from service.engine import BackboneSpec, create_backbone
+from service.engine import BackboneSpec, create_backbone, preprocess
 from service.engine.backbones import Backbone
-from service.engine.data import preprocess
 from tests.api.conftest import Api, make_images, png_bytes
 
 CLASSES = ["red", "green", "blue"]

@@ -5,9 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.engine import BackboneSpec, EngineError, MethodError, TrainingCancelled, create_backbone
+from service.engine import (
+    BackboneSpec,
+    EngineError,
+    MethodError,
+    TrainingCancelled,
+    create_backbone,
+    preprocess,
+)
 from service.engine.backbones import Backbone
-from service.engine.data import ValidationReport, preprocess
+from service.engine.data import ValidationReport
 from service.engine.layer_search import SearchBudget, auto_select_layer, candidate_layers
 from service.engine.methods import ActivationConfig, LinearConfig, MethodConfig, create_method
 from service.engine.pipeline import PipelineCallbacks, PreparedData, train_prompt

@@ -22,9 +22,8 @@ from PIL import Image
 
 from bench.synthetic import random_lora_artifacts
 from service.api.main import create_app
-from service.engine import Backbone
+from service.engine import Backbone, decode_image, preprocess
 from service.engine.artifacts import PromptArtifact
-from service.engine.data import decode_image, preprocess
 from service.engine.mixed_batch import predict_single
 from service.settings import Settings
 
