@@ -4,7 +4,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: fleet serve test test-quick lint typecheck pytest bench bench-quick worker clean chromium
+.PHONY: fleet serve test test-quick lint typecheck pytest bench bench-quick worker clean chromium peers-venv soak
+
+# The serving frameworks the benchmark compares against (LitServe, Ray Serve, mosec) live in their own venv,
+# never in the product's: same torch pin, the engine code comes from the checkout.
+PEERS_VENV  := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +19,14 @@ $(STAMP): pyproject.toml client/pyproject.toml
 	$(PY) -m pip install -q -e ./client
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+$(PEERS_STAMP): bench/peers/requirements.txt
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install -q -r bench/peers/requirements.txt
+	touch $(PEERS_STAMP)
+
+peers-venv: $(PEERS_STAMP)
 
 serve: $(STAMP)
 	$(VENV)/bin/actprompt serve
@@ -49,11 +62,16 @@ test: lint typecheck pytest
 test-quick: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not postgres and not redis"
 
-# BUDGET=full: the full budget of bench/GOALS.md (CPU-hours); default: ~105 min on a quiet 2-core CPU
-bench: $(STAMP)
+# BUDGET=full: the full budget of bench/GOALS.md (CPU-hours); default: ~105 min on a quiet 2-core CPU, plus
+# ~15 min for the serving frameworks side by side (bench/serving_peers.py, capped by PEERS_BUDGET_MINUTES)
+bench: $(STAMP) $(PEERS_STAMP)
 	$(PY) -m bench.run_all $(if $(BUDGET),--budget $(BUDGET))
 
-bench-quick: $(STAMP)
+# 30 min at 70 % of saturation, 10,000 prompts through a host cache of a quarter of them (outside `make bench`)
+soak: $(STAMP)
+	$(PY) -m bench.soak $(if $(MINUTES),--minutes $(MINUTES))
+
+bench-quick: $(STAMP) $(PEERS_STAMP)
 	$(PY) -m bench.run_all --quick
 
 clean:

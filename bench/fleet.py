@@ -10,8 +10,9 @@ for with Zipf(1.1) popularity; each replica's host prompt cache holds 40 % of th
 * one replica SIGKILLed mid-run: failed predicts, and the time until traffic and hit rate recover;
 * a replica added (the spare slot api4): the time until it takes its share.
 
-The hit rate leaves out compulsory misses (a prompt's first request in the run, which no routing can
-serve from a cache); the raw rate is reported beside it.
+A predict is a cache hit unless its replica had to load the prompt: hit rate = 1 - cold loads (host-tier
+misses, summed over the replicas' /metrics) per predict. It leaves out compulsory misses (a prompt's
+first request in the run, which no routing can serve from a cache); the raw rate is reported beside it.
 
     python -m bench.fleet [--quick] [--out DIR]
 
@@ -45,7 +46,6 @@ from bench.serving import pct
 from deploy.fleet import Fleet
 
 PROMPT_HEADER = "X-Actprompt-Prompt"
-HOST_HITS = 'actprompt_prompt_cache_hits_total{tier="host"}'
 HOST_MISSES = 'actprompt_prompt_cache_misses_total{tier="host"}'
 
 
@@ -203,26 +203,18 @@ async def drive(
     return samples
 
 
-def cache_counters(fleet: Fleet, replicas: list[int]) -> dict[int, tuple[float, float]]:
-    """(host hits, host misses) of each reachable replica, from its /metrics."""
+def cold_loads(fleet: Fleet, replicas: list[int]) -> dict[int, float]:
+    """Host-tier prompt cache misses (cold loads) so far of each reachable replica, from its /metrics."""
     out = {}
     for i in replicas:
         try:
             text = httpx.get(f"{fleet.replica_url(i)}/metrics", timeout=5).text
         except httpx.HTTPError:
             continue
-        hits = misses = 0.0
-        for line in text.splitlines():
-            if line.startswith(HOST_HITS):
-                hits += float(line.rsplit(" ", 1)[1])
-            elif line.startswith(HOST_MISSES):
-                misses += float(line.rsplit(" ", 1)[1])
-        out[i] = (hits, misses)
+        out[i] = sum(
+            float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(HOST_MISSES)
+        )
     return out
-
-
-def summed(c: dict[int, tuple[float, float]]) -> tuple[float, float]:
-    return sum(h for h, _ in c.values()), sum(m for _, m in c.values())
 
 
 # --- phases -------------------------------------------------------------------------------------------
@@ -247,19 +239,23 @@ def routing_run(
     asyncio.run(
         drive(fleet.url, traffic, image, clients=plan.clients, seconds=plan.warmup_s, on_tick=lambda: None)
     )
-    before, first_before = summed(cache_counters(fleet, [1, 2, 3])), traffic.first_touches
+    before, first_before = sum(cold_loads(fleet, [1, 2, 3]).values()), traffic.first_touches
+    # A predict names one prompt; it is a hit unless its replica had to load the prompt (a host-tier miss
+    # is one cold load). Hits are not counted from the hit counter: one predict may look up the cache
+    # more than once.
     samples = asyncio.run(
         drive(fleet.url, traffic, image, clients=plan.clients, seconds=plan.measure_s, on_tick=lambda: None)
     )
-    after, first = summed(cache_counters(fleet, [1, 2, 3])), traffic.first_touches - first_before
-    hits, misses = after[0] - before[0], after[1] - before[1]
+    after, first = sum(cold_loads(fleet, [1, 2, 3]).values()), traffic.first_touches - first_before
+    misses = after - before
+    n = len(samples)
     ok = [s.t1 - s.t0 for s in samples if s.ok]
     wall = max(s.t1 for s in samples) - min(s.t0 for s in samples)
     out = {
-        "requests": len(samples),
-        "failed": len(samples) - len(ok),
-        "hit_rate": round(hits / max(1.0, hits + misses - first), 4),
-        "hit_rate_raw": round(hits / max(1.0, hits + misses), 4),
+        "requests": n,
+        "failed": n - len(ok),
+        "hit_rate": round(1 - (misses - first) / max(1, n - first), 4),
+        "hit_rate_raw": round(1 - misses / max(1, n), 4),
         "compulsory_misses": first,
         "cold_loads_per_s": round(misses / plan.measure_s, 2),
         "p50_ms": round(1000 * pct(ok, 50), 1),
@@ -307,7 +303,7 @@ def kill_run(
     fleet: Fleet, plan: Plan, traffic: Traffic, image: bytes, victim: int, survivors: list[int]
 ) -> dict[str, Any]:
     """SIGKILL replica `victim` a third into the run: failed predicts; recovery of traffic and hit rate."""
-    ticks: list[tuple[float, float, float]] = []  # (time, survivors' hits, misses)
+    ticks: list[tuple[float, dict[int, float]]] = []  # (time, cold loads of each live replica)
     killed: list[float] = []
     t_start = time.monotonic()
 
@@ -316,8 +312,7 @@ def kill_run(
         if not killed and now_ - t_start >= plan.kill_s / 3:
             killed.append(time.monotonic())
             fleet.kill(f"api{victim}", signal.SIGKILL)
-        h, m = summed(cache_counters(fleet, survivors))
-        ticks.append((time.monotonic(), h, m))
+        ticks.append((time.monotonic(), cold_loads(fleet, [*survivors, victim])))
 
     samples = asyncio.run(
         drive(fleet.url, traffic, image, clients=plan.clients, seconds=plan.kill_s, on_tick=tick)
@@ -329,11 +324,12 @@ def kill_run(
     after = windows(samples, t_kill, max(s.t1 for s in samples), width)
     # traffic: after the last failure, the first 3-s stretch answering >= 80 % of the pre-kill rate
     traffic_s = _recovered_at(after, base_rate)
-    # hit rate: the survivors' hit rate per second against theirs before the kill, minus 5 points
+    # hit rate: 1 - cold loads per predict over ~1 s, against the rate before the kill minus 5 points
     rates = []
-    for (_, ha, ma), (tb, hb, mb) in zip(ticks, ticks[2:], strict=False):
-        n = (hb - ha) + (mb - ma)
-        rates.append((tb - t_kill, (hb - ha) / n if n else 1.0))
+    for (ta, a), (tb, b) in zip(ticks, ticks[2:], strict=False):
+        loads = sum(b[i] - a[i] for i in b if i in a)
+        n = sum(ta <= s.t1 < tb for s in samples)
+        rates.append((tb - t_kill, 1 - loads / n if n else 1.0))
     pre = [r for t, r in rates if t < 0]
     base_hit = float(np.mean(pre[-6:])) if pre else 1.0
     post = [(t, r) for t, r in rates if t >= 0]
@@ -468,7 +464,8 @@ def write_report(results: dict[str, Any], out: Path) -> None:
                 ["routing", "hit rate", "raw hit rate", "cold loads/s", "p50 ms", "p99 ms", "images/s"], rows
             ),
             "",
-            "Hit rate leaves out compulsory misses (a prompt's first request in the run).",
+            "Hit rate = 1 - cold loads per predict, compulsory misses (a prompt's first request in the run) "
+            "left out; raw hit rate counts them.",
             "",
             f"- hot prompt (50 % of the traffic): busiest replica {hot['max_share']:.1%} of the predicts "
             f"({hot['max_over_mean']:.2f} x the mean); shares {hot['shares']}",

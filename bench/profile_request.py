@@ -4,7 +4,8 @@ The app runs in this process behind httpx's ASGI transport; cProfile watches the
 ``--requests`` sequential one-image JSON predicts go through auth, rate limit, prompt resolution, parsing,
 the batcher's loop side and response encoding. The forward pass runs on the model thread and is not in
 this profile (its time is the model's, measured by bench/serving_http.py). ``--repo`` profiles another
-checkout (e.g. main) with the same script: ``python bench/profile_request.py --repo /work/main``.
+checkout (e.g. another worktree) with the same script: ``python bench/profile_request.py --repo ../other``.
+The ResNet-20 weights come from ``bench.common.WEIGHTS_DIR`` (``ACTPROMPT_SHARED_DIR`` overrides it).
 
     python bench/profile_request.py [--repo PATH] [--requests 300] [--out FILE]
 """
@@ -39,9 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     from service.settings import Settings
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.common import WEIGHTS_DIR
     from bench.synthetic import random_artifact
 
-    weights = Path("/work/shared/weights/resnet20-12fca82f.th").as_uri()
+    weights = (WEIGHTS_DIR / "resnet20-12fca82f.th").as_uri()
     tmp = Path(tempfile.mkdtemp(prefix="profile-request-"))
     settings = Settings(
         database_url=f"sqlite:///{tmp / 'p.db'}",

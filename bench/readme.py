@@ -101,6 +101,7 @@ def headline(out_dir: Path) -> str:
             "",
         ]
     lines += http_lines(serving)
+    lines += peers_lines(serving)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -137,6 +138,99 @@ def http_lines(serving: dict[str, Any]) -> list[str]:
         md_table(["server", "1 image/request", "8 images", "32 images"], rows),
         "",
     ]
+
+
+PEER_ROWS = ("actprompt", "litserve", "litserve_gather", "ray_serve", "mosec", "minimal")
+
+
+def peers_lines(serving: dict[str, Any]) -> list[str]:
+    """Serving frameworks side by side, the overload sweep, the soak and the goals (from their keys)."""
+    from bench.serving_peers import goal_checks
+
+    peers = serving.get("peers") or {}
+    lines: list[str] = []
+    if any(wl in peers for wl in ("one_prompt_1", "many_prompts")):
+        rows = []
+        for name in PEER_ROWS:
+            cells: list[Any] = [name]
+            for wl in ("one_prompt_1", "one_prompt_8", "one_prompt_32", "many_prompts"):
+                c = (peers.get(wl) or {}).get(name)
+                cells.append(f"{c['images_per_s']:.0f} ({c['p50_ms']:.0f} / {c['p99_ms']:.0f})" if c else "—")
+            one = (peers.get("one_prompt_1") or {}).get(name) or {}
+            cells.append(f"{one['p99_at_70pct_ms']:.0f}" if one.get("p99_at_70pct_ms") else "—")
+            cells.append(f"{one['cpu_ms_per_request']:.1f}" if one.get("cpu_ms_per_request") else "—")
+            if any(c != "—" for c in cells[1:]):
+                rows.append(cells)
+        prov = peers.get("provenance") or {}
+        tuning = "; ".join(
+            f"{k}: " + ", ".join(f"{a.removeprefix('BENCH_').lower()}={b}" for a, b in v.items())
+            for k, v in (peers.get("tuning") or {}).items()
+            if v
+        )
+        lines += [
+            f"**Serving frameworks side by side** (one run, commit `{str(prov.get('commit', '?'))[:12]}`; "
+            "images/s at saturation (p50 / p99 ms), wrk closed loop, JSON-base64 PNGs; many prompts = 1,000 "
+            "prompts over 20 tenants, Zipf(1.1), 1 image/request; p99 at 70 % load from an open-loop run; "
+            "CPU = the server's whole process tree per one-image request; tuning in bench/peers/README.md: "
+            f"{tuning}):",
+            "",
+            md_table(
+                [
+                    "server",
+                    "1 image",
+                    "8 images",
+                    "32 images",
+                    "many prompts",
+                    "p99 @ 70 % (ms)",
+                    "CPU ms/req",
+                ],
+                rows,
+            ),
+            "",
+        ]
+    over = serving.get("overload") or {}
+    factors = [k for k in ("x0.5", "x1", "x1.5", "x2", "x3") if k in over]
+    if factors:
+        rows = [
+            [
+                k,
+                f"{over[k]['goodput_ratio']:.2f}" if over[k].get("goodput_ratio") is not None else "—",
+                over[k].get("ok_p99_ms") or "—",
+                over[k].get("refusal_p99_ms") or "—",
+                over[k].get("timeouts"),
+                over[k].get("conn_errors"),
+            ]
+            for k in factors
+        ]
+        lines += [
+            f"**Overload** (actprompt, open-loop Poisson arrivals at multiples of its one-image saturation, "
+            f"{over.get('saturation_rps', '?')} req/s; latency from the scheduled send):",
+            "",
+            md_table(
+                ["offered", "goodput ÷ saturation", "ok p99 ms", "503 p99 ms", "timeouts", "conn errors"],
+                rows,
+            ),
+            "",
+        ]
+    soak = serving.get("soak") or {}
+    if soak:
+        lines += [
+            f"**Soak** ({soak.get('minutes')} min at 70 % of saturation, {soak.get('prompts', '?')} prompts "
+            f"through a host cache of a quarter of them): resident memory growth after warm-up "
+            f"{100 * (soak.get('rss_growth') or 0):.1f} %, errors {soak.get('errors')}, host-cache hit rate "
+            f"{soak.get('hit_rate')}.",
+            "",
+        ]
+    if lines:
+        goals = goal_checks(serving)
+        verdict = {True: "met", False: "**missed**", None: "not measured"}
+        lines += [
+            "**Serving goals** (measured against target, from the keys above):",
+            "",
+            md_table(["goal", "measured", "target", ""], [[g, m, t, verdict[ok]] for g, m, t, ok in goals]),
+            "",
+        ]
+    return lines
 
 
 def update(out_dir: Path, readme: Path | None = None) -> bool:

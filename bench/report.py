@@ -491,76 +491,177 @@ def full_budget_estimate(acc: dict[str, Any]) -> str:
     )
 
 
-def cost_section(
-    cost: dict[str, Any], out_dir: Path, tag: str = ""
-) -> tuple[str, list[tuple[str, bool | None, str]]]:
+_COST_HEADERS = [
+    "configuration",
+    "step, wall",
+    "step, CPU time",
+    "step × VP",
+    "step × VP, prefix cached",
+    "peak memory",
+    "memory × VP",
+    "peak memory, prefix cached (incl. the cache)",
+    "trainable",
+]
+
+
+def _cost_label(r: dict[str, Any], names: dict[int, str], rec: Any) -> str:
+    """How a training-cost row names its configuration."""
+    if r["method"] == "input":
+        return f"VP ({r.get('input_variant')})"
+    if r["method"] == "lora":
+        return f"LoRA r={r.get('lora_rank')} (peft)"
+    if r["method"] == "deep_activation_norm":
+        return "deep AP + norm-tune"
+    if r["method"] == "activation":
+        layer = r["prompt_layer"]
+        label = "every block" if layer == "all" else f"{layer} {names.get(layer, '')}"
+        shape = " (channel)" if r.get("prompt_shape") == "channel" else ""
+        return f"AP {label}{shape}{' ★' if layer == rec else ''}"
+    return str(r["method"])
+
+
+def _cost_row(r: dict[str, Any], what: str) -> list[Any]:
+    if "error" in r:
+        return [what, "error: " + r["error"], "", "", "", "", "", "", ""]
+    cpu = "step_cpu_seconds" in r and r.get("device", "cpu") == "cpu"
+    return [
+        what,
+        f"{r['step_seconds'] * 1000:.0f} ms",
+        f"{r['step_cpu_seconds'] * 1000:.0f} ms" if cpu else "",
+        f"{r.get('step_ratio_to_vp', float('nan')):.2f}",
+        "(same step)"
+        if r.get("first_layer") == 0
+        else f"{r.get('cached_step_ratio_to_vp', float('nan')):.2f}",
+        fmt_bytes(r["peak_memory_bytes"]),
+        f"{r['memory_ratio_to_vp']:.2f}" if r.get("memory_ratio_to_vp") is not None else "n/a",
+        (
+            f"{fmt_bytes(r['cached_peak_memory_bytes'])} "
+            f"(cache {fmt_bytes(r.get('feature_cache_bytes'))}, {r.get('cache_images')} img)"
+        )
+        if "cached_peak_memory_bytes" in r
+        else "n/a",
+        fmt_params(r["trainable_params"]),
+    ]
+
+
+def _cost_plot(
+    ap_rows: list[dict[str, Any]], bb: str, rec: Any, goals: dict[str, float], out_dir: Path, tag: str
+) -> str:
+    """AP's step-time and memory ratios to VP by layer, as a PNG beside the report; returns its name."""
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    xs = [r["prompt_layer"] for r in ap_rows]
+    ax.plot(
+        xs, [r["step_ratio_to_vp"] for r in ap_rows], marker="o", label="step time × VP (prefix recomputed)"
+    )
+    ax.plot(
+        xs,
+        [r["cached_step_ratio_to_vp"] for r in ap_rows],
+        marker="^",
+        label="step time × VP (prefix cached)",
+    )
+    ax.plot(xs, [r["memory_ratio_to_vp"] or 0 for r in ap_rows], marker="s", label="peak memory × VP")
+    ax.axhline(goals["step_ratio"], color="tab:blue", linestyle=":", linewidth=1)
+    ax.axhline(goals["memory_ratio"], color="tab:green", linestyle=":", linewidth=1)
+    if rec is not None:
+        ax.axvline(rec, color="grey", linestyle="--", linewidth=1, label=f"recommended ({rec})")
+    ax.set_xlabel("AP layer")
+    ax.set_ylabel("ratio to VP")
+    ax.set_title(f"Training cost of AP by layer: {bb}{tag}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    png = f"cost_{bb}{tag.replace(' ', '_').replace(',', '')}.png"
+    fig.savefig(out_dir / png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def _cost_checks(
+    rec_row: dict[str, Any], bb: str, rec: Any, goals: dict[str, float], tag: str
+) -> list[Check]:
+    """The training-cost goals of a CNN at its recommended layer."""
+    s_cached, s_full = rec_row["cached_step_ratio_to_vp"], rec_row["step_ratio_to_vp"]
+    m = rec_row.get("memory_ratio_to_vp")
+    goal = goals["step_ratio"]
+    checks: list[Check] = [
+        (
+            f"{bb}{tag}: AP at the recommended layer {rec}, step ≤ {goal}× VP "
+            "(steady state: prefix from the feature cache)",
+            s_cached <= goal,
+            f"{s_cached:.2f}×",
+        ),
+        (
+            f"{bb}{tag}: AP at layer {rec}, step ≤ {goal}× VP with the prefix recomputed every step "
+            "(epoch 1, or with augmentation)",
+            s_full <= goal,
+            f"{s_full:.2f}×",
+        ),
+    ]
+    if m is not None:
+        checks.append(
+            (
+                f"{bb}{tag}: AP at layer {rec}, peak memory ≤ {goals['memory_ratio']}× VP",
+                m <= goals["memory_ratio"],
+                f"{m:.2f}×",
+            )
+        )
+    return checks
+
+
+def _feature_cache_part(fc: dict[str, Any], goals: dict[str, float]) -> tuple[str, Check]:
+    """The feature-cache table and its goal (later epochs against the first)."""
+    rows = [
+        [
+            f"{r['backbone']} AP {r['label']} ({r['prompt_layer']})",
+            r["n_images"],
+            f"{r['first_epoch_seconds']:.2f}",
+            f"{r['later_epoch_seconds']:.2f}",
+            f"{r.get('first_epoch_cpu_seconds', float('nan')):.2f}",
+            f"{r.get('later_epoch_cpu_seconds', float('nan')):.2f}",
+            f"{r['ratio']:.2f}",
+            fmt_bytes(r["cache_bytes"]),
+        ]
+        for r in fc.get("runs", [])
+    ]
+    text = "#### Feature cache (fit(), real GTSRB images, no augmentation)\n\n" + md_table(
+        [
+            "prompt",
+            "images",
+            "epoch 1 (fills cache), wall s",
+            "later epochs, wall s",
+            "epoch 1, CPU s",
+            "later epochs, CPU s",
+            "ratio (CPU time on CPU)",
+            "cache size",
+        ],
+        rows,
+    )
+    check = (
+        f"feature cache: later epochs ≤ {goals['cache_ratio']}× epoch 1 (AP, recommended layer)",
+        fc["ratio"] <= goals["cache_ratio"],
+        f"{fc['ratio']:.3f}× (last block: {fc['runs'][1]['ratio']:.3f}×)"
+        if len(fc.get("runs", [])) > 1
+        else f"{fc['ratio']:.3f}×",
+    )
+    return text, check
+
+
+def cost_section(cost: dict[str, Any], out_dir: Path, tag: str = "") -> tuple[str, list[Check]]:
+    """The training-cost tables and plots per backbone, and the goals they are checked against."""
     rows_by_bb: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in cost.get("results", []):
         rows_by_bb[r["backbone"]].append(r)
     catalogs = cost.get("catalogs", {})
-    parts, checks = [], []
+    parts: list[str] = []
+    checks: list[Check] = []
     goals = cost.get("goals", {"step_ratio": 0.35, "memory_ratio": 0.5, "cache_ratio": 0.2})
     for bb, rows in rows_by_bb.items():
         rec = catalogs.get(bb, {}).get("recommended_layer")
         names = {layer["index"]: layer["name"] for layer in catalogs.get(bb, {}).get("layers", [])}
-        table = []
-        for r in rows:
-            what = r["method"]
-            if r["method"] == "input":
-                what = f"VP ({r.get('input_variant')})"
-            elif r["method"] == "lora":
-                what = f"LoRA r={r.get('lora_rank')} (peft)"
-            elif r["method"] == "deep_activation_norm":
-                what = "deep AP + norm-tune"
-            elif r["method"] == "activation":
-                layer = r["prompt_layer"]
-                label = "every block" if layer == "all" else f"{layer} {names.get(layer, '')}"
-                shape = " (channel)" if r.get("prompt_shape") == "channel" else ""
-                what = f"AP {label}{shape}{' ★' if layer == rec else ''}"
-            if "error" in r:
-                table.append([what, "error: " + r["error"], "", "", "", "", "", "", ""])
-                continue
-            cpu = "step_cpu_seconds" in r and r.get("device", "cpu") == "cpu"
-            table.append(
-                [
-                    what,
-                    f"{r['step_seconds'] * 1000:.0f} ms",
-                    f"{r['step_cpu_seconds'] * 1000:.0f} ms" if cpu else "",
-                    f"{r.get('step_ratio_to_vp', float('nan')):.2f}",
-                    "(same step)"
-                    if r.get("first_layer") == 0
-                    else f"{r.get('cached_step_ratio_to_vp', float('nan')):.2f}",
-                    fmt_bytes(r["peak_memory_bytes"]),
-                    f"{r['memory_ratio_to_vp']:.2f}" if r.get("memory_ratio_to_vp") is not None else "n/a",
-                    (
-                        f"{fmt_bytes(r['cached_peak_memory_bytes'])} "
-                        f"(cache {fmt_bytes(r.get('feature_cache_bytes'))}, {r.get('cache_images')} img)"
-                    )
-                    if "cached_peak_memory_bytes" in r
-                    else "n/a",
-                    fmt_params(r["trainable_params"]),
-                ]
-            )
+        table = [_cost_row(r, _cost_label(r, names, rec)) for r in rows]
         first = rows[0]
         head = f"#### {bb} ({first['input_size'][0]} px, batch {first['batch_size']}, {first['device']}{tag})"
-        parts.append(
-            head
-            + "\n\n"
-            + md_table(
-                [
-                    "configuration",
-                    "step, wall",
-                    "step, CPU time",
-                    "step × VP",
-                    "step × VP, prefix cached",
-                    "peak memory",
-                    "memory × VP",
-                    "peak memory, prefix cached (incl. the cache)",
-                    "trainable",
-                ],
-                table,
-            )
-        )
+        parts.append(head + "\n\n" + md_table(_COST_HEADERS, table))
         ap_rows = [
             r
             for r in rows
@@ -571,105 +672,16 @@ def cost_section(
             and "step_ratio_to_vp" in r
         ]
         if ap_rows:
-            fig, ax = plt.subplots(figsize=(7, 3.6))
-            xs = [r["prompt_layer"] for r in ap_rows]
-            ax.plot(
-                xs,
-                [r["step_ratio_to_vp"] for r in ap_rows],
-                marker="o",
-                label="step time × VP (prefix recomputed)",
-            )
-            ax.plot(
-                xs,
-                [r["cached_step_ratio_to_vp"] for r in ap_rows],
-                marker="^",
-                label="step time × VP (prefix cached)",
-            )
-            ax.plot(xs, [r["memory_ratio_to_vp"] or 0 for r in ap_rows], marker="s", label="peak memory × VP")
-            ax.axhline(goals["step_ratio"], color="tab:blue", linestyle=":", linewidth=1)
-            ax.axhline(goals["memory_ratio"], color="tab:green", linestyle=":", linewidth=1)
-            if rec is not None:
-                ax.axvline(rec, color="grey", linestyle="--", linewidth=1, label=f"recommended ({rec})")
-            ax.set_xlabel("AP layer")
-            ax.set_ylabel("ratio to VP")
-            ax.set_title(f"Training cost of AP by layer: {bb}{tag}")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            png = f"cost_{bb}{tag.replace(' ', '_').replace(',', '')}.png"
-            fig.savefig(out_dir / png, dpi=110)
-            plt.close(fig)
+            png = _cost_plot(ap_rows, bb, rec, goals, out_dir, tag)
             parts.append(f"![cost {bb}]({png})")
-        fam_cnn = not bb.startswith("vit")
         rec_row = next((r for r in ap_rows if r["prompt_layer"] == rec), None)
-        if fam_cnn and rec_row is not None:
-            s_cached, s_full = rec_row["cached_step_ratio_to_vp"], rec_row["step_ratio_to_vp"]
-            m = rec_row.get("memory_ratio_to_vp")
-            goal = goals["step_ratio"]
-            checks.append(
-                (
-                    f"{bb}{tag}: AP at the recommended layer {rec}, step ≤ {goal}× VP "
-                    "(steady state: prefix from the feature cache)",
-                    s_cached <= goal,
-                    f"{s_cached:.2f}×",
-                )
-            )
-            checks.append(
-                (
-                    f"{bb}{tag}: AP at layer {rec}, step ≤ {goal}× VP with the prefix recomputed every step "
-                    "(epoch 1, or with augmentation)",
-                    s_full <= goal,
-                    f"{s_full:.2f}×",
-                )
-            )
-            if m is not None:
-                checks.append(
-                    (
-                        f"{bb}{tag}: AP at layer {rec}, peak memory ≤ {goals['memory_ratio']}× VP",
-                        m <= goals["memory_ratio"],
-                        f"{m:.2f}×",
-                    )
-                )
+        if not bb.startswith("vit") and rec_row is not None:
+            checks += _cost_checks(rec_row, bb, rec, goals, tag)
     fc = cost.get("feature_cache")
     if fc:
-        fc_rows = [
-            [
-                f"{r['backbone']} AP {r['label']} ({r['prompt_layer']})",
-                r["n_images"],
-                f"{r['first_epoch_seconds']:.2f}",
-                f"{r['later_epoch_seconds']:.2f}",
-                f"{r.get('first_epoch_cpu_seconds', float('nan')):.2f}",
-                f"{r.get('later_epoch_cpu_seconds', float('nan')):.2f}",
-                f"{r['ratio']:.2f}",
-                fmt_bytes(r["cache_bytes"]),
-            ]
-            for r in fc.get("runs", [])
-        ]
-        parts.append(
-            "#### Feature cache (fit(), real GTSRB images, no augmentation)\n\n"
-            + md_table(
-                [
-                    "prompt",
-                    "images",
-                    "epoch 1 (fills cache), wall s",
-                    "later epochs, wall s",
-                    "epoch 1, CPU s",
-                    "later epochs, CPU s",
-                    "ratio (CPU time on CPU)",
-                    "cache size",
-                ],
-                fc_rows,
-            )
-        )
-        checks.append(
-            (
-                f"feature cache: later epochs ≤ {goals['cache_ratio']}× epoch 1 (AP, recommended layer)",
-                fc["ratio"] <= goals["cache_ratio"],
-                f"{fc['ratio']:.3f}× (last block: {fc['runs'][1]['ratio']:.3f}×)"
-                if len(fc.get("runs", [])) > 1
-                else f"{fc['ratio']:.3f}×",
-            )
-        )
+        text, check = _feature_cache_part(fc, goals)
+        parts.append(text)
+        checks.append(check)
     return "\n\n".join(parts), checks
 
 
@@ -686,31 +698,21 @@ def _prov_line(name: str, data: dict[str, Any] | None) -> str | None:
     )
 
 
-def build(out_dir: Path) -> Path:
-    acc = read_json(out_dir / "accuracy.json") or {}
-    cost = read_json(out_dir / "training_cost.json") or {}
-    serving = read_json(out_dir / "serving.json") or {}
+def _header(acc: dict[str, Any], cost: dict[str, Any], serving: dict[str, Any]) -> list[str]:
+    """Title, where each results file comes from, and the accuracy run's budget and gaps."""
     lines = [
         "# actprompt benchmarks",
         "",
         "Generated by `make bench` from the JSON beside this file; nothing here is edited by hand.",
         "",
     ]
-    lines += [
-        x
-        for x in (
-            _prov_line(n, d)
-            for n, d in (("accuracy.json", acc), ("training_cost.json", cost), ("serving.json", serving))
-        )
-        if x
-    ]
+    files = (("accuracy.json", acc), ("training_cost.json", cost), ("serving.json", serving))
+    lines += [x for x in (_prov_line(n, d) for n, d in files) if x]
     commits = {
         str((d.get("provenance") or {}).get("commit")) for d in (acc, cost, serving) if d.get("provenance")
     }
     if len(commits) > 1:
         lines += ["", f"**Mixed commits:** these files come from {len(commits)} commits; rerun `make bench`."]
-    checks: list[Check] = []
-    body: list[str] = []
     if acc.get("results"):
         lines += ["", "## Budget", "", *budget_section(acc, cost)]
         if not acc.get("complete", True):
@@ -721,75 +723,91 @@ def build(out_dir: Path) -> Path:
         if acc.get("errors"):
             errs = "; ".join(f"{k}: {v}" for k, v in list(acc["errors"].items())[:5])
             lines += ["", f"**{len(acc['errors'])} runs failed** (not retried in that run): {errs}"]
+    return lines
+
+
+def _accuracy_body(acc: dict[str, Any]) -> list[str]:
+    body = [
+        "## Accuracy (test %, mean ± std over seeds)",
+        "",
+        "Train time: `fit`'s own epoch timer (wall clock). Peak memory: the worker's resident high-water "
+        "mark above its level before the run (the feature cache included), measured in a worker that "
+        "ran other configurations before, after handing their freed heap pages back to the kernel "
+        "(`malloc_trim`), so that the run's own allocations show; sampled by the kernel, not by the "
+        "allocator. The training-cost section measures memory in a fresh process per configuration.",
+        "",
+        accuracy_tables(acc),
+        "",
+    ]
+    f = findings(acc)
+    if f:
+        body += ["In numbers (a difference within the seeds' std, or 0.5 point, is called noise):", ""]
+        body += [f"- {x}" for x in f] + [""]
+    cal = calibration_section(acc)
+    if cal:
         body += [
-            "## Accuracy (test %, mean ± std over seeds)",
+            "### Against the external reference run",
             "",
-            "Train time: `fit`'s own epoch timer (wall clock). Peak memory: the worker's resident high-water "
-            "mark above its level before the run (the feature cache included), measured in a worker that "
-            "ran other configurations before, after handing their freed heap pages back to the kernel "
-            "(`malloc_trim`), so that the run's own allocations show; sampled by the kernel, not by the "
-            "allocator. The training-cost section measures memory in a fresh process per configuration.",
+            "The reference used 8,000 training images and 10 epochs; this run's budget is in the table "
+            "above, so lower numbers are expected where the budget is smaller.",
             "",
-            accuracy_tables(acc),
+            cal,
             "",
         ]
-        f = findings(acc)
-        if f:
-            body += ["In numbers (a difference within the seeds' std, or 0.5 point, is called noise):", ""]
-            body += [f"- {x}" for x in f] + [""]
-        cal = calibration_section(acc)
-        if cal:
-            body += [
-                "### Against the external reference run",
-                "",
-                "The reference used 8,000 training images and 10 epochs; this run's budget is in the table "
-                "above, so lower numbers are expected where the budget is smaller.",
-                "",
-                cal,
-                "",
-            ]
-        body += reference_budget_section(acc)
-        body += ["### Learning rates", "", lr_section(acc), ""]
-        body += [
-            "## Layer sweep (AP at one layer, seed 0; the layer is chosen on validation)",
-            "",
-            sweep_section(acc),
-            "",
-        ]
+    body += reference_budget_section(acc)
+    body += ["### Learning rates", "", lr_section(acc), ""]
+    body += [
+        "## Layer sweep (AP at one layer, seed 0; the layer is chosen on validation)",
+        "",
+        sweep_section(acc),
+        "",
+    ]
+    return body
+
+
+_COST_INTRO = (
+    "Step = one training step (forward, backward, AdamW) on a random batch, median of the timed "
+    'steps, each configuration in a fresh subprocess. "Prefix cached" runs through the engine\'s '
+    "FeatureCache, filled for the stated number of images inside the measured region, so its peak "
+    "memory includes the cache. Ratios to VP use the process CPU time on the CPU. "
+    "★ = recommended layer."
+)
+
+
+def _goals_table(checks: list[Check]) -> list[str]:
+    verdict = {True: "yes", False: "**no**", None: "see detail"}
+    rows = [[label, verdict[ok], detail] for label, ok, detail in checks]
+    return ["", "## Goals (bench/GOALS.md), per backbone", "", md_table(["goal", "met", "measured"], rows)]
+
+
+def build(out_dir: Path) -> Path:
+    """Rewrite `out_dir/REPORT.md` (and the cost plots) from the results JSON in `out_dir`."""
+    acc = read_json(out_dir / "accuracy.json") or {}
+    cost = read_json(out_dir / "training_cost.json") or {}
+    serving = read_json(out_dir / "serving.json") or {}
+    lines = _header(acc, cost, serving)
+    checks: list[Check] = []
+    body: list[str] = []
+    if acc.get("results"):
+        body += _accuracy_body(acc)
         checks += accuracy_goals(acc)
     if cost.get("results"):
         text, c = cost_section(cost, out_dir)
-        body += [
-            "## Training cost",
-            "",
-            "Step = one training step (forward, backward, AdamW) on a random batch, median of the timed "
-            'steps, each configuration in a fresh subprocess. "Prefix cached" runs through the engine\'s '
-            "FeatureCache, filled for the stated number of images inside the measured region, so its peak "
-            "memory includes the cache. Ratios to VP use the process CPU time on the CPU. "
-            "★ = recommended layer.",
-            "",
-            text,
-            "",
-        ]
+        body += ["## Training cost", "", _COST_INTRO, "", text, ""]
         checks += c
     if (out_dir / "serving.md").exists():
         body += ["## Serving", "", "Written by `bench/serving.py`: see [serving.md](serving.md).", ""]
     if (out_dir / "fleet.md").exists():
         body += ["## Fleet", "", "Written by `bench/fleet.py`: see [fleet.md](fleet.md).", ""]
     checks += serving_goals(serving)
-    if checks:
-        lines += [
-            "",
-            "## Goals (bench/GOALS.md), per backbone",
-            "",
-            md_table(
-                ["goal", "met", "measured"],
-                [
-                    [label, {True: "yes", False: "**no**", None: "see detail"}[ok], detail]
-                    for label, ok, detail in checks
-                ],
-            ),
+    if serving.get("peers") or serving.get("overload") or serving.get("soak"):
+        from bench.serving_peers import goal_checks  # peers, overload, soak, workers, HTTP ÷ engine
+
+        checks += [
+            (f"{goal} ({target})", ok, measured) for goal, measured, target, ok in goal_checks(serving)
         ]
+    if checks:
+        lines += _goals_table(checks)
     lines += ["", *body]
     path = out_dir / "REPORT.md"
     path.write_text("\n".join(lines) + "\n")

@@ -3,7 +3,7 @@
 Budgets: ``--quick`` (every code path, minutes, into ``bench/results/quick/``), the default (sized for
 ~105 min of a quiet 2-core CPU) and ``--budget full`` (the full budget; CPU-hours). Each part
 writes its JSON with ``provenance``; the accuracy part resumes at the same commit from its row cache.
-``--only accuracy,cost,serving,http,fleet`` reruns some parts (or ``--only resnet20_cifar/gtsrb`` some
+``--only accuracy,cost,serving,http,peers,fleet`` reruns some parts (or ``--only resnet20_cifar/gtsrb`` some
 accuracy scopes) and merges into the files there, refusing to mix commits unless told.
 Finally ``REPORT.md`` and the README's generated tables are rewritten from the JSON.
 """
@@ -13,13 +13,18 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from bench import accuracy, readme, report, serving, training_cost
-from bench.common import log, results_dir, set_threads
+from bench.common import log, read_json, results_dir, set_threads, write_json
 
-PARTS = ("cost", "accuracy", "serving", "http", "fleet")
+PARTS = ("cost", "accuracy", "serving", "http", "peers", "fleet")
+
+#: The peers part (bench/serving_peers.py: every server, every workload, the overload sweep) starts no
+#: server after this many minutes, so with the HTTP sweep the HTTP side stays within ~25 min.
+PEERS_BUDGET_MINUTES = 14.0
 
 
 #: The default plan's HTTP sweep, sized to ~10 min: the single-process and two-process embedded gateway,
@@ -41,6 +46,24 @@ def run_http(out: Path, quick: bool, full: bool) -> None:
 
     extra = ["--quick"] if quick else ([] if full else HTTP_DEFAULT_ARGS)
     serving_http.main(["--out", str(out / "serving_http"), "--results", str(out / "serving.json"), *extra])
+
+
+#: serving.json keys written by other parts or by `make soak`: bench/serving.py rewrites the file, so they
+#: are carried over (a whole run starts empty but keeps the soak, which `make bench` does not measure).
+CARRIED_KEYS = ("http_vs_engine", "peers", "overload", "soak")
+
+
+def carried_keys(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    doc = read_json(path)
+    return {k: doc[k] for k in keys if isinstance(doc, dict) and k in doc}
+
+
+def restore_keys(path: Path, saved: dict[str, Any]) -> None:
+    doc = read_json(path)
+    doc = doc if isinstance(doc, dict) else {}
+    missing = {k: v for k, v in saved.items() if k not in doc}
+    if missing:
+        write_json(path, {**doc, **missing})
 
 
 def clear_outputs(out: Path) -> None:
@@ -75,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     parts = set(PARTS) if only is None or not (only & set(PARTS)) else only & set(PARTS)
     scopes = (only - set(PARTS)) if only else set()
     t0 = time.perf_counter()
+    saved = carried_keys(out / "serving.json", ("soak",) if only is None else CARRIED_KEYS)
     if only is None:
         clear_outputs(out)
     if "cost" in parts:
@@ -92,11 +116,20 @@ def main(argv: list[str] | None = None) -> None:
             allow_mixed=args.allow_mixed_commits,
         )
     if "serving" in parts:
-        log("serving (engine level, scale)")
-        serving.main(["--parts", "engine,scale", "--out", str(out), *(["--quick"] if quick else [])])
+        log("serving (engine level, scale, LoRA)")
+        serving.main(["--parts", "engine,scale,lora", "--out", str(out), *(["--quick"] if quick else [])])
+    restore_keys(out / "serving.json", saved)
     if "http" in parts:
         log("serving over HTTP")
         run_http(out, quick, full=plan.name == "full")
+    if "peers" in parts:
+        log("serving frameworks side by side, overload")
+        from bench import serving_peers
+
+        serving_peers.main(
+            ["--results", str(out / "serving.json"), "--out", str(out / "serving_peers")]
+            + (["--quick"] if quick else ["--budget-minutes", str(PEERS_BUDGET_MINUTES)])
+        )
     if "fleet" in parts:
         log("fleet: round robin against prompt-affine routing over HAProxy and 3 replicas")
         from bench import fleet

@@ -1,12 +1,13 @@
 """Serving benchmark: mixed-prompt batches vs one prompt, the bare backbone and the naive way;
 HTTP throughput and latency against a running ``actprompt serve``; 10,000 prompts through a bounded cache.
 
-    python -m bench.serving [--quick] [--parts engine,http,scale] [--backbones resnet20_cifar,resnet50,...]
+    python -m bench.serving [--quick] [--parts engine,http,scale,lora] [--backbones resnet20_cifar,...]
 
 Every prompt here is a *synthetic* artifact (random deltas and heads built through the engine's
 PromptArtifact, no training): serving cost depends on a prompt's layer, shape and head, not on what it
 learned. Writes ``bench/results/serving.json`` (the ResNet-20 run at the top level, every backbone under
-``backbones``), ``serving.png`` and ``serving.md``.
+``backbones``; the LoRA part under ``lora_serving``, with its own provenance; keys of other benchmarks
+are kept), ``serving.png``, ``serving_lora.png`` and ``serving.md``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from bench.common import (
     set_threads,
     write_json,
 )
+from bench.lora_serving import LORA_CASES, LORA_GOALS, bench_lora
 from bench.provenance import now as utc_now
 from bench.provenance import provenance
 from bench.synthetic import random_artifact
@@ -234,6 +236,37 @@ def bench_engine(b: BenchBackbone, quick: bool) -> dict[str, Any]:
         + f" | mixed/one {out['mixed_vs_single']:.3f} mixed/bare {out['mixed_vs_bare']:.3f}"
         f" mixed/naive {out['mixed_vs_naive']:.1f} mixed-layers/one {out['mixed_layers_vs_single']:.3f}"
     )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# 2b. LoRA in the mixed pass (bench/lora_serving.py)
+# ------------------------------------------------------------------------------------------------------
+#: Top-level keys this script writes on every run; any other key of serving.json belongs to another benchmark.
+OWN_KEYS = {"meta", "backbones", "engine", "http", "scale", "provenance"}
+#: rows, distinct adapters; quick mode shrinks only the 224-px MobileNetV2 (minutes per case otherwise)
+LORA_SIZES = {"mobilenetv2_100": (16, 8)}
+
+
+def run_lora(chosen: list[BenchBackbone], quick: bool, started: str) -> dict[str, Any]:
+    """Every chosen backbone's LoRA serving cost, with the machine and provenance of this run."""
+    out: dict[str, Any] = {
+        "goals": LORA_GOALS,
+        "quick": quick,
+        "machine": machine_info(),
+        "note": "synthetic rank-4 adapters; rows per CPU-second, best of interleaved repetitions",
+        "backbones": {},
+    }
+    for b in chosen:
+        if b.spec.weights == "random":  # the 224-px ImageNet models that only run on CUDA
+            continue
+        bb = create_backbone(b.spec, "cpu")
+        batch, adapters = LORA_SIZES.get(b.key, (64, 32)) if quick else (64, 32)
+        out["backbones"][b.key] = {
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **bench_lora(bb, batch=batch, adapters=adapters, reps=2 if quick else 5),
+        }
+    out["provenance"] = provenance(started)
     return out
 
 
@@ -453,6 +486,7 @@ def write_report(results: dict[str, Any], out_dir: Path) -> None:
                     f"{r['engine']['shared_prefix_vs_repeated']:.2f}x the throughput of repeating the images "
                     "per prompt (the backbone before the earliest prompt layer runs once per image).",
                 ]
+    lines += lora_lines(results.get("lora_serving"))
     http_keys = ["clients", "prompts", "tenants", "requests", "throughput_rps", "p50_ms", "p95_ms", "p99_ms"]
     http_keys.append("errors")
     http_rows = [
@@ -485,25 +519,74 @@ def write_report(results: dict[str, Any], out_dir: Path) -> None:
         lines.append(md_table(["backbone", "host budget / all bytes", *scale_keys], scale_rows))
     (out_dir / "serving.md").write_text("\n".join(lines) + "\n")
     plot(results, out_dir / "serving.png")
+    plot_lora(results.get("lora_serving"), out_dir / "serving_lora.png")
+
+
+LORA_RATIOS = ["mixed_vs_one_adapter", "mixed_vs_one_adapter_bank", "mixed_vs_peft_mixed", "mixed_vs_bare"]
+LORA_RATIOS += ["mixed_vs_merged", "grouped_vs_stacked"]
+
+
+def lora_lines(lora: dict[str, Any] | None) -> list[str]:
+    """The markdown of the LoRA part: rows/s per case and the ratios the goals name."""
+    if not lora or not lora.get("backbones"):
+        return []
+    rows = []
+    for key, r in lora["backbones"].items():
+        t = r["throughput_rows_per_s"]
+        rows.append([key, f"{r['batch']}/{r['adapters']}", *(f"{t[c]:.1f}" for c in LORA_CASES)])
+        rows[-1] += [r[k] for k in LORA_RATIOS]
+    goals = lora["goals"]
+    header = ["backbone", "rows/adapters", *LORA_CASES]
+    header += [f"mixed/one (>={goals['mixed_vs_one_adapter']})", "mixed/one (bank)"]
+    header += [f"mixed/peft-mixed (>={goals['mixed_vs_peft_mixed']})", "mixed/bare", "mixed/merged"]
+    header.append("grouped/stacked")
+    m = lora["machine"]
+    return [
+        "",
+        "## LoRA in the mixed pass (rows per CPU-second, best of interleaved repetitions)",
+        "",
+        f"{m['timestamp']}, {m.get('cpu_model', m['device_name'])}, load average {m.get('load_average')}"
+        f"{', quick mode' if lora.get('quick') else ''}; {lora['note']}. `mixed`: every row its own slot's "
+        "adapter (grouped A-convolution); `mixed_stacked`: the distinct adapters' A stacked into one "
+        "convolution; `one_adapter_peft`: peft's forward of one adapter, unmerged; `peft_mixed`: PEFT's "
+        "`adapter_names` batch over the same adapters; `merged`: one adapter folded into the weights.",
+        "",
+        md_table(header, rows),
+    ]
+
+
+def plot_lora(lora: dict[str, Any] | None, path: Path) -> None:
+    if lora and lora.get("backbones"):
+        series = {
+            f"{k} ({r['batch']} rows)": r["throughput_rows_per_s"] for k, r in lora["backbones"].items()
+        }
+        title = "LoRA: 32 adapters in one pass vs one adapter, PEFT's mixed batch, merged (CPU)"
+        bars(series, LORA_CASES, title, path)
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
+    engines = {k: r["engine"] for k, r in results["backbones"].items() if r.get("engine")}
+    if engines:
+        series = {f"{k} (batch {e['batch']})": e["throughput_rows_per_s"] for k, e in engines.items()}
+        bars(series, ENGINE_CASES, "One forward pass, 2 CPU cores (synthetic prompts)", path, goal=0.9)
+
+
+def bars(
+    series: dict[str, dict[str, float]], cases: list[str], title: str, path: Path, goal: float | None = None
+) -> None:
+    """Grouped bars: each case's throughput relative to the bare backbone, one colour per series."""
     import matplotlib.pyplot as plt
 
-    engines = {k: r["engine"] for k, r in results["backbones"].items() if r.get("engine")}
-    if not engines:
-        return
-    cases = ENGINE_CASES
     fig, ax = plt.subplots(figsize=(9, 4))
-    width = 0.8 / len(engines)
-    for i, (key, e) in enumerate(engines.items()):
-        thr = e["throughput_rows_per_s"]
+    width = 0.8 / len(series)
+    for i, (label, thr) in enumerate(series.items()):
         rel = [thr[c] / thr["bare"] for c in cases]
-        ax.bar([j + i * width for j in range(len(cases))], rel, width, label=f"{key} (batch {e['batch']})")
-    ax.axhline(0.9, color="grey", ls="--", lw=0.8)
-    ax.set_xticks([j + width * (len(engines) - 1) / 2 for j in range(len(cases))], cases)
+        ax.bar([j + i * width for j in range(len(cases))], rel, width, label=label)
+    if goal is not None:
+        ax.axhline(goal, color="grey", ls="--", lw=0.8)
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(cases))], cases)
     ax.set_ylabel("throughput / bare backbone")
-    ax.set_title("One forward pass, 2 CPU cores (synthetic prompts)")
+    ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -513,7 +596,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller batches, fewer prompts and repetitions")
-    parser.add_argument("--parts", default="engine,http,scale", help="comma list of engine,http,scale")
+    parser.add_argument(
+        "--parts", default="engine,http,scale,lora", help="comma list of engine,http,scale,lora"
+    )
     parser.add_argument("--backbones", default=",".join(backbones()), help="comma list")
     parser.add_argument("--out", type=Path, default=None, help="default bench/results (quick: results/quick)")
     parser.add_argument(
@@ -537,9 +622,18 @@ def main(argv: list[str] | None = None) -> int:
         },
         "backbones": {},
     }
-    previous = read_json(out_dir / "serving.json") if args.merge else None
+    stored = read_json(out_dir / "serving.json") if (out_dir / "serving.json").exists() else None
+    previous = stored if args.merge else None
     if previous:
         results["backbones"].update(previous.get("backbones", {}))
+    if "lora" in parts:
+        lora = run_lora(chosen, args.quick, started)
+        if parts == {"lora"} and stored:  # read-modify-write: only this key changes
+            stored["lora_serving"] = lora
+            write_report(stored, out_dir)
+            log(f"wrote lora_serving into {out_dir / 'serving.json'}, serving.md, serving_lora.png")
+            return 0
+        results["lora_serving"] = lora
     for b in chosen:
         # with --merge a part not run now keeps its earlier result (each part records when it was measured)
         r: dict[str, Any] = dict(results["backbones"].get(b.key, {}))
@@ -558,8 +652,9 @@ def main(argv: list[str] | None = None) -> int:
             results[part] = top[part]
     results["meta"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     results["provenance"] = provenance(started)
-    if previous and previous.get("http_vs_engine") is not None:  # owned by bench/serving_http.py
-        results["http_vs_engine"] = previous["http_vs_engine"]
+    for key, value in (stored or {}).items():  # keys other benchmarks own (http_vs_engine, ...) stay
+        if key not in OWN_KEYS:
+            results.setdefault(key, value)
     write_report(results, out_dir)
     log(f"wrote {out_dir / 'serving.json'}, serving.md, serving.png")
     return 0

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -84,37 +86,50 @@ class Server:
         self.log_path = self.tmp / "server.log"
         self._log = self.log_path.open("w")
         cmd = command or [str(exe), "serve"]
+        # Its own session: stop() ends the whole process tree (workers, a framework's helpers) at once.
         self.proc = subprocess.Popen(
             [*cmd, "--port", str(self.port), *(args or [])],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
+            start_new_session=True,
         )
 
-    def wait_ready(self, timeout: float = 120.0, path: str = "/readyz") -> None:
+    def wait_ready(
+        self, timeout: float = 120.0, path: str = "/readyz", probe: Callable[[], bool] | None = None
+    ) -> None:
+        """Until GET `path` answers 200/405, or `probe()` is true (a real request answered)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.log_path.read_text()[-2000:]}")
             try:
-                if httpx.get(f"{self.url}{path}", timeout=2).status_code in (200, 405):
+                if probe() if probe else httpx.get(f"{self.url}{path}", timeout=2).status_code in (200, 405):
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
-        raise RuntimeError("server did not become ready")
+        raise RuntimeError(
+            f"server did not become ready in {timeout:.0f} s: {self.log_path.read_text()[-2000:]}"
+        )
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
 
     def stop(self, keep_log_in: Path | None = None) -> Path | None:
         """Stop the server and remove its folder; if it had already exited on its own, first copy its
         log into `keep_log_in` (the only record of why) and return that copy's path."""
         exited = self.proc.poll()
-        self.proc.terminate()
+        self._signal_group(signal.SIGTERM)
         try:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            self._signal_group(signal.SIGKILL)
             self.proc.wait()
+        time.sleep(0.2)
+        self._signal_group(signal.SIGKILL)  # helpers that outlived the leader (a framework's daemons)
         self._log.close()
         kept = None
         if exited is not None and keep_log_in is not None:
@@ -125,10 +140,8 @@ class Server:
         return kept
 
 
-def setup_tenants_and_prompts(
-    server: Server, spec: BackboneSpec, *, tenants: int, prompts: int
-) -> list[tuple[str, str]]:
-    """Creates tenants, registers the backbone, imports synthetic prompts; returns (api key, prompt id)."""
+def create_tenants(server: Server, spec: BackboneSpec, tenants: int) -> list[str]:
+    """Creates `tenants` tenants and registers the backbone as ``bench-backbone``; returns the API keys."""
     admin = {"Authorization": f"Bearer {server.admin_key}"}
     with httpx.Client(base_url=server.url, timeout=120) as c:
         keys = []
@@ -138,6 +151,15 @@ def setup_tenants_and_prompts(
             keys.append(r.json()["api_key"])
         body = {"id": "bench-backbone", "model": spec.model, "weights": spec.weights}
         c.post("/v1/backbones", json=body, headers=admin).raise_for_status()
+    return keys
+
+
+def setup_tenants_and_prompts(
+    server: Server, spec: BackboneSpec, *, tenants: int, prompts: int
+) -> list[tuple[str, str]]:
+    """Creates tenants, registers the backbone, imports synthetic prompts; returns (api key, prompt id)."""
+    keys = create_tenants(server, spec, tenants)
+    with httpx.Client(base_url=server.url, timeout=120) as c:
         bb = create_backbone(spec, "cpu")
         layers = sorted({bb.recommended_layer, max(1, bb.num_layers // 2), bb.num_layers, 1})
         out = []
@@ -445,12 +467,14 @@ def measure_gateway(
 def measure_peer(
     spec: BackboneSpec, *, log: Callable[[str], None], conns: list[int], seconds: float
 ) -> dict[str, Any]:
+    """The minimal FastAPI peer (bench/peers/minimal_server.py, one process) under the same sweep."""
     bb = create_backbone(spec, "cpu")
     art = random_artifact(bb, layers=[bb.recommended_layer], num_classes=10, seed=0)
-    path = Path(tempfile.mkdtemp(prefix="bench-peer-")) / "p.safetensors"
-    path.write_bytes(art.to_bytes())
-    cmd = [sys.executable, "-m", "uvicorn", "bench.minimal_server:app", "--log-level", "warning"]
-    server = Server(extra_env={"BENCH_WEIGHTS": spec.weights or "", "BENCH_ARTIFACT": str(path)}, command=cmd)
+    prompts = Path(tempfile.mkdtemp(prefix="bench-peer-"))
+    (prompts / "p0.safetensors").write_bytes(art.to_bytes())
+    cmd = [sys.executable, str(REPO / "bench" / "peers" / "minimal_server.py")]
+    env = {"BENCH_WEIGHTS": spec.weights or "", "BENCH_PROMPTS": str(prompts), "BENCH_WORKERS": "1"}
+    server = Server(extra_env=env, command=cmd)
     try:
         server.wait_ready(path="/v1/predict")
         h, w = spec.resolved().input_size or (32, 32)
@@ -465,7 +489,7 @@ def measure_peer(
         return out
     finally:
         server.stop()
-        shutil.rmtree(path.parent, ignore_errors=True)
+        shutil.rmtree(prompts, ignore_errors=True)
 
 
 def plot_curves(results: dict[str, Any], path: Path) -> None:

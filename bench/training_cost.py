@@ -142,7 +142,7 @@ def configurations(entry: dict[str, Any], layers: list[dict[str, Any]], rec: int
 
 def measure_one(cfg: dict[str, Any]) -> dict[str, Any]:
     """Build the backbone and method, run warm-up + timed training steps, measure the step's peak memory."""
-    from service.engine.backbones import BackboneSpec, create_backbone
+    from service.engine import BackboneSpec, create_backbone
     from service.engine.layers import resolve_prompt_layers
     from service.engine.methods import MethodConfig, create_method
 
@@ -253,7 +253,7 @@ def run_subprocess(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 def catalog(name: str, device: str) -> tuple[list[dict[str, Any]], int, tuple[int, int]]:
     """The layer catalog of a backbone (built once in the parent, cheap next to the measurements)."""
-    from service.engine.backbones import BackboneSpec, create_backbone
+    from service.engine import BackboneSpec, create_backbone
 
     bb = create_backbone(BackboneSpec(**backbone_spec(name)), device="cpu")
     layers = [{"index": li.index, "name": li.name, "shape": list(li.shape)} for li in bb.layers]
@@ -271,7 +271,7 @@ def feature_cache_runs(device: str, quick: bool) -> list[dict[str, Any]]:
     """Train ResNet-20 (real weights) on real GTSRB images with fit(); time every epoch."""
     import numpy as np
 
-    from service.engine.backbones import BackboneSpec, create_backbone
+    from service.engine import BackboneSpec, create_backbone
     from service.engine.data import load_dataset
     from service.engine.layers import resolve_prompt_layers
     from service.engine.methods import ActivationConfig

@@ -19,17 +19,22 @@ from typing import Any
 _LUA = r"""
 local dir = "%(dir)s"
 local n = %(n)d
-local bodies, types, auths = {}, {}, {}
+local bodies, heads = {}, {}
 for k = 1, n do
   local f = io.open(dir .. "/body" .. k, "rb"); bodies[k] = f:read("*all"); f:close()
-  f = io.open(dir .. "/type" .. k, "rb"); types[k] = f:read("*all"); f:close()
-  f = io.open(dir .. "/auth" .. k, "rb"); auths[k] = f:read("*all"); f:close()
+  f = io.open(dir .. "/head" .. k, "rb")
+  local h = {}
+  for line in f:read("*all"):gmatch("[^\n]+") do
+    local name, value = line:match("^([^:]+): (.*)$")
+    h[name] = value
+  end
+  f:close()
+  heads[k] = h
 end
 local i = math.random(n)
 request = function()
   i = (i %% n) + 1
-  local headers = {["Content-Type"] = types[i], ["Authorization"] = auths[i]}
-  return wrk.format("POST", "%(path)s", headers, bodies[i])
+  return wrk.format("POST", "%(path)s", heads[i], bodies[i])
 end
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -48,6 +53,13 @@ class Request:
     body: bytes
     content_type: str
     authorization: str = ""
+    headers: tuple[tuple[str, str], ...] = ()  # any others (e.g. a routing key)
+
+    def header_lines(self) -> str:
+        pairs = [("Content-Type", self.content_type), *self.headers]
+        if self.authorization:
+            pairs.append(("Authorization", self.authorization))
+        return "".join(f"{k}: {v}\n" for k, v in pairs)
 
 
 def run_wrk(
@@ -58,8 +70,7 @@ def run_wrk(
         d = Path(tmp)
         for k, r in enumerate(requests, start=1):
             (d / f"body{k}").write_bytes(r.body)
-            (d / f"type{k}").write_text(r.content_type)
-            (d / f"auth{k}").write_text(r.authorization)
+            (d / f"head{k}").write_text(r.header_lines())
         script = d / "post.lua"
         script.write_text(_LUA % {"dir": tmp, "n": len(requests), "path": path})
         before = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -73,7 +73,18 @@ CENTRE = {
     "deep_ap_norm": 1e-2,
 }
 MAX_EXTENSIONS = 2  # grid points added beyond the initial grid, one per round, while the best is at an edge
-SERVABLE = {"linear", "vp_pad", "vp_additive", "norm", "ap", "ap_channel", "deep_ap", "deep_ap_norm"}
+SERVABLE = {
+    "linear",
+    "vp_pad",
+    "vp_additive",
+    "norm",
+    "ap",
+    "ap_channel",
+    "deep_ap",
+    "deep_ap_norm",
+    "lora_r4",
+    "lora_r16",
+}
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ _DATA: dict[tuple[Any, ...], Any] = {}
 
 
 def _backbone(name: str, device: str) -> Any:
-    from service.engine.backbones import BackboneSpec, create_backbone
+    from service.engine import BackboneSpec, create_backbone
 
     if name not in _BACKBONES:
         _BACKBONES[name] = create_backbone(BackboneSpec(**BACKBONES[name]), device=device)

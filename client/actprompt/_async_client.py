@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import httpx
+from httpx_sse import EventSource
 from pydantic import BaseModel
 
 from actprompt import _calls
@@ -157,12 +158,10 @@ class AsyncJobs:
                     if response.status_code >= 400:
                         await response.aread()
                         raise_for(response)
-                    async for line in response.aiter_lines():
-                        event = watch.feed(line)
-                        if event is not None:
-                            yield event
-                            if watch.ended:
-                                return
+                    async for sse in EventSource(response).aiter_sse():
+                        yield watch.receive(sse)
+                        if watch.ended:
+                            return
             except httpx.TransportError as exc:
                 await asyncio.sleep(watch.dropped(exc))
                 continue
@@ -182,8 +181,22 @@ class AsyncPrompts:
     async def get(self, prompt: str) -> Prompt:
         return await self._t.call(_calls.get_prompt(prompt))
 
-    async def download(self, prompt: str, path: str | Path) -> Path:
-        return await self._t.call(_calls.download_prompt(prompt, path))
+    async def download(self, prompt: str, path: str | Path, *, format: str = "artifact") -> Path:
+        return await self._t.call(_calls.download_prompt(prompt, path, format))
+
+    async def import_adapter(
+        self,
+        path: str | Path,
+        *,
+        backbone: str,
+        classes: Sequence[str] | None = None,
+        name: str | None = None,
+        prompt_id: str | None = None,
+    ) -> Prompt:
+        with _calls.import_adapter(
+            path, backbone=backbone, classes=classes, name=name, prompt_id=prompt_id
+        ) as call:
+            return await self._t.call(call)
 
     async def delete(self, prompt: str) -> None:
         await self._t.call(_calls.delete_prompt(prompt))

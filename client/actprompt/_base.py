@@ -1,4 +1,4 @@
-"""What the sync and async clients share: settings, retry policy, request bodies, SSE decoding."""
+"""What the sync and async clients share: settings, retry policy, request bodies, reading SSE events."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import os
 import random
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,42 +143,3 @@ def event_from_sse(event: str, data: str) -> JobEvent:
             id=0, type="end", message="stream ended", data=final if isinstance(final, dict) else None
         )
     return JobEvent.model_validate_json(data)
-
-
-@dataclass
-class SSEMessage:
-    event: str
-    data: str
-    id: str | None
-
-
-class SSEDecoder:
-    """Lines in, complete messages out (the text/event-stream framing: blank line ends a message)."""
-
-    def __init__(self) -> None:
-        self._event = ""
-        self._data: list[str] = []
-        self._id: str | None = None
-
-    def feed(self, line: str) -> SSEMessage | None:
-        line = line.rstrip("\r\n")
-        if not line:
-            if not self._data and not self._event:
-                return None
-            msg = SSEMessage(self._event or "message", "\n".join(self._data), self._id)
-            self._event, self._data, self._id = "", [], None
-            return msg
-        if line.startswith(":"):
-            return None  # a keepalive comment
-        name, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if name == "event":
-            self._event = value
-        elif name == "data":
-            self._data.append(value)
-        elif name == "id":
-            self._id = value
-        return None
-
-    def feed_all(self, lines: Iterable[str]) -> list[SSEMessage]:
-        return [m for m in (self.feed(line) for line in lines) if m is not None]

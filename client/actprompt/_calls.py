@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import IO, Any, Generic, TypeVar
 
 import httpx
+from httpx_sse import ServerSentEvent
 from pydantic import BaseModel
 
 from actprompt._base import (
     ImageInput,
     RetryPolicy,
-    SSEDecoder,
     event_from_sse,
     is_retryable_error,
     new_idempotency_key,
@@ -136,11 +136,9 @@ class Watch:
         self.job_id, self.last, self.max_reconnects, self.retry = job_id, after, max_reconnects, retry
         self.failures = 0
         self.ended = False
-        self._decoder = SSEDecoder()
 
     def request(self) -> dict[str, Any]:
-        """Arguments of `http.stream(...)` for the next connection (a fresh SSE framing)."""
-        self._decoder = SSEDecoder()
+        """Arguments of `http.stream(...)` for the next connection."""
         headers = {"Accept": "text/event-stream"}
         if self.last is not None:
             headers["Last-Event-ID"] = str(self.last)
@@ -151,12 +149,9 @@ class Watch:
             "timeout": httpx.Timeout(60, read=90),
         }
 
-    def feed(self, line: str) -> JobEvent | None:
-        """The event a line completes, if any; the `end` event sets `ended`."""
-        msg = self._decoder.feed(line)
-        if msg is None:
-            return None
-        event = event_from_sse(msg.event, msg.data)
+    def receive(self, sse: ServerSentEvent) -> JobEvent:
+        """The event one SSE message carries (httpx-sse frames them); the `end` event sets `ended`."""
+        event = event_from_sse(sse.event, sse.data)
         if event.type == "end":
             self.ended = True
         else:
@@ -274,13 +269,52 @@ def get_prompt(prompt: str) -> Call[Prompt]:
     return _read(Prompt, f"/v1/prompts/{prompt}")
 
 
-def download_prompt(prompt: str, path: str | Path) -> Call[Path]:
+#: Download formats: the product's artifact (safetensors), or a LoRA prompt as a zipped PEFT adapter folder.
+DOWNLOAD_FORMATS = {"artifact": "artifact", "peft": "peft"}
+
+
+def download_prompt(prompt: str, path: str | Path, fmt: str = "artifact") -> Call[Path]:
+    if fmt not in DOWNLOAD_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(DOWNLOAD_FORMATS)}, got {fmt!r}")
+
     def write(response: httpx.Response) -> Path:
         target = Path(path)
         target.write_bytes(response.content)
         return target
 
-    return Call("GET", f"/v1/prompts/{prompt}/artifact", True, write)
+    return Call("GET", f"/v1/prompts/{prompt}/{DOWNLOAD_FORMATS[fmt]}", True, write)
+
+
+@contextmanager
+def import_adapter(
+    path: str | Path,
+    *,
+    backbone: str,
+    classes: Sequence[str] | None,
+    name: str | None,
+    prompt_id: str | None,
+) -> Iterator[Call[Prompt]]:
+    """A PEFT LoRA adapter (a zip of its folder, or the folder itself) imported as a prompt version."""
+    import io
+    import zipfile
+
+    source = Path(path)
+    if source.is_dir():
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            for member in ("adapter_config.json", "adapter_model.safetensors"):
+                zf.write(source / member, member)
+        fh: IO[bytes] = io.BytesIO(buf.getvalue())
+    else:
+        fh = source.open("rb")
+    form = {"backbone": backbone, "classes": ",".join(classes) if classes else None, "name": name}
+    form["prompt_id"] = prompt_id
+    data = {k: v for k, v in form.items() if v is not None}
+    try:
+        files = {"artifact": (f"{source.name}.zip" if source.is_dir() else source.name, fh)}
+        yield Call("POST", "/v1/prompts", False, _model(Prompt), {"files": files, "data": data})
+    finally:
+        fh.close()
 
 
 def delete_prompt(prompt: str) -> Call[None]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import httpx
+from httpx_sse import EventSource
 from pydantic import BaseModel
 
 from actprompt import _calls
@@ -167,12 +168,10 @@ class Jobs:
                     if response.status_code >= 400:
                         response.read()
                         raise_for(response)
-                    for line in response.iter_lines():
-                        event = watch.feed(line)
-                        if event is not None:
-                            yield event
-                            if watch.ended:
-                                return
+                    for sse in EventSource(response).iter_sse():
+                        yield watch.receive(sse)
+                        if watch.ended:
+                            return
             except httpx.TransportError as exc:
                 time.sleep(watch.dropped(exc))
                 continue
@@ -193,9 +192,26 @@ class Prompts:
     def get(self, prompt: str) -> Prompt:
         return self._t.call(_calls.get_prompt(prompt))
 
-    def download(self, prompt: str, path: str | Path) -> Path:
-        """Write the artifact (safetensors) to `path`; returns the path."""
-        return self._t.call(_calls.download_prompt(prompt, path))
+    def download(self, prompt: str, path: str | Path, *, format: str = "artifact") -> Path:
+        """Write the artifact (safetensors) to `path`, or with `format="peft"` a LoRA prompt as a zipped
+        PEFT adapter folder (adapter_config.json + adapter_model.safetensors); returns the path."""
+        return self._t.call(_calls.download_prompt(prompt, path, format))
+
+    def import_adapter(
+        self,
+        path: str | Path,
+        *,
+        backbone: str,
+        classes: Sequence[str] | None = None,
+        name: str | None = None,
+        prompt_id: str | None = None,
+    ) -> Prompt:
+        """Import a PEFT LoRA adapter trained elsewhere on `backbone`'s timm model, with its head (a zip
+        of the `save_pretrained` folder, or the folder) as a prompt version."""
+        with _calls.import_adapter(
+            path, backbone=backbone, classes=classes, name=name, prompt_id=prompt_id
+        ) as call:
+            return self._t.call(call)
 
     def delete(self, prompt: str) -> None:
         self._t.call(_calls.delete_prompt(prompt))

@@ -139,6 +139,10 @@ class Backbone(_Model):
     layers: list[dict[str, Any]] | None = None
 
 
+#: What an API key may do (the API's `Scope`): predict, read, train, and admin (the tenant's own keys).
+SCOPES = ("predict", "read", "train", "admin")
+
+
 class Tenant(_Model):
     id: str
     name: str

@@ -79,7 +79,7 @@ PrincipalDep = Annotated[Principal, Depends(authenticate_dependency)]
 
 def _scoped(security_scopes: SecurityScopes, principal: PrincipalDep) -> Principal:
     """The caller, if its key holds every scope the route (and what it depends on) asks for; else 403."""
-    missing = [s for s in security_scopes.scopes if s not in principal.scopes]
+    missing = [str(s) for s in security_scopes.scopes if s not in principal.scopes]
     if missing:
         raise Forbidden(
             f"this API key lacks the {' and '.join(repr(s) for s in missing)} scope "

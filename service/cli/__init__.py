@@ -17,6 +17,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "service.cli.server_commands",  # serve, db
     "service.cli.worker_commands",  # worker
     "service.cli.remote_commands",  # files, jobs, prompts, evaluations (a running server, via the client)
+    "service.cli.admin_commands",  # admin tenants|keys|backbones (a running server, via the client)
 )
 
 

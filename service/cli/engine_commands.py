@@ -190,9 +190,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _predict_local(args: argparse.Namespace) -> int:
     import torch
 
-    from service.engine import BackboneSpec, EngineError, create_backbone
+    from service.engine import BackboneSpec, EngineError, create_backbone, decode_image
     from service.engine.artifacts import PromptArtifact
-    from service.engine.data import decode_image
     from service.engine.mixed_batch import predict_single
 
     try:

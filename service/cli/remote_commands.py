@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeAlias
 
 from actprompt import Client
 from actprompt._errors import ActpromptError, APIError
@@ -237,8 +237,17 @@ def prompts_get(args: argparse.Namespace, c: Client) -> int:
     return 0
 
 
+def prompts_import_adapter(args: argparse.Namespace, c: Client) -> int:
+    classes = [n.strip() for n in args.classes.split(",")] if args.classes else None
+    p = c.prompts.import_adapter(
+        args.path, backbone=args.backbone, classes=classes, name=args.name, prompt_id=args.prompt_id
+    )
+    _emit(args, p, lambda x: f"{x.ref}  {x.method}  {len(x.classes)} classes")
+    return 0
+
+
 def prompts_download(args: argparse.Namespace, c: Client) -> int:
-    path = c.prompts.download(args.id, args.path)
+    path = c.prompts.download(args.id, args.path, format=args.format)
     _emit(
         args,
         {"id": args.id, "path": str(path), "bytes": path.stat().st_size},
@@ -302,22 +311,38 @@ def predict_remote(args: argparse.Namespace, c: Client) -> int:
     return 0
 
 
-def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+Actions: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+Command = Callable[[argparse.Namespace, Client], int]
+
+
+def command_adders(
+    subparsers: Actions, prefix: str = "", before: Callable[[argparse.Namespace], None] | None = None
+) -> tuple[Callable[[str, str], Actions], Callable[[Actions, str, Command, str], argparse.ArgumentParser]]:
+    """`group(name, help)` and `command(group, name, func, help)` for a tree of remote commands; `before`
+    adjusts the parsed arguments of each (e.g. which key to use) before the client is built."""
     common = remote_options()
 
-    def group(name: str, help: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    def group(name: str, help: str) -> Actions:
         p = subparsers.add_parser(name, help=help)
-        return p.add_subparsers(dest=f"{name}_command", metavar="ACTION", required=True)
+        return p.add_subparsers(dest=f"{prefix}{name}_command", metavar="ACTION", required=True)
 
-    def command(
-        parent: argparse._SubParsersAction[argparse.ArgumentParser],
-        name: str,
-        func: Callable[[argparse.Namespace, Client], int],
-        help: str,
-    ) -> argparse.ArgumentParser:
+    def command(parent: Actions, name: str, func: Command, help: str) -> argparse.ArgumentParser:
         p = parent.add_parser(name, help=help, parents=[common])
-        p.set_defaults(func=run_remote(func))
+        run = run_remote(func)
+
+        def prepared(args: argparse.Namespace) -> int:
+            if before is not None:
+                before(args)
+            return run(args)
+
+        p.set_defaults(func=prepared)
         return p
+
+    return group, command
+
+
+def add_commands(subparsers: Actions) -> None:
+    group, command = command_adders(subparsers)
 
     g = group("files", "upload and manage dataset files on a server")
     command(g, "upload", files_upload, "upload a dataset archive").add_argument("path")
@@ -351,9 +376,21 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     g = group("prompts", "trained prompts on a server")
     command(g, "list", prompts_list, "list prompts")
     command(g, "get", prompts_get, "show a prompt (`id` or `id@version`)").add_argument("id")
-    p = command(g, "download", prompts_download, "download the artifact (safetensors)")
+    p = command(g, "download", prompts_download, "download the artifact (safetensors) or a PEFT adapter")
     p.add_argument("id")
     p.add_argument("path")
+    p.add_argument(
+        "--format",
+        choices=("artifact", "peft"),
+        default="artifact",
+        help="peft: a LoRA prompt as a zipped PEFT adapter folder (PeftModel.from_pretrained reads it)",
+    )
+    p = command(g, "import-adapter", prompts_import_adapter, "import a PEFT LoRA adapter as a prompt")
+    p.add_argument("path", help="a zip of the adapter folder, or the folder (adapter_config.json + weights)")
+    p.add_argument("--backbone", required=True, help="the registered backbone it was trained on")
+    p.add_argument("--classes", default=None, help="class names in label order, comma-separated")
+    p.add_argument("--name", default=None)
+    p.add_argument("--prompt-id", default=None, help="import as a new version of this prompt")
     command(g, "delete", prompts_delete, "delete a prompt or one version").add_argument("id")
 
     g = group("evaluations", "score a prompt on a labelled dataset")

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from service.db.models import Backbone
 from service.db.repositories import BackboneRepository
 from service.domain.errors import Conflict, DomainError, NotFound, from_engine_error
-from service.engine.backbone_spec import BackboneSpec
+from service.engine import BackboneSpec
 
 
 def register_backbone(session: Session, backbone_id: str, spec: BackboneSpec) -> Backbone:
@@ -162,3 +162,8 @@ class BackboneCache:
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+
+
+#: Backbones loaded by this process for training and for adapter import/export (separate from the
+#: serving copies), LRU-bounded by `Settings.training_backbones_bytes`.
+TRAINING_BACKBONES = BackboneCache()

@@ -40,7 +40,14 @@ def allowed_s3_location(uri: str, settings: Settings) -> S3Location:
     except ValueError as exc:
         raise Forbidden(str(exc), code="dataset_uri_not_allowed", param="dataset_uri") from exc
     allowed = settings.dataset_s3_locations
-    if not location.prefix or not any(root.contains(location) for root in allowed):
+    # A store or a proxy might resolve dot segments out of the prefix: such keys are refused outright.
+    if any(seg in ("", ".", "..") for seg in location.prefix.split("/")):
+        raise Forbidden(
+            f"{uri}: an object key with empty, '.' or '..' segments is not accepted",
+            code="dataset_uri_not_allowed",
+            param="dataset_uri",
+        )
+    if not any(root.contains(location) for root in allowed):
         where = ", ".join(str(root) for root in allowed) or "none are configured"
         raise Forbidden(
             f"{uri} is not under an allowed s3:// location ({where})",

@@ -29,7 +29,7 @@ from service.db.repositories import (
     JobEventRepository,
     JobLeaseRepository,
 )
-from service.domain.backbones import BackboneCache
+from service.domain.backbones import TRAINING_BACKBONES
 from service.domain.datasets import resolve_dataset
 from service.domain.job_lease import JobLease, LeaseStop
 from service.domain.job_recorder import JobRecorder, jsonable
@@ -40,9 +40,6 @@ from service.storage import StorageUnavailable
 
 log = logging.getLogger("actprompt.job_runner")
 
-#: Backbones loaded by this process for training (separate from the serving copies), LRU-bounded by
-#: `Settings.training_backbones_bytes`.
-TRAINING_BACKBONES = BackboneCache()
 
 #: Hyperparameters that map 1:1 onto `TrainConfig` fields (the rest, `val_fraction`, shape the split).
 _TRAIN_CONFIG_KEYS = (

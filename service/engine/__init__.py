@@ -23,12 +23,12 @@ if TYPE_CHECKING:
         ImageSet,
         LoadedDataset,
         ValidationReport,
-        decode_image,
         load_dataset,
-        preprocess,
         resolve_dataset_uri,
         split_train_val,
     )
+    from service.engine.datasets.base import decode_image
+    from service.engine.datasets.transforms import preprocess
     from service.engine.errors import (
         ArtifactError,
         BackboneError,
@@ -126,7 +126,7 @@ _EXPORTS: dict[str, str] = {
     "channel_shape": "service.engine.layers",
     "create_backbone": "service.engine.backbones",
     "create_method": "service.engine.methods",
-    "decode_image": "service.engine.data",
+    "decode_image": "service.engine.datasets.base",
     "evaluate": "service.engine.train",
     "fit": "service.engine.train",
     "forward_mixed": "service.engine.mixed_batch",
@@ -141,7 +141,7 @@ _EXPORTS: dict[str, str] = {
     "load_module": "service.engine.artifacts",
     "predict_single": "service.engine.mixed_batch",
     "prepare_dataset": "service.engine.pipeline",
-    "preprocess": "service.engine.data",
+    "preprocess": "service.engine.datasets.transforms",
     "register_method": "service.engine.methods",
     "resolve_dataset_uri": "service.engine.data",
     "resolve_prompt_layers": "service.engine.layers",

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import service.engine.models  # noqa: F401  (registers the CIFAR models in timm's registry)
-from service.engine.backbone_spec import BackboneSpec as BackboneSpec  # re-exported: its old home
+from service.engine.backbone_spec import BackboneSpec
 from service.engine.errors import BackboneError, EngineError
 from service.engine.layers import (
     Decomposition,

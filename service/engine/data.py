@@ -17,22 +17,19 @@ from service.engine.datasets.base import (
     LoadedDataset,
     ValidationReport,
     build_dataset,
-    decode_image,
 )
 from service.engine.datasets.folder import collect_tree, folder_entries, load_archive
 from service.engine.datasets.manifest import load_manifest
 from service.engine.datasets.npz import load_npz
 from service.engine.datasets.remote import resolve_dataset_uri
-from service.engine.datasets.transforms import preprocess, split_train_val
+from service.engine.datasets.transforms import split_train_val
 from service.engine.errors import DatasetError
 
 __all__ = [
     "ImageSet",
     "LoadedDataset",
     "ValidationReport",
-    "decode_image",
     "load_dataset",
-    "preprocess",
     "resolve_dataset_uri",
     "split_train_val",
 ]

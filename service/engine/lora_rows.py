@@ -159,13 +159,20 @@ class LoRABank:
                 return y
             pos, rows, host_rows = plan
             xs = x if pos is None else x.index_select(0, pos)  # [B', ...]
-            u = self._update(name, xs, rows, host_rows).to(y.dtype)  # [B', *y.shape[1:]]
-            return y + u if pos is None else y.index_add(0, pos, u)
+            left, right = self._factors(name, xs, rows, host_rows)
+            if pos is None:  # y + left @ right in one fused call, no [B, *y.shape[1:]] temporary
+                n = y.shape[0]
+                return torch.baddbmm(y.reshape(n, left.shape[1], right.shape[2]), left, right).view_as(y)
+            u = torch.bmm(left, right).to(y.dtype)  # [B', C_out, H'W'] / [B', N, D_out]
+            return y.index_add(0, pos, u.view(-1, *y.shape[1:]))
 
         return update
 
-    def _update(self, name: str, x: Tensor, rows: Tensor, host_rows: list[int]) -> Tensor:
-        """B_m[s] (A_m[s] x) for every row of x, s = rows[i]."""
+    def _factors(self, name: str, x: Tensor, rows: Tensor, host_rows: list[int]) -> tuple[Tensor, Tensor]:
+        """(left, right) whose batched product is B_m[s] (A_m[s] x) for every row of x, s = rows[i].
+
+        conv: (B [B', C_out, r], A x [B', r, H'W']); linear: (x A^T [B', N, r], B^T [B', r, D_out]).
+        """
         g = self._geometry[name]
         bm = self.b[name].gather(rows).to(x.dtype)  # [B', C_out, r]
         n = x.shape[0]
@@ -174,12 +181,11 @@ class LoRABank:
             a = self.a[name].gather(rows).to(x.dtype)  # [B', r, D_in]
             flat = x.reshape(n, -1, g.d_in)  # [B', N, D_in]
             z = torch.bmm(flat, a.transpose(1, 2))  # [B', N, r]
-            return torch.bmm(z, bm.transpose(1, 2)).view(*x.shape[:-1], g.d_out)  # [B', ..., D_out]
+            return z, bm.transpose(1, 2)  # [B', N, r], [B', r, D_out]
         if g.pointwise:
             a = self.a[name].gather(rows).to(x.dtype)  # [B', r, C_in, 1, 1]
             sh, sw = g.stride
             xs = x[:, :, ::sh, ::sw] if (sh, sw) != (1, 1) else x  # [B', C_in, H', W']
-            h2, w2 = xs.shape[2:]
             z = torch.bmm(a.flatten(1).view(n, -1, g.d_in), xs.reshape(n, g.d_in, -1))  # [B', r, H'W']
         elif self.conv_mode == "grouped":
             a = self.a[name].gather(rows).to(x.dtype)  # [B', r, C_in, kh, kw]
@@ -190,8 +196,7 @@ class LoRABank:
                 padding=g.padding,
                 groups=n,
             )  # [1, B' * r, H', W']
-            h2, w2 = z4.shape[2:]
-            z = z4.view(n, self.rank, h2 * w2)  # [B', r, H'W']
+            z = z4.view(n, self.rank, -1)  # [B', r, H'W']
         else:  # stacked: the distinct adapters' A as one dense convolution, then each row's r channels
             table = self.a[name]
             distinct = list(dict.fromkeys(table.row_of(s) for s in host_rows))
@@ -201,8 +206,7 @@ class LoRABank:
                 x.dtype
             )  # [U, r, C_in, kh, kw]
             z4 = F.conv2d(x, stack.flatten(0, 1), stride=g.stride, padding=g.padding)  # [B', U * r, H', W']
-            h2, w2 = z4.shape[2:]
-            z = z4.view(n, len(distinct), self.rank, h2 * w2)[
+            z = z4.view(n, len(distinct), self.rank, -1)[
                 torch.arange(n, device=x.device), inv
             ]  # [B', r, H'W']
-        return torch.bmm(bm, z).view(n, g.d_out, h2, w2)  # [B', C_out, H', W']
+        return bm, z  # [B', C_out, r], [B', r, H'W']

@@ -70,7 +70,7 @@ class AutoConfig:
     Attributes:
         max_train_seconds: a budget on the search's training time: candidates run in order, and none
             starts once the seconds spent reach it (the first always runs). None = every candidate.
-        prefer: "accuracy" (the best validation accuracy; ties to the cheaper serving cost) or "cost"
+        prefer: "accuracy" (the best validation accuracy; ties to the fewer parameters) or "cost"
             (the cheapest per-image serving cost among candidates within `tolerance` of the best).
         tolerance: validation accuracy (a fraction, 0.01 = one point) that "cost" may give up.
         candidates: the methods tried, in order (the servable ones of `DEFAULT_CANDIDATES`).
@@ -136,8 +136,9 @@ def serving_ms_per_image(
 def choose(rows: list[dict[str, Any]], prefer: str = "accuracy", tolerance: float = 0.01) -> dict[str, Any]:
     """The chosen row among the trained ones, by validation accuracy only (never test).
 
-    "accuracy": the best validation accuracy, ties to the cheaper serving cost, then the fewer trainable
-    parameters. "cost": the cheapest serving cost among rows within `tolerance` of the best.
+    "accuracy": the best validation accuracy, ties to the fewer trainable parameters (deterministic),
+    then the cheaper serving cost. "cost": the cheapest serving cost among rows within `tolerance` of
+    the best.
     """
     trained = [r for r in rows if r.get("val_accuracy") is not None]
     if not trained:
@@ -146,7 +147,7 @@ def choose(rows: list[dict[str, Any]], prefer: str = "accuracy", tolerance: floa
     if prefer == "cost":
         near = [r for r in trained if r["val_accuracy"] >= best - tolerance]
         return min(near, key=lambda r: (r["serving_ms_per_image"], -r["val_accuracy"]))
-    return max(trained, key=lambda r: (r["val_accuracy"], -r["serving_ms_per_image"], -r["trainable_params"]))
+    return max(trained, key=lambda r: (r["val_accuracy"], -r["trainable_params"], -r["serving_ms_per_image"]))
 
 
 def train_auto(

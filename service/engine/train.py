@@ -15,7 +15,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -277,6 +277,95 @@ def fit(
         )  # fmt: skip
 
 
+def _check_inputs(x: Tensor, y: Tensor, classes: Sequence[str], num_classes: int) -> None:
+    n = len(x)
+    if n == 0 or len(y) != n:
+        raise MethodError(f"need matching non-empty train images and labels, got {n} and {len(y)}")
+    if len(classes) != num_classes:
+        raise MethodError(f"{len(classes)} class names for num_classes={num_classes}")
+    if int(y.min()) < 0 or int(y.max()) >= num_classes:
+        raise MethodError(f"train labels must lie in [0, {num_classes})")
+
+
+@dataclass
+class _Loop:
+    """Everything one epoch of a run needs: the module, its optimiser and schedule, the training data."""
+
+    module: PromptModule
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    cache: FeatureCache
+    x: Tensor
+    y: Tensor
+    config: TrainConfig
+    callbacks: TrainCallbacks
+    use_amp: bool
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.backbone.device
+
+    @property
+    def steps(self) -> int:
+        return math.ceil(len(self.x) / self.config.batch_size)
+
+    def epoch(self, epoch: int) -> EpochMetrics:
+        """One pass over the training set in a seeded order, then the validation score (if any)."""
+        cfg, cb, device = self.config, self.callbacks, self.device
+        t_epoch = time.perf_counter()
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        perm = torch.randperm(len(self.x), generator=gen)
+        steps, total = self.steps, self.steps * cfg.epochs
+        progress_every = max(1, math.ceil(steps / 10))  # at most ~10 events per epoch
+        self.module.train()
+        # Running sums stay on the device: a host sync only when a progress event is due.
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        seen = 0
+        for step in range(steps):
+            if cb.should_stop is not None and cb.should_stop():
+                raise TrainingCancelled(f"training cancelled at epoch {epoch + 1}, step {step + 1}")
+            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            loss, logits, yb = self._step(idx, gen)
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.detach().argmax(1) == yb).sum()
+            seen += len(idx)
+            if cb.on_progress is not None and ((step + 1) % progress_every == 0 or step + 1 == steps):
+                cb.on_progress(
+                    ProgressEvent(
+                        epoch=epoch + 1,
+                        epochs=cfg.epochs,
+                        step=step + 1,
+                        steps=steps,
+                        loss=float(loss_sum) / seen,
+                        accuracy=int(correct) / seen,
+                        fraction=(epoch * steps + step + 1) / total,
+                    )
+                )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the epoch's time includes its queued kernels
+        return EpochMetrics(
+            epoch + 1, float(loss_sum) / seen, int(correct) / seen, None, time.perf_counter() - t_epoch
+        )
+
+    def _step(self, idx: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """One optimiser step on rows `idx`: (loss, logits, labels)."""
+        cfg = self.config
+        yb = self.y[idx].to(self.device)
+        with _autocast(self.device, self.use_amp):
+            if cfg.augment:
+                h = self.module.prefix(augment_batch(self.x[idx], gen).to(self.device))
+            else:
+                h = self.cache.get(idx)
+            logits = self.module.forward_from(h)
+        loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        return loss, logits, yb
+
+
 def _fit(
     backbone: Backbone,
     method: str,
@@ -293,21 +382,14 @@ def _fit(
     cb = callbacks or TrainCallbacks()
     device = backbone.device
     x_train, y_train = train[0], train[1].to(torch.int64)
+    _check_inputs(x_train, y_train, classes, method_config.num_classes)
     n = len(x_train)
-    if n == 0 or len(y_train) != n:
-        raise MethodError(f"need matching non-empty train images and labels, got {n} and {len(y_train)}")
-    if len(classes) != method_config.num_classes:
-        raise MethodError(f"{len(classes)} class names for num_classes={method_config.num_classes}")
-    if int(y_train.min()) < 0 or int(y_train.max()) >= method_config.num_classes:
-        raise MethodError(f"train labels must lie in [0, {method_config.num_classes})")
 
     seed_everything(config.seed)
     module = create_method(method, backbone, method_config)
-    params = module.trainable_parameters()
-    opt = _make_optimizer(params, config)
+    opt = _make_optimizer(module.trainable_parameters(), config)
     steps = math.ceil(n / config.batch_size)
-    total = steps * config.epochs
-    sched = _make_scheduler(opt, total, round(config.warmup_epochs * steps))
+    sched = _make_scheduler(opt, steps * config.epochs, round(config.warmup_epochs * steps))
     history: list[dict[str, Any]] = []
     fingerprint = _fingerprint(method, method_config, config, n)
     start_epoch = 0
@@ -322,59 +404,15 @@ def _fit(
         max_bytes=0 if config.augment else config.feature_cache_bytes,
         device=device,
     )
-    progress_every = max(1, math.ceil(steps / 10))  # at most ~10 events per epoch
+    loop = _Loop(module, opt, sched, cache, x_train, y_train, config, cb, use_amp)
     t_start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for epoch in range(start_epoch, config.epochs):
-        t_epoch = time.perf_counter()
-        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-        perm = torch.randperm(n, generator=gen)
-        module.train()
-        # Running sums stay on the device: a host sync only when a progress event is due.
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        seen = 0
-        for step in range(steps):
-            if cb.should_stop is not None and cb.should_stop():
-                raise TrainingCancelled(f"training cancelled at epoch {epoch + 1}, step {step + 1}")
-            idx = perm[step * config.batch_size : (step + 1) * config.batch_size]
-            yb = y_train[idx].to(device)
-            with _autocast(device, use_amp):
-                if config.augment:
-                    h = module.prefix(augment_batch(x_train[idx], gen).to(device))
-                else:
-                    h = cache.get(idx)
-                logits = module.forward_from(h)
-            loss = F.cross_entropy(logits.float(), yb, label_smoothing=config.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.detach() * len(idx)
-            correct += (logits.detach().argmax(1) == yb).sum()
-            seen += len(idx)
-            if cb.on_progress is not None and ((step + 1) % progress_every == 0 or step + 1 == steps):
-                cb.on_progress(
-                    ProgressEvent(
-                        epoch=epoch + 1,
-                        epochs=config.epochs,
-                        step=step + 1,
-                        steps=steps,
-                        loss=float(loss_sum) / seen,
-                        accuracy=int(correct) / seen,
-                        fraction=(epoch * steps + step + 1) / total,
-                    )
-                )
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the epoch's time includes its queued kernels
-        seconds = time.perf_counter() - t_epoch
-        val_acc = None
+        em = loop.epoch(epoch)
         if val is not None:
-            val_acc = evaluate(module, val, classes=classes, batch_size=config.eval_batch_size, amp=use_amp)[
-                "top1"
-            ]
-        em = EpochMetrics(epoch + 1, float(loss_sum) / seen, int(correct) / seen, val_acc, seconds)
+            scores = evaluate(module, val, classes=classes, batch_size=config.eval_batch_size, amp=use_amp)
+            em = replace(em, val_accuracy=scores["top1"])
         history.append(asdict(em))
         if cb.on_epoch_end is not None:
             cb.on_epoch_end(em)

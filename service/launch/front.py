@@ -29,8 +29,7 @@ from service.domain.errors import (
 )
 from service.domain.predict import Prediction
 from service.domain.prompts import PromptHandle
-from service.engine import BackboneSpec, EngineError, ImageDecodeError
-from service.engine.data import decode_image
+from service.engine import BackboneSpec, EngineError, ImageDecodeError, decode_image
 from service.engine.preprocessing import Preprocessing
 from service.serving.core import EngineCore, PromptPrediction, ServingConfig
 from service.serving.errors import (

@@ -135,6 +135,15 @@ def test_every_client_call_against_the_app(
         assert [p.ref for p in call("prompts.list")] == [ref]
         assert call("prompts.get", ref).ref == ref
         assert call("prompts.download", ref, tmp_path / "p.safetensors").stat().st_size > 0
+        # a LoRA prompt out as a PEFT adapter, and back in as a prompt of its own
+        options = {"lora_rank": 2}
+        lora_job = call("jobs.create", backbone="tiny", dataset=f.id, method="lora", method_options=options)
+        lora_ref = run(c.jobs.wait(lora_job.id, poll=0.1)).prompt
+        adapter = call("prompts.download", lora_ref, tmp_path / "adapter.zip", format="peft")
+        imported = call("prompts.import_adapter", adapter, backbone="tiny", classes=["a", "b", "c"])
+        assert imported.method == "lora" and imported.classes == ["a", "b", "c"] and imported.ref != lora_ref
+        for other in (lora_ref, imported.ref):
+            run(c.prompts.delete(other))
 
         url, image = image_dir
         rows = call(

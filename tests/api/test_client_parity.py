@@ -45,6 +45,9 @@ def _prompt(i: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
+SSE_HEADERS = {"Content-Type": "text/event-stream"}
+
+
 def _sse(*events: tuple[str, dict[str, Any]]) -> bytes:
     return "".join(f"event: {kind}\ndata: {json.dumps(data)}\n\n" for kind, data in events).encode()
 
@@ -96,12 +99,16 @@ class ScriptedServer:
         self.watch_connections += 1
         if self.watch_connections == 1:
             return httpx.Response(
-                200, content=_sse(*(("progress", {"id": i, "type": "progress"}) for i in (1, 2)))
+                200,
+                content=_sse(*(("progress", {"id": i, "type": "progress"}) for i in (1, 2))),
+                headers=SSE_HEADERS,
             )
         if self.watch_connections == 2:
             raise httpx.ConnectError("dropped")
         return httpx.Response(
-            200, content=_sse(("progress", {"id": 3, "type": "progress"}), ("end", {"status": "succeeded"}))
+            200,
+            content=_sse(("progress", {"id": 3, "type": "progress"}), ("end", {"status": "succeeded"})),
+            headers=SSE_HEADERS,
         )
 
 

@@ -314,3 +314,20 @@ def test_new_job_form_offers_every_method_and_the_auto_table(
     chosen = page.locator("[data-testid=method-search-row][data-chosen=true]")
     assert chosen.count() == 1 and chosen.get_attribute("data-method") == job["metrics"]["auto"]["chosen"]
     shot(page, "09-job-auto-method")
+
+
+def test_a_key_without_the_scope_sees_the_apis_403(page: playwright_api.Page, server: Server) -> None:
+    admin = {"Authorization": f"Bearer {server.admin_key}"}
+    tenant = httpx.post(f"{server.url}/v1/tenants", json={"name": "console-scopes"}, headers=admin).json()
+    created = httpx.post(
+        f"{server.url}/v1/tenants/{tenant['id']}/keys", json={"scopes": ["predict"]}, headers=admin
+    ).json()
+    denied = httpx.get(f"{server.url}/v1/jobs", headers={"Authorization": f"Bearer {created['api_key']}"})
+    assert denied.status_code == 403
+    sign_in(page, server, created["api_key"])  # a valid key signs in; its pages show the API's 403
+    message = page.get_by_test_id("error-message")
+    message.wait_for()
+    assert message.inner_text() == denied.json()["error"]["message"]
+    page.get_by_test_id("sign-out").wait_for()  # signed in, not sent back to the form
+    assert page.get_by_test_id("api-key-input").count() == 0
+    shot(page, "00-predict-only-key")

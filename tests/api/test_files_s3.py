@@ -94,6 +94,7 @@ def test_s3_dataset_uris_only_inside_the_allowed_prefixes(
             f"s3://{datasets}/private/colours.zip",  # the bucket, outside the prefix
             f"s3://{datasets}/publicity/colours.zip",  # a name that merely starts like the prefix
             f"s3://{store}/uploads/x/file_1.zip",  # the uploads of every tenant
+            f"s3://{datasets}/public/../private/colours.zip",  # a key a proxy might resolve out of the prefix
         ):
             r = api.client.post("/v1/jobs", json=api.job_body(dataset_uri=uri), headers=t)
             assert r.status_code == 403, (uri, r.text)

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import torch
 
-from service.engine import BackboneSpec, create_backbone
+from service.engine import BackboneSpec, create_backbone, decode_image
 from service.engine.artifacts import PromptArtifact
-from service.engine.data import decode_image
 from service.engine.mixed_batch import predict_single
 from tests.api.conftest import Api, png_bytes
 from tests.signal_data import square_images

@@ -36,6 +36,12 @@ ADMIN_ONLY = {
 }
 
 
+def test_the_client_knows_every_scope() -> None:
+    from actprompt.types import SCOPES
+
+    assert set(SCOPES) == {s.value for s in Scope}
+
+
 def expected_scope(method: str, path: str) -> Scope:
     """The documented rule: keys → admin, predict → predict, every other read → read, the rest → train."""
     if path.startswith(("/v1/tenants", "/v1/keys")):
@@ -110,11 +116,8 @@ def test_a_predict_only_key_and_the_403_it_gets(api: Api) -> None:
     r = api.client.get("/v1/jobs", headers=predict_only)
     assert r.status_code == 403
     error = r.json()["error"]
-    assert (
-        error["code"] == "insufficient_scope"
-        and "'read'" in error["message"]
-        and "predict" in error["message"]
-    )
+    assert error["code"] == "insufficient_scope"
+    assert error["message"].startswith("this API key lacks the 'read' scope (it holds: predict)")
     r = api.client.post("/v1/predict", json={"prompt": "prm_nope", "images": ["aGk="]}, headers=predict_only)
     assert r.status_code == 404 and r.json()["error"]["code"] == "prompt_not_found"  # past the scope check
     bad = api.client.post(f"/v1/tenants/{tenant}/keys", json={"scopes": ["everything"]}, headers=api.admin)

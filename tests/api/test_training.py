@@ -244,8 +244,9 @@ def test_restart_picks_up_queued_job(make_api) -> None:
         assert JobLeaseRepository(s).claim(crashed_id, "embedded-old-pid", now, now + timedelta(hours=1))
         s.commit()
     engine.dispose()
-    time.sleep(0.3)
-    assert first.client.get(f"/v1/jobs/{job_id}", headers=t).json()["status"] == "validating"
+    assert not first.client.app.state.queue.run_jobs  # type: ignore[attr-defined]
+    waiting = first.client.get(f"/v1/jobs/{job_id}", headers=t).json()
+    assert waiting["status"] == "validating" and waiting["attempts"] == 0 and waiting["worker_id"] is None
     first.client.__exit__(None, None, None)  # the process "stops" with one job queued and one running
     second = make_api()  # same database, embedded worker on
     job = second.wait(job_id, t)

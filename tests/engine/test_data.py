@@ -17,12 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
+from service.engine import decode_image, preprocess
 from service.engine.data import (
     ImageSet,
     LoadedDataset,
-    decode_image,
     load_dataset,
-    preprocess,
     resolve_dataset_uri,
     split_train_val,
 )

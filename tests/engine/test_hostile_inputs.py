@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.engine import decode_image
 from service.engine.data import load_dataset
-from service.engine.datasets.base import decode_image
 from service.engine.errors import DatasetError, ImageDecodeError
 
 

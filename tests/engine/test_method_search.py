@@ -69,7 +69,7 @@ def test_auto_chooses_on_validation_and_records_every_candidate(bb: Backbone, da
         assert row["trainable_params"] > 0 and row["train_seconds"] > 0 and row["serving_ms_per_image"] > 0
     vals = [r["val_accuracy"] for r in table]
     assert len(set(vals)) > 1, f"candidates must differ on validation for the test to mean anything: {vals}"
-    best = max(table, key=lambda r: r["val_accuracy"])
+    best = max(table, key=lambda r: (r["val_accuracy"], -r["trainable_params"]))
     assert [r["chosen"] for r in table].count(True) == 1 and best["chosen"]
     assert result.method == best["method"] == result.metrics["auto"]["chosen"]
     assert result.result.artifact.method == best["method"]
@@ -106,6 +106,8 @@ def test_choose_by_accuracy_or_cost() -> None:
     assert choose(rows, "cost", tolerance=0.2)["method"] == "a"
     tie = [{**rows[1], "method": "slow"}, {**rows[1], "method": "fast", "serving_ms_per_image": 0.5}]
     assert choose(tie)["method"] == "fast"
+    small = [{**rows[1], "method": "big", "trainable_params": 99}, {**rows[1], "method": "small"}]
+    assert choose(small)["method"] == choose(small[::-1])["method"] == "small"
 
 
 def test_auto_options_are_checked(bb: Backbone, data: PreparedData) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from service.engine.datasets.transforms import preprocess
+from service.engine import preprocess
 
 
 def test_same_size_list_is_batched_and_equal_to_one_by_one() -> None:

@@ -13,9 +13,8 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
-from service.engine import Backbone, BackboneSpec, create_backbone
+from service.engine import Backbone, BackboneSpec, create_backbone, preprocess
 from service.engine.artifacts import PromptArtifact
-from service.engine.datasets.transforms import preprocess
 from service.engine.methods import ActivationConfig, create_method
 from service.engine.mixed_batch import predict_single
 from service.engine.preprocessing import Preprocessing, preprocessing_for

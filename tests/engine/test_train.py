@@ -5,9 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.engine import BackboneSpec, EngineError, MethodError, TrainingCancelled, create_backbone
+from service.engine import (
+    BackboneSpec,
+    EngineError,
+    MethodError,
+    TrainingCancelled,
+    create_backbone,
+    preprocess,
+)
 from service.engine.backbones import Backbone
-from service.engine.data import ValidationReport, preprocess
+from service.engine.data import ValidationReport
 from service.engine.layer_search import SearchBudget, auto_select_layer, candidate_layers
 from service.engine.methods import ActivationConfig, LinearConfig, MethodConfig, create_method
 from service.engine.pipeline import PipelineCallbacks, PreparedData, train_prompt
@@ -19,6 +26,7 @@ from service.engine.train import (
     TrainConfig,
     evaluate,
     fit,
+    predict_logits,
 )
 from tests.signal_data import CLASSES as SIGNAL_CLASSES
 from tests.signal_data import square_images
@@ -276,3 +284,66 @@ def test_auto_layer_search_spans_the_depth_and_keeps_the_prior(bb: Backbone, dat
     vit = create_backbone(BackboneSpec("test_vit", model_kwargs={"img_size": 32}))
     assert vit.recommended_layer in candidate_layers(vit, 3)
     assert candidate_layers(vit, 3)[0] == 1
+
+
+def test_augment_batch_crops_and_flips_each_image_and_keeps_its_place() -> None:
+    """Every output image is a crop of its own input (reflect-padded by 1/8 of the side) or that crop
+    mirrored: images are changed, never swapped (so each keeps its label), and the seed decides."""
+    from service.engine.train import augment_batch
+
+    x = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    out = augment_batch(x, torch.Generator().manual_seed(5))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    pad = 32 // 8
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
+    offsets, flips = [], []
+    for i in range(len(x)):
+        found = [
+            (dy, dx, flip)
+            for dy in range(2 * pad + 1)
+            for dx in range(2 * pad + 1)
+            for flip in (False, True)
+            if out[i].equal(
+                padded[i, :, dy : dy + 32, dx : dx + 32].flip(-1)
+                if flip
+                else padded[i, :, dy : dy + 32, dx : dx + 32]
+            )
+        ]
+        assert found, f"image {i} is not a crop / flip of input {i}"
+        offsets.append(found[0][:2])
+        flips.append(found[0][2])
+    assert sum(not out[i].equal(x[i]) for i in range(len(x))) >= 40  # almost every image changed
+    assert 10 <= sum(flips) <= 38 and len(set(offsets)) >= 10  # both flips, many crop positions
+    assert out.equal(augment_batch(x, torch.Generator().manual_seed(5)))
+    assert not out.equal(augment_batch(x, torch.Generator().manual_seed(6)))
+
+
+def test_label_smoothing_changes_the_training_loss_by_the_closed_form_amount(
+    bb: Backbone, data: tuple
+) -> None:
+    """With one step per epoch, epoch 2's loss is the loss of the head saved at the end of epoch 1 on the
+    whole training set, so it can be computed here: smoothing eps turns the cross-entropy CE into
+    (1 - eps) * CE + eps * U, U being the mean over classes of -log p."""
+    x, y = data
+    eps = 0.3
+    checkpoints: list[Checkpoint] = []
+    cfg = _cfg(epochs=2, batch_size=len(x), learning_rate=0.5, label_smoothing=eps)
+    result = fit(
+        bb,
+        "linear",
+        LinearConfig(4),
+        data,
+        None,
+        None,
+        cfg,
+        classes=CLASSES,
+        callbacks=TrainCallbacks(on_checkpoint=checkpoints.append),
+    )
+    head = create_method("linear", bb, LinearConfig(4))
+    head.load_state_dict(checkpoints[0].state["trainable"])
+    logp = torch.log_softmax(predict_logits(head, x), dim=1)
+    ce = float(-logp[torch.arange(len(y)), y].mean())
+    uniform = float(-logp.mean())
+    assert uniform - ce > 0.5  # the head is confident after one large step: the two terms differ
+    loss = float(result.metrics["epochs"][1]["train_loss"])
+    assert loss == pytest.approx((1 - eps) * ce + eps * uniform, rel=1e-4), (loss, ce, uniform)

@@ -13,15 +13,19 @@ from service.serving.errors import PinLimitError, PromptNotFoundError
 from service.serving.slots import SlotGrant, SlotPolicy
 
 
-class SlowSource(MemorySource):
-    """A MemorySource whose reads take a while, so that concurrent misses overlap."""
+class GatedSource(MemorySource):
+    """A MemorySource whose reads of `gated` keys wait for `release`: the test decides what overlaps."""
 
-    def __init__(self, data: dict[str, bytes], delay: float = 0.05) -> None:
+    def __init__(self, data: dict[str, bytes], gated: set[str]) -> None:
         super().__init__(data)
-        self.delay = delay
+        self.gated = gated
+        self.started = asyncio.Event()  # a gated read has begun
+        self.release = asyncio.Event()
 
     async def load(self, key: str) -> bytes:
-        await asyncio.sleep(self.delay)
+        if key in self.gated:
+            self.started.set()
+            await self.release.wait()
         return await super().load(key)
 
 
@@ -51,14 +55,15 @@ def test_host_tier_is_lru_bounded_in_bytes(blobs: dict[str, bytes]) -> None:
 
 def test_concurrent_misses_load_once_and_do_not_block_hits(blobs: dict[str, bytes]) -> None:
     async def run() -> None:
-        source = SlowSource(blobs, delay=0.2)
+        source = GatedSource(blobs, gated={"p1"})
         cache = PromptCache(source, max_bytes=1 << 30)
         await cache.get("p0")
         loads = [asyncio.ensure_future(cache.get("p1")) for _ in range(5)]
-        await asyncio.sleep(0)
-        hit = await cache.get("p0")  # served while p1 is still loading: order, not seconds
+        await source.started.wait()  # p1's single load is in flight, held
+        hit = await cache.get("p0")  # served while p1 is still loading
         assert hit.key == "p0"
         assert not any(f.done() for f in loads)
+        source.release.set()
         results = await asyncio.gather(*loads)
         assert source.loads == 2  # p0 once, p1 once for five callers
         assert all(r is results[0] for r in results)
@@ -68,14 +73,15 @@ def test_concurrent_misses_load_once_and_do_not_block_hits(blobs: dict[str, byte
 
 def test_invalidate_drops_entry_and_a_load_racing_it(blobs: dict[str, bytes]) -> None:
     async def run() -> None:
-        source = SlowSource(blobs, delay=0.1)
+        source = GatedSource(blobs, gated={"p1"})
         cache = PromptCache(source, max_bytes=1 << 30)
         first = await cache.get("p0")
         cache.invalidate("p0")
         assert "p0" not in cache and not cache.is_current(first)
         racing = asyncio.ensure_future(cache.get("p1"))
-        await asyncio.sleep(0.01)
+        await source.started.wait()
         cache.invalidate("p1")  # deleted while its load was in flight
+        source.release.set()
         old = await racing
         assert not cache.is_current(old) and "p1" not in cache
         del source.data["p1"]

@@ -16,11 +16,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from bench.synthetic import random_lora_artifacts
 from service.api.main import create_app
+from service.engine import Backbone, decode_image, preprocess
 from service.engine.artifacts import PromptArtifact
+from service.engine.mixed_batch import predict_single
 from service.settings import Settings
 
 ADMIN = "serving-test-admin-key"
@@ -366,3 +370,32 @@ def test_per_tenant_metric_labels_are_opt_in(make_gateway: Callable[..., Gateway
     (_, pid) = gw.prompts[0]
     assert gw.predict(0, {"prompt": pid, "images": [_png(1)]}).status_code == 200
     assert 'tenant="ten_' in gw.client.get("/metrics").text
+
+
+def test_a_lora_prompt_rides_the_mixed_pass_and_scores_as_the_engine(
+    make_gateway: Callable[..., Gateway], resnet20: Backbone
+) -> None:
+    """A LoRA prompt and an AP prompt in one request (one pass): the LoRA rows equal its peft forward."""
+    gw = make_gateway(n_tenants=1, per_tenant=1)
+    (lora,) = random_lora_artifacts(resnet20, 1, rank=4, num_classes=5, seed=11, scale=0.05)
+    files = {"artifact": ("lora.safetensors", lora.to_bytes(), "application/octet-stream")}
+    r = gw.client.post("/v1/prompts", files=files, headers=gw.tenants[0])
+    assert r.status_code == 201, r.text
+    lora_id, (_, ap_id) = r.json()["id"], gw.prompts[0]
+    images = [_png(3), _png(4), _png(5)]
+    r = gw.predict(0, {"prompts": [ap_id, lora_id], "images": images, "top_k": 5})
+    assert r.status_code == 200, r.text
+    served = torch.zeros(len(images), 5)
+    for row, preds in enumerate(r.json()["results"][1]["predictions"]):
+        for p in preds:
+            served[row, p["index"]] = p["probability"]
+    pngs = [base64.b64decode(i) for i in images]
+    x = preprocess(
+        [decode_image(p) for p in pngs],
+        resnet20.input_size,
+        resnet20.spec.mean or (),
+        resnet20.spec.std or (),
+    )
+    expected = torch.softmax(predict_single(resnet20, lora, x), dim=1)  # through the peft-injected copy
+    torch.testing.assert_close(served, expected, atol=1e-5, rtol=1e-5)
+    assert len({tuple(row.tolist()) for row in expected}) > 1  # not one constant answer

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from bench.synthetic import random_lora_artifacts
 from service.engine import Backbone, BackboneSpec
 from service.engine.artifacts import PromptArtifact
 from service.engine.mixed_batch import predict_single
@@ -224,6 +225,37 @@ def test_a_prompt_that_cannot_be_written_fails_alone(
             )
             srv = await pred.server(resnet20_spec)
             assert srv.batcher.stats.batches == 1 and "full" not in srv.policy
+        finally:
+            await pred.aclose()
+
+    asyncio.run(run())
+
+
+def test_lora_prompts_are_held_by_bytes_in_both_tiers_and_served_with_the_others(
+    resnet20: Backbone, resnet20_spec: BackboneSpec, prompts: dict[str, PromptArtifact]
+) -> None:
+    """A LoRA artifact is kilobytes on the host tier (its serialized size), its factors live in the
+    device tier's slot table, and a request mixing it with AP prompts scores each as its own forward."""
+    loras = random_lora_artifacts(resnet20, 2, rank=4, num_classes=5, seed=3, scale=0.05)
+    mixed = {"tenant0/lora0": loras[0], "tenant1/lora1": loras[1], "tenant2/p2": prompts["tenant2/p2"]}
+    x = _images(3, seed=4)
+
+    async def run() -> None:
+        pred = EngineCore(_source(mixed), ServingConfig(max_wait_ms=20))
+        try:
+            srv = await pred.server(resnet20_spec)
+            empty = srv.table.device_bytes
+            out = await pred.predict(resnet20_spec, list(mixed), x)
+            for res in out:
+                torch.testing.assert_close(
+                    res.probabilities, _reference(resnet20, mixed[res.key], x), atol=1e-5, rtol=1e-5
+                )
+            size = sum(len(a.to_bytes()) for a in mixed.values())
+            assert pred.cache.resident_bytes == size and srv.policy.resident_bytes == size
+            assert all(len(a.to_bytes()) < 200_000 for a in loras)  # kilobytes
+            assert srv.table.device_bytes - empty >= sum(a.nbytes for a in loras) - 2 * 5 * 65 * 4
+            lora_slots = [s for s in range(srv.table.capacity) if srv.table.bank.lora.modules(s)]
+            assert len(lora_slots) == 2
         finally:
             await pred.aclose()
 

@@ -10,7 +10,7 @@ from service.api.schemas.backbones import BackboneCreate, BackbonePublic, Backbo
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
 from service.db.models import Backbone
 from service.domain import backbones
-from service.engine.backbone_spec import BackboneSpec
+from service.engine import BackboneSpec
 
 router = APIRouter(route_class=CheckedRoute, tags=["backbones"], responses=ERROR_RESPONSES)
 

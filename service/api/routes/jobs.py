@@ -11,7 +11,7 @@ from typing import Annotated
 
 from actprompt.states import TERMINAL_JOB_STATES, JobStatus
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.sse import KEEPALIVE_COMMENT, EventSourceResponse, format_sse_event
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import (
@@ -121,7 +121,7 @@ async def list_events(
     limit: int = Query(100, ge=1, le=1000),
     after: int | None = Query(None, ge=0, description="Cursor: events with a larger id."),
     last_event_id: Annotated[int | None, Header(alias="Last-Event-ID", ge=0)] = None,
-) -> ListPublic[JobEventPublic] | StreamingResponse:
+) -> ListPublic[JobEventPublic] | EventSourceResponse:
     def page(after_id: int | None, n: int) -> tuple[list[JobEvent], str]:
         with factory() as session:
             events = jobs.list_events(session, tenant_id, job_id, after=after_id, limit=n)
@@ -130,10 +130,8 @@ async def list_events(
     if "text/event-stream" in request.headers.get("accept", ""):
         start = last_event_id if last_event_id is not None else after
         await run_in_threadpool(page, start, 1)  # 404 before the stream starts
-        return StreamingResponse(
-            _stream(page, start),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        return EventSourceResponse(
+            _stream(page, start), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
     limit = page_limit(limit, settings)
     rows, _status = await run_in_threadpool(page, after, limit + 1)
@@ -148,24 +146,27 @@ async def _stream(
     after: int | None,
     poll: float = 0.5,
     keepalive: float = 15.0,
-) -> AsyncIterator[str]:
-    """Events as they are written; ends with `event: end` once the job is final and drained."""
+) -> AsyncIterator[bytes]:
+    """Events as they are written; ends with `event: end` once the job is final and drained.
+
+    FastAPI's own SSE framing (`fastapi.sse`) writes each message; the route answers JSON pages too (by
+    `Accept`), so it cannot be a generator route and sends its own keep-alive comment while idle.
+    """
     last = after
     quiet_since = time.monotonic()
     while True:
         events, status = await run_in_threadpool(page, last, 500)
         for e in events:
-            data = event_public(e).model_dump(mode="json")
-            yield f"id: {e.id}\nevent: {e.type}\ndata: {json.dumps(data)}\n\n"
+            yield format_sse_event(data_str=event_public(e).model_dump_json(), event=e.type, id=str(e.id))
             last = e.id
         if events:
             quiet_since = time.monotonic()
             continue
         if status in TERMINAL_JOB_STATES:
-            yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
+            yield format_sse_event(data_str=json.dumps({"status": status}), event="end")
             return
         if time.monotonic() - quiet_since > keepalive:
-            yield ": keepalive\n\n"
+            yield KEEPALIVE_COMMENT
             quiet_since = time.monotonic()
         await asyncio.sleep(poll)
 
