@@ -4,7 +4,9 @@ Triton's queue policies and TorchServe's 503-when-full, in rows (image x prompt)
 costs:
 
 * **Bounded in expected work.** :class:`Admission` counts the rows each tenant has admitted and not yet
-  finished, and learns the seconds one row costs from the passes it measures (an exponential average). A
+  finished, and learns what a pass costs from the passes it measures: seconds = per-pass overhead + rows x
+  per-row cost, fitted by least squares with exponential forgetting (so a burst after quiet single-row
+  passes is not priced as if each row paid a whole pass). A
   request whose expected wait before its first row runs exceeds the queue-wait budget is refused at once
   with :class:`OverloadedError` and a retry hint, instead of waiting behind a queue that only grows. A
   request with nothing ahead of it is always admitted, however big.
@@ -54,16 +56,20 @@ class Admission:
         *,
         budget_s: float,
         name: str = "default",
+        batch_rows: int = 64,
         initial_row_s: float = 0.002,
-        smoothing: float = 0.2,
+        smoothing: float = 0.1,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if budget_s <= 0:
             raise ValueError("budget_s must be positive")
         self.budget_s = budget_s
         self.name = name
-        self.row_s = initial_row_s
+        self.batch_rows = max(1, batch_rows)
+        self.row_s = initial_row_s  # seconds one more row adds to a pass
+        self.pass_s = 0.0  # seconds a pass costs whatever its rows
         self._smoothing = smoothing
+        self._fit = [0.0] * 5  # exponentially weighted sums of 1, rows, seconds, rows^2, rows x seconds
         self._clock = clock
         self._backlog: dict[str, int] = {}  # tenant -> rows admitted and not finished
         self.refused = 0
@@ -73,15 +79,27 @@ class Admission:
         return sum(self._backlog.values())
 
     def observe(self, rows: int, seconds: float) -> None:
-        """One measured pass: move the per-row cost toward what it cost."""
-        if rows > 0 and seconds > 0:
-            self.row_s += self._smoothing * (seconds / rows - self.row_s)
+        """One measured pass: refit seconds = pass_s + rows x row_s (older passes weigh less and less)."""
+        if rows <= 0 or seconds <= 0:
+            return
+        keep = 1.0 - self._smoothing
+        x, y = float(rows), seconds
+        w, sx, sy, sxx, sxy = (
+            keep * v + d for v, d in zip(self._fit, (1.0, x, y, x * x, x * y), strict=True)
+        )
+        self._fit = [w, sx, sy, sxx, sxy]
+        spread = w * sxx - sx * sx
+        slope = (w * sxy - sx * sy) / spread if spread > 1e-9 * w * sxx else -1.0
+        if slope > 0 and (sy - slope * sx) >= 0:
+            self.row_s, self.pass_s = slope, (sy - slope * sx) / w
+        else:  # one batch size seen so far (or noise): price it all per row
+            self.row_s, self.pass_s = sy / sx, 0.0
 
     def expected_wait_s(self, tenant: str, rows: int) -> float:
         """Seconds before a new request of ``tenant`` with ``rows`` rows starts, under the fair share."""
         own = self._backlog.get(tenant, 0)
         ahead = own + sum(min(n, own + rows) for t, n in self._backlog.items() if t != tenant)
-        return ahead * self.row_s
+        return math.ceil(ahead / self.batch_rows) * self.pass_s + ahead * self.row_s
 
     def admit(self, tenant: str, rows: int, deadline: float | None = None) -> Ticket:
         """A ticket for ``rows`` rows, or OverloadedError / DeadlineExceededError at once."""

@@ -174,7 +174,7 @@ class EngineCore:
         name = f"{spec.model}@{backbone.device!s}"
         capacity = table.capacity
         policy = SlotPolicy(capacity, max_pinned=int(capacity * cfg.pin_fraction), name=name)
-        admission = Admission(budget_s=cfg.queue_budget_ms / 1000, name=name)
+        admission = Admission(budget_s=cfg.queue_budget_ms / 1000, name=name, batch_rows=cfg.max_batch_rows)
         batcher = MicroBatcher(
             table,
             policy,
@@ -352,6 +352,7 @@ class EngineCore:
                     "queue": {
                         "rows": srv.admission.rows,
                         "row_ms": round(srv.admission.row_s * 1000, 4),
+                        "pass_ms": round(srv.admission.pass_s * 1000, 4),
                         "refused": srv.admission.refused,
                     },
                 }

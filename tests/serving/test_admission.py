@@ -59,11 +59,17 @@ def test_admission_refuses_past_the_budget_and_always_admits_an_idle_engine() ->
     adm.admit("a", 5)  # room again
 
 
-def test_admission_learns_the_row_cost_from_measured_passes() -> None:
+def test_admission_learns_the_cost_of_a_pass_from_measured_passes() -> None:
     adm = Admission(budget_s=1.0, initial_row_s=0.5, smoothing=0.5)
     for _ in range(20):
-        adm.observe(64, 0.064)  # 1 ms a row
-    assert adm.row_s == pytest.approx(0.001, rel=1e-3)
+        adm.observe(64, 0.064)  # one batch size: 1 ms a row
+    assert adm.row_s == pytest.approx(0.001, rel=1e-3) and adm.pass_s == 0
+    for _ in range(10):  # 20 ms a pass + 0.5 ms a row: quiet single rows do not price a burst at 20 ms/row
+        adm.observe(1, 0.0205)
+        adm.observe(64, 0.052)
+    assert adm.row_s == pytest.approx(0.0005, rel=1e-2) and adm.pass_s == pytest.approx(0.02, rel=1e-2)
+    adm.admit("a", 128)
+    assert adm.expected_wait_s("a", 1) == pytest.approx(2 * 0.02 + 128 * 0.0005, rel=1e-2)
 
 
 def test_admission_refuses_a_deadline_it_cannot_meet() -> None:
@@ -125,7 +131,7 @@ def test_rows_whose_deadline_passed_in_the_queue_are_dropped_before_compute(
         try:
             await core.predict(resnet20_spec, ["p", "q"], _images(1, 0))
             srv = await core.server(resnet20_spec)
-            srv.admission.row_s = 1e-9
+            srv.admission.row_s, srv.admission.pass_s = 1e-9, 0.0
             busy = asyncio.ensure_future(core.predict(resnet20_spec, ["p", "q"], _images(64, 1)))
             await asyncio.sleep(0)  # the long request is queued first
             with pytest.raises(DeadlineExceededError):

@@ -65,6 +65,7 @@ def make_gateway(
             "auto_migrate": True,
             "embedded_worker": False,
             "serving_max_wait_ms": 20.0,
+            "serving_queue_budget_ms": 60_000.0,  # bursts of correctness checks; admission: test_split
             "rate_limit_per_second": 1000.0,
             "rate_limit_burst": 1000.0,
             **overrides,
