@@ -65,7 +65,7 @@ class EngineClient:
         sock.setsockopt(zmq.RECONNECT_IVL, 50)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
         metrics.ENGINE_UP.labels(endpoint=self.endpoint).set(0)
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         sock.connect(self.endpoint)
         self._sock = sock
         self._tasks = [
@@ -177,22 +177,31 @@ class EngineClient:
             if fut is not None and not fut.done():
                 fut.set_result((header, tensors))
 
+    def _ping(self) -> None:
+        """Send a heartbeat if a connection can take it; a failed one (no engine) is simply not sent."""
+        if self._sock is not None:
+            sent = asyncio.ensure_future(
+                self._sock.send_multipart(encode({"op": "ping", "id": -1}), flags=zmq.NOBLOCK)
+            )
+            sent.add_done_callback(lambda f: f.cancelled() or f.exception())
+
     async def _heartbeat(self) -> None:
-        assert self._sock is not None
         while True:
-            with contextlib.suppress(zmq.Again):
-                await self._sock.send_multipart(encode({"op": "ping", "id": -1}), flags=zmq.NOBLOCK)
+            self._ping()
             await asyncio.sleep(self.heartbeat_s)
             if self.alive and time.monotonic() - self._last_heard > self.timeout_s:
                 self._mark_down(f"no answer from the engine for {self.timeout_s:.1f} s")
 
     async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
-        """The socket's own events: a lost connection fails everything in flight at once."""
+        """The socket's own events: a lost connection fails everything in flight at once; a new one is
+        asked for a heartbeat at once, so a restarted engine is back in use without waiting a beat."""
         try:
             while True:
                 event = await recv_monitor_message(monitor)
                 if event["event"] == zmq.EVENT_DISCONNECTED:
                     self._mark_down("the connection to the engine process was lost")
+                elif event["event"] == zmq.EVENT_CONNECTED:  # a (re)started engine: ask now, not next beat
+                    self._ping()
         finally:
             monitor.close()
 
