@@ -69,7 +69,8 @@ def _geometry(module: nn.Module) -> _Geometry:
         k, s, p = module.kernel_size, module.stride, module.padding
         same = isinstance(module, Conv2dSame)
         return _Geometry(True, module.in_channels, module.out_channels, (k[0], k[1]), (s[0], s[1]), p, same)  # type: ignore[arg-type]
-    assert isinstance(module, nn.Linear)
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"LoRA rows adapt Conv2d and Linear modules, not {type(module).__name__}")
     return _Geometry(False, module.in_features, module.out_features)
 
 

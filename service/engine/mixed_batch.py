@@ -176,7 +176,8 @@ class PromptBank:
         """
         artifact.check_backbone(self.backbone)
         cfg = artifact.method_config
-        assert isinstance(cfg, LoRAConfig)
+        if not isinstance(cfg, LoRAConfig):
+            raise ArtifactError(f"artifact of method {cfg.method!r} read as a LoRA artifact")
         factors = lora_factors(self.backbone, cfg, artifact.tensors)
         head: dict[str, Tensor] = {
             k: artifact.tensors[k] for k in ("head.weight", "head.bias") if k in artifact.tensors

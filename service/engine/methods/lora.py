@@ -53,9 +53,8 @@ def adaptable(module: nn.Module, family: str, name: str) -> bool:
         return type(module) is nn.Linear and _VIT_TARGET.search(name) is not None
     # Zero-padded, ungrouped convs whose padding rule the per-row path reproduces: peft builds A as the
     # module's own type with its kernel, stride and padding (timm's Conv2dSame pads "same" on the fly).
-    if type(module) not in (nn.Conv2d, Conv2dSame):
+    if not isinstance(module, nn.Conv2d) or type(module) not in (nn.Conv2d, Conv2dSame):
         return False
-    assert isinstance(module, nn.Conv2d)
     return module.groups == 1 and module.padding_mode == "zeros"
 
 
@@ -144,9 +143,10 @@ def lora_factors(
         if isinstance(m, nn.Conv2d):
             kh, kw = m.kernel_size
             want_a, want_b = (r, m.in_channels, kh, kw), (m.out_channels, r, 1, 1)
-        else:
-            assert isinstance(m, nn.Linear)
+        elif isinstance(m, nn.Linear):
             want_a, want_b = (r, m.in_features), (m.out_features, r)
+        else:
+            raise ArtifactError(f"LoRA target {name!r} is a {type(m).__name__}, not a Conv2d or Linear")
         pair = []
         for factor, want in (("A", want_a), ("B", want_b)):
             key = lora_key(name, factor)
