@@ -4,25 +4,7 @@ Imports the engine, asyncio and ZeroMQ only (no FastAPI, no database): callers h
 :class:`PromptSource` and internal keys. :class:`service.serving.core.EngineCore` holds the backbones, the
 cache tiers, the batcher and admission control; :mod:`service.serving.engine_server` serves it to the
 front processes, which reach it through :class:`service.serving.client.EngineClient`.
+
+The package itself imports nothing, so that a front importing `service.serving.metrics` or
+`service.serving.errors` does not load torch through the cache's artifact types.
 """
-
-from service.serving.cache import CallableSource, LoadedPrompt, PromptCache, PromptSource
-from service.serving.errors import PinLimitError, PromptNotFoundError, ServingClosedError, ServingError
-from service.serving.ratelimit import InMemoryRateLimiter, RateDecision, RateLimiter, RedisRateLimiter
-from service.serving.slots import SlotPolicy
-
-__all__ = [
-    "CallableSource",
-    "InMemoryRateLimiter",
-    "LoadedPrompt",
-    "PinLimitError",
-    "PromptCache",
-    "PromptNotFoundError",
-    "PromptSource",
-    "RateDecision",
-    "RateLimiter",
-    "RedisRateLimiter",
-    "ServingClosedError",
-    "ServingError",
-    "SlotPolicy",
-]

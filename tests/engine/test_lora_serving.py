@@ -28,6 +28,14 @@ from service.engine.mixed_batch import PromptBank, forward_mixed, forward_multi
 #: Every row within this of its own peft forward (absolute, plus the same relative to the logit: fp32
 #: sums over a deep network differ in the last bits when the order of additions differs).
 TOL = {"atol": 1e-5, "rtol": 1e-5}
+#: MobileNetV2 (folded BN, logits up to ~16, 17 inverted-residual blocks) drifts up to ~3e-5 between the
+#: two summation orders depending on the thread count; a row that used another row's adapter differs by
+#: ~1e-2, so 1e-4 still separates right from wrong by two orders of magnitude.
+DEEP_TOL = {"atol": 1e-4, "rtol": 1e-5}
+
+
+def tol(bb: Backbone) -> dict[str, float]:
+    return DEEP_TOL if bb.spec.model == "mobilenetv2_100" else TOL
 
 
 def _spec(name: str, weights_dir: Path) -> BackboneSpec:
@@ -119,11 +127,11 @@ def test_every_row_equals_its_own_adapters_peft_forward(bb: Backbone, arts: list
     bank = _bank(bb, arts)
     mixed = forward_mixed(bb, bank, x, slots)
     want = _own_forward(bb, arts, x, slots)
-    torch.testing.assert_close(mixed, want, **TOL)
+    torch.testing.assert_close(mixed, want, **tol(bb))
     # and a batch of LoRA rows only (every row acts at every module the first adapter adapts)
     lora_only = [1, 0, 2, 0, 1, 1]
     torch.testing.assert_close(
-        forward_mixed(bb, bank, x[:6], lora_only), _own_forward(bb, arts, x[:6], lora_only), **TOL
+        forward_mixed(bb, bank, x[:6], lora_only), _own_forward(bb, arts, x[:6], lora_only), **tol(bb)
     )
     # the adapters really act: without them the LoRA rows would score like the bare backbone's head
     bare = torch.stack(
@@ -140,7 +148,7 @@ def test_every_image_under_every_adapter(bb: Backbone, arts: list[PromptArtifact
     bank = _bank(bb, arts)
     multi = forward_multi(bb, bank, x, [2, 0, 4])  # [P, N, Kmax]
     for p, s in enumerate([2, 0, 4]):
-        torch.testing.assert_close(multi[p], _own_forward(bb, arts, x, [s] * 3), **TOL)
+        torch.testing.assert_close(multi[p], _own_forward(bb, arts, x, [s] * 3), **tol(bb))
 
 
 @pytest.mark.parametrize("name", ["resnet20_cifar"])
