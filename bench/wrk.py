@@ -96,8 +96,11 @@ def run_wrk(
         raise RuntimeError(f"wrk gave no result: {out[-2000:]}")
     res: dict[str, Any] = json.loads(match.group(1))
     wall = res["duration_us"] / 1e6
-    res["rps"] = round(res["requests"] / wall, 2)
-    res["errors"] = res.pop("status_errors") + res.pop("socket_errors")
+    status_errors = res.pop("status_errors")
+    # Throughput counts 2xx answers only: a fast 503 from admission control is a refusal, not work done.
+    res["rps"] = round((res["requests"] - status_errors) / wall, 2)
+    res["answered_rps"] = round(res["requests"] / wall, 2)
+    res["errors"] = status_errors + res.pop("socket_errors")
     res["connections"] = connections
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     res["load_generator_cpu_share"] = round(cpu / wall, 3)  # cores the load generator itself used
