@@ -43,17 +43,7 @@ class PromptAPI(ls.LitAPI):
     def predict(self, items: Any) -> Any:
         batched = isinstance(items, list)
         items = items if batched else [items]
-        x = torch.cat([x for _, x, _ in items])  # [sum N, 3, H, W]
-        prompts = [p for p, xi, _ in items for _ in range(xi.shape[0])]
-        if self.gather:
-            rows = list(self.model.forward_gather(prompts, x))
-        else:
-            rows = self.model.forward_per_prompt(prompts, x)
-        out, start = [], 0
-        for p, xi, k in items:
-            n = xi.shape[0]
-            out.append(self.model.shape(p, torch.stack(rows[start : start + n]), k))
-            start += n
+        out = self.model.score_items(items, self.gather)
         return out if batched else out[0]
 
     def unbatch(self, output: list[Any]) -> list[Any]:

@@ -98,6 +98,19 @@ class PromptedModel:
             ).squeeze(2)  # [B, K]
             return torch.softmax(logits, dim=-1)
 
+    def score_items(self, items: Sequence[tuple[str, Tensor, int]], gather: bool) -> list[Predictions]:
+        """One server batch of (prompt, images [N, 3, H, W], top_k) requests -> each request's predictions:
+        the rows concatenated, scored one pass per prompt (or gathered per row), split back per request."""
+        x = torch.cat([x for _, x, _ in items])  # [sum N, 3, H, W]
+        prompts = [p for p, xi, _ in items for _ in range(xi.shape[0])]
+        rows = list(self.forward_gather(prompts, x)) if gather else self.forward_per_prompt(prompts, x)
+        out, start = [], 0
+        for p, xi, k in items:
+            n = xi.shape[0]
+            out.append(self.shape(p, torch.stack(rows[start : start + n]), k))
+            start += n
+        return out
+
     def shape(self, prompt: str, probs: Tensor, top_k: int) -> Predictions:
         """Probabilities [N, K] -> the JSON predictions of one request."""
         classes = self.artifacts[prompt].classes

@@ -44,18 +44,7 @@ class Infer(Worker):
         self.gather = mode() == "gather"
 
     def forward(self, items: list[Item]) -> list[dict[str, Any]]:
-        x = torch.cat([x for _, x, _ in items])  # [sum N, 3, H, W]
-        prompts = [p for p, xi, _ in items for _ in range(xi.shape[0])]
-        if self.gather:
-            rows = list(self.model.forward_gather(prompts, x))
-        else:
-            rows = self.model.forward_per_prompt(prompts, x)
-        out, start = [], 0
-        for p, xi, k in items:
-            n = xi.shape[0]
-            out.append({"predictions": self.model.shape(p, torch.stack(rows[start : start + n]), k)})
-            start += n
-        return out
+        return [{"predictions": p} for p in self.model.score_items(items, self.gather)]
 
 
 if __name__ == "__main__":

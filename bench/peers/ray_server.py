@@ -53,15 +53,7 @@ class PromptModel:
 
     @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=WAIT_S)
     async def infer(self, items: list[Item]) -> list[list[list[dict[str, Any]]]]:
-        x = torch.cat([x for _, x, _ in items])  # [sum N, 3, H, W]
-        prompts = [p for p, xi, _ in items for _ in range(xi.shape[0])]
-        rows = self.model.forward_per_prompt(prompts, x)
-        out, start = [], 0
-        for p, xi, k in items:
-            n = xi.shape[0]
-            out.append(self.model.shape(p, torch.stack(rows[start : start + n]), k))
-            start += n
-        return out
+        return self.model.score_items(items, gather=False)
 
     async def __call__(self, request: Request) -> dict[str, Any]:
         body = await request.json()
