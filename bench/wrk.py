@@ -32,12 +32,26 @@ for k = 1, n do
   heads[k] = h
 end
 local i = math.random(n)
+local threads = {}
+setup = function(thread) table.insert(threads, thread) end
+statuses = {}
+response = function(status, headers, body)
+  local k = tostring(status)
+  statuses[k] = (statuses[k] or 0) + 1
+end
 request = function()
   i = (i %% n) + 1
   return wrk.format("POST", "%(path)s", heads[i], bodies[i])
 end
 done = function(summary, latency, requests)
   local e = summary.errors
+  local total = {}
+  for _, t in ipairs(threads) do
+    for k, v in pairs(t:get("statuses")) do total[k] = (total[k] or 0) + v end
+  end
+  local parts = {}
+  for k, v in pairs(total) do table.insert(parts, string.format("\"%%s\": %%d", k, v)) end
+  io.write("WRKSTATUS {" .. table.concat(parts, ", ") .. "}\n")
   io.write(string.format(
     "WRKJSON {\"requests\": %%d, \"duration_us\": %%d, \"status_errors\": %%d, \"socket_errors\": %%d, " ..
     "\"p50_ms\": %%.3f, \"p90_ms\": %%.3f, \"p99_ms\": %%.3f, \"mean_ms\": %%.3f}\n",
@@ -95,6 +109,9 @@ def run_wrk(
     if match is None:
         raise RuntimeError(f"wrk gave no result: {out[-2000:]}")
     res: dict[str, Any] = json.loads(match.group(1))
+    codes = re.search(r"WRKSTATUS (\{.*\})", out)
+    # answers per HTTP status, so a run says whether its non-2xx were refusals (503), deadlines or faults
+    res["statuses"] = {k: int(v) for k, v in sorted(json.loads(codes.group(1)).items())} if codes else {}
     wall = res["duration_us"] / 1e6
     status_errors = res.pop("status_errors")
     # Throughput counts 2xx answers only: a fast 503 from admission control is a refusal, not work done.

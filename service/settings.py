@@ -144,6 +144,12 @@ class Settings(BaseSettings):
         description="Admission control: a predict expected to wait longer than this before its first row "
         "runs is refused at once (503 overloaded, Retry-After).",
     )
+    serving_front_max_in_flight: int = Field(
+        ge=0,
+        default=64,
+        description="Predicts one HTTP process takes at once; past it, 503 overloaded before the body is "
+        "read (0: no limit). 64 keeps a front's own queue to a few hundred ms of decoding on one core.",
+    )
     serving_fair_quantum_rows: int = Field(
         ge=1, default=8, description="Rows each tenant's queue sends per fair-share (round-robin) turn."
     )

@@ -25,6 +25,7 @@ from service.api.routes import (
     tenants,
 )
 from service.api.routes.docs import install_docs
+from service.api.shedding import LoadShedding
 from service.db.migrate import check_migrated, upgrade
 from service.db.session import make_engine, make_session_factory
 from service.domain.evaluation_runner import EvaluationRunner
@@ -37,6 +38,7 @@ from service.queue import InProcessQueue, create_queue
 from service.serving import metrics as serving_metrics
 from service.serving.client import EngineClient
 from service.serving.core import EngineCore
+from service.serving.front_gate import FrontGate
 from service.serving.ratelimit import build_rate_limiter
 from service.settings import Settings, get_settings
 from service.storage import create_storage
@@ -44,7 +46,9 @@ from service.storage import create_storage
 log = logging.getLogger("actprompt.api")
 
 
-async def build_predictor(settings: Settings, session_factory: sessionmaker[Session]) -> EnginePredictor:
+async def build_predictor(
+    settings: Settings, session_factory: sessionmaker[Session], gate: FrontGate | None = None
+) -> EnginePredictor:
     """The predict path: the engine process when `actprompt serve` started one (its endpoint is set), else
     an engine inside this process (single-process mode, in-process tests); either micro-batches every
     tenant's requests on one shared backbone per device."""
@@ -55,13 +59,13 @@ async def build_predictor(settings: Settings, session_factory: sessionmaker[Sess
         await client.start()
         if not await client.wait_alive(timeout_s=120):
             log.warning("the engine at %s does not answer yet: predicts get 503", client.endpoint)
-        return EnginePredictor(client)
+        return EnginePredictor(client, on_overloaded=gate.engine_refused if gate else None)
     if settings.torch_threads > 0:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
     core = EngineCore(DatabasePromptSource(session_factory), serving_config(settings))
-    return EnginePredictor(LocalEngine(core))
+    return EnginePredictor(LocalEngine(core), on_overloaded=gate.engine_refused if gate else None)
 
 
 def body_limit(settings: Settings, path: str) -> int:
@@ -91,7 +95,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.prompt_resolver = PromptResolver(
             session_factory, ttl_s=settings.prompt_resolve_cache_seconds
         )
-        app.state.predictor = await build_predictor(settings, session_factory)  # on the loop that owns it
+        # on the loop that owns it
+        app.state.predictor = await build_predictor(settings, session_factory, app.state.front_gate)
         stack.push_async_callback(app.state.predictor.aclose)
         app.state.rate_limiter = build_rate_limiter(settings)
         if app.state.rate_limiter is not None:
@@ -124,6 +129,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
 
 
+def _cached_tenant(app: FastAPI, raw_key: str) -> str | None:
+    """The tenant of a key this process has already authenticated (no database read), else None."""
+    authenticator = getattr(app.state, "authenticator", None)
+    principal = authenticator.cached(raw_key) if authenticator is not None else None
+    return principal.tenant_id if principal is not None else None
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = resolve_admin_key(settings or get_settings())
     configure_logging(settings.log_level, json_lines=settings.log_json)
@@ -139,6 +151,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.session_factory = None
     app.state.metrics = Metrics(lambda: app.state.session_factory)
     install_error_handlers(app)
+    app.state.front_gate = FrontGate(
+        max_in_flight=settings.serving_front_max_in_flight,
+        max_hold_s=settings.serving_queue_budget_ms / 1000,
+    )
+    app.add_middleware(  # inside RequestMiddleware: a refusal is logged and counted like any answer
+        LoadShedding,
+        gate=app.state.front_gate,
+        tenant_of=lambda raw_key: _cached_tenant(app, raw_key),
+    )
     app.add_middleware(
         RequestMiddleware,
         max_body_bytes=lambda path: body_limit(app.state.settings, path),

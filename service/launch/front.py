@@ -12,7 +12,7 @@ tensors), and serving errors become domain ones. The engine is the engine proces
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -33,6 +33,7 @@ from service.engine import BackboneSpec, EngineError, ImageDecodeError, decode_i
 from service.engine.preprocessing import Preprocessing
 from service.serving.core import EngineCore, PromptPrediction, ServingConfig
 from service.serving.errors import (
+    OverloadedError,
     PinLimitError,
     PromptNotFoundError,
     ServingError,
@@ -151,8 +152,16 @@ class EnginePredictor:
     Built in the app's lifespan and called from the event loop only.
     """
 
-    def __init__(self, engine: Engine, *, max_pipelines: int = 100_000) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_pipelines: int = 100_000,
+        on_overloaded: Callable[[str, float], None] | None = None,
+    ) -> None:
         self.engine = engine
+        # (tenant, seconds over the queue budget) when the engine refuses: the front's gate sheds the tenant
+        self._on_overloaded = on_overloaded
         self._specs: dict[str, BackboneSpec] = {}  # backbone spec hash -> parsed spec (parsed once)
         # serving key -> its training pipeline; a key names immutable bytes (sha256), so it never goes stale
         self._pipelines: LRUCache[str, Preprocessing] = LRUCache(max_pipelines)
@@ -186,6 +195,8 @@ class EnginePredictor:
         try:
             outs = await self.predict_images(spec, keys, images, tenant_id=tenant_id, deadline=deadline)
         except (ServingError, EngineError) as exc:
+            if isinstance(exc, OverloadedError) and self._on_overloaded is not None:
+                self._on_overloaded(tenant_id, exc.excess_s)
             raise _domain_error(exc) from exc
         return [_rows(out, top_k) for out in outs]
 

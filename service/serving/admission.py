@@ -116,6 +116,7 @@ class Admission:
                 f"the server is at capacity (expected queue wait {wait * 1000:.0f} ms, budget "
                 f"{self.budget_s * 1000:.0f} ms); retry in {retry:.0f} s",
                 retry_after_s=retry,
+                excess_s=wait - self.budget_s,
             )
         self._backlog[tenant] = self._backlog.get(tenant, 0) + rows
         self._set_gauge()

@@ -40,9 +40,11 @@ class OverloadedError(ServingError):
 
     code = "overloaded"
 
-    def __init__(self, message: str, *, retry_after_s: float) -> None:
+    def __init__(self, message: str, *, retry_after_s: float, excess_s: float | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        #: how far the expected wait was over the budget: the fronts shed this tenant for that long
+        self.excess_s = retry_after_s if excess_s is None else excess_s
 
 
 class DeadlineExceededError(ServingError):

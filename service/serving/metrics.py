@@ -27,6 +27,7 @@ __all__ = [
     "RATE_LIMIT_REDIS_UP",
     "REFUSED",
     "REQUESTS",
+    "SHED",
     "set_per_tenant_labels",
     "tenant_label",
 ]
@@ -98,6 +99,12 @@ REQUESTS = Counter(
     "actprompt_predict_requests_total",
     "Predict requests by tenant (see tenant_label) and outcome.",
     ["tenant", "outcome"],
+)
+SHED = Counter(
+    "actprompt_serving_shed_total",
+    "Predicts a front refused before reading their body (front_full: its in-flight limit; "
+    "tenant_overloaded: the engine had just refused the tenant).",
+    ["reason"],
 )
 RATE_LIMITED = Counter(
     "actprompt_rate_limited_total",

@@ -72,6 +72,7 @@ def error_to_wire(exc: BaseException) -> dict[str, Any]:
             "param": exc.param,
             "status": exc.status,
             "retry_after_s": getattr(exc, "retry_after_s", None),
+            "excess_s": getattr(exc, "excess_s", None),
             "engine": isinstance(exc, EngineError),
         }
     return {"code": "serving_error", "message": f"{type(exc).__name__}: {exc}", "status": 503}
@@ -82,7 +83,9 @@ def error_from_wire(err: dict[str, Any]) -> ActpromptError:
     code, message = str(err.get("code")), str(err.get("message"))
     exc: ActpromptError
     if code == OverloadedError.code:
-        exc = OverloadedError(message, retry_after_s=float(err.get("retry_after_s") or 1.0))
+        retry = float(err.get("retry_after_s") or 1.0)
+        excess = None if err.get("excess_s") is None else float(err["excess_s"])
+        exc = OverloadedError(message, retry_after_s=retry, excess_s=excess)
     elif code == EngineUnavailableError.code:
         exc = EngineUnavailableError(message)
     elif code in _BY_CODE:

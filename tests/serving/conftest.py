@@ -9,6 +9,7 @@ import pytest
 from bench.synthetic import random_artifact
 from service.engine import Backbone, BackboneSpec, create_backbone
 from service.engine.artifacts import PromptArtifact
+from tests.serving.gateway import make_gateway  # noqa: F401 (a fixture, shared by the HTTP tests)
 
 
 @pytest.fixture(scope="session")

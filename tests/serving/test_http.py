@@ -4,95 +4,22 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import io
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from bench.synthetic import random_lora_artifacts
-from service.api.main import create_app
 from service.engine import Backbone, decode_image, preprocess
-from service.engine.artifacts import PromptArtifact
 from service.engine.mixed_batch import predict_single
-from service.settings import Settings
-
-ADMIN = "serving-test-admin-key"
-LAYERS = [(1,), (5,), (8,), (10,), (3, 9)]
-
-
-def _png(seed: int) -> str:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-@dataclass
-class Gateway:
-    client: TestClient
-    tenants: list[dict[str, str]]  # auth headers per tenant
-    prompts: list[tuple[int, str]]  # (tenant index, prompt id)
-
-    def predict(self, tenant: int, body: dict[str, Any]) -> Any:
-        return self.client.post("/v1/predict", json=body, headers=self.tenants[tenant])
-
-
-@pytest.fixture()
-def make_gateway(
-    tmp_path: Path, resnet20_uri: str, make_artifact: Callable[..., PromptArtifact]
-) -> Iterator[Callable[..., Gateway]]:
-    opened: list[TestClient] = []
-
-    def make(n_tenants: int = 3, per_tenant: int = 2, **overrides: Any) -> Gateway:
-        values: dict[str, Any] = {
-            "database_url": f"sqlite:///{tmp_path / f'serving{len(opened)}.db'}",
-            "admin_key": ADMIN,
-            "var_dir": tmp_path / "var",
-            "data_roots": str(tmp_path),
-            "device": "cpu",
-            "log_level": "WARNING",
-            "auto_migrate": True,
-            "embedded_worker": False,
-            "serving_max_wait_ms": 20.0,
-            "serving_queue_budget_ms": 60_000.0,  # bursts of correctness checks; admission: test_split
-            "rate_limit_per_second": 1000.0,
-            "rate_limit_burst": 1000.0,
-            **overrides,
-        }
-        client = TestClient(create_app(Settings(**values)))
-        client.__enter__()
-        opened.append(client)
-        admin = {"Authorization": f"Bearer {ADMIN}"}
-        body = {"id": "r20", "model": "resnet20_cifar", "weights": resnet20_uri}
-        assert client.post("/v1/backbones", json=body, headers=admin).status_code == 201
-        tenants = []
-        for i in range(n_tenants):
-            r = client.post("/v1/tenants", json={"name": f"t{i}"}, headers=admin)
-            assert r.status_code == 201, r.text
-            tenants.append({"Authorization": f"Bearer {r.json()['api_key']}"})
-        prompts = []
-        for i in range(n_tenants * per_tenant):
-            art = make_artifact(200 + i, LAYERS[i % len(LAYERS)], num_classes=4 + i % 3)
-            files = {"artifact": ("a.safetensors", art.to_bytes(), "application/octet-stream")}
-            r = client.post("/v1/prompts", files=files, headers=tenants[i % n_tenants])
-            assert r.status_code == 201, r.text
-            prompts.append((i % n_tenants, r.json()["id"]))
-        return Gateway(client, tenants, prompts)
-
-    yield make
-    for client in reversed(opened):
-        client.__exit__(None, None, None)
+from tests.serving.gateway import ADMIN, Gateway, png_b64
 
 
 def _probs(resp: Any) -> list[list[tuple[str, float]]]:
@@ -127,7 +54,7 @@ def _mixed_passes(client: TestClient) -> float:
 def test_concurrent_tenants_get_what_sequential_requests_get(make_gateway: Callable[..., Gateway]) -> None:
     gw = make_gateway(n_tenants=4, per_tenant=1)  # one prompt per tenant: two prompts = two tenants
     requests = [
-        (t, {"prompt": pid, "images": [_png(i), _png(i + 1)][: 1 + i % 2], "top_k": 3})
+        (t, {"prompt": pid, "images": [png_b64(i), png_b64(i + 1)][: 1 + i % 2], "top_k": 3})
         for i, (t, pid) in enumerate(gw.prompts * 6)
     ]
     sequential = [_probs(gw.predict(t, body)) for t, body in requests]
@@ -146,7 +73,7 @@ def test_concurrent_tenants_get_what_sequential_requests_get(make_gateway: Calla
 def test_several_prompts_in_one_request(make_gateway: Callable[..., Gateway]) -> None:
     gw = make_gateway(n_tenants=1, per_tenant=3)
     ids = [pid for _, pid in gw.prompts]
-    images = [_png(7), _png(8)]
+    images = [png_b64(7), png_b64(8)]
     r = gw.predict(0, {"prompts": ids, "images": images, "top_k": 2})
     assert r.status_code == 200, r.text
     results = r.json()["results"]
@@ -165,7 +92,7 @@ def test_several_prompts_in_one_request(make_gateway: Callable[..., Gateway]) ->
 def test_pin_delete_and_isolation(make_gateway: Callable[..., Gateway]) -> None:
     gw = make_gateway(n_tenants=2, per_tenant=1)
     (owner, pid), (other, _) = gw.prompts
-    body = {"prompt": pid, "images": [_png(1)]}
+    body = {"prompt": pid, "images": [png_b64(1)]}
     assert gw.predict(owner, body).status_code == 200
     foreign = gw.predict(other, body)
     assert foreign.status_code == 404 and foreign.json()["error"]["code"] == "prompt_not_found"
@@ -192,9 +119,9 @@ def test_rate_limit_answers_429_with_retry_after(make_gateway: Callable[..., Gat
     extra = {"rate_limit_redis_url": "redis://127.0.0.1:6379/0"} if backend == "redis" else {}
     gw = make_gateway(n_tenants=2, per_tenant=1, rate_limit_per_second=0.2, rate_limit_burst=2, **extra)
     (t0, p0), (t1, p1) = gw.prompts
-    assert gw.predict(t0, {"prompt": p0, "images": [_png(1)]}).status_code == 200
-    assert gw.predict(t0, {"prompt": p0, "images": [_png(1)]}).status_code == 200
-    refused = gw.predict(t0, {"prompt": p0, "images": [_png(1)]})
+    assert gw.predict(t0, {"prompt": p0, "images": [png_b64(1)]}).status_code == 200
+    assert gw.predict(t0, {"prompt": p0, "images": [png_b64(1)]}).status_code == 200
+    refused = gw.predict(t0, {"prompt": p0, "images": [png_b64(1)]})
     assert refused.status_code == 429
     assert refused.json()["error"]["code"] == "rate_limited" and set(refused.json()["error"]) == {
         "code",
@@ -202,7 +129,7 @@ def test_rate_limit_answers_429_with_retry_after(make_gateway: Callable[..., Gat
         "param",
     }
     assert 1 <= int(refused.headers["Retry-After"]) <= 5
-    assert gw.predict(t1, {"prompt": p1, "images": [_png(1)]}).status_code == 200  # buckets are per tenant
+    assert gw.predict(t1, {"prompt": p1, "images": [png_b64(1)]}).status_code == 200  # buckets are per tenant
 
 
 class Clock:
@@ -219,7 +146,7 @@ def test_revoked_key_stops_working_within_the_auth_cache_ttl(make_gateway: Calla
     clock = Clock()
     state.authenticator.cache.clock = clock
     admin = {"Authorization": f"Bearer {ADMIN}"}
-    body = {"prompt": gw.prompts[0][1], "images": [_png(1)]}
+    body = {"prompt": gw.prompts[0][1], "images": [png_b64(1)]}
     tenant_id = gw.client.get("/v1/tenants", headers=admin).json()["data"][0]["id"]
 
     def new_key() -> tuple[str, dict[str, str]]:
@@ -254,15 +181,15 @@ def test_prompt_changes_reach_predict_within_the_resolve_ttl(make_gateway: Calla
     state.prompt_resolver.cache.clock = clock
     (_, p0), (_, p1) = gw.prompts
     headers = gw.tenants[0]
-    assert gw.predict(0, {"prompt": p0, "images": [_png(1)]}).json()["prompt"] == f"{p0}@1"
+    assert gw.predict(0, {"prompt": p0, "images": [png_b64(1)]}).json()["prompt"] == f"{p0}@1"
     # a new version imported through this process: `prm_x` names it at once
     art = gw.client.get(f"/v1/prompts/{p1}/artifact", headers=headers).content
     files = {"artifact": ("a.safetensors", art, "application/octet-stream")}
     r = gw.client.post("/v1/prompts", files=files, data={"prompt_id": p0}, headers=headers)
     assert r.status_code == 201 and r.json()["version"] == 2
-    assert gw.predict(0, {"prompt": p0, "images": [_png(1)]}).json()["prompt"] == f"{p0}@2"
+    assert gw.predict(0, {"prompt": p0, "images": [png_b64(1)]}).json()["prompt"] == f"{p0}@2"
     # deleted by another process (straight in the database): refused once the TTL has passed
-    assert gw.predict(0, {"prompt": p1, "images": [_png(1)]}).status_code == 200
+    assert gw.predict(0, {"prompt": p1, "images": [png_b64(1)]}).status_code == 200
     from service.domain.prompts import delete_prompt
 
     with state.session_factory() as session:
@@ -272,7 +199,7 @@ def test_prompt_changes_reach_predict_within_the_resolve_ttl(make_gateway: Calla
         delete_prompt(session, tenant_id, p1)
         session.commit()
     clock.now += 31.0
-    gone = gw.predict(0, {"prompt": p1, "images": [_png(1)]})
+    gone = gw.predict(0, {"prompt": p1, "images": [png_b64(1)]})
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "prompt_not_found"
 
 
@@ -298,7 +225,7 @@ class _Images(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def image_server() -> Iterator[str]:
-    _Images.png = base64.b64decode(_png(5))
+    _Images.png = base64.b64decode(png_b64(5))
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Images)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -310,20 +237,20 @@ def image_server() -> Iterator[str]:
 def test_predict_by_url(make_gateway: Callable[..., Gateway], image_server: str) -> None:
     gw = make_gateway(n_tenants=1, per_tenant=1, allow_private_urls=True, predict_url_timeout_s=0.5)
     (_, pid) = gw.prompts[0]
-    by_bytes = _probs(gw.predict(0, {"prompt": pid, "images": [_png(5), _png(6)], "top_k": 3}))
+    by_bytes = _probs(gw.predict(0, {"prompt": pid, "images": [png_b64(5), png_b64(6)], "top_k": 3}))
     by_url = _probs(
-        gw.predict(0, {"prompt": pid, "images": [f"{image_server}/sign.png", _png(6)], "top_k": 3})
+        gw.predict(0, {"prompt": pid, "images": [f"{image_server}/sign.png", png_b64(6)], "top_k": 3})
     )
     _same(by_bytes, by_url)
     multipart = gw.client.post(
         "/v1/predict",
         data={"prompt": pid, "top_k": "3", "images": f"{image_server}/sign.png"},
-        files=[("images", ("b.png", base64.b64decode(_png(6)), "image/png"))],
+        files=[("images", ("b.png", base64.b64decode(png_b64(6)), "image/png"))],
         headers=gw.tenants[0],
     )
     _same(by_bytes, _probs(multipart))
     for path, i in (("/missing.png", 1), ("/slow.png", 0)):
-        images = [_png(1), f"{image_server}{path}"] if i else [f"{image_server}{path}"]
+        images = [png_b64(1), f"{image_server}{path}"] if i else [f"{image_server}{path}"]
         bad = gw.predict(0, {"prompt": pid, "images": images})
         assert bad.status_code == 422, bad.text
         assert (
@@ -350,7 +277,7 @@ def test_metrics_and_readiness_when_the_database_is_down(
 
     gw = make_gateway(n_tenants=1, per_tenant=1)
     (_, pid) = gw.prompts[0]
-    assert gw.predict(0, {"prompt": pid, "images": [_png(1)]}).status_code == 200
+    assert gw.predict(0, {"prompt": pid, "images": [png_b64(1)]}).status_code == 200
     text = gw.client.get("/metrics").text
     assert 'actprompt_jobs{status="queued"} 0.0' in text and "actprompt_jobs_scrape_ok 1.0" in text
     assert 'tenant="-"' in text and "ten_" not in text  # no per-tenant series unless asked for
@@ -369,7 +296,7 @@ def test_metrics_and_readiness_when_the_database_is_down(
 def test_per_tenant_metric_labels_are_opt_in(make_gateway: Callable[..., Gateway]) -> None:
     gw = make_gateway(n_tenants=1, per_tenant=1, metrics_per_tenant=True)
     (_, pid) = gw.prompts[0]
-    assert gw.predict(0, {"prompt": pid, "images": [_png(1)]}).status_code == 200
+    assert gw.predict(0, {"prompt": pid, "images": [png_b64(1)]}).status_code == 200
     assert 'tenant="ten_' in gw.client.get("/metrics").text
 
 
@@ -383,7 +310,7 @@ def test_a_lora_prompt_rides_the_mixed_pass_and_scores_as_the_engine(
     r = gw.client.post("/v1/prompts", files=files, headers=gw.tenants[0])
     assert r.status_code == 201, r.text
     lora_id, (_, ap_id) = r.json()["id"], gw.prompts[0]
-    images = [_png(3), _png(4), _png(5)]
+    images = [png_b64(3), png_b64(4), png_b64(5)]
     r = gw.predict(0, {"prompts": [ap_id, lora_id], "images": images, "top_k": 5})
     assert r.status_code == 200, r.text
     served = torch.zeros(len(images), 5)

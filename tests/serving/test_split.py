@@ -58,10 +58,16 @@ class Split:
     def metrics(self) -> str:
         return httpx.get(f"{self.server.url}/metrics", timeout=30).text
 
-    def front_pids(self) -> set[str]:
-        return set(
-            re.findall(r'actprompt_serving_engine_up\{endpoint="[^"]*",pid="(\d+)"\} 1\.0', self.metrics())
-        )
+    def front_pids(self, expect: int = 2, within_s: float = 60) -> set[str]:
+        """Fronts that hear the engine. The server is ready when one front answers; another may still be
+        starting on a loaded machine, so wait up to ``within_s`` for ``expect`` of them."""
+        deadline = time.monotonic() + within_s
+        while True:
+            up = r'actprompt_serving_engine_up\{endpoint="[^"]*",pid="(\d+)"\} 1\.0'
+            pids = set(re.findall(up, self.metrics()))
+            if len(pids) >= expect or time.monotonic() > deadline:
+                return pids
+            time.sleep(0.5)
 
     def backbone_pids(self) -> list[str]:
         return re.findall(r'actprompt_serving_backbones\{[^}]*pid="(\d+)"\} 1\.0', self.metrics())

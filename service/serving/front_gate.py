@@ -1,0 +1,97 @@
+"""Load shedding in a front process, decided before a predict's body is read.
+
+The engine's admission control refuses what cannot start within the queue-wait budget, but only after the
+front has read, parsed and decoded the request: on a CPU host that is most of a request's cost. Past
+saturation the fronts then spend their cores decoding requests that will be refused, the refusals queue
+behind them, and a "fast 503" takes seconds. This gate refuses before any of that work, in two cases:
+
+* **This front is full**: more than ``max_in_flight`` predicts are between their headers and their
+  answer here (TorchServe's and Triton's bounded queue, counted in requests because the body, and so the
+  number of rows, is not known yet).
+* **The engine just refused this tenant**: it said by how much the tenant's expected wait exceeds the
+  budget; until that time has passed (at most ``max_hold_s``), the tenant's further predicts are refused
+  here. Keyed by tenant, so the engine's fair share carries over: a flooding tenant is shed at the door
+  while a quiet one still gets through.
+
+A refusal carries the seconds to wait, for ``Retry-After``. Everything here runs on one event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from service.serving import metrics
+
+__all__ = ["FrontGate", "Shed"]
+
+
+@dataclass(frozen=True)
+class Shed:
+    """Why a predict was refused at the door, and when to come back."""
+
+    reason: str  # "front_full" | "tenant_overloaded"
+    retry_after_s: float
+    message: str
+
+
+class FrontGate:
+    def __init__(
+        self,
+        *,
+        max_in_flight: int,
+        max_hold_s: float = 0.5,
+        max_tenants: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_in_flight = max_in_flight  # 0: no limit
+        self.max_hold_s = max_hold_s
+        self.max_tenants = max_tenants
+        self.in_flight = 0
+        self._closed_until: dict[str, float] = {}  # tenant -> clock time its predicts are admitted again
+        self._clock = clock
+
+    def enter(self, tenant: str | None) -> Shed | None:
+        """Take a place for one predict (``leave`` gives it back), or the reason it is refused now."""
+        if tenant is not None and self._closed_until:
+            until = self._closed_until.get(tenant)
+            if until is not None:
+                left = until - self._clock()
+                if left > 0:
+                    return self._shed(
+                        "tenant_overloaded",
+                        "the server is at capacity for this tenant's traffic",
+                        left,
+                    )
+                del self._closed_until[tenant]
+        if self.max_in_flight and self.in_flight >= self.max_in_flight:
+            return self._shed(
+                "front_full", f"this server process has {self.in_flight} predicts in progress", 1.0
+            )
+        self.in_flight += 1
+        return None
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+
+    def engine_refused(self, tenant: str, excess_s: float) -> None:
+        """The engine refused ``tenant``: its expected wait was ``excess_s`` over the budget."""
+        hold = min(max(excess_s, 0.0), self.max_hold_s)
+        if hold <= 0:
+            return
+        if len(self._closed_until) >= self.max_tenants:
+            now = self._clock()
+            self._closed_until = {t: u for t, u in self._closed_until.items() if u > now}
+            if len(self._closed_until) >= self.max_tenants:
+                return  # a bounded map: under a storm of tenants the engine's own refusal still holds
+        until = self._clock() + hold
+        self._closed_until[tenant] = max(until, self._closed_until.get(tenant, 0.0))
+
+    def _shed(self, reason: str, why: str, retry_after_s: float) -> Shed:
+        metrics.SHED.labels(reason=reason).inc()
+        return Shed(
+            reason,
+            retry_after_s,
+            f"{why}; refused before reading the request, retry in {max(1, round(retry_after_s + 0.5))} s",
+        )

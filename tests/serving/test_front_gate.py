@@ -1,0 +1,126 @@
+"""The front's gate: predicts refused before their body is read, when the front is full or the engine has
+just refused the tenant; the engine's refusal reaches the gate through the predictor and the transport."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from service.launch.front import EnginePredictor
+from service.serving.errors import OverloadedError
+from service.serving.front_gate import FrontGate
+from service.serving.transport import error_from_wire, error_to_wire
+from tests.serving.gateway import Gateway, png_b64
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_full_front_refuses_until_a_place_is_given_back() -> None:
+    gate = FrontGate(max_in_flight=2)
+    assert gate.enter("a") is None and gate.enter(None) is None
+    shed = gate.enter("b")
+    assert shed is not None and shed.reason == "front_full" and shed.retry_after_s >= 1
+    gate.leave()
+    assert gate.enter("b") is None
+    assert FrontGate(max_in_flight=0).enter("a") is None  # 0: no limit
+
+
+def test_an_engine_refusal_holds_that_tenant_for_its_excess_and_no_one_else() -> None:
+    clock = Clock()
+    gate = FrontGate(max_in_flight=0, max_hold_s=0.5, clock=clock)
+    gate.engine_refused("flood", 0.2)
+    shed = gate.enter("flood")
+    assert shed is not None and shed.reason == "tenant_overloaded"
+    assert shed.retry_after_s == pytest.approx(0.2)
+    assert gate.enter("quiet") is None and gate.enter(None) is None  # unknown keys go to the engine
+    clock.t += 0.21
+    assert gate.enter("flood") is None
+    gate.engine_refused("flood", 30.0)  # capped: the queue may drain faster than estimated
+    clock.t += 0.49
+    assert gate.enter("flood") is not None
+    clock.t += 0.02
+    assert gate.enter("flood") is None
+
+
+def test_the_tenant_map_stays_bounded() -> None:
+    clock = Clock()
+    gate = FrontGate(max_in_flight=0, max_tenants=3, clock=clock)
+    for t in "abc":
+        gate.engine_refused(t, 0.1)
+    gate.engine_refused("d", 0.1)  # full of live holds: not remembered
+    assert gate.enter("d") is None and gate.enter("a") is not None
+    clock.t += 1
+    gate.engine_refused("d", 0.1)  # expired holds are dropped to make room
+    assert gate.enter("d") is not None
+
+
+def test_the_engines_excess_crosses_the_transport() -> None:
+    exc = error_from_wire(error_to_wire(OverloadedError("full", retry_after_s=1.0, excess_s=0.123)))
+    assert isinstance(exc, OverloadedError) and exc.excess_s == pytest.approx(0.123)
+
+
+class _RefusingEngine:
+    alive = True
+
+    async def pipelines(self, spec: Any, keys: Any) -> list[Any]:
+        raise OverloadedError("full", retry_after_s=1.0, excess_s=0.3)
+
+
+def test_the_predictor_tells_the_gate_which_tenant_the_engine_refused() -> None:
+    told: list[tuple[str, float]] = []
+    predictor = EnginePredictor(_RefusingEngine(), on_overloaded=lambda t, s: told.append((t, s)))  # type: ignore[arg-type]
+    handle = type("H", (), {"backbone_spec_hash": "h", "backbone_spec": {}, "key": 1, "sha256": "s"})()
+    predictor._specs["h"] = object()  # type: ignore[assignment]
+    with pytest.raises(OverloadedError):
+        asyncio.run(predictor.predict_many([handle], [b""], 1, tenant_id="t1"))  # type: ignore[list-item]
+    assert told == [("t1", pytest.approx(0.3))]
+
+
+def test_a_held_tenant_is_refused_before_its_body_is_read(make_gateway: Callable[..., Gateway]) -> None:
+    gw = make_gateway(n_tenants=2, per_tenant=1)
+    (t0, _), (t1, _) = gw.prompts
+    for t, p in gw.prompts:  # each key authenticated once: this process now knows its tenant
+        assert gw.predict(t, {"prompt": p, "images": [png_b64(0)]}).status_code == 200
+    state = gw.client.app.state  # type: ignore[attr-defined]
+    tenant0 = state.authenticator.cached(gw.tenants[t0]["Authorization"].removeprefix("Bearer ")).tenant_id
+    state.front_gate.engine_refused(tenant0, 0.4)
+    junk = b"{not json"
+    r = gw.client.post(
+        "/v1/predict", content=junk, headers={**gw.tenants[t0], "Content-Type": "application/json"}
+    )
+    assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded", r.text
+    assert r.headers["Retry-After"] == "1"
+    # the other tenant's request is read (and its bad body named): the hold is per tenant
+    r = gw.client.post(
+        "/v1/predict", content=junk, headers={**gw.tenants[t1], "Content-Type": "application/json"}
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
+
+
+def test_a_full_front_refuses_predicts_before_reading_them(make_gateway: Callable[..., Gateway]) -> None:
+    gw = make_gateway(n_tenants=1, per_tenant=1, serving_front_max_in_flight=2)
+    t, p = gw.prompts[0]
+    gate: FrontGate = gw.client.app.state.front_gate  # type: ignore[attr-defined]
+    assert gw.predict(t, {"prompt": p, "images": [png_b64(0)]}).status_code == 200
+    assert gate.in_flight == 0  # every place given back, on success as on refusal
+    for _ in range(2):  # two predicts in progress elsewhere in this process
+        assert gate.enter(None) is None
+    r = gw.client.post(
+        "/v1/predict", content=b"{not json", headers={**gw.tenants[t], "Content-Type": "application/json"}
+    )
+    assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded" and "Retry-After" in r.headers
+    assert gw.client.get("/v1/prompts", headers=gw.tenants[t]).status_code == 200  # only predicts are gated
+    for _ in range(2):
+        gate.leave()
+    assert gw.predict(t, {"prompt": p, "images": [png_b64(1)]}).status_code == 200
+    text = gw.client.get("/metrics").text
+    assert 'actprompt_serving_shed_total{reason="front_full"}' in text
