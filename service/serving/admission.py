@@ -6,7 +6,9 @@ costs:
 * **Bounded in expected work.** :class:`Admission` counts the rows each tenant has admitted and not yet
   finished, and learns what a pass costs from the passes it measures: seconds = per-pass overhead + rows x
   per-row cost, fitted by least squares with exponential forgetting (so a burst after quiet single-row
-  passes is not priced as if each row paid a whole pass). A
+  passes is not priced as if each row paid a whole pass; until a second batch size has been seen, the mean
+  pass is split between a fixed part and its rows as if it were a full batch's cost: a burst after quiet
+  single rows is under-priced for a pass or two rather than refused outright). A
   request whose expected wait before its first row runs exceeds the queue-wait budget is refused at once
   with :class:`OverloadedError` and a retry hint, instead of waiting behind a queue that only grows. A
   request with nothing ahead of it is always admitted, however big.
@@ -92,8 +94,9 @@ class Admission:
         slope = (w * sxy - sx * sy) / spread if spread > 1e-9 * w * sxx else -1.0
         if slope > 0 and (sy - slope * sx) >= 0:
             self.row_s, self.pass_s = slope, (sy - slope * sx) / w
-        else:  # one batch size seen so far (or noise): price it all per row
-            self.row_s, self.pass_s = sy / sx, 0.0
+        else:  # one batch size seen so far (or noise): spread the mean pass over a full batch's rows
+            self.row_s = sy / (w * self.batch_rows)
+            self.pass_s = max(0.0, (sy - sx * self.row_s) / w)
 
     def expected_wait_s(self, tenant: str, rows: int) -> float:
         """Seconds before a new request of ``tenant`` with ``rows`` rows starts, under the fair share."""

@@ -9,9 +9,11 @@ behind them, and a "fast 503" takes seconds. This gate refuses before any of tha
   answer here (TorchServe's and Triton's bounded queue, counted in requests because the body, and so the
   number of rows, is not known yet).
 * **The engine just refused this tenant**: it said by how much the tenant's expected wait exceeds the
-  budget; until that time has passed (at most ``max_hold_s``), the tenant's further predicts are refused
-  here. Keyed by tenant, so the engine's fair share carries over: a flooding tenant is shed at the door
-  while a quiet one still gets through.
+  budget; until that time has passed (at least ``min_hold_s``, at most ``max_hold_s``), the tenant's
+  further predicts are refused here. The floor keeps a saturated front from decoding a request for every
+  few milliseconds the queue drains; the engine's queue holds a whole budget of work, so it does not run
+  dry meanwhile. Keyed by tenant, so the engine's fair share carries over: a flooding tenant is shed at
+  the door while a quiet one still gets through.
 
 A refusal carries the seconds to wait, for ``Retry-After``. Everything here runs on one event loop.
 """
@@ -41,11 +43,13 @@ class FrontGate:
         self,
         *,
         max_in_flight: int,
+        min_hold_s: float = 0.1,
         max_hold_s: float = 0.5,
         max_tenants: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_in_flight = max_in_flight  # 0: no limit
+        self.min_hold_s = min(min_hold_s, max_hold_s)
         self.max_hold_s = max_hold_s
         self.max_tenants = max_tenants
         self.in_flight = 0
@@ -77,9 +81,7 @@ class FrontGate:
 
     def engine_refused(self, tenant: str, excess_s: float) -> None:
         """The engine refused ``tenant``: its expected wait was ``excess_s`` over the budget."""
-        hold = min(max(excess_s, 0.0), self.max_hold_s)
-        if hold <= 0:
-            return
+        hold = min(max(excess_s, self.min_hold_s), self.max_hold_s)
         if len(self._closed_until) >= self.max_tenants:
             now = self._clock()
             self._closed_until = {t: u for t, u in self._closed_until.items() if u > now}

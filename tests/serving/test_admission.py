@@ -72,6 +72,17 @@ def test_admission_learns_the_cost_of_a_pass_from_measured_passes() -> None:
     assert adm.expected_wait_s("a", 1) == pytest.approx(2 * 0.02 + 128 * 0.0005, rel=1e-2)
 
 
+def test_a_burst_after_quiet_single_rows_is_not_priced_a_pass_per_row() -> None:
+    adm = Admission(budget_s=0.5, batch_rows=64, initial_row_s=0.01)
+    for _ in range(20):
+        adm.observe(1, 0.02)  # only single-row passes so far, 20 ms each
+    assert adm.pass_s + adm.row_s == pytest.approx(0.02)  # what was measured is still what a row costs
+    adm.admit("a", 32)
+    adm.admit("a", 32)
+    adm.admit("a", 32)  # 64 rows ahead: a pass or two, not 64 x 20 ms = 1.3 s
+    assert adm.expected_wait_s("a", 32) < 0.1
+
+
 def test_admission_refuses_a_deadline_it_cannot_meet() -> None:
     now = [100.0]
     adm = Admission(budget_s=10.0, initial_row_s=0.01, clock=lambda: now[0])

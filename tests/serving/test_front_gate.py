@@ -49,6 +49,11 @@ def test_an_engine_refusal_holds_that_tenant_for_its_excess_and_no_one_else() ->
     assert gate.enter("flood") is not None
     clock.t += 0.02
     assert gate.enter("flood") is None
+    gate.engine_refused("flood", 0.001)  # a hair over: still held for the floor, not for a millisecond
+    clock.t += 0.09
+    assert gate.enter("flood") is not None
+    clock.t += 0.02
+    assert gate.enter("flood") is None
 
 
 def test_the_tenant_map_stays_bounded() -> None:
