@@ -91,7 +91,7 @@ def test_the_predictor_tells_the_gate_which_tenant_the_engine_refused() -> None:
 
 
 def test_a_held_tenant_is_refused_before_its_body_is_read(make_gateway: Callable[..., Gateway]) -> None:
-    gw = make_gateway(n_tenants=2, per_tenant=1)
+    gw = make_gateway(n_tenants=2, per_tenant=1, serving_queue_budget_ms=2000)  # holds of 0.5 to 2 s
     (t0, _), (t1, _) = gw.prompts
     for t, p in gw.prompts:  # each key authenticated once: this process now knows its tenant
         assert gw.predict(t, {"prompt": p, "images": [png_b64(0)]}).status_code == 200
