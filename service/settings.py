@@ -146,9 +146,10 @@ class Settings(BaseSettings):
     )
     serving_front_max_in_flight: int = Field(
         ge=0,
-        default=64,
-        description="Predicts one HTTP process takes at once; past it, 503 overloaded before the body is "
-        "read (0: no limit). 64 keeps a front's own queue to a few hundred ms of decoding on one core.",
+        default=16,
+        description="Predicts one HTTP process takes at once (a tenant past its share of them gets 503 "
+        "overloaded before its body is read; 0: no limit). 16 keeps a front's own queue near 100 ms on a "
+        "CPU host; raise it where the engine is fast (a GPU), to about its images/s x 0.05 / fronts.",
     )
     serving_fair_quantum_rows: int = Field(
         ge=1, default=8, description="Rows each tenant's queue sends per fair-share (round-robin) turn."

@@ -32,14 +32,15 @@ class LoadShedding:
         if not _is_predict(scope):
             await self.app(scope, receive, send)
             return
-        shed = self.gate.enter(self._tenant(scope))
+        tenant = self._tenant(scope)
+        shed = self.gate.enter(tenant)
         if shed is not None:
             await _refuse(send, shed)
             return
         try:
             await self.app(scope, receive, send)
         finally:
-            self.gate.leave()
+            self.gate.leave(tenant)
 
     def _tenant(self, scope: Scope) -> str | None:
         for name, value in scope.get("headers") or ():

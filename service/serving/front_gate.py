@@ -5,9 +5,10 @@ front has read, parsed and decoded the request: on a CPU host that is most of a 
 saturation the fronts then spend their cores decoding requests that will be refused, the refusals queue
 behind them, and a "fast 503" takes seconds. This gate refuses before any of that work, in two cases:
 
-* **This front is full**: more than ``max_in_flight`` predicts are between their headers and their
-  answer here (TorchServe's and Triton's bounded queue, counted in requests because the body, and so the
-  number of rows, is not known yet).
+* **This front is full**: ``max_in_flight`` predicts are between their headers and their answer here
+  (TorchServe's and Triton's bounded queue, counted in requests because the body, and so the number of
+  rows, is not known yet), and this tenant already holds its share of them (the limit over the tenants
+  in flight). So a full front still takes a quiet tenant's request: one tenant cannot take every place.
 * **The engine just refused this tenant**: it said by how much the tenant's expected wait exceeds the
   budget; until that time has passed (at least ``min_hold_s``, at most ``max_hold_s``), the tenant's
   further predicts are refused here. The floor keeps a saturated front from decoding a request for every
@@ -53,6 +54,7 @@ class FrontGate:
         self.max_hold_s = max_hold_s
         self.max_tenants = max_tenants
         self.in_flight = 0
+        self._held: dict[str | None, int] = {}  # tenant (None: not known yet) -> places it holds
         self._closed_until: dict[str, float] = {}  # tenant -> clock time its predicts are admitted again
         self._clock = clock
 
@@ -69,15 +71,27 @@ class FrontGate:
                         left,
                     )
                 del self._closed_until[tenant]
+        held = self._held.get(tenant, 0)
         if self.max_in_flight and self.in_flight >= self.max_in_flight:
-            return self._shed(
-                "front_full", f"this server process has {self.in_flight} predicts in progress", 1.0
-            )
+            share = self.max_in_flight / (len(self._held) + (held == 0))
+            if held >= share:
+                return self._shed(
+                    "front_full",
+                    f"this server process has {self.in_flight} predicts in progress, {held} of them yours",
+                    1.0,
+                )
         self.in_flight += 1
+        self._held[tenant] = held + 1
         return None
 
-    def leave(self) -> None:
+    def leave(self, tenant: str | None) -> None:
+        """Give back the place ``enter(tenant)`` took."""
         self.in_flight -= 1
+        held = self._held.get(tenant, 0) - 1
+        if held > 0:
+            self._held[tenant] = held
+        else:
+            self._held.pop(tenant, None)
 
     def engine_refused(self, tenant: str, excess_s: float) -> None:
         """The engine refused ``tenant``: its expected wait was ``excess_s`` over the budget."""

@@ -26,12 +26,27 @@ class Clock:
 
 def test_a_full_front_refuses_until_a_place_is_given_back() -> None:
     gate = FrontGate(max_in_flight=2)
-    assert gate.enter("a") is None and gate.enter(None) is None
-    shed = gate.enter("b")
+    assert gate.enter("a") is None and gate.enter("a") is None
+    shed = gate.enter("a")
     assert shed is not None and shed.reason == "front_full" and shed.retry_after_s >= 1
-    gate.leave()
-    assert gate.enter("b") is None
+    gate.leave("a")
+    assert gate.enter("a") is None
     assert FrontGate(max_in_flight=0).enter("a") is None  # 0: no limit
+
+
+def test_a_full_front_still_takes_a_quiet_tenant_up_to_its_share() -> None:
+    gate = FrontGate(max_in_flight=4)
+    for _ in range(4):
+        assert gate.enter("flood") is None
+    assert gate.enter("flood") is not None  # full, and flood holds every place
+    assert gate.enter("quiet") is None  # quiet holds none: its share of a full front is 2
+    assert gate.enter("quiet") is None
+    assert gate.enter("quiet") is not None  # now it holds its share too
+    assert gate.enter(None) is None  # keys this process does not know yet count as one more tenant
+    for _ in range(4):
+        gate.leave("flood")
+    assert gate.in_flight == 3
+    assert gate.enter("flood") is None
 
 
 def test_an_engine_refusal_holds_that_tenant_for_its_excess_and_no_one_else() -> None:
@@ -117,15 +132,16 @@ def test_a_full_front_refuses_predicts_before_reading_them(make_gateway: Callabl
     gate: FrontGate = gw.client.app.state.front_gate  # type: ignore[attr-defined]
     assert gw.predict(t, {"prompt": p, "images": [png_b64(0)]}).status_code == 200
     assert gate.in_flight == 0  # every place given back, on success as on refusal
-    for _ in range(2):  # two predicts in progress elsewhere in this process
-        assert gate.enter(None) is None
+    tenant = gw.client.app.state.authenticator.cached(gw.tenants[t]["Authorization"].removeprefix("Bearer "))
+    for _ in range(2):  # two of this tenant's predicts in progress elsewhere in this process
+        assert gate.enter(tenant.tenant_id) is None
     r = gw.client.post(
         "/v1/predict", content=b"{not json", headers={**gw.tenants[t], "Content-Type": "application/json"}
     )
     assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded" and "Retry-After" in r.headers
     assert gw.client.get("/v1/prompts", headers=gw.tenants[t]).status_code == 200  # only predicts are gated
     for _ in range(2):
-        gate.leave()
+        gate.leave(tenant.tenant_id)
     assert gw.predict(t, {"prompt": p, "images": [png_b64(1)]}).status_code == 200
     text = gw.client.get("/metrics").text
     assert 'actprompt_serving_shed_total{reason="front_full"}' in text
