@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -121,14 +121,12 @@ class PromptCache:
         *,
         max_bytes: int,
         decode: Callable[[bytes], PromptArtifact] = PromptArtifact.from_bytes,
-        preload_concurrency: int = 8,
     ) -> None:
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
         self._source = source
         self._decode = decode
         self.max_bytes = max_bytes
-        self._preload_concurrency = preload_concurrency
         self._entries: OrderedDict[str, LoadedPrompt] = OrderedDict()  # LRU first
         self._pinned: set[str] = set()
         self._loading: dict[str, asyncio.Task[LoadedPrompt]] = {}
@@ -260,24 +258,6 @@ class PromptCache:
         was = key in self._pinned
         self._pinned.discard(key)
         return was
-
-    async def preload(self, keys: Iterable[str]) -> dict[str, str | None]:
-        """Load many keys ahead of traffic, a few at a time; returns key -> error code (None when loaded)."""
-        sem = asyncio.Semaphore(self._preload_concurrency)
-        results: dict[str, str | None] = {}
-
-        async def one(key: str) -> None:
-            async with sem:
-                try:
-                    await self.get(key)
-                    results[key] = None
-                except PromptNotFoundError as e:
-                    results[key] = e.code
-                except Exception as e:  # a corrupt artifact must not stop the others from loading
-                    results[key] = getattr(e, "code", type(e).__name__)
-
-        await asyncio.gather(*(one(k) for k in keys))
-        return results
 
 
 def _retrieve_exception(task: asyncio.Task[LoadedPrompt]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -92,9 +93,21 @@ def test_deleted_prompt_is_never_served(
             srv = await pred.server(resnet20_spec)
             assert key in pred.cache and key in srv.policy
             # queued behind the batching window, then deleted before its pass: refused, not served stale
+            both_queued = asyncio.Event()
+            queue = srv.batcher._queue  # white box: the moment both are in the batcher, not a sleep
+            put = queue.put
+
+            def counting_put(tenant: str, item: Any, rows: int) -> None:
+                put(tenant, item, rows)
+                counting_put.calls += 1  # type: ignore[attr-defined]
+                if counting_put.calls == 2:  # type: ignore[attr-defined]
+                    both_queued.set()
+
+            counting_put.calls = 0  # type: ignore[attr-defined]
+            queue.put = counting_put  # type: ignore[method-assign]
             queued = asyncio.ensure_future(pred.predict(resnet20_spec, [key], x))
             alive = asyncio.ensure_future(pred.predict(resnet20_spec, [other], x))
-            await asyncio.sleep(0.005)
+            await both_queued.wait()
             del source.data[key]
             pred.invalidate(key)
             with pytest.raises(PromptNotFoundError):
