@@ -75,6 +75,12 @@ def run(minutes: float, n_prompts: int, out: Path, results: Path, *, quick: bool
                 "rss_bytes": cpu.rss(),
                 "ok_p99_ms": s["ok_p99_ms"],
                 "errors": s["errors"] + s["timeouts"] + s["conn_errors"],
+                # what kind: a non-2xx other than 503 (its statuses), a timeout, or a lost connection
+                "error_kinds": {
+                    "statuses": s["error_statuses"],
+                    "timeouts": s["timeouts"],
+                    "conn_errors": s["conn_errors"],
+                },
                 "refused": s["refused"],
                 "generator_lateness_p99_ms": s["generator_lateness_p99_ms"],
                 "generator_cpu_cores": share["cores"],

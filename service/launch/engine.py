@@ -49,15 +49,18 @@ class DatabasePromptSource:
         return await asyncio.to_thread(self._read, key)
 
 
-def engine_main(endpoint: str, ready: Any = None, torch_threads: int = 0) -> None:
-    """Run the engine until SIGTERM (the supervisor's stop) or until its parent is gone; SIGINT is left to
-    the parent, which stops the fronts first so that their requests in flight still get answers.
+def engine_main(
+    endpoint: str, ready: Any = None, torch_threads: int = 0, supervisor_pid: int | None = None
+) -> None:
+    """Run the engine until SIGTERM (the supervisor's stop) or until its supervisor is gone; SIGINT is left
+    to the supervisor, which stops the fronts first so that their requests in flight still get answers.
 
-    ``ready``: a multiprocessing Event set once the socket is bound.
+    ``ready``: a multiprocessing Event set once the socket is bound. ``supervisor_pid``: the `serve`
+    process (the engine's own parent is the fork server it was forked from); default: the parent.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     t0 = time.monotonic()
-    _exit_with_parent()
+    _exit_with_supervisor(supervisor_pid or os.getppid())
     import torch
 
     from service.db.session import make_engine, make_session_factory
@@ -86,14 +89,23 @@ def engine_main(endpoint: str, ready: Any = None, torch_threads: int = 0) -> Non
         db.dispose()
 
 
-def _exit_with_parent() -> None:
+def _exit_with_supervisor(pid: int) -> None:
     """An engine whose supervisor was killed (SIGKILL leaves no chance to stop it) stops too."""
     parent = os.getppid()
 
+    def alive() -> bool:
+        if pid == parent and os.getppid() != parent:  # re-parented: the parent died
+            return False
+        try:
+            os.kill(pid, 0)
+        except (ProcessLookupError, PermissionError):  # gone (or its pid now belongs to another user)
+            return False
+        return True
+
     def watch() -> None:
-        while os.getppid() == parent:
+        while alive():
             time.sleep(0.5)
-        log.warning("engine: the serve process is gone; stopping")
+        log.warning("engine: the serve process %d is gone; stopping", pid)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+    threading.Thread(target=watch, daemon=True, name="supervisor-watch").start()

@@ -67,7 +67,7 @@ class EngineSupervisor:
             ready = self._mp.Event()
             proc = self._mp.Process(
                 target=_engine_main,
-                args=(self.endpoint, ready, self.torch_threads),
+                args=(self.endpoint, ready, self.torch_threads, os.getpid()),
                 name="actprompt-engine",
             )
             started = time.monotonic()
@@ -109,11 +109,11 @@ class EngineSupervisor:
         self._thread.join(timeout_s)
 
 
-def _engine_main(endpoint: str, ready: Any, torch_threads: int) -> None:
+def _engine_main(endpoint: str, ready: Any, torch_threads: int, supervisor_pid: int) -> None:
     """The engine's entry, imported only in the engine (the parent stays free of torch)."""
     from service.launch.engine import engine_main
 
-    engine_main(endpoint, ready, torch_threads)
+    engine_main(endpoint, ready, torch_threads, supervisor_pid)
 
 
 def _forget_metrics_of(pid: int | None) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import psutil
 import pytest
 
 from bench.serving_http import Server, _png, setup_tenants_and_prompts
@@ -237,3 +238,20 @@ def test_shutdown_answers_the_requests_in_flight(split: Split) -> None:
     t.join()
     assert split.server.proc.wait(timeout=60) == 0
     assert answer and answer[0].status_code == 200, answer
+
+
+def test_a_sigkilled_serve_process_takes_its_engine_with_it() -> None:
+    """SIGKILL gives `serve` no chance to stop its engine, whose parent is the fork server: the engine
+    watches the `serve` process itself and stops within seconds (else a backbone's memory stays taken)."""
+    server = Server(args=["--workers", "1"], extra_env={"ACTPROMPT_LOG_LEVEL": "INFO"})
+    try:
+        server.wait_ready(timeout=240)
+        serve = psutil.Process(server.proc.pid)
+        forkservers = [p for p in serve.children(recursive=True) if "forkserver" in " ".join(p.cmdline())]
+        engines = [c for f in forkservers for c in f.children()]
+        assert engines, [p.cmdline() for p in serve.children(recursive=True)]
+        serve.kill()
+        gone, alive = psutil.wait_procs(engines, timeout=30)
+        assert not alive, f"engine processes outlived serve: {[p.pid for p in alive]}"
+    finally:
+        server.stop()
