@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -96,11 +97,17 @@ def _exit_with_supervisor(pid: int) -> None:
     def alive() -> bool:
         if pid == parent and os.getppid() != parent:  # re-parented: the parent died
             return False
-        try:
-            os.kill(pid, 0)
-        except (ProcessLookupError, PermissionError):  # gone (or its pid now belongs to another user)
+        try:  # a killed process stays a zombie until its own parent reaps it: that is dead too
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            return state not in ("Z", "X")
+        except FileNotFoundError:
             return False
-        return True
+        except OSError:  # no /proc: ask the kernel whether the pid exists at all
+            try:
+                os.kill(pid, 0)
+            except (ProcessLookupError, PermissionError):
+                return False
+            return True
 
     def watch() -> None:
         while alive():

@@ -251,7 +251,7 @@ def test_a_sigkilled_serve_process_takes_its_engine_with_it() -> None:
         engines = [c for f in forkservers for c in f.children()]
         assert engines, [p.cmdline() for p in serve.children(recursive=True)]
         serve.kill()
-        gone, alive = psutil.wait_procs(engines, timeout=30)
+        _, alive = psutil.wait_procs(engines, timeout=30)
         assert not alive, f"engine processes outlived serve: {[p.pid for p in alive]}"
     finally:
         server.stop()
