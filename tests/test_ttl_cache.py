@@ -3,14 +3,7 @@
 from __future__ import annotations
 
 from service.ttl_cache import TTLCache
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fake_clock import Clock
 
 
 def test_an_entry_lives_exactly_its_ttl() -> None:

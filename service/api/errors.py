@@ -39,6 +39,11 @@ _HTTP_CODES = {
 }
 
 
+def retry_after_header(seconds: float) -> str:
+    """`Retry-After` in whole seconds, at least 1 (the header takes no fractions)."""
+    return str(max(1, math.ceil(seconds)))
+
+
 def error_response(
     status: int, code: str, message: str, param: str | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
@@ -92,7 +97,7 @@ async def _product(_: Request, exc: Exception) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
     if exc.status == 503:  # overloaded, the engine restarting, the object store down: when to come back
         retry_after = getattr(exc, "retry_after_s", None) or RETRY_AFTER_SECONDS
-        headers = {"Retry-After": str(max(1, math.ceil(retry_after)))}
+        headers = {"Retry-After": retry_after_header(retry_after)}
     return error_response(exc.status, exc.code, exc.message, exc.param, headers)
 
 

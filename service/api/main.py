@@ -52,6 +52,7 @@ async def build_predictor(
     """The predict path: the engine process when `actprompt serve` started one (its endpoint is set), else
     an engine inside this process (single-process mode, in-process tests); either micro-batches every
     tenant's requests on one shared backbone per device."""
+    on_overloaded = gate.engine_refused if gate else None
     if settings.serving_engine_endpoint:
         client = EngineClient(
             settings.serving_engine_endpoint, timeout_s=settings.serving_engine_timeout_ms / 1000
@@ -59,13 +60,13 @@ async def build_predictor(
         await client.start()
         if not await client.wait_alive(timeout_s=120):
             log.warning("the engine at %s does not answer yet: predicts get 503", client.endpoint)
-        return EnginePredictor(client, on_overloaded=gate.engine_refused if gate else None)
+        return EnginePredictor(client, on_overloaded=on_overloaded)
     if settings.torch_threads > 0:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
     core = EngineCore(DatabasePromptSource(session_factory), serving_config(settings))
-    return EnginePredictor(LocalEngine(core), on_overloaded=gate.engine_refused if gate else None)
+    return EnginePredictor(LocalEngine(core), on_overloaded=on_overloaded)
 
 
 def body_limit(settings: Settings, path: str) -> int:

@@ -8,13 +8,14 @@ keeps the connection.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
-import orjson
+from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.serving.front_gate import FrontGate, Shed
+from service.api.deps import bearer_token
+from service.api.errors import error_response, retry_after_header
+from service.serving.front_gate import FrontGate
 
 __all__ = ["SHED_PATHS", "LoadShedding"]
 
@@ -32,40 +33,20 @@ class LoadShedding:
         if not _is_predict(scope):
             await self.app(scope, receive, send)
             return
-        tenant = self._tenant(scope)
+        token = bearer_token(Request(scope))
+        tenant = self.tenant_of(token) if token else None
         shed = self.gate.enter(tenant)
         if shed is not None:
-            await _refuse(send, shed)
+            refusal = error_response(
+                503, "overloaded", shed.message, None, {"Retry-After": retry_after_header(shed.retry_after_s)}
+            )
+            await refusal(scope, receive, send)
             return
         try:
             await self.app(scope, receive, send)
         finally:
             self.gate.leave(tenant)
 
-    def _tenant(self, scope: Scope) -> str | None:
-        for name, value in scope.get("headers") or ():
-            if name == b"authorization":
-                scheme, _, token = value.decode("latin-1").partition(" ")
-                token = token.strip()
-                return self.tenant_of(token) if scheme.lower() == "bearer" and token else None
-        return None
-
 
 def _is_predict(scope: Scope) -> bool:
     return scope["type"] == "http" and scope["method"] == "POST" and scope["path"].rstrip("/") in SHED_PATHS
-
-
-async def _refuse(send: Send, shed: Shed) -> None:
-    body = orjson.dumps({"error": {"code": "overloaded", "message": shed.message, "param": None}})
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 503,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"retry-after", str(max(1, math.ceil(shed.retry_after_s))).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})

@@ -21,6 +21,7 @@ A refusal carries the seconds to wait, for ``Retry-After``. Everything here runs
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,5 +110,5 @@ class FrontGate:
         return Shed(
             reason,
             retry_after_s,
-            f"{why}; refused before reading the request, retry in {max(1, round(retry_after_s + 0.5))} s",
+            f"{why}; refused before reading the request, retry in {max(1, math.ceil(retry_after_s))} s",
         )

@@ -13,15 +13,8 @@ from service.launch.front import EnginePredictor
 from service.serving.errors import OverloadedError
 from service.serving.front_gate import FrontGate
 from service.serving.transport import error_from_wire, error_to_wire
+from tests.fake_clock import Clock
 from tests.serving.gateway import Gateway, png_b64
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def test_a_full_front_refuses_until_a_place_is_given_back() -> None:
@@ -57,17 +50,17 @@ def test_an_engine_refusal_holds_that_tenant_for_its_excess_and_no_one_else() ->
     assert shed is not None and shed.reason == "tenant_overloaded"
     assert shed.retry_after_s == pytest.approx(0.2)
     assert gate.enter("quiet") is None and gate.enter(None) is None  # unknown keys go to the engine
-    clock.t += 0.21
+    clock.now += 0.21
     assert gate.enter("flood") is None
     gate.engine_refused("flood", 30.0)  # capped: the queue may drain faster than estimated
-    clock.t += 0.49
+    clock.now += 0.49
     assert gate.enter("flood") is not None
-    clock.t += 0.02
+    clock.now += 0.02
     assert gate.enter("flood") is None
     gate.engine_refused("flood", 0.001)  # a hair over: still held for the floor, not for a millisecond
-    clock.t += 0.09
+    clock.now += 0.09
     assert gate.enter("flood") is not None
-    clock.t += 0.02
+    clock.now += 0.02
     assert gate.enter("flood") is None
 
 
@@ -78,7 +71,7 @@ def test_the_tenant_map_stays_bounded() -> None:
         gate.engine_refused(t, 0.1)
     gate.engine_refused("d", 0.1)  # full of live holds: not remembered
     assert gate.enter("d") is None and gate.enter("a") is not None
-    clock.t += 1
+    clock.now += 1
     gate.engine_refused("d", 0.1)  # expired holds are dropped to make room
     assert gate.enter("d") is not None
 

@@ -15,16 +15,9 @@ from pathlib import Path
 import pytest
 
 from service.serving.ratelimit import InMemoryRateLimiter, RedisRateLimiter
+from tests.fake_clock import Clock
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_in_memory_bucket_refills_and_says_when() -> None:
