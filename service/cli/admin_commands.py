@@ -8,14 +8,20 @@ command: a table or `--json`, and `error <status> <code>: <message>` with exit s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
 from actprompt import Client
 from actprompt.types import SCOPES
 
-from service.cli.remote_commands import Actions, _emit, _table, command_adders
+from service.cli.remote_commands import (
+    Actions,
+    _emit,
+    _emit_table,
+    command_adders,
+    done_command,
+    show_command,
+)
 
 
 def _key(args: argparse.Namespace) -> None:
@@ -33,12 +39,8 @@ def tenants_create(args: argparse.Namespace, c: Client) -> int:
 
 
 def tenants_list(args: argparse.Namespace, c: Client) -> int:
-    items = list(c.tenants.list())
-    _emit(
-        args,
-        items,
-        lambda xs: _table(([t.id, t.name, t.created_at.isoformat()] for t in xs), ["ID", "NAME", "CREATED"]),
-    )
+    header = ["ID", "NAME", "CREATED"]
+    _emit_table(args, c.tenants.list(), header, lambda t: [t.id, t.name, t.created_at.isoformat()])
     return 0
 
 
@@ -58,31 +60,23 @@ def keys_create(args: argparse.Namespace, c: Client) -> int:
 
 
 def keys_list(args: argparse.Namespace, c: Client) -> int:
-    items = c.keys.list(args.tenant)
-    _emit(
+    header = ["ID", "KEY", "NAME", "SCOPES", "STATE"]
+    _emit_table(
         args,
-        items,
-        lambda xs: _table(
-            (
-                [
-                    k.id,
-                    f"{k.prefix}…",
-                    k.name or "",
-                    ",".join(k.scopes),
-                    "revoked" if k.revoked_at else "active",
-                ]
-                for k in xs
-            ),
-            ["ID", "KEY", "NAME", "SCOPES", "STATE"],
-        ),
+        c.keys.list(args.tenant),
+        header,
+        lambda k: [
+            k.id,
+            f"{k.prefix}…",
+            k.name or "",
+            ",".join(k.scopes),
+            "revoked" if k.revoked_at else "active",
+        ],
     )
     return 0
 
 
-def keys_revoke(args: argparse.Namespace, c: Client) -> int:
-    c.keys.revoke(args.id)
-    _emit(args, {"id": args.id, "revoked": True}, lambda _: f"revoked {args.id}")
-    return 0
+keys_revoke = done_command(lambda c, ref: c.keys.revoke(ref), "revoked")
 
 
 # --- backbones --------------------------------------------------------------------------------------
@@ -107,26 +101,15 @@ def backbones_create(args: argparse.Namespace, c: Client) -> int:
 
 
 def backbones_list(args: argparse.Namespace, c: Client) -> int:
-    items = c.backbones.list()
-    _emit(
-        args,
-        items,
-        lambda xs: _table(
-            ([b.id, b.model, b.family, b.weights] for b in xs), ["ID", "MODEL", "FAMILY", "WEIGHTS"]
-        ),
-    )
+    header = ["ID", "MODEL", "FAMILY", "WEIGHTS"]
+    _emit_table(args, c.backbones.list(), header, lambda b: [b.id, b.model, b.family, b.weights])
     return 0
 
 
-def backbones_get(args: argparse.Namespace, c: Client) -> int:
-    _emit(args, c.backbones.get(args.id), lambda b: json.dumps(b.model_dump(mode="json"), indent=2))
-    return 0
+backbones_get = show_command(lambda c, ref: c.backbones.get(ref))
 
 
-def backbones_delete(args: argparse.Namespace, c: Client) -> int:
-    c.backbones.delete(args.id)
-    _emit(args, {"id": args.id, "deleted": True}, lambda _: f"deleted {args.id}")
-    return 0
+backbones_delete = done_command(lambda c, ref: c.backbones.delete(ref))
 
 
 def add_commands(subparsers: Actions) -> None:

@@ -40,8 +40,43 @@ def _dump(value: Any) -> Any:
     return value
 
 
+def _json_text(value: Any) -> str:
+    return json.dumps(_dump(value), indent=2)
+
+
 def _emit(args: argparse.Namespace, value: Any, human: Callable[[Any], str]) -> None:
-    print(json.dumps(_dump(value), indent=2) if args.json else human(value))
+    print(_json_text(value) if args.json else human(value))
+
+
+def _emit_table(
+    args: argparse.Namespace, items: Iterable[Any], header: list[str], row: Callable[[Any], list[str]]
+) -> None:
+    """A listing: one JSON array with --json, else an aligned table of one `row` an item."""
+    _emit(args, list(items), lambda xs: _table((row(x) for x in xs), header))
+
+
+Command = Callable[[argparse.Namespace, Client], int]
+
+
+def show_command(get: Callable[[Client, str], Any]) -> Command:
+    """The command that prints, as JSON, the resource `get` returns for the `id` argument."""
+
+    def show(args: argparse.Namespace, c: Client) -> int:
+        _emit(args, get(c, args.id), _json_text)
+        return 0
+
+    return show
+
+
+def done_command(act: Callable[[Client, str], None], verb: str = "deleted") -> Command:
+    """The command that runs `act` (a delete, a revoke) on the `id` argument: `{"id": ..., verb: true}`."""
+
+    def done(args: argparse.Namespace, c: Client) -> int:
+        act(c, args.id)
+        _emit(args, {"id": args.id, verb: True}, lambda _: f"{verb} {args.id}")
+        return 0
+
+    return done
 
 
 def run_remote(func: Callable[[argparse.Namespace, Client], int]) -> Callable[[argparse.Namespace], int]:
@@ -86,26 +121,15 @@ def files_upload(args: argparse.Namespace, c: Client) -> int:
 
 
 def files_list(args: argparse.Namespace, c: Client) -> int:
-    items = list(c.files.list())
-    _emit(
-        args,
-        items,
-        lambda xs: _table(
-            ([f.id, f.filename, str(f.bytes), f.status] for f in xs), ["ID", "FILENAME", "BYTES", "STATUS"]
-        ),
-    )
+    header = ["ID", "FILENAME", "BYTES", "STATUS"]
+    _emit_table(args, c.files.list(), header, lambda f: [f.id, f.filename, str(f.bytes), f.status])
     return 0
 
 
-def files_get(args: argparse.Namespace, c: Client) -> int:
-    _emit(args, c.files.get(args.id), lambda f: json.dumps(f.model_dump(mode="json"), indent=2))
-    return 0
+files_get = show_command(lambda c, ref: c.files.get(ref))
 
 
-def files_delete(args: argparse.Namespace, c: Client) -> int:
-    c.files.delete(args.id)
-    _emit(args, {"id": args.id, "deleted": True}, lambda _: f"deleted {args.id}")
-    return 0
+files_delete = done_command(lambda c, ref: c.files.delete(ref))
 
 
 # --- jobs -------------------------------------------------------------------------------------------
@@ -160,18 +184,12 @@ def _job_line(j: Any) -> list[str]:
 
 
 def jobs_list(args: argparse.Namespace, c: Client) -> int:
-    jobs = list(c.jobs.list(status=args.status))
-    _emit(
-        args,
-        jobs,
-        lambda xs: _table((_job_line(j) for j in xs), ["ID", "STATUS", "BACKBONE", "PROMPT", "EPOCH"]),
-    )
+    header = ["ID", "STATUS", "BACKBONE", "PROMPT", "EPOCH"]
+    _emit_table(args, c.jobs.list(status=args.status), header, _job_line)
     return 0
 
 
-def jobs_get(args: argparse.Namespace, c: Client) -> int:
-    _emit(args, c.jobs.get(args.id), lambda j: json.dumps(j.model_dump(mode="json"), indent=2))
-    return 0
+jobs_get = show_command(lambda c, ref: c.jobs.get(ref))
 
 
 def jobs_cancel(args: argparse.Namespace, c: Client) -> int:
@@ -220,21 +238,17 @@ def _watch(args: argparse.Namespace, c: Client, job_id: str) -> int:
 
 # --- prompts ----------------------------------------------------------------------------------------
 def prompts_list(args: argparse.Namespace, c: Client) -> int:
-    items = list(c.prompts.list())
-    _emit(
+    header = ["PROMPT", "BACKBONE", "METHOD", "CLASSES", "NAME"]
+    _emit_table(
         args,
-        items,
-        lambda xs: _table(
-            ([p.ref, p.backbone, p.method, str(len(p.classes)), p.name or ""] for p in xs),
-            ["PROMPT", "BACKBONE", "METHOD", "CLASSES", "NAME"],
-        ),
+        c.prompts.list(),
+        header,
+        lambda p: [p.ref, p.backbone, p.method, str(len(p.classes)), p.name or ""],
     )
     return 0
 
 
-def prompts_get(args: argparse.Namespace, c: Client) -> int:
-    _emit(args, c.prompts.get(args.id), lambda p: json.dumps(p.model_dump(mode="json"), indent=2))
-    return 0
+prompts_get = show_command(lambda c, ref: c.prompts.get(ref))
 
 
 def prompts_import_adapter(args: argparse.Namespace, c: Client) -> int:
@@ -256,10 +270,7 @@ def prompts_download(args: argparse.Namespace, c: Client) -> int:
     return 0
 
 
-def prompts_delete(args: argparse.Namespace, c: Client) -> int:
-    c.prompts.delete(args.id)
-    _emit(args, {"id": args.id, "deleted": True}, lambda _: f"deleted {args.id}")
-    return 0
+prompts_delete = done_command(lambda c, ref: c.prompts.delete(ref))
 
 
 # --- evaluations ------------------------------------------------------------------------------------
@@ -312,7 +323,6 @@ def predict_remote(args: argparse.Namespace, c: Client) -> int:
 
 
 Actions: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
-Command = Callable[[argparse.Namespace, Client], int]
 
 
 def command_adders(
