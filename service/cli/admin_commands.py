@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from actprompt import Client
-from actprompt.types import SCOPES
+from actprompt.types import SCOPES, ApiKeyCreated, TenantCreated
 
 from service.cli.remote_commands import (
     Actions,
@@ -28,13 +30,20 @@ def _key(args: argparse.Namespace) -> None:
     args.api_key = args.api_key or os.environ.get("ACTPROMPT_ADMIN_KEY") or None
 
 
+def _emit_secret(
+    args: argparse.Namespace, created: TenantCreated | ApiKeyCreated, human: Callable[[Any], str]
+) -> None:
+    """A new key's answer; with --key-only just its secret (for `export KEY=$(…)`)."""
+    if args.key_only:
+        print(created.api_key)
+    else:
+        _emit(args, created, human)
+
+
 # --- tenants ----------------------------------------------------------------------------------------
 def tenants_create(args: argparse.Namespace, c: Client) -> int:
     t = c.tenants.create(args.name)
-    if args.key_only:
-        print(t.api_key)
-        return 0
-    _emit(args, t, lambda t: f"{t.id}  {t.name}  first key {t.key_id}: {t.api_key}  (shown only now)")
+    _emit_secret(args, t, lambda t: f"{t.id}  {t.name}  first key {t.key_id}: {t.api_key}  (shown only now)")
     return 0
 
 
@@ -52,10 +61,7 @@ def tenants_get(args: argparse.Namespace, c: Client) -> int:
 # --- keys -------------------------------------------------------------------------------------------
 def keys_create(args: argparse.Namespace, c: Client) -> int:
     k = c.keys.create(args.tenant, name=args.name, scopes=args.scope)
-    if args.key_only:
-        print(k.api_key)
-        return 0
-    _emit(args, k, lambda k: f"{k.id}  scopes {','.join(k.scopes)}: {k.api_key}  (shown only now)")
+    _emit_secret(args, k, lambda k: f"{k.id}  scopes {','.join(k.scopes)}: {k.api_key}  (shown only now)")
     return 0
 
 
