@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from service.db.models import Backbone
 from service.db.repositories import BackboneRepository
-from service.domain.errors import Conflict, DomainError, NotFound, from_engine_error
+from service.domain.errors import Conflict, DomainError, found, from_engine_error
 from service.engine import BackboneSpec
 
 
@@ -51,10 +51,7 @@ def _layer_to_dict(layer: Any) -> dict[str, Any]:
 
 
 def get_backbone(session: Session, backbone_id: str, *, param: str = "backbone_id") -> Backbone:
-    backbone = BackboneRepository(session).get(backbone_id)
-    if backbone is None:
-        raise NotFound(f"no backbone {backbone_id!r}", code="backbone_not_found", param=param)
-    return backbone
+    return found(BackboneRepository(session).get(backbone_id), "backbone", backbone_id, param=param)
 
 
 def list_backbones(session: Session) -> list[Backbone]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from service.engine.errors import ActpromptError
 
@@ -56,6 +56,16 @@ class TooManyRequests(DomainError):
 class Unavailable(DomainError):
     status = 503
     code = "unavailable"
+
+
+T = TypeVar("T")
+
+
+def found(row: T | None, kind: str, ident: str, *, param: str) -> T:
+    """`row`, or the one NotFound of every lookup: "no <kind> '<ident>'", code `<kind>_not_found`."""
+    if row is None:
+        raise NotFound(f"no {kind} {ident!r}", code=f"{kind}_not_found", param=param)
+    return row
 
 
 #: Engine error codes that are the caller's fault in the request itself (400) rather than its content (422).

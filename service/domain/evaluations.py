@@ -18,7 +18,7 @@ from service.db.ids import new_id
 from service.db.models import Evaluation
 from service.db.repositories import EvaluationRepository, EvaluationRunRepository
 from service.domain import prompts
-from service.domain.errors import InvalidInput, NotFound
+from service.domain.errors import InvalidInput, found
 from service.domain.jobs import check_dataset
 from service.domain.quota import check_active_quota
 from service.settings import Settings
@@ -52,9 +52,7 @@ def create_evaluation(
 
 def get_evaluation(session: Session, tenant_id: str, evaluation_id: str) -> Evaluation:
     row = EvaluationRepository(session, tenant_id).get(evaluation_id)
-    if row is None:
-        raise NotFound(f"no evaluation {evaluation_id!r}", code="evaluation_not_found", param="evaluation_id")
-    return row
+    return found(row, "evaluation", evaluation_id, param="evaluation_id")
 
 
 def list_evaluations(

@@ -16,7 +16,7 @@ from service.db.base import utcnow
 from service.db.ids import new_id
 from service.db.models import File
 from service.db.repositories import FileRepository
-from service.domain.errors import Conflict, InvalidInput, NotFound
+from service.domain.errors import Conflict, InvalidInput, found
 
 #: Dataset archives the loaders read, longest first (the stored object keeps it: loaders dispatch on it).
 FILE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip", ".npz")
@@ -80,10 +80,7 @@ def record_file(
 
 
 def get_file(session: Session, tenant_id: str, file_id: str, *, param: str = "file_id") -> File:
-    row = FileRepository(session, tenant_id).get(file_id)
-    if row is None:
-        raise NotFound(f"no file {file_id!r}", code="file_not_found", param=param)
-    return row
+    return found(FileRepository(session, tenant_id).get(file_id), "file", file_id, param=param)
 
 
 def list_files(session: Session, tenant_id: str, *, limit: int, after: str | None) -> list[File]:

@@ -32,6 +32,7 @@ from service.domain.errors import (
     Conflict,
     InvalidInput,
     NotFound,
+    found,
     from_engine_error,
 )
 from service.domain.quota import check_active_quota
@@ -355,10 +356,7 @@ def find_idempotent_job(session: Session, tenant_id: str, key: str, fingerprint:
 
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
-    job = JobRepository(session, tenant_id).get(job_id)
-    if job is None:
-        raise NotFound(f"no job {job_id!r}", code="job_not_found", param="job_id")
-    return job
+    return found(JobRepository(session, tenant_id).get(job_id), "job", job_id, param="job_id")
 
 
 def list_jobs(

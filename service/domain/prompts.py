@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from service.db.ids import new_id
 from service.db.models import Prompt
 from service.db.repositories import BackboneRepository, PromptRepository
-from service.domain.errors import InvalidInput, NotFound, from_engine_error
+from service.domain.errors import InvalidInput, NotFound, found, from_engine_error
 
 _REF = re.compile(r"^(?P<id>prm_[0-9a-z]{1,40})(?:@(?P<version>[1-9][0-9]{0,8}))?$")
 
@@ -31,9 +31,7 @@ def get_prompt(
 ) -> Prompt:
     prompt_id, version = parse_ref(ref, param=param)
     prompt = PromptRepository(session, tenant_id).get(prompt_id, version, with_artifact=with_artifact)
-    if prompt is None:
-        raise NotFound(f"no prompt {ref!r}", code="prompt_not_found", param=param)
-    return prompt
+    return found(prompt, "prompt", ref, param=param)
 
 
 def list_prompts(session: Session, tenant_id: str, *, limit: int, after: str | None) -> list[Prompt]:

@@ -18,7 +18,7 @@ from service.db.ids import new_id
 from service.db.models import ApiKey, Tenant
 from service.db.repositories import ApiKeyRepository, TenantRepository
 from service.db.session import retry_read
-from service.domain.errors import InvalidInput, NotFound, Unauthorized
+from service.domain.errors import InvalidInput, NotFound, Unauthorized, found
 from service.settings import Settings
 from service.ttl_cache import TTLCache
 
@@ -79,10 +79,7 @@ def create_tenant(session: Session, name: str) -> tuple[Tenant, IssuedKey]:
 
 
 def get_tenant(session: Session, tenant_id: str) -> Tenant:
-    tenant = TenantRepository(session).get(tenant_id)
-    if tenant is None:
-        raise NotFound(f"no tenant {tenant_id!r}", code="tenant_not_found", param="tenant_id")
-    return tenant
+    return found(TenantRepository(session).get(tenant_id), "tenant", tenant_id, param="tenant_id")
 
 
 def list_tenants(session: Session, *, limit: int, after: str | None) -> list[Tenant]:
