@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Security
@@ -22,14 +22,16 @@ from service.settings import Settings
 _bearer = HTTPBearer(auto_error=False, description="A tenant API key, or the admin key for admin calls.")
 
 
-def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
+def _app_state(name: str) -> Callable[[Request], Any]:
+    """The dependency that returns `app.state.<name>`, which `create_app` builds once for every request."""
+
+    def dependency(request: Request) -> Any:
+        return getattr(request.app.state, name)
+
+    return dependency
 
 
-def _session_factory(request: Request) -> sessionmaker[Session]:
-    factory: sessionmaker[Session] = request.app.state.session_factory
-    return factory
+_session_factory = _app_state("session_factory")
 
 
 def _session(factory: Annotated[sessionmaker[Session], Depends(_session_factory)]) -> Iterator[Session]:
@@ -38,7 +40,7 @@ def _session(factory: Annotated[sessionmaker[Session], Depends(_session_factory)
         yield session
 
 
-SettingsDep = Annotated[Settings, Depends(_settings)]
+SettingsDep = Annotated[Settings, Depends(_app_state("settings"))]
 SessionFactoryDep = Annotated[sessionmaker[Session], Depends(_session_factory)]
 SessionDep = Annotated[Session, Depends(_session)]
 
@@ -112,39 +114,14 @@ KeyAdminDep = Annotated[Principal, Security(_scoped, scopes=[Scope.ADMIN])]
 AdminDep = Annotated[Principal, Depends(_admin)]
 
 
-def _queue(request: Request) -> JobQueue:
-    queue: JobQueue = request.app.state.queue
-    return queue
-
-
-def _predictor(request: Request) -> Predictor:
-    predictor: Predictor = request.app.state.predictor
-    return predictor
-
-
-def _resolver(request: Request) -> PromptResolver:
-    resolver: PromptResolver = request.app.state.prompt_resolver
-    return resolver
-
-
-def _authenticator(request: Request) -> Authenticator:
-    auth: Authenticator = request.app.state.authenticator
-    return auth
-
-
-QueueDep = Annotated[JobQueue, Depends(_queue)]
-PredictorDep = Annotated[Predictor, Depends(_predictor)]
-ResolverDep = Annotated[PromptResolver, Depends(_resolver)]
-AuthenticatorDep = Annotated[Authenticator, Depends(_authenticator)]
-
-
-def _rate_limiter(request: Request) -> RateLimiter | None:
-    limiter: RateLimiter | None = request.app.state.rate_limiter
-    return limiter
+QueueDep = Annotated[JobQueue, Depends(_app_state("queue"))]
+PredictorDep = Annotated[Predictor, Depends(_app_state("predictor"))]
+ResolverDep = Annotated[PromptResolver, Depends(_app_state("prompt_resolver"))]
+AuthenticatorDep = Annotated[Authenticator, Depends(_app_state("authenticator"))]
 
 
 async def _rate_limit(
-    tenant_id: PredictTenantDep, limiter: Annotated[RateLimiter | None, Depends(_rate_limiter)]
+    tenant_id: PredictTenantDep, limiter: Annotated[RateLimiter | None, Depends(_app_state("rate_limiter"))]
 ) -> None:
     """Per-tenant token bucket: 429 with `Retry-After` (whole seconds) while the tenant is over its rate.
 
