@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -24,6 +26,7 @@ from service.engine.train import (
     ProgressEvent,
     TrainCallbacks,
     TrainConfig,
+    TrainResult,
     evaluate,
     fit,
     predict_logits,
@@ -49,6 +52,13 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     x[:, 1] += (y == 2).float()[:, None, None] * 3.0
     x[:, 2] += (y == 3).float()[:, None, None] * 3.0
     return x, y
+
+
+def _fit(
+    bb: Backbone, method: str, cfg: MethodConfig, data: tuple, tcfg: TrainConfig, **kw: Any
+) -> TrainResult:
+    """`fit` on `data` alone (no validation or test rows), over the test's classes."""
+    return fit(bb, method, cfg, data, None, None, tcfg, classes=CLASSES, **kw)
 
 
 def _cfg(**kw: object) -> TrainConfig:
@@ -141,20 +151,10 @@ def test_resume_from_checkpoint_equals_an_uninterrupted_run(bb: Backbone, data: 
     )
     tcfg = _cfg(epochs=3, batch_size=16, warmup_epochs=1.0, optimizer="adamw", weight_decay=0.01)
     checkpoints: list[Checkpoint] = []
-    full = fit(
-        bb,
-        method,
-        cfg,
-        data,
-        None,
-        None,
-        tcfg,
-        classes=CLASSES,
-        callbacks=TrainCallbacks(on_checkpoint=checkpoints.append),
-    )
+    full = _fit(bb, method, cfg, data, tcfg, callbacks=TrainCallbacks(on_checkpoint=checkpoints.append))
     assert [c.epoch for c in checkpoints] == [1, 2, 3]
     restored = Checkpoint.from_bytes(checkpoints[0].to_bytes())  # as a worker would read it back
-    resumed = fit(bb, method, cfg, data, None, None, tcfg, classes=CLASSES, resume=restored)
+    resumed = _fit(bb, method, cfg, data, tcfg, resume=restored)
     for k, v in full.artifact.tensors.items():
         assert torch.equal(v, resumed.artifact.tensors[k]), k
     assert len(resumed.metrics["epochs"]) == 3
@@ -164,15 +164,15 @@ def test_resume_from_checkpoint_equals_an_uninterrupted_run(bb: Backbone, data: 
     old_config.update({"lora_rank": 4, **cfg.to_dict()})
     del old_config["method"]
     legacy.state["fingerprint"]["method_config"] = old_config
-    again = fit(bb, method, cfg, data, None, None, tcfg, classes=CLASSES, resume=legacy)
+    again = _fit(bb, method, cfg, data, tcfg, resume=legacy)
     for k, v in full.artifact.tensors.items():
         assert torch.equal(v, again.artifact.tensors[k]), k
     legacy.state["fingerprint"]["method_config"] = {**old_config, "num_classes": 3}
     with pytest.raises(MethodError, match="method_config differs"):
-        fit(bb, method, cfg, data, None, None, tcfg, classes=CLASSES, resume=legacy)
+        _fit(bb, method, cfg, data, tcfg, resume=legacy)
     # A checkpoint from another run is refused, not silently mixed in.
     with pytest.raises(MethodError):
-        fit(bb, "linear", LinearConfig(4), data, None, None, tcfg, classes=CLASSES, resume=restored)
+        _fit(bb, "linear", LinearConfig(4), data, tcfg, resume=restored)
 
 
 def test_cancellation_stops_within_a_step(bb: Backbone, data: tuple) -> None:
@@ -184,15 +184,12 @@ def test_cancellation_stops_within_a_step(bb: Backbone, data: tuple) -> None:
         return calls > 4
 
     with pytest.raises(TrainingCancelled) as info:
-        fit(
+        _fit(
             bb,
             "activation",
             ActivationConfig(4, (3,)),
             data,
-            None,
-            None,
             _cfg(),
-            classes=CLASSES,
             callbacks=TrainCallbacks(should_stop=should_stop),
         )
     assert calls == 5
@@ -201,15 +198,12 @@ def test_cancellation_stops_within_a_step(bb: Backbone, data: tuple) -> None:
 
 def test_progress_events_are_bounded_and_monotone(bb: Backbone, data: tuple) -> None:
     events: list[ProgressEvent] = []
-    fit(
+    _fit(
         bb,
         "linear",
         LinearConfig(4),
         data,
-        None,
-        None,
         _cfg(epochs=2, batch_size=2),
-        classes=CLASSES,
         callbacks=TrainCallbacks(on_progress=events.append),
     )
     per_epoch = [sum(e.epoch == k for e in events) for k in (1, 2)]
@@ -234,17 +228,7 @@ def test_augmentation_and_sgd_paths(bb: Backbone, spatial: PreparedData) -> None
 
 def test_fixed_seed_is_deterministic_and_seed_matters(bb: Backbone, data: tuple) -> None:
     runs = [
-        fit(
-            bb,
-            "activation",
-            ActivationConfig(4, (4,)),
-            data,
-            None,
-            None,
-            _cfg(epochs=1, seed=s),
-            classes=CLASSES,
-        )
-        for s in (7, 7, 8)
+        _fit(bb, "activation", ActivationConfig(4, (4,)), data, _cfg(epochs=1, seed=s)) for s in (7, 7, 8)
     ]
     assert runs[0].artifact.tensors["delta.4"].equal(runs[1].artifact.tensors["delta.4"])
     assert not runs[0].artifact.tensors["delta.4"].equal(runs[2].artifact.tensors["delta.4"])
@@ -328,16 +312,8 @@ def test_label_smoothing_changes_the_training_loss_by_the_closed_form_amount(
     eps = 0.3
     checkpoints: list[Checkpoint] = []
     cfg = _cfg(epochs=2, batch_size=len(x), learning_rate=0.5, label_smoothing=eps)
-    result = fit(
-        bb,
-        "linear",
-        LinearConfig(4),
-        data,
-        None,
-        None,
-        cfg,
-        classes=CLASSES,
-        callbacks=TrainCallbacks(on_checkpoint=checkpoints.append),
+    result = _fit(
+        bb, "linear", LinearConfig(4), data, cfg, callbacks=TrainCallbacks(on_checkpoint=checkpoints.append)
     )
     head = create_method("linear", bb, LinearConfig(4))
     head.load_state_dict(checkpoints[0].state["trainable"])
