@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import math
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ from service.engine.methods import MethodConfig, PromptModule, create_method
 
 if TYPE_CHECKING:
     from service.engine.backbones import Backbone
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -150,6 +154,17 @@ def isolated_rng(device: torch.device) -> Iterator[None]:
         np.random.set_state(np_state)
 
 
+def _with_isolated_rng(func: Callable[Concatenate[Backbone, P], R]) -> Callable[Concatenate[Backbone, P], R]:
+    """`func` run inside `isolated_rng` on the device of its backbone (the first argument)."""
+
+    @functools.wraps(func)
+    def run(backbone: Backbone, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with isolated_rng(backbone.device):
+            return func(backbone, *args, **kwargs)
+
+    return run
+
+
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -247,36 +262,6 @@ def evaluate(
 
 
 # --- the loop ------------------------------------------------------------------------------------------
-def fit(
-    backbone: Backbone,
-    method: str,
-    method_config: MethodConfig,
-    train: tuple[Tensor, Tensor],
-    val: tuple[Tensor, Tensor] | None,
-    test: tuple[Tensor, Tensor] | None,
-    config: TrainConfig,
-    *,
-    classes: Sequence[str],
-    callbacks: TrainCallbacks | None = None,
-    resume: Checkpoint | None = None,
-) -> TrainResult:
-    """Train `method` on `backbone` and return its artifact with val/test metrics.
-
-    Args:
-        train, val, test: (x float32 [N, 3, H, W] preprocessed, y int64 [N]); val/test optional.
-        resume: a checkpoint of this same run; training continues at its next epoch.
-
-    Raises:
-        TrainingCancelled: `callbacks.should_stop()` returned True.
-        MethodError: unknown method, bad config, labels outside the classes, or a foreign checkpoint.
-    """
-    with isolated_rng(backbone.device):
-        return _fit(
-            backbone, method, method_config, train, val, test, config,
-            classes=classes, callbacks=callbacks, resume=resume,
-        )  # fmt: skip
-
-
 def _check_inputs(x: Tensor, y: Tensor, classes: Sequence[str], num_classes: int) -> None:
     n = len(x)
     if n == 0 or len(y) != n:
@@ -366,7 +351,8 @@ class _Loop:
         return loss, logits, yb
 
 
-def _fit(
+@_with_isolated_rng
+def fit(
     backbone: Backbone,
     method: str,
     method_config: MethodConfig,
@@ -376,9 +362,19 @@ def _fit(
     config: TrainConfig,
     *,
     classes: Sequence[str],
-    callbacks: TrainCallbacks | None,
-    resume: Checkpoint | None,
+    callbacks: TrainCallbacks | None = None,
+    resume: Checkpoint | None = None,
 ) -> TrainResult:
+    """Train `method` on `backbone` and return its artifact with val/test metrics.
+
+    Args:
+        train, val, test: (x float32 [N, 3, H, W] preprocessed, y int64 [N]); val/test optional.
+        resume: a checkpoint of this same run; training continues at its next epoch.
+
+    Raises:
+        TrainingCancelled: `callbacks.should_stop()` returned True.
+        MethodError: unknown method, bad config, labels outside the classes, or a foreign checkpoint.
+    """
     cb = callbacks or TrainCallbacks()
     device = backbone.device
     x_train, y_train = train[0], train[1].to(torch.int64)
