@@ -8,21 +8,26 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from service.engine import Backbone, BackboneSpec, EngineError, MethodError, create_backbone
-from service.engine.artifacts import PromptArtifact, load_module
-from service.engine.methods import (
+from service.engine import (
     ActivationConfig,
+    Backbone,
+    BackboneSpec,
     DeepActivationNormConfig,
+    EngineError,
     FullConfig,
     InputPromptConfig,
     LinearConfig,
     LoRAConfig,
     MethodConfig,
+    MethodError,
     NormConfig,
+    PromptArtifact,
     PromptModule,
+    create_backbone,
     create_method,
     get_config_class,
     list_methods,
+    load_module,
     register_method,
 )
 from service.engine.methods.linear import LinearProbe

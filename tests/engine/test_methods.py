@@ -9,20 +9,25 @@ import pytest
 import torch
 from torch import nn
 
-from service.engine import Backbone, BackboneSpec, LayerError, MethodError, create_backbone
-from service.engine.artifacts import PromptArtifact, load_module
-from service.engine.layers import resolve_prompt_layers
-from service.engine.methods import (
+from service.engine import (
     ActivationConfig,
+    Backbone,
+    BackboneSpec,
     DeepActivationNormConfig,
     FullConfig,
     InputPromptConfig,
+    LayerError,
     LinearConfig,
     LoRAConfig,
     MethodConfig,
+    MethodError,
     NormConfig,
+    PromptArtifact,
+    create_backbone,
     create_method,
     list_methods,
+    load_module,
+    resolve_prompt_layers,
 )
 from service.engine.methods.input_prompt import frame_mask
 

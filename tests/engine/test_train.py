@@ -12,6 +12,7 @@ from service.engine import (
     EngineError,
     MethodError,
     TrainingCancelled,
+    TrainResult,
     create_backbone,
     preprocess,
 )
@@ -26,7 +27,6 @@ from service.engine.train import (
     ProgressEvent,
     TrainCallbacks,
     TrainConfig,
-    TrainResult,
     evaluate,
     fit,
     predict_logits,
