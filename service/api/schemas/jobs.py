@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from actprompt.states import JobStatus
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     AliasPath,
     BaseModel,
@@ -28,6 +30,19 @@ LayerRef = StrictInt | StrictStr  # strict: `true` is not layer 1
 #: The engine's defaults and allowed values are the API's: one source of truth (checked by a test).
 _TRAIN = TrainConfig()
 _SPLIT = SplitSpec()
+
+
+def _one_of(choices: Sequence[str]) -> Callable[[str], str]:
+    """A validator that takes only `choices` (which the field's schema lists as its enum)."""
+
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
 #: Methods a job may train: the registry's servable ones (a new method appears here by registering).
 SERVABLE_METHODS: list[Any] = list_methods(servable_only=True)
 #: What a job may ask for: a servable method or the search among them.
@@ -40,7 +55,9 @@ class Hyperparameters(BaseModel):
     batch_size: int = Field(default=_TRAIN.batch_size, ge=1, le=8192)
     learning_rate: float = Field(default=_TRAIN.learning_rate, gt=0, le=10)
     weight_decay: float = Field(default=_TRAIN.weight_decay, ge=0, le=1)
-    optimizer: str = Field(default=_TRAIN.optimizer, json_schema_extra={"enum": list(OPTIMIZERS)})
+    optimizer: Annotated[str, AfterValidator(_one_of(OPTIMIZERS))] = Field(
+        default=_TRAIN.optimizer, json_schema_extra={"enum": list(OPTIMIZERS)}
+    )
     momentum: float = Field(default=_TRAIN.momentum, ge=0, lt=1)
     warmup_epochs: float = Field(default=_TRAIN.warmup_epochs, ge=0, le=100)
     label_smoothing: float = Field(default=_TRAIN.label_smoothing, ge=0, lt=1)
@@ -52,13 +69,6 @@ class Hyperparameters(BaseModel):
         description="Share of train held out when there is no val split.",
     )
     seed: int = Field(default=_TRAIN.seed, ge=0, le=2**31 - 1)
-
-    @field_validator("optimizer")
-    @classmethod
-    def _optimizer(cls, value: str) -> str:
-        if value not in OPTIMIZERS:
-            raise ValueError(f"one of {', '.join(OPTIMIZERS)}")
-        return value
 
 
 class JobCreate(BaseModel):
@@ -83,7 +93,7 @@ class JobCreate(BaseModel):
         "records every candidate. The stored prompt has the chosen method.",
         json_schema_extra={"enum": JOB_METHODS},
     )
-    prompt_shape: str = Field(
+    prompt_shape: Annotated[str, AfterValidator(_one_of(PROMPT_SHAPES))] = Field(
         default="full",
         description="Activation prompt shape; only for methods with prompt layers.",
         json_schema_extra={"enum": list(PROMPT_SHAPES)},
@@ -104,13 +114,6 @@ class JobCreate(BaseModel):
     prompt_id: str | None = Field(
         default=None, max_length=40, description="Store the result as a new version of this prompt."
     )
-
-    @field_validator("prompt_shape")
-    @classmethod
-    def _shape(cls, value: str) -> str:
-        if value not in PROMPT_SHAPES:
-            raise ValueError(f"one of {', '.join(PROMPT_SHAPES)}")
-        return value
 
     @field_validator("metadata", mode="before")
     @classmethod
