@@ -93,13 +93,18 @@ def test_concurrent_deliveries_train_once(setup) -> None:
 def test_reaper_requeues_expired_leases_and_resends_lost_messages(setup) -> None:
     api, factory, submit, job = setup
     lost, stale = submit(), submit()
-    now = utcnow()
-    with factory() as s:
-        assert JobLeaseRepository(s).claim(
-            lost, "dead-worker", now - timedelta(seconds=120), now - timedelta(seconds=1)
-        )
-        s.get(Job, stale).enqueued_at = now - timedelta(seconds=api.settings.queued_stale_seconds + 5)  # type: ignore[union-attr]
-        s.commit()
+
+    def lose(worker: str) -> None:
+        """`lost`: claimed by `worker`, whose lease ran out; `stale`: queued, its message never delivered."""
+        now = utcnow()
+        with factory() as s:
+            assert JobLeaseRepository(s).claim(
+                lost, worker, now - timedelta(seconds=120), now - timedelta(seconds=1)
+            )
+            s.get(Job, stale).enqueued_at = now - timedelta(seconds=api.settings.queued_stale_seconds + 5)  # type: ignore[union-attr]
+            s.commit()
+
+    lose("dead-worker")
     queue = ListQueue()
     report = reap(factory, queue, api.settings)
     assert (
@@ -112,13 +117,7 @@ def test_reaper_requeues_expired_leases_and_resends_lost_messages(setup) -> None
     assert reap(factory, ListQueue(), api.settings).requeued == []  # nothing more to do
 
     # second loss: attempts exhausted (max_attempts=2) -> failed with the reason
-    now = utcnow()
-    with factory() as s:
-        assert JobLeaseRepository(s).claim(
-            lost, "dead-again", now - timedelta(seconds=120), now - timedelta(seconds=1)
-        )
-        s.get(Job, stale).enqueued_at = now - timedelta(seconds=api.settings.queued_stale_seconds + 5)  # type: ignore[union-attr]
-        s.commit()
+    lose("dead-again")
     report = reap(factory, ListQueue(), api.settings)
     assert sorted(report.failed) == sorted([lost, stale])
     assert job(lost).status == "failed" and job(lost).error["code"] == "worker_lost"  # type: ignore[index]
