@@ -116,6 +116,15 @@ def wait_for_final(pg: playwright_api.Page) -> str:
     return str(pg.locator("h1 [data-testid=job-status]").get_attribute("data-status"))
 
 
+def submit_and_wait(pg: playwright_api.Page) -> str:
+    """Submit the new-job form, follow to the job's page and wait until the job succeeds; its id."""
+    pg.get_by_test_id("submit-job").click()
+    pg.wait_for_url(re.compile(r".*#/jobs/job_.+"))
+    job_id = pg.url.rsplit("/", 1)[-1]
+    assert wait_for_final(pg) == "succeeded", pg.get_by_test_id("event-log").inner_text()
+    return job_id
+
+
 def test_wrong_key_shows_the_apis_message(page: playwright_api.Page, server: Server) -> None:
     r = httpx.get(f"{server.url}/v1/backbones", headers={"Authorization": "Bearer ap_wrong_key"})
     assert r.status_code == 401
@@ -181,12 +190,9 @@ def test_console_admin_train_watch_and_playground(page: playwright_api.Page, ser
     page.get_by_test_id("epochs").fill("4")
     page.get_by_test_id("learning-rate").fill("0.05")
     shot(page, "03-new-job")
-    page.get_by_test_id("submit-job").click()
 
     # --- the job page: live curves until it succeeds --------------------------------------------------
-    page.wait_for_url(re.compile(r".*#/jobs/job_.+"))
-    job_id = page.url.rsplit("/", 1)[-1]
-    assert wait_for_final(page) == "succeeded", page.get_by_test_id("event-log").inner_text()
+    job_id = submit_and_wait(page)
     job = httpx.get(f"{server.url}/v1/jobs/{job_id}", headers=t).json()
     stored = httpx.get(f"{server.url}/v1/files/{job['dataset_uri']}", headers=t).json()  # uploaded, not a URI
     assert stored["bytes"] == dataset.stat().st_size and stored["filename"] == dataset.name
@@ -206,11 +212,8 @@ def test_console_admin_train_watch_and_playground(page: playwright_api.Page, ser
     page.locator("[data-testid=layer-option][data-value='auto']").click()
     page.get_by_test_id("dataset-uri").fill(dataset.as_uri())
     page.get_by_test_id("epochs").fill("1")
-    page.get_by_test_id("submit-job").click()
-    page.wait_for_url(re.compile(r".*#/jobs/job_.+"))
-    auto_id = page.url.rsplit("/", 1)[-1]
+    auto_id = submit_and_wait(page)
     assert auto_id != job_id
-    assert wait_for_final(page) == "succeeded", page.get_by_test_id("event-log").inner_text()
     auto_job = httpx.get(f"{server.url}/v1/jobs/{auto_id}", headers=t).json()
     sweep = page.get_by_test_id("layer-sweep")
     assert int(sweep.get_attribute("data-bars") or 0) >= 2
@@ -300,10 +303,7 @@ def test_new_job_form_offers_every_method_and_the_auto_table(
     page.get_by_test_id("dataset-uri").fill(dataset.as_uri())
     page.get_by_test_id("epochs").fill("1")
     shot(page, "08-new-job-auto")
-    page.get_by_test_id("submit-job").click()
-    page.wait_for_url(re.compile(r".*#/jobs/job_.+"))
-    job_id = page.url.rsplit("/", 1)[-1]
-    assert wait_for_final(page) == "succeeded", page.get_by_test_id("event-log").inner_text()
+    job_id = submit_and_wait(page)
     t = {"Authorization": f"Bearer {key}"}
     job = httpx.get(f"{server.url}/v1/jobs/{job_id}", headers=t).json()
     assert job["method"] == "auto" and job["method_options"] == {"prefer": "accuracy"}
