@@ -83,24 +83,37 @@ def _seq(*fns: Callable[[torch.Tensor], torch.Tensor]) -> Segment:
     return run
 
 
-def _block_list(container: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+def _block_list(container: nn.Module, prefix: str) -> list[tuple[str, Segment]]:
     return [(f"{prefix}.{name}", block) for name, block in container.named_children()]
+
+
+def _decomposition(
+    family: str, stem: tuple[str, Segment], blocks: Sequence[tuple[str, Segment]], pool: Segment
+) -> Decomposition:
+    """Layer 1 is the stem, each block's output a layer after it."""
+    layers = [stem, *blocks]
+    return Decomposition(
+        family,
+        tuple(name for name, _ in layers),
+        ("stem", *("block" for _ in blocks)),
+        tuple(segment for _, segment in layers),
+        pool,
+    )
 
 
 def _decompose_resnet(model: Any) -> Decomposition:
     stem_mods = [getattr(model, a) for a in ("conv1", "bn1", "act1", "maxpool") if hasattr(model, a)]
     stem_name = next(a for a in ("maxpool", "act1", "bn1", "conv1") if hasattr(model, a))
-    names, kinds, segments = [stem_name], ["stem"], [_seq(*stem_mods)]
+    blocks: list[tuple[str, Segment]] = []
     stage = 1
     while hasattr(model, f"layer{stage}"):
-        for name, block in _block_list(getattr(model, f"layer{stage}"), f"layer{stage}"):
-            names.append(name)
-            kinds.append("block")
-            segments.append(block)
+        blocks += _block_list(getattr(model, f"layer{stage}"), f"layer{stage}")
         stage += 1
-    return Decomposition(
-        "cnn", tuple(names), tuple(kinds), tuple(segments), lambda x: model.forward_head(x, pre_logits=True)
-    )
+
+    def pool(x: torch.Tensor) -> torch.Tensor:
+        return model.forward_head(x, pre_logits=True)
+
+    return _decomposition("cnn", (stem_name, _seq(*stem_mods)), blocks, pool)
 
 
 def _decompose_vit(model: Any) -> Decomposition:
@@ -110,49 +123,32 @@ def _decompose_vit(model: Any) -> Decomposition:
         x = model.patch_drop(x)
         return model.norm_pre(x)
 
-    names, kinds, segments = ["patch_embed"], ["stem"], [stem]
-    for name, block in _block_list(model.blocks, "blocks"):
-        names.append(name)
-        kinds.append("block")
-        segments.append(block)
-    return Decomposition(
-        "vit",
-        tuple(names),
-        tuple(kinds),
-        tuple(segments),
-        lambda x: model.forward_head(model.norm(x), pre_logits=True),
-    )
+    def pool(x: torch.Tensor) -> torch.Tensor:
+        return model.forward_head(model.norm(x), pre_logits=True)
+
+    return _decomposition("vit", ("patch_embed", stem), _block_list(model.blocks, "blocks"), pool)
 
 
 def _decompose_convnext(model: Any) -> Decomposition:
-    names, kinds, segments = ["stem"], ["stem"], [model.stem]
+    blocks: list[tuple[str, Segment]] = []
     for s, stage in enumerate(model.stages):
         for b, (name, block) in enumerate(_block_list(stage.blocks, f"stages.{s}.blocks")):
-            names.append(name)
-            kinds.append("block")
             # The stage's downsample runs in front of its first block: part of that block's segment.
-            segments.append(_seq(stage.downsample, block) if b == 0 else block)
-    return Decomposition(
-        "cnn",
-        tuple(names),
-        tuple(kinds),
-        tuple(segments),
-        lambda x: model.forward_head(model.norm_pre(x), pre_logits=True),
-    )
+            blocks.append((name, _seq(stage.downsample, block) if b == 0 else block))
+
+    def pool(x: torch.Tensor) -> torch.Tensor:
+        return model.forward_head(model.norm_pre(x), pre_logits=True)
+
+    return _decomposition("cnn", ("stem", model.stem), blocks, pool)
 
 
 def _decompose_efficientnet(model: Any) -> Decomposition:
-    names, kinds, segments = ["bn1"], ["stem"], [_seq(model.conv_stem, model.bn1)]
-    for s, stage in enumerate(model.blocks):
-        for name, block in _block_list(stage, f"blocks.{s}"):
-            names.append(name)
-            kinds.append("block")
-            segments.append(block)
+    blocks = [block for s, stage in enumerate(model.blocks) for block in _block_list(stage, f"blocks.{s}")]
     if hasattr(model, "bn2"):  # EfficientNet: conv_head + bn2 belong to forward_features
         pool = _seq(model.conv_head, model.bn2, lambda x: model.forward_head(x, pre_logits=True))
     else:  # MobileNetV3: conv_head sits inside forward_head, after pooling
         pool = _seq(lambda x: model.forward_head(x, pre_logits=True))
-    return Decomposition("cnn", tuple(names), tuple(kinds), tuple(segments), pool)
+    return _decomposition("cnn", ("bn1", _seq(model.conv_stem, model.bn1)), blocks, pool)
 
 
 def decompose(model: nn.Module) -> Decomposition:
