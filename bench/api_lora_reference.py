@@ -14,7 +14,6 @@ writes `<results>/api_lora_reference.json` with provenance.
 
 from __future__ import annotations
 
-import argparse
 import io
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.common import DATA_DIR, RESULTS_DIR, WEIGHTS_DIR, log, read_json, results_dir, write_json
+from bench.common import DATA_DIR, RESULTS_DIR, WEIGHTS_DIR, log, parse_quick_out, read_json, write_json
 from bench.provenance import now, provenance
 from bench.serving_http import Server
 
@@ -157,21 +156,15 @@ def run(*, quick: bool, out_dir: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="6 images per class, 1 epoch: the plumbing only")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
-    out = args.out or results_dir(args.quick)
-    payload = run(quick=args.quick, out_dir=out)
+    args = parse_quick_out(argv, __doc__, "6 images per class, 1 epoch: the plumbing only")
+    payload = run(quick=args.quick, out_dir=args.out)
     g = payload["goals"]
     log(
         f"API LoRA r=4: test top-1 {payload['evaluation']['top1']:.4f} "
         f"(benchmark {payload['benchmark']['test_top1_mean']:.4f}, gap {g['gap_points']:+.2f} points); "
         f"goals met: >= {GOAL_TOP1:.0%} {g['met_top1']}, within 1 point {g['met_gap']}"
     )
-    log(f"wrote {out / 'api_lora_reference.json'}")
+    log(f"wrote {args.out / 'api_lora_reference.json'}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -68,6 +69,18 @@ def results_dir(quick: bool) -> Path:
     path = RESULTS_DIR / "quick" if quick else RESULTS_DIR
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def parse_quick_out(argv: list[str] | None, description: str | None, quick_help: str) -> argparse.Namespace:
+    """The options of a bench that takes only `--quick` and `--out` (default: `results_dir`)."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    args.out = args.out or results_dir(args.quick)
+    return args
 
 
 def set_threads(default: int = 1) -> int:

@@ -21,7 +21,6 @@ Writes fleet.json (with provenance), fleet.md and fleet.png under bench/results 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import io
@@ -40,7 +39,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from bench.common import WEIGHTS_DIR, log, md_table, results_dir, write_json
+from bench.common import WEIGHTS_DIR, log, md_table, parse_quick_out, write_json
 from bench.provenance import code_identity, now, provenance
 from bench.serving import pct
 from deploy.fleet import Fleet
@@ -507,14 +506,9 @@ def write_report(results: dict[str, Any], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="600 prompts, seconds-long phases (a smoke run)")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
+    args = parse_quick_out(argv, __doc__, "600 prompts, seconds-long phases (a smoke run)")
     plan = QUICK if args.quick else FULL
-    out = args.out or results_dir(args.quick)
+    out: Path = args.out
     started, identity = now(), code_identity()
     load = [round(x, 2) for x in os.getloadavg()]
     root = Path(tempfile.mkdtemp(prefix="actprompt-fleet-bench-"))
