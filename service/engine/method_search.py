@@ -181,13 +181,8 @@ def train_auto(
             param="method",
         )
     cb = callbacks or PipelineCallbacks()
-    candidate_cb = PipelineCallbacks(
-        on_progress=cb.on_progress,
-        on_epoch_end=cb.on_epoch_end,
-        should_stop=cb.should_stop,
-        on_layer_probe=cb.on_layer_probe,
-        on_start=cb.on_start,
-    )
+    # a candidate reports its progress and can be stopped; it neither checkpoints nor is the choice
+    candidate_cb = replace(cb, on_checkpoint=None, on_layer_selected=None, on_candidate=None)
     base = config or TrainConfig()
     view = PreparedData(data.classes, data.train, data.val, None, data.report)  # no test: it never decides
     rows: list[dict[str, Any]] = []
