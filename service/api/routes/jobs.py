@@ -36,18 +36,8 @@ router = APIRouter(route_class=CheckedRoute, tags=["jobs"], responses=ERROR_RESP
 
 
 def to_request(body: JobCreate) -> JobRequest:
-    return JobRequest(
-        backbone=body.backbone,
-        dataset_uri=body.dataset_uri,
-        prompt_layer=body.prompt_layer,
-        method=body.method,
-        prompt_shape=body.prompt_shape,
-        method_options=body.method_options,
-        hyperparameters=body.hyperparameters.model_dump(),
-        name=body.name,
-        metadata=body.metadata,
-        prompt_id=body.prompt_id,
-    )
+    """The domain's request has the body's fields, as plain values (hyperparameters a dict)."""
+    return JobRequest(**body.model_dump())
 
 
 def job_public(job: Job) -> JobPublic:
