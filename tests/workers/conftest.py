@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 import redis
 
+from deploy.fleet import Proc
 from tests.conftest import DATA_DIR, REPO_ROOT, WEIGHTS_DIR
 from tests.services import require
 
@@ -126,10 +127,8 @@ def resnet20_weights() -> str:
 
 # --- the deployment under test ---------------------------------------------------------------------
 @dataclass
-class WorkerProcess:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
+class WorkerProcess(Proc):
+    """A worker of the deployment under test: a fleet process whose JSON log lines the tests read."""
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -147,13 +146,9 @@ class WorkerProcess:
                     out.append(record)
         return out
 
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the whole process group (the worker and anything it started)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, sig)
+        self.signal(sig)
 
 
 @dataclass
