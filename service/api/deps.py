@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Annotated, Any
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Query, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api.schemas.common import ListPublic
 from service.domain.errors import Forbidden
 from service.domain.predict import Predictor, PromptResolver
 from service.domain.tenants import Authenticator, Principal, Scope
@@ -18,6 +20,9 @@ from service.queue import JobQueue
 from service.serving import metrics as serving_metrics
 from service.serving.ratelimit import RateLimiter
 from service.settings import Settings
+
+R = TypeVar("R")
+P = TypeVar("P")
 
 _bearer = HTTPBearer(auto_error=False, description="A tenant API key, or the admin key for admin calls.")
 
@@ -152,3 +157,34 @@ def paginate(items: list[Any], limit: int, cursor_of: Any) -> tuple[list[Any], b
     has_more = len(items) > limit
     items = items[:limit]
     return items, has_more, (str(cursor_of(items[-1])) if has_more and items else None)
+
+
+@dataclass(frozen=True)
+class Page:
+    """The page a cursor listing asks for: at most `limit` rows (capped by the settings) after `after`."""
+
+    limit: int
+    after: str | None
+
+    @property
+    def fetch(self) -> int:
+        """Rows to read: one more than the page tells whether another page follows."""
+        return self.limit + 1
+
+    def answer(
+        self, rows: list[R], cursor_of: Callable[[R], object], public: Callable[[R], P]
+    ) -> ListPublic[P]:
+        rows, has_more, cursor = paginate(rows, self.limit, cursor_of)
+        return ListPublic(data=[public(r) for r in rows], has_more=has_more, next_cursor=cursor)
+
+
+def _page(
+    settings: SettingsDep,
+    limit: int = Query(20, ge=1, le=1000),
+    after: str | None = Query(None, max_length=64, description="Cursor: `next_cursor` of the previous page."),
+) -> Page:
+    return Page(page_limit(limit, settings), after)
+
+
+#: `limit` and `after` of a cursor listing.
+PageDep = Annotated[Page, Depends(_page)]

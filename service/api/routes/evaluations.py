@@ -6,7 +6,13 @@ from actprompt.states import EvaluationStatus
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import ReadTenantDep, SessionDep, SettingsDep, TrainTenantDep, page_limit, paginate
+from service.api.deps import (
+    PageDep,
+    ReadTenantDep,
+    SessionDep,
+    SettingsDep,
+    TrainTenantDep,
+)
 from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
 from service.api.schemas.evaluations import EvaluationCreate, EvaluationPublic
@@ -46,17 +52,11 @@ async def create_evaluation(
 def list_evaluations(
     tenant_id: ReadTenantDep,
     session: SessionDep,
-    settings: SettingsDep,
-    limit: int = Query(20, ge=1, le=1000),
-    after: str | None = Query(None, max_length=64, description="Cursor: `next_cursor` of the previous page."),
+    page: PageDep,
     status: EvaluationStatus | None = Query(None),
 ) -> ListPublic[EvaluationPublic]:
-    limit = page_limit(limit, settings)
-    rows = evaluations.list_evaluations(session, tenant_id, limit=limit + 1, after=after, status=status)
-    rows, has_more, cursor = paginate(rows, limit, lambda e: e.id)
-    return ListPublic[EvaluationPublic](
-        data=[evaluation_public(e) for e in rows], has_more=has_more, next_cursor=cursor
-    )
+    rows = evaluations.list_evaluations(session, tenant_id, limit=page.fetch, after=page.after, status=status)
+    return page.answer(rows, lambda e: e.id, evaluation_public)
 
 
 @router.get("/v1/evaluations/{evaluation_id}", response_model=EvaluationPublic)

@@ -5,11 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import ReadTenantDep, SessionDep, SettingsDep, TrainTenantDep, page_limit, paginate
+from service.api.deps import (
+    PageDep,
+    ReadTenantDep,
+    SessionDep,
+    SettingsDep,
+    TrainTenantDep,
+)
 from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
 from service.api.schemas.files import FilePublic
@@ -177,17 +183,9 @@ async def upload_file(
 
 
 @router.get("/v1/files", response_model=ListPublic[FilePublic])
-def list_files(
-    tenant_id: ReadTenantDep,
-    session: SessionDep,
-    settings: SettingsDep,
-    limit: int = Query(20, ge=1, le=1000),
-    after: str | None = Query(None, max_length=64, description="Cursor: `next_cursor` of the previous page."),
-) -> ListPublic[FilePublic]:
-    limit = page_limit(limit, settings)
-    rows = files.list_files(session, tenant_id, limit=limit + 1, after=after)
-    rows, has_more, cursor = paginate(rows, limit, lambda f: f.id)
-    return ListPublic[FilePublic](data=[file_public(f) for f in rows], has_more=has_more, next_cursor=cursor)
+def list_files(tenant_id: ReadTenantDep, session: SessionDep, page: PageDep) -> ListPublic[FilePublic]:
+    rows = files.list_files(session, tenant_id, limit=page.fetch, after=page.after)
+    return page.answer(rows, lambda f: f.id, file_public)
 
 
 @router.get("/v1/files/{file_id}", response_model=FilePublic)

@@ -15,6 +15,7 @@ from fastapi.sse import KEEPALIVE_COMMENT, EventSourceResponse, format_sse_event
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import (
+    PageDep,
     QueueDep,
     ReadTenantDep,
     SessionDep,
@@ -72,17 +73,11 @@ def create_job(
 def list_jobs(
     tenant_id: ReadTenantDep,
     session: SessionDep,
-    settings: SettingsDep,
-    limit: int = Query(20, ge=1, le=1000),
-    after: str | None = Query(
-        None, max_length=64, description="Cursor: the `next_cursor` of the previous page."
-    ),
+    page: PageDep,
     status: JobStatus | None = Query(None),
 ) -> ListPublic[JobPublic]:
-    limit = page_limit(limit, settings)
-    rows = jobs.list_jobs(session, tenant_id, limit=limit + 1, after=after, status=status)
-    rows, has_more, cursor = paginate(rows, limit, lambda j: j.id)
-    return ListPublic[JobPublic](data=[job_public(j) for j in rows], has_more=has_more, next_cursor=cursor)
+    rows = jobs.list_jobs(session, tenant_id, limit=page.fetch, after=page.after, status=status)
+    return page.answer(rows, lambda j: j.id, job_public)
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobPublic)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, File, Form, Response, UploadFile
 
 from service.api.deps import (
+    PageDep,
     PredictorDep,
     ReadTenantDep,
     ResolverDep,
@@ -15,8 +16,6 @@ from service.api.deps import (
     SessionFactoryDep,
     SettingsDep,
     TrainTenantDep,
-    page_limit,
-    paginate,
 )
 from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
@@ -34,19 +33,9 @@ def prompt_public(p: Prompt) -> PromptPublic:
 
 
 @router.get("/v1/prompts", response_model=ListPublic[PromptPublic])
-def list_prompts(
-    tenant_id: ReadTenantDep,
-    session: SessionDep,
-    settings: SettingsDep,
-    limit: int = Query(20, ge=1, le=1000),
-    after: str | None = Query(None, max_length=64),
-) -> ListPublic[PromptPublic]:
-    limit = page_limit(limit, settings)
-    rows = prompts.list_prompts(session, tenant_id, limit=limit + 1, after=after)
-    rows, has_more, cursor = paginate(rows, limit, lambda p: p.prompt_id)
-    return ListPublic[PromptPublic](
-        data=[prompt_public(p) for p in rows], has_more=has_more, next_cursor=cursor
-    )
+def list_prompts(tenant_id: ReadTenantDep, session: SessionDep, page: PageDep) -> ListPublic[PromptPublic]:
+    rows = prompts.list_prompts(session, tenant_id, limit=page.fetch, after=page.after)
+    return page.answer(rows, lambda p: p.prompt_id, prompt_public)
 
 
 @router.post("/v1/prompts", status_code=201, response_model=PromptPublic)

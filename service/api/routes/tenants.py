@@ -3,16 +3,14 @@ its own tenant's keys)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Response
 
 from service.api.deps import (
     AdminDep,
     AuthenticatorDep,
     KeyAdminDep,
+    PageDep,
     SessionDep,
-    SettingsDep,
-    page_limit,
-    paginate,
 )
 from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
@@ -54,18 +52,10 @@ def create_tenant(body: TenantCreate, _: AdminDep, session: SessionDep) -> Tenan
 
 
 @router.get("/v1/tenants", response_model=ListPublic[TenantPublic])
-def list_tenants(
-    _: AdminDep,
-    session: SessionDep,
-    settings: SettingsDep,
-    limit: int = Query(20, ge=1, le=1000),
-    after: str | None = Query(None, max_length=64),
-) -> ListPublic[TenantPublic]:
-    limit = page_limit(limit, settings)
-    rows, has_more, cursor = paginate(
-        tenants.list_tenants(session, limit=limit + 1, after=after), limit, lambda t: t.id
+def list_tenants(_: AdminDep, session: SessionDep, page: PageDep) -> ListPublic[TenantPublic]:
+    return page.answer(
+        tenants.list_tenants(session, limit=page.fetch, after=page.after), lambda t: t.id, _tenant
     )
-    return ListPublic[TenantPublic](data=[_tenant(t) for t in rows], has_more=has_more, next_cursor=cursor)
 
 
 @router.get("/v1/tenants/{tenant_id}", response_model=TenantPublic)
