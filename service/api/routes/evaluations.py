@@ -6,13 +6,7 @@ from actprompt.states import EvaluationStatus
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import (
-    PageDep,
-    ReadTenantDep,
-    SessionDep,
-    SettingsDep,
-    TrainTenantDep,
-)
+from service.api.deps import PageDep, ReadTenantDep, SessionDep, SettingsDep, TrainTenantDep
 from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
 from service.api.schemas.evaluations import EvaluationCreate, EvaluationPublic

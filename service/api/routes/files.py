@@ -9,13 +9,7 @@ from fastapi import APIRouter, Request, Response
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import (
-    PageDep,
-    ReadTenantDep,
-    SessionDep,
-    SettingsDep,
-    TrainTenantDep,
-)
+from service.api.deps import PageDep, ReadTenantDep, SessionDep, SettingsDep, TrainTenantDep
 from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
 from service.api.schemas.files import FilePublic

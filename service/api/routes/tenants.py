@@ -5,13 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from service.api.deps import (
-    AdminDep,
-    AuthenticatorDep,
-    KeyAdminDep,
-    PageDep,
-    SessionDep,
-)
+from service.api.deps import AdminDep, AuthenticatorDep, KeyAdminDep, PageDep, SessionDep
 from service.api.routing import CheckedRoute
 from service.api.schemas.common import ERROR_RESPONSES, ListPublic
 from service.api.schemas.tenants import (
