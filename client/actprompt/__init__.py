@@ -4,8 +4,7 @@ from actprompt import Client
 c = Client(base_url="http://127.0.0.1:8000", api_key="...")
 """
 
-from actprompt._async_client import AsyncClient
-from actprompt._client import Client
+from actprompt._client import AsyncClient, Client
 from actprompt._errors import (
     ActpromptError,
     APIConnectionError,
