@@ -146,10 +146,11 @@ class Settings(BaseSettings):
     )
     serving_front_max_in_flight: int = Field(
         ge=0,
-        default=16,
+        default=0,
         description="Predicts one HTTP process takes at once (a tenant past its share of them gets 503 "
-        "overloaded before its body is read; 0: no limit). 16 keeps a front's own queue near 100 ms on a "
-        "CPU host; raise it where the engine is fast (a GPU), to about its images/s x 0.05 / fronts.",
+        "overloaded before its body is read). 0: adaptive, the answers/s this process has been giving x "
+        "a quarter of the queue budget (at least 16), so that what it holds drains in about that time on "
+        "any hardware; a number fixes the limit.",
     )
     serving_fair_quantum_rows: int = Field(
         ge=1, default=8, description="Rows each tenant's queue sends per fair-share (round-robin) turn."

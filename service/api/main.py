@@ -154,6 +154,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.state.front_gate = FrontGate(
         max_in_flight=settings.serving_front_max_in_flight,
+        target_s=settings.serving_queue_budget_ms / 4000,  # a predict's time in the front: ¼ of the budget
         min_hold_s=settings.serving_queue_budget_ms / 4000,  # a quarter of the queue's budget
         max_hold_s=settings.serving_queue_budget_ms / 1000,
     )

@@ -4,10 +4,17 @@ Pure ASGI rather than a FastAPI dependency because FastAPI reads the body before
 and reading (then parsing and decoding) the body is the cost this gate exists to skip. The refusal is the
 API's usual typed error: 503 ``overloaded`` with ``Retry-After``; the server discards the unread body and
 keeps the connection.
+
+A refusal is sent after a short pause (``pause_s``, 10 ms by default): a client that ignores
+``Retry-After`` and re-sends at once would otherwise turn each connection into a loop of refusals that
+takes a core away from the requests being served. The pause is an idle timer on the event loop; it
+caps such a connection at about a hundred refusals a second and stays far inside the 50 ms a refusal may
+take.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from starlette.requests import Request
@@ -24,10 +31,18 @@ SHED_PATHS = frozenset({"/v1/predict"})
 
 
 class LoadShedding:
-    def __init__(self, app: ASGIApp, *, gate: FrontGate, tenant_of: Callable[[str], str | None]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        gate: FrontGate,
+        tenant_of: Callable[[str], str | None],
+        pause_s: float = 0.01,
+    ) -> None:
         self.app = app
         self.gate = gate
         self.tenant_of = tenant_of  # a key's tenant when this process already knows it, else None
+        self.pause_s = pause_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not _is_predict(scope):
@@ -37,9 +52,10 @@ class LoadShedding:
         tenant = self.tenant_of(token) if token else None
         shed = self.gate.enter(tenant)
         if shed is not None:
-            refusal = error_response(
-                503, "overloaded", shed.message, None, {"Retry-After": retry_after_header(shed.retry_after_s)}
-            )
+            retry_after = {"Retry-After": retry_after_header(shed.retry_after_s)}
+            refusal = error_response(503, "overloaded", shed.message, None, retry_after)
+            if self.pause_s:
+                await asyncio.sleep(self.pause_s)
             await refusal(scope, receive, send)
             return
         try:

@@ -99,6 +99,7 @@ class _Server:
     batcher: MicroBatcher
     admission: Admission
     checked: set[tuple[str, int]] = field(default_factory=set)  # (key, generation) matched to this backbone
+    model_threads: int = 0  # torch's intra-op threads on the model thread
 
 
 class EngineCore:
@@ -140,6 +141,10 @@ class EngineCore:
         srv = self._servers.get(key)
         if srv is None:
             srv = self._servers[key] = self._make_server(spec, backbone, table)
+            srv.batcher.start()
+            # what the passes really run with (a thread count inherited by mistake halves a CPU's speed)
+            srv.model_threads = await srv.batcher.run_on_model_thread(torch.get_num_threads)
+            metrics.MODEL_THREADS.labels(backbone=srv.batcher.name).set(srv.model_threads)
         srv.batcher.start()
         return srv
 
@@ -346,6 +351,7 @@ class EngineCore:
             "backbones": {
                 name: {
                     "slots": srv.policy.capacity,
+                    "model_threads": srv.model_threads,
                     "resident": len(srv.policy),
                     "device": srv.policy.stats.to_dict(),
                     "batches": vars(srv.batcher.stats),

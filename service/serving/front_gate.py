@@ -5,10 +5,14 @@ front has read, parsed and decoded the request: on a CPU host that is most of a 
 saturation the fronts then spend their cores decoding requests that will be refused, the refusals queue
 behind them, and a "fast 503" takes seconds. This gate refuses before any of that work, in two cases:
 
-* **This front is full**: ``max_in_flight`` predicts are between their headers and their answer here
+* **This front is full**: its limit of predicts between their headers and their answer is reached
   (TorchServe's and Triton's bounded queue, counted in requests because the body, and so the number of
   rows, is not known yet), and this tenant already holds its share of them (the limit over the tenants
   in flight). So a full front still takes a quiet tenant's request: one tenant cannot take every place.
+  The limit is fixed (``max_in_flight``) or, by default, follows Little's law: the answers per second
+  this front has been giving times ``target_s``, the time a predict should spend here, so that the
+  requests it holds take about that long to drain whatever the hardware (at least ``min_in_flight``, so
+  that a front starting from rest admits enough to learn its rate).
 * **The engine just refused this tenant**: it said by how much the tenant's expected wait exceeds the
   budget; until that time has passed (at least ``min_hold_s``, at most ``max_hold_s``), the tenant's
   further predicts are refused here. The floor keeps a saturated front from decoding a request for every
@@ -44,20 +48,36 @@ class FrontGate:
     def __init__(
         self,
         *,
-        max_in_flight: int,
+        max_in_flight: int = 0,
+        target_s: float = 0.125,
+        min_in_flight: int = 16,
+        rate_window_s: float = 0.5,
         min_hold_s: float = 0.1,
         max_hold_s: float = 0.5,
         max_tenants: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.max_in_flight = max_in_flight  # 0: no limit
+        self.max_in_flight = max_in_flight  # > 0: a fixed limit; 0: adaptive (see limit)
+        self.target_s = target_s
+        self.min_in_flight = min_in_flight
+        self.rate_window_s = rate_window_s
         self.min_hold_s = min(min_hold_s, max_hold_s)
         self.max_hold_s = max_hold_s
         self.max_tenants = max_tenants
         self.in_flight = 0
+        self.rate = 0.0  # answers per second, smoothed over windows of rate_window_s
+        self._answered = 0  # answers in the window under way
+        self._window_start = clock()
         self._held: dict[str | None, int] = {}  # tenant (None: not known yet) -> places it holds
         self._closed_until: dict[str, float] = {}  # tenant -> clock time its predicts are admitted again
         self._clock = clock
+
+    @property
+    def limit(self) -> int:
+        """Predicts this front takes at once: fixed, or its recent answers/s x the target time here."""
+        if self.max_in_flight:
+            return self.max_in_flight
+        return max(self.min_in_flight, math.ceil(self.rate * self.target_s))
 
     def enter(self, tenant: str | None) -> Shed | None:
         """Take a place for one predict (``leave`` gives it back), or the reason it is refused now."""
@@ -73,8 +93,9 @@ class FrontGate:
                     )
                 del self._closed_until[tenant]
         held = self._held.get(tenant, 0)
-        if self.max_in_flight and self.in_flight >= self.max_in_flight:
-            share = self.max_in_flight / (len(self._held) + (held == 0))
+        limit = self.limit
+        if self.in_flight >= limit:
+            share = limit / (len(self._held) + (held == 0))
             if held >= share:
                 return self._shed(
                     "front_full",
@@ -86,8 +107,14 @@ class FrontGate:
         return None
 
     def leave(self, tenant: str | None) -> None:
-        """Give back the place ``enter(tenant)`` took."""
+        """Give back the place ``enter(tenant)`` took (its predict was answered)."""
         self.in_flight -= 1
+        self._answered += 1
+        now = self._clock()
+        elapsed = now - self._window_start
+        if elapsed >= self.rate_window_s:  # a window closes: half its rate, half the history
+            self.rate = 0.5 * self.rate + 0.5 * self._answered / elapsed
+            self._answered, self._window_start = 0, now
         held = self._held.get(tenant, 0) - 1
         if held > 0:
             self._held[tenant] = held

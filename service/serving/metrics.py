@@ -19,6 +19,7 @@ __all__ = [
     "CACHE_MISSES",
     "ENGINE_UP",
     "MODEL_SECONDS",
+    "MODEL_THREADS",
     "QUEUE_ROWS",
     "QUEUE_WAIT_SECONDS",
     "RATE_LIMITED",
@@ -77,6 +78,12 @@ BACKBONES = Gauge(
     "actprompt_serving_backbones",
     "Backbones this process holds in memory (1 per model and device); the pid label names the process.",
     ["backbone", "device"],
+    multiprocess_mode="liveall",
+)
+MODEL_THREADS = Gauge(
+    "actprompt_serving_model_threads",
+    "Intra-op threads torch runs a backbone's passes with, in the process that holds it (the pid label).",
+    ["backbone"],
     multiprocess_mode="liveall",
 )
 ENGINE_UP = Gauge(

@@ -24,7 +24,26 @@ def test_a_full_front_refuses_until_a_place_is_given_back() -> None:
     assert shed is not None and shed.reason == "front_full" and shed.retry_after_s >= 1
     gate.leave("a")
     assert gate.enter("a") is None
-    assert FrontGate(max_in_flight=0).enter("a") is None  # 0: no limit
+
+
+
+def test_the_adaptive_limit_is_the_answer_rate_times_the_target_time() -> None:
+    clock = Clock()
+    gate = FrontGate(target_s=0.125, min_in_flight=16, rate_window_s=0.5, clock=clock)
+    assert gate.limit == 16  # from rest: the floor, until answers have been counted
+    for _ in range(60):  # 400 answers/s for 2.4 s, 16 at a time
+        for _ in range(16):
+            assert gate.enter("a") is None
+        clock.now += 0.04
+        for _ in range(16):
+            gate.leave("a")
+    assert 350 < gate.rate <= 420  # four windows of 400/s, each weighing half
+    assert gate.limit == pytest.approx(gate.rate * 0.125, abs=1)  # ~40-50 places: Little's law
+    for _ in range(gate.limit):
+        assert gate.enter("a") is None
+    assert gate.enter("a") is not None  # full at the adaptive limit, not at the floor
+    assert FrontGate(target_s=0.125, min_in_flight=16, clock=clock).limit == 16
+    assert FrontGate(max_in_flight=5, target_s=0.125).limit == 5  # a fixed limit wins
 
 
 def test_a_full_front_still_takes_a_quiet_tenant_up_to_its_share() -> None:

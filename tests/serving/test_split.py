@@ -93,6 +93,9 @@ def test_two_fronts_share_one_backbone_copy_in_the_engine(split: Split) -> None:
     holders = split.backbone_pids()
     assert len(fronts) == 2, split.metrics()
     assert len(holders) == 1 and holders[0] not in fronts  # one copy, held by the engine, not a front
+    # the engine's passes use every core (the fronts' one-thread default must not reach it)
+    threads = re.findall(r'actprompt_serving_model_threads\{[^}]*pid="(\d+)"\} (\d+)', split.metrics())
+    assert threads == [(holders[0], str(os.cpu_count()))], threads
 
 
 def test_a_deletion_through_either_front_reaches_the_engine_at_once(split: Split) -> None:
