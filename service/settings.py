@@ -152,6 +152,12 @@ class Settings(BaseSettings):
         "a quarter of the queue budget (at least 16), so that what it holds drains in about that time on "
         "any hardware; a number fixes the limit.",
     )
+    serving_model_lanes: int = Field(
+        ge=0,
+        default=0,
+        description="Forward passes the engine runs at once, each on its own thread (one copy of the "
+        "weights). 0: one per core on a CPU (torch then uses one thread in each), one on a GPU.",
+    )
     serving_fair_quantum_rows: int = Field(
         ge=1, default=8, description="Rows each tenant's queue sends per fair-share (round-robin) turn."
     )

@@ -73,11 +73,11 @@ def engine_main(
 
     settings = get_settings()
     configure_logging(settings.log_level, json_lines=settings.log_json)
-    threads = torch_threads or settings.torch_threads
-    if threads > 0:
-        torch.set_num_threads(threads)
+    cores = torch_threads or settings.torch_threads or os.cpu_count() or 1
+    config = serving_config(settings, cores=cores)
+    torch.set_num_threads(max(1, cores // config.model_lanes))  # the cores, shared by the lanes
     db = make_engine(settings.database_url)
-    core = EngineCore(DatabasePromptSource(make_session_factory(db)), serving_config(settings))
+    core = EngineCore(DatabasePromptSource(make_session_factory(db)), config)
 
     def on_ready() -> None:
         log.info("engine process %d ready in %.2f s on %s", os.getpid(), time.monotonic() - t0, endpoint)

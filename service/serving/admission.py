@@ -61,11 +61,13 @@ class Admission:
         batch_rows: int = 64,
         initial_row_s: float = 0.002,
         smoothing: float = 0.1,
+        lanes: int = 1,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if budget_s <= 0:
-            raise ValueError("budget_s must be positive")
+        if budget_s <= 0 or lanes < 1:
+            raise ValueError("budget_s must be positive and lanes at least 1")
         self.budget_s = budget_s
+        self.lanes = lanes  # passes that run at once: the queue drains that many times faster
         self.name = name
         self.batch_rows = max(1, batch_rows)
         self.row_s = initial_row_s  # seconds one more row adds to a pass
@@ -102,7 +104,7 @@ class Admission:
         """Seconds before a new request of ``tenant`` with ``rows`` rows starts, under the fair share."""
         own = self._backlog.get(tenant, 0)
         ahead = own + sum(min(n, own + rows) for t, n in self._backlog.items() if t != tenant)
-        return math.ceil(ahead / self.batch_rows) * self.pass_s + ahead * self.row_s
+        return (math.ceil(ahead / self.batch_rows) * self.pass_s + ahead * self.row_s) / self.lanes
 
     def admit(self, tenant: str, rows: int, deadline: float | None = None) -> Ticket:
         """A ticket for ``rows`` rows, or OverloadedError / DeadlineExceededError at once."""

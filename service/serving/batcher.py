@@ -3,8 +3,13 @@
 Requests queue on the event loop, one FIFO per tenant served by deficit round robin
 (:class:`service.serving.admission.FairQueue`). A collector takes the next, then whatever else arrives within
 ``max_wait_ms`` or until ``max_batch_rows`` rows (image x prompt) are gathered, leases device slots for the
-batch's prompts from the :class:`SlotPolicy`, and hands the slot writes plus the forward pass to the
-backbone's single model thread; the event loop never blocks on the model. A request whose prompts do not
+batch's prompts from the :class:`SlotPolicy`, and hands the slot writes plus the forward pass to a model
+thread; the event loop never blocks on the model. ``lanes`` model threads run that many batches at once:
+on a CPU, one single-threaded pass per core runs a small backbone about half again faster than one pass
+spread over the cores (its convolutions are too small to split well), as a LitServe or mosec deployment
+with one model process per core does, but over one copy of the weights and one slot table. Passes only
+read the slot table; a slot write (and anything else run with :meth:`run_on_model_thread`) waits until
+no pass runs, and passes wait for it. A request whose prompts do not
 fit beside the others waits for the next batch (never fails for room), and a request whose prompt was
 invalidated after it was loaded is refused rather than served stale; one whose deadline passed is dropped
 before it is computed.
@@ -21,7 +26,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -100,9 +105,10 @@ class MicroBatcher:
         executor: ThreadPoolExecutor | None = None,
         fair_quantum: int = 8,
         on_pass: Callable[[int, float], None] | None = None,
+        lanes: int = 1,
     ) -> None:
-        if max_batch_rows < 1 or max_wait_ms < 0:
-            raise ValueError("max_batch_rows must be >= 1 and max_wait_ms >= 0")
+        if max_batch_rows < 1 or max_wait_ms < 0 or lanes < 1:
+            raise ValueError("max_batch_rows and lanes must be >= 1 and max_wait_ms >= 0")
         self.runner = runner
         self.policy = policy
         self.cache = cache
@@ -110,8 +116,10 @@ class MicroBatcher:
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_batch_rows = max_batch_rows
         self._own_executor = executor is None
-        # ONE model thread: the backbone is single-caller, and slot writes must be ordered with the passes
-        self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
+        self.lanes = lanes
+        # a thread per lane; the backbone keeps its per-call state per thread
+        self.executor = executor or ThreadPoolExecutor(max_workers=lanes, thread_name_prefix=f"model-{name}")
+        self._bank = _SharedOrAlone()
         self._queue: FairQueue[_Request] = FairQueue(quantum=fair_quantum)
         self._on_pass = on_pass  # (rows, seconds) of each pass: admission control learns its row cost
         self._deferred: deque[_Request] = deque()
@@ -140,9 +148,10 @@ class MicroBatcher:
             await asyncio.to_thread(self.executor.shutdown, True)
 
     async def run_on_model_thread(self, fn: Callable[..., T], *args: object) -> T:
-        """Run ``fn(*args)`` on the model thread, ordered with the batches (pins, oversized prompts)."""
+        """Run ``fn(*args)`` on a model thread while no pass runs (pins, oversized prompts)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, fn, *args)
+        async with self._bank.alone():
+            return await loop.run_in_executor(self.executor, fn, *args)
 
     # -- submission -------------------------------------------------------------------------------------
     async def submit(
@@ -224,16 +233,37 @@ class MicroBatcher:
         return taken, grant
 
     async def _loop(self) -> None:
-        while True:
-            batch = await self._collect()
-            try:
-                await self._serve(batch)
-            except asyncio.CancelledError:  # shutdown mid-batch: nobody is left to answer these
-                _fail(batch, ServingClosedError("the server is shutting down"))
-                raise
-            except Exception as e:  # a bug here must fail this batch, not stop the collector for good
-                log.exception("serving a batch failed on %s", self.name)
-                _fail(batch, e)
+        """Collect a batch whenever a lane is free, and serve it on that lane."""
+        free = asyncio.Semaphore(self.lanes)
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                await free.acquire()
+                try:
+                    batch = await self._collect()
+                except BaseException:
+                    free.release()
+                    raise
+                task = asyncio.get_running_loop().create_task(self._serve_on_lane(batch, free))
+                running.add(task)
+                task.add_done_callback(running.discard)
+        finally:  # shutdown: the batches on their lanes are failed by their own tasks
+            for task in list(running):
+                task.cancel()
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+
+    async def _serve_on_lane(self, batch: list[_Request], free: asyncio.Semaphore) -> None:
+        try:
+            await self._serve(batch)
+        except asyncio.CancelledError:  # shutdown mid-batch: nobody is left to answer these
+            _fail(batch, ServingClosedError("the server is shutting down"))
+            raise
+        except Exception as e:  # a bug here must fail this batch, not stop the collector for good
+            log.exception("serving a batch failed on %s", self.name)
+            _fail(batch, e)
+        finally:
+            free.release()
 
     async def _serve(self, batch: list[_Request]) -> None:
         """Admit what fits, run it on the model thread, answer each request."""
@@ -254,7 +284,8 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         try:
             if grant.writes:  # a prompt that cannot be written fails its own requests, not the batch
-                failed = await loop.run_in_executor(self.executor, self._write_slots, grant.writes)
+                async with self._bank.alone():
+                    failed = await loop.run_in_executor(self.executor, self._write_slots, grant.writes)
                 if failed:
                     self.policy.forget(failed)
                     for req in taken:
@@ -267,9 +298,10 @@ class MicroBatcher:
                     ]
                     if not taken:
                         return
-            results, seconds = await loop.run_in_executor(
-                self.executor, self._run_batch, [r.x for r in taken], slots_per_req
-            )
+            async with self._bank.shared():
+                results, seconds = await loop.run_in_executor(
+                    self.executor, self._run_batch, [r.x for r in taken], slots_per_req
+                )
         except Exception as e:
             log.exception("batch of %d requests failed on %s", len(taken), self.name)
             _fail(taken, e)
@@ -331,6 +363,45 @@ class MicroBatcher:
                 row += n
             out.append(per_prompt)
         return out, time.perf_counter() - t0
+
+
+class _SharedOrAlone:
+    """Passes share the slot table; a write has it alone (writers first, so a stream of passes cannot
+    starve a pin). asyncio has no readers-writer lock; this one is a condition and two counters."""
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Condition()
+        self._sharing = 0
+        self._alone = False
+        self._waiting_alone = 0
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._alone and not self._waiting_alone)
+            self._sharing += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._sharing -= 1
+                self._changed.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def alone(self) -> AsyncIterator[None]:
+        async with self._changed:
+            self._waiting_alone += 1
+            try:
+                await self._changed.wait_for(lambda: not self._alone and not self._sharing)
+            finally:
+                self._waiting_alone -= 1
+            self._alone = True
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._alone = False
+                self._changed.notify_all()
 
 
 def _fail(requests: Sequence[_Request], exc: BaseException) -> None:

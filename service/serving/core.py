@@ -66,6 +66,8 @@ class ServingConfig:
     queue_budget_ms: float = 500.0
     #: rows each tenant's queue may send per deficit-round-robin turn (small: fine-grained interleaving)
     fair_quantum_rows: int = 8
+    #: passes that run at once, each on its own model thread (see service.serving.batcher); one on a GPU
+    model_lanes: int = 1
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ class _Server:
     batcher: MicroBatcher
     admission: Admission
     checked: set[tuple[str, int]] = field(default_factory=set)  # (key, generation) matched to this backbone
-    model_threads: int = 0  # torch's intra-op threads on the model thread
+    model_threads: int = 0  # threads the passes use: lanes x torch's intra-op threads on each
 
 
 class EngineCore:
@@ -143,7 +145,8 @@ class EngineCore:
             srv = self._servers[key] = self._make_server(spec, backbone, table)
             srv.batcher.start()
             # what the passes really run with (a thread count inherited by mistake halves a CPU's speed)
-            srv.model_threads = await srv.batcher.run_on_model_thread(torch.get_num_threads)
+            per_lane = await srv.batcher.run_on_model_thread(torch.get_num_threads)
+            srv.model_threads = per_lane * srv.batcher.lanes
             metrics.MODEL_THREADS.labels(backbone=srv.batcher.name).set(srv.model_threads)
         srv.batcher.start()
         return srv
@@ -179,7 +182,12 @@ class EngineCore:
         name = f"{spec.model}@{backbone.device!s}"
         capacity = table.capacity
         policy = SlotPolicy(capacity, max_pinned=int(capacity * cfg.pin_fraction), name=name)
-        admission = Admission(budget_s=cfg.queue_budget_ms / 1000, name=name, batch_rows=cfg.max_batch_rows)
+        admission = Admission(
+            budget_s=cfg.queue_budget_ms / 1000,
+            name=name,
+            batch_rows=cfg.max_batch_rows,
+            lanes=cfg.model_lanes,
+        )
         batcher = MicroBatcher(
             table,
             policy,
@@ -189,6 +197,7 @@ class EngineCore:
             max_batch_rows=cfg.max_batch_rows,
             fair_quantum=cfg.fair_quantum_rows,
             on_pass=admission.observe,
+            lanes=cfg.model_lanes,
         )
         metrics.BACKBONES.labels(backbone=spec.model, device=str(backbone.device)).set(1)
         return _Server(backbone=backbone, table=table, policy=policy, batcher=batcher, admission=admission)
@@ -352,6 +361,7 @@ class EngineCore:
                 name: {
                     "slots": srv.policy.capacity,
                     "model_threads": srv.model_threads,
+                    "lanes": srv.batcher.lanes,
                     "resident": len(srv.policy),
                     "device": srv.policy.stats.to_dict(),
                     "batches": vars(srv.batcher.stats),

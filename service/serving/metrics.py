@@ -82,7 +82,8 @@ BACKBONES = Gauge(
 )
 MODEL_THREADS = Gauge(
     "actprompt_serving_model_threads",
-    "Intra-op threads torch runs a backbone's passes with, in the process that holds it (the pid label).",
+    "Threads that run a backbone's passes (lanes x torch's intra-op threads in each), in the process that "
+    "holds it (the pid label).",
     ["backbone"],
     multiprocess_mode="liveall",
 )

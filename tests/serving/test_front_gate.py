@@ -26,7 +26,6 @@ def test_a_full_front_refuses_until_a_place_is_given_back() -> None:
     assert gate.enter("a") is None
 
 
-
 def test_the_adaptive_limit_is_the_answer_rate_times_the_target_time() -> None:
     clock = Clock()
     gate = FrontGate(target_s=0.125, min_in_flight=16, rate_window_s=0.5, clock=clock)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -43,15 +45,16 @@ def _source(prompts: dict[str, PromptArtifact]) -> MemorySource:
     return MemorySource({k: a.to_bytes() for k, a in prompts.items()})
 
 
+@pytest.mark.parametrize("lanes", [1, 3])
 def test_concurrent_requests_equal_sequential_ones(
-    resnet20_spec: BackboneSpec, resnet20: Backbone, prompts: dict[str, PromptArtifact]
+    resnet20_spec: BackboneSpec, resnet20: Backbone, prompts: dict[str, PromptArtifact], lanes: int
 ) -> None:
     keys = list(prompts)
     requests = [(keys[i % len(keys)], _images(1 + i % 4, seed=i)) for i in range(36)]
 
     async def run() -> None:
         # a burst of 36 requests at once: admission control would refuse part of it (tested elsewhere)
-        config = ServingConfig(max_wait_ms=20, max_batch_rows=32, queue_budget_ms=60_000)
+        config = ServingConfig(max_wait_ms=20, max_batch_rows=32, queue_budget_ms=60_000, model_lanes=lanes)
         pred = EngineCore(_source(prompts), config)
         try:
             sequential = [
@@ -127,8 +130,9 @@ def test_deleted_prompt_is_never_served(
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("lanes", [1, 3])
 def test_cache_smaller_than_working_set_answers_everything(
-    resnet20_spec: BackboneSpec, resnet20: Backbone, prompts: dict[str, PromptArtifact]
+    resnet20_spec: BackboneSpec, resnet20: Backbone, prompts: dict[str, PromptArtifact], lanes: int
 ) -> None:
     size = max(len(a.to_bytes()) for a in prompts.values())
     config = ServingConfig(
@@ -138,6 +142,7 @@ def test_cache_smaller_than_working_set_answers_everything(
         max_slots=4,
         max_batch_rows=8,
         max_wait_ms=2,
+        model_lanes=lanes,
     )
     rng = random.Random(0)
     keys = list(prompts)
@@ -273,3 +278,61 @@ def test_lora_prompts_are_held_by_bytes_in_both_tiers_and_served_with_the_others
             await pred.aclose()
 
     asyncio.run(run())
+
+
+def test_lanes_run_passes_side_by_side_and_a_slot_write_alone(
+    resnet20_spec: BackboneSpec, resnet20: Backbone, prompts: dict[str, PromptArtifact]
+) -> None:
+    """Two lanes overlap their passes; a write into the slot table never overlaps a pass."""
+    size = max(len(a.to_bytes()) for a in prompts.values())
+    config = ServingConfig(
+        max_batch_rows=4,
+        max_wait_ms=1,
+        model_lanes=2,
+        min_slots=4,
+        max_slots=4,
+        device_cache_bytes=4 * size,
+        queue_budget_ms=60_000,
+    )
+    keys = list(prompts)
+    requests = [(keys[i % len(keys)], _images(4, seed=200 + i)) for i in range(24)]
+    lock = threading.Lock()
+    passes, most, overlapped_writes = 0, 0, 0
+
+    async def run() -> None:
+        nonlocal passes, most, overlapped_writes
+        pred = EngineCore(_source(prompts), config)
+        try:
+            srv = await pred.server(resnet20_spec)
+            forward, write = srv.table.forward, srv.table.write
+
+            def counted_forward(*args: Any) -> torch.Tensor:
+                nonlocal passes, most
+                with lock:
+                    passes += 1
+                    most = max(most, passes)
+                try:
+                    time.sleep(0.02)  # long enough for the other lane to start its own pass
+                    return forward(*args)
+                finally:
+                    with lock:
+                        passes -= 1
+
+            def checked_write(*args: Any) -> int:
+                nonlocal overlapped_writes
+                with lock:
+                    overlapped_writes += passes > 0
+                return write(*args)
+
+            srv.table.forward, srv.table.write = counted_forward, checked_write  # type: ignore[method-assign]
+            outs = await asyncio.gather(*(pred.predict(resnet20_spec, [k], x) for k, x in requests))
+            for (k, x), (out,) in zip(requests, outs, strict=True):
+                torch.testing.assert_close(
+                    out.probabilities, _reference(resnet20, prompts[k], x), atol=1e-5, rtol=0
+                )
+            assert srv.policy.stats.evictions > 0  # 12 prompts through 4 slots: writes between passes
+        finally:
+            await pred.aclose()
+
+    asyncio.run(run())
+    assert most == 2 and overlapped_writes == 0
