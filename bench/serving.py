@@ -365,7 +365,7 @@ def bench_scale(b: BenchBackbone, quick: bool) -> dict[str, Any]:
         t_start = time.perf_counter()
         await asyncio.gather(*(one(k) for k in keys))
         wall = time.perf_counter() - t_start
-        stats = pred.stats()
+        stats = await pred.stats()
         srv = await pred.server(b.spec)
         device_bytes = srv.table.device_bytes
         out = {

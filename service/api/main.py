@@ -32,7 +32,7 @@ from service.domain.evaluation_runner import EvaluationRunner
 from service.domain.predict import PromptResolver
 from service.domain.tenants import Authenticator, resolve_admin_key
 from service.launch.engine import DatabasePromptSource
-from service.launch.front import EnginePredictor, LocalEngine, serving_config
+from service.launch.front import EnginePredictor, serving_config
 from service.log import configure_logging
 from service.queue import InProcessQueue, create_queue
 from service.serving import metrics as serving_metrics
@@ -66,7 +66,7 @@ async def build_predictor(
 
         torch.set_num_threads(settings.torch_threads)
     core = EngineCore(DatabasePromptSource(session_factory), serving_config(settings))
-    return EnginePredictor(LocalEngine(core), on_overloaded=on_overloaded)
+    return EnginePredictor(core, on_overloaded=on_overloaded)
 
 
 def body_limit(settings: Settings, path: str) -> int:

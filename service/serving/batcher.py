@@ -389,13 +389,15 @@ class _SharedOrAlone:
 
     @contextlib.asynccontextmanager
     async def alone(self) -> AsyncIterator[None]:
-        async with self._changed:
-            self._waiting_alone += 1
-            try:
+        # counted before the first await: a pass admitted from now on (it may lease the slot this write
+        # fills) waits for the write, as the single model thread's FIFO order guaranteed
+        self._waiting_alone += 1
+        try:
+            async with self._changed:
                 await self._changed.wait_for(lambda: not self._alone and not self._sharing)
-            finally:
-                self._waiting_alone -= 1
-            self._alone = True
+                self._alone = True
+        finally:
+            self._waiting_alone -= 1
         try:
             yield
         finally:

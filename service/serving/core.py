@@ -220,7 +220,12 @@ class EngineCore:
         """Whether the slot table can hold ``p``; else it is served on its own (rare: a very wide head)."""
         return p.artifact.num_classes <= self.config.max_classes
 
-    def invalidate(self, key: str) -> None:
+    @property
+    def alive(self) -> bool:
+        """In this process: always (the front's :class:`Engine` interface asks an engine process)."""
+        return True
+
+    async def invalidate(self, key: str) -> None:
         """Never serve ``key`` again from any tier (call after its deletion or replacement committed)."""
         self.cache.invalidate(key)
 
@@ -235,7 +240,7 @@ class EngineCore:
         except Exception:
             self.cache.unpin(key)
             raise
-        if must_write:  # no await between the policy's choice and this submit: FIFO with the batches
+        if must_write:  # no await between the policy's choice and this write: passes admitted later wait
             try:
                 await srv.batcher.run_on_model_thread(srv.table.write, slot, loaded.artifact)
             except Exception:
@@ -244,7 +249,7 @@ class EngineCore:
                 raise
         return slot
 
-    def unpin(self, key: str) -> bool:
+    async def unpin(self, key: str) -> bool:
         was = self.cache.unpin(key)
         for srv in self._servers.values():
             was = srv.policy.unpin(key) or was
@@ -350,7 +355,7 @@ class EngineCore:
         return [p.artifact.preprocessing(srv.backbone) for p in await self._load(srv, list(keys))]
 
     # -- introspection and shutdown --------------------------------------------------------------------
-    def stats(self) -> dict[str, Any]:
+    async def stats(self) -> dict[str, Any]:
         return {
             "host": {
                 **self.cache.stats.to_dict(),

@@ -136,11 +136,11 @@ class EngineServer:
         elif op == "pin":
             reply["slot"] = await self.core.pin(self._spec(header["spec"]), header["key"])
         elif op == "unpin":
-            reply["was"] = self.core.unpin(header["key"])
+            reply["was"] = await self.core.unpin(header["key"])
         elif op == "invalidate":
-            self.core.invalidate(header["key"])
+            await self.core.invalidate(header["key"])
         elif op == "stats":
-            reply["stats"] = self.core.stats()
+            reply["stats"] = await self.core.stats()
         else:
             raise ValueError(f"unknown op {op!r}")
         return []

@@ -18,7 +18,7 @@ from service.engine.artifacts import PromptArtifact
 from service.engine.methods import ActivationConfig, create_method
 from service.engine.mixed_batch import predict_single
 from service.engine.preprocessing import Preprocessing, preprocessing_for
-from service.launch.front import EnginePredictor, LocalEngine
+from service.launch.front import EnginePredictor
 from service.serving.cache import MemorySource
 from service.serving.core import EngineCore
 
@@ -93,7 +93,7 @@ def test_the_artifact_records_its_pipeline_and_serving_uses_it(
     source = MemorySource({"new": current.to_bytes(), "old": older.to_bytes()})
 
     async def serve() -> dict[str, torch.Tensor]:
-        pred = EnginePredictor(LocalEngine(EngineCore(source)))  # the front's path: each key's pipeline
+        pred = EnginePredictor(EngineCore(source))  # the front's path: each key's pipeline
         try:
             answers = await pred.predict_images(timm_spec, ["new", "old"], images)
             return {a.key: a.probabilities for a in answers}

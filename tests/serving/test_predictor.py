@@ -16,6 +16,7 @@ from bench.synthetic import random_lora_artifacts
 from service.engine import Backbone, BackboneSpec
 from service.engine.artifacts import PromptArtifact
 from service.engine.mixed_batch import predict_single
+from service.serving.batcher import _SharedOrAlone
 from service.serving.cache import MemorySource
 from service.serving.core import EngineCore, ServingConfig
 from service.serving.errors import PromptNotFoundError
@@ -60,11 +61,11 @@ def test_concurrent_requests_equal_sequential_ones(
             sequential = [
                 (await pred.predict(spec_, [k], x))[0] for k, x in requests for spec_ in [resnet20_spec]
             ]
-            batches_before = pred.stats()["backbones"]
+            batches_before = (await pred.stats())["backbones"]
             concurrent = await asyncio.gather(
                 *(pred.predict(resnet20_spec, [k], x, tenant_id=k.split("/")[0]) for k, x in requests)
             )
-            stats = next(iter(pred.stats()["backbones"].values()))["batches"]
+            stats = next(iter((await pred.stats())["backbones"].values()))["batches"]
             before = next(iter(batches_before.values()))["batches"]
             # the concurrent ones really were batched together (fewer passes than requests), mixing layers
             assert stats["batches"] - before["batches"] < len(requests) / 3
@@ -112,7 +113,7 @@ def test_deleted_prompt_is_never_served(
             alive = asyncio.ensure_future(pred.predict(resnet20_spec, [other], x))
             await both_queued.wait()
             del source.data[key]
-            pred.invalidate(key)
+            await pred.invalidate(key)
             with pytest.raises(PromptNotFoundError):
                 await queued
             assert (await alive)[0].key == other  # the rest of that batch is answered
@@ -121,7 +122,7 @@ def test_deleted_prompt_is_never_served(
                 await pred.predict(resnet20_spec, [key], x)
             # replaced under the same key: the new artifact is served, never the cached old one
             source.data[key] = prompts[other].to_bytes()
-            pred.invalidate(key)
+            await pred.invalidate(key)
             (out,) = await pred.predict(resnet20_spec, [key], x)
             assert out.classes == prompts[other].classes
         finally:
@@ -336,3 +337,33 @@ def test_lanes_run_passes_side_by_side_and_a_slot_write_alone(
 
     asyncio.run(run())
     assert most == 2 and overlapped_writes == 0
+
+
+def test_a_slot_write_goes_before_passes_that_come_after_it() -> None:
+    """A write waits for the passes already running; a pass that comes after it waits for the write,
+    even when the write could not take the lock at once."""
+
+    async def run() -> list[str]:
+        bank = _SharedOrAlone()
+        order: list[str] = []
+
+        async def write() -> None:
+            async with bank.alone():
+                order.append("write")
+
+        async def later_pass() -> None:
+            async with bank.shared():
+                order.append("pass")
+
+        async with bank.shared():  # a pass is running
+            async with bank._changed:  # and the lock is busy when the write arrives
+                writer = asyncio.create_task(write())
+                await asyncio.sleep(0)
+                assert bank._waiting_alone == 1  # counted before it waited for anything
+            reader = asyncio.create_task(later_pass())
+            await asyncio.sleep(0.01)
+            assert order == []  # the write waits for the running pass, the later pass for the write
+        await asyncio.gather(writer, reader)
+        return order
+
+    assert asyncio.run(run()) == ["write", "pass"]
