@@ -168,7 +168,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_bytes=lambda path: body_limit(app.state.settings, path),
         metrics=lambda: app.state.metrics,
     )
-    for module in (health, tenants, backbones, files, jobs, prompts, serving, predict, evaluations):
+    # predict first: routes are matched in order, and it is the call that is made thousands of times a second
+    for module in (predict, health, tenants, backbones, files, jobs, prompts, serving, evaluations):
         app.include_router(module.router)
     install_docs(app)
     install_console(app)

@@ -103,7 +103,7 @@ def test_pin_delete_and_isolation(make_gateway: Callable[..., Gateway]) -> None:
         "prompt": f"{pid}@1",
         "pinned": True,
     }
-    cache = gw.client.app.state.predictor.engine.core.cache  # type: ignore[attr-defined]
+    cache = gw.client.app.state.predictor.engine.cache  # type: ignore[attr-defined]
     (key,) = [k for k in cache.pinned]
     assert key in cache
     assert gw.client.delete(f"/v1/prompts/{pid}", headers=gw.tenants[owner]).status_code == 204
