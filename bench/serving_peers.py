@@ -348,7 +348,8 @@ def closed_loop(
         res["images_per_s"] = round(res["rps"] * n_images, 1)
         res["server_cpu_s"] = {k: round(v, 3) for k, v in sorted(by_proc.items(), key=lambda kv: -kv[1])}
         total = sum(by_proc.values())
-        res["cpu_ms_per_request"] = round(1000 * total / res["requests"], 2) if res["requests"] else None
+        answered = res["requests"] - res["errors"]  # per answer: refusals must not dilute a server's cost
+        res["cpu_ms_per_request"] = round(1000 * total / answered, 2) if answered > 0 else None
         points.append(res)
     best = max(points, key=lambda p: p["images_per_s"])
     return {

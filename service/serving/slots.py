@@ -1,9 +1,9 @@
 """The device tier of the prompt cache: the slot table (mechanism) and the slot policy that fills it.
 
-:class:`SlotTable` is the engine's preallocated PromptBank for one backbone+device, written by index; every
-method runs on the backbone's one model thread. :class:`SlotPolicy` decides which prompt sits in which row
-(LRU over slots no running batch leases and nobody pinned) and runs on the event loop, as LoRAX and vLLM
-keep the policy apart from the mechanism.
+:class:`SlotTable` is the engine's preallocated PromptBank for one backbone+device, written by index; its
+methods run on the batcher's model threads: passes side by side, a write only while no pass runs.
+:class:`SlotPolicy` decides which prompt sits in which row (LRU over slots no running batch leases and
+nobody pinned) and runs on the event loop, as LoRAX and vLLM keep the policy apart from the mechanism.
 """
 
 from __future__ import annotations
