@@ -250,7 +250,7 @@ class Settings(BaseSettings):
         ge=0,
         default=0,
         description="Intra-op threads of torch in this process (serving and embedded training alike); "
-        "0 = torch's default (every core). `serve --workers N` sets cores / N unless given.",
+        "0 = torch's default (every core); `serve` gives its engine process every core unless set.",
     )
     metrics_per_tenant: bool = Field(
         default=False,

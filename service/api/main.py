@@ -152,10 +152,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.session_factory = None
     app.state.metrics = Metrics(lambda: app.state.session_factory)
     install_error_handlers(app)
+    quarter_budget_s = settings.serving_queue_budget_ms / 4000
     app.state.front_gate = FrontGate(
         max_in_flight=settings.serving_front_max_in_flight,
-        target_s=settings.serving_queue_budget_ms / 4000,  # a predict's time in the front: ¼ of the budget
-        min_hold_s=settings.serving_queue_budget_ms / 4000,  # a quarter of the queue's budget
+        target_s=quarter_budget_s,  # a predict's time in the front
+        min_hold_s=quarter_budget_s,
         max_hold_s=settings.serving_queue_budget_ms / 1000,
     )
     app.add_middleware(  # inside RequestMiddleware: a refusal is logged and counted like any answer

@@ -60,10 +60,6 @@ def _serve(args: argparse.Namespace) -> int:
     single = args.single_process
     workers = args.workers or os.cpu_count() or 1
     endpoint = None
-    # the engine takes every core unless told otherwise: read before the fronts' one-thread default is set
-    from service.settings import Settings
-
-    engine_threads = Settings().torch_threads or os.cpu_count() or 1
     if not single:  # before anything imports prometheus_client: every process shares one metrics folder
         from service.launch.serve import prepare_environment
 
@@ -125,7 +121,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         workers=workers,
-        engine_threads=engine_threads,
+        engine_threads=settings.torch_threads or os.cpu_count() or 1,
         options=options,
     )
 

@@ -126,14 +126,12 @@ def _forget_metrics_of(pid: int | None) -> None:
 
 def prepare_environment(workers: int) -> str:
     """Environment every process of this server inherits (call before prometheus_client is imported):
-    the shared metrics folder, the engine's endpoint, and one torch thread per front (they only
-    preprocess; the engine takes the cores). Returns the endpoint."""
+    the shared metrics folder and the engine's endpoint. Returns the endpoint."""
     run_dir = tempfile.mkdtemp(prefix="actprompt-serve-")
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", os.path.join(run_dir, "metrics"))
     os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
     endpoint = f"ipc://{run_dir}/engine.sock"
     os.environ["ACTPROMPT_SERVING_ENGINE_ENDPOINT"] = endpoint
-    os.environ.setdefault("ACTPROMPT_TORCH_THREADS", "1")
     return endpoint
 
 

@@ -143,7 +143,6 @@ class EngineCore:
         srv = self._servers.get(key)
         if srv is None:
             srv = self._servers[key] = self._make_server(spec, backbone, table)
-            srv.batcher.start()
             # what the passes really run with (a thread count inherited by mistake halves a CPU's speed)
             per_lane = await srv.batcher.run_on_model_thread(torch.get_num_threads)
             srv.model_threads = per_lane * srv.batcher.lanes
