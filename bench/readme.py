@@ -61,9 +61,10 @@ def headline(out_dir: Path) -> str:
             ),
             "",
         ]
-    from bench.report import reference_budget_section
+    from bench.report import method_guidance, reference_budget_section
 
     lines += reference_budget_section(acc)  # the reference's own setting: LoRA vs deep AP (+ norm-tune)
+    lines += method_guidance(acc)
     serving = read_json(out_dir / "serving.json") or {}
     srows = []
     for key, r in (serving.get("backbones") or {}).items():

@@ -248,6 +248,44 @@ def _reference_scope_section(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def method_guidance(acc: dict[str, Any]) -> list[str]:
+    """Which servable method to pick, read off each reference-budget scope: the most accurate one, and
+    the cheaper ones with what they give up (points of test accuracy) and save (training time)."""
+    scopes: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in acc.get("reference_budget") or []:
+        if r.get("servable"):
+            scopes[r.get("scope", f"{r['backbone']}/{r['dataset']}")].append(r)
+    lines: list[str] = []
+    for scope, rows in scopes.items():
+        by: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in rows:
+            by[r["variant"]].append(r)
+        test = {v: 100 * _stat(rs)[0] for v, rs in by.items()}
+        secs = {v: _stat(rs, "train_seconds")[0] for v, rs in by.items()}
+        best = max(test, key=lambda v: test[v])
+        others = sorted((v for v in test if v != best), key=lambda v: -test[v])
+        cheaper = [
+            f"{VARIANT_LABELS[v]} {test[v] - test[best]:+.1f} points at "
+            f"{secs[v] / max(secs[best], 1e-9):.2f}× its training time"
+            for v in others
+        ]
+        lines.append(
+            f"- **{scope}**: {VARIANT_LABELS[best]} is the most accurate servable method "
+            f"({test[best]:.1f} %, {secs[best]:.0f} s to train)"
+            + (f"; against it, {'; '.join(cheaper)}." if cheaper else ".")
+        )
+    if not lines:
+        return []
+    return [
+        "**Which method** (generated from the reference-budget rows; every one is served in the mixed pass, "
+        'and `method: "auto"` trains AP at one layer, deep AP + norm-tune and LoRA r=4 and keeps the best '
+        "on validation):",
+        "",
+        *lines,
+        "",
+    ]
+
+
 def lr_section(acc: dict[str, Any]) -> str:
     grids = acc.get("lr_search", [])
     if not grids:
@@ -774,6 +812,42 @@ _COST_INTRO = (
 )
 
 
+def api_reference_checks(doc: dict[str, Any]) -> list[Check]:
+    """The goals of bench/api_lora_reference.py (LoRA and `auto` jobs through the HTTP API)."""
+    if not doc.get("goals") or (doc.get("provenance") or {}).get("quick"):
+        return []
+    g, bench_ref = doc["goals"], doc["benchmark"]
+    top1 = doc["evaluation"]["top1"]
+    commit = str((doc.get("provenance") or {}).get("commit", "?"))[:7]
+    checks: list[Check] = [
+        (
+            f"ResNet-20 → GTSRB: LoRA r=4 job through the API ≥ {pct(g['top1_at_least'])} %",
+            bool(g["met_top1"]),
+            f"{pct(top1)} % test top-1 (bench/results/api_lora_reference.json, at {commit})",
+        ),
+        (
+            "ResNet-20 → GTSRB: the API's LoRA within 1 point of the benchmark's",
+            bool(g["met_gap"]),
+            f"{g['gap_points']:+.2f} points against {pct(bench_ref['test_top1_mean'])} % (mean of seeds "
+            f"{bench_ref['seeds']})",
+        ),
+    ]
+    auto = doc.get("auto")
+    if auto and "met_auto" in g:
+        best = auto["benchmark_best"]
+        chosen = (auto["job"].get("auto") or {}).get("chosen", "?")
+        checks.append(
+            (
+                "ResNet-20 → GTSRB: `auto` through the API within 0.5 points of the best of its methods",
+                bool(g["met_auto"]),
+                f"chose {chosen} on validation: {pct(auto['evaluation']['top1'])} % test top-1; best in the "
+                f"benchmark's reference rows {best['variant']} {pct(best['test_top1_mean'])} % "
+                f"({g['auto_gap_points']:+.2f} points)",
+            )
+        )
+    return checks
+
+
 def _goals_table(checks: list[Check]) -> list[str]:
     verdict = {True: "yes", False: "**no**", None: "see detail"}
     rows = [[label, verdict[ok], detail] for label, ok, detail in checks]
@@ -799,6 +873,7 @@ def build(out_dir: Path) -> Path:
         body += ["## Serving", "", "Written by `bench/serving.py`: see [serving.md](serving.md).", ""]
     if (out_dir / "fleet.md").exists():
         body += ["## Fleet", "", "Written by `bench/fleet.py`: see [fleet.md](fleet.md).", ""]
+    checks += api_reference_checks(read_json(out_dir / "api_lora_reference.json") or {})
     checks += serving_goals(serving)
     if serving.get("peers") or serving.get("overload") or serving.get("soak"):
         from bench.serving_peers import goal_checks  # peers, overload, soak, workers, HTTP ÷ engine
