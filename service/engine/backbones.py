@@ -213,15 +213,37 @@ class Backbone:
         x = torch.zeros(1, 3, h, w, device=self.device)
         shapes: list[tuple[int, ...]] = [tuple(x.shape[1:])]
         norm_layer: dict[str, int] = {}
+        weight_layer: dict[str, int] = {}
+        index = 0
+
+        def record(name: str) -> Callable[..., None]:
+            def hook(*_: Any) -> None:  # returns None: the output stays as it is
+                weight_layer.setdefault(name, index)
+
+            return hook
+
+        # removed after this one pass: a hook takes a module off PyTorch's fast call path
+        handles = [
+            module.register_forward_hook(record(name))
+            for name, module in self.model.named_modules()
+            if isinstance(module, nn.Conv2d | nn.Linear)
+        ]
         segments = (*self._decomposition.segments, self._decomposition.pool)
-        for index, segment in enumerate(segments, start=1):
-            self._local.seen = []
-            x = segment(x)
-            for name in self._local.seen:
-                norm_layer.setdefault(name, index)
-            if index <= len(self._decomposition.segments):
-                shapes.append(tuple(x.shape[1:]))
+        try:
+            for index, segment in enumerate(segments, start=1):  # the hooks read `index`
+                self._local.seen = []
+                x = segment(x)
+                for name in self._local.seen:
+                    norm_layer.setdefault(name, index)
+                if index <= len(self._decomposition.segments):
+                    shapes.append(tuple(x.shape[1:]))
+        finally:
+            for handle in handles:
+                handle.remove()
         self._local.seen = None
+        #: conv / linear module name -> the layer (1..L+1) whose segment runs it first; modules the
+        #: staged forward never runs (timm's own classifier) are absent
+        self.weight_layer = weight_layer
         self.num_features = int(x.shape[-1])
         self.layers = build_catalog(self._decomposition, shapes)
         # Only norms that actually run take part in norm-tune (timm heads may hold unused norms).

@@ -30,7 +30,7 @@ from service.engine.errors import ArtifactError
 from service.engine.lora_rows import LoRABank
 from service.engine.methods.activation import delta_key
 from service.engine.methods.input_prompt import INPUT_KEY, frame_mask, shrink_images, shrink_scale
-from service.engine.methods.lora import LoRAConfig, lora_factors
+from service.engine.methods.lora import LoRAConfig, lora_factors, lora_first_layer
 from service.engine.methods.norm import affine_view, scale_key, shift_key
 from service.engine.row_table import RowTable
 
@@ -120,7 +120,7 @@ class PromptBank:
         if artifact.method == LoRAConfig.method:
             t, factors, lora_scale = self._lora_parts(artifact)
             delta_layers: tuple[int, ...] = ()
-            uses_norm, first_layer = False, 0
+            uses_norm, first_layer = False, lora_first_layer(self.backbone, list(factors))
         else:
             module = load_module(artifact, self.backbone)  # validates backbone, method and tensor shapes
             if not module.servable:

@@ -143,6 +143,25 @@ def test_every_row_equals_its_own_adapters_peft_forward(bb: Backbone, arts: list
     )
 
 
+def test_an_adapter_of_late_modules_starts_late_and_its_rows_still_match(bb: Backbone) -> None:
+    """LoRA on the second half of the modules leaves the prefix frozen: training caches it and a batch
+    runs it once for every row, and the first adapted module still acts."""
+    targets = lora_targets(bb)
+    late = _filled(
+        bb, "lora", LoRAConfig(4, lora_rank=2, target_modules=tuple(targets[len(targets) // 2 :])), 9, 0.1
+    )
+    first = bb.weight_layer[targets[len(targets) // 2]] - 1
+    assert 0 < first < bb.pooled_index
+    module = load_module(late, bb)
+    assert module.first_layer == first
+    bank = _bank(bb, [late])
+    assert bank.first_layer([0]) == first
+    x = _images(bb, 4, seed=5)
+    torch.testing.assert_close(
+        forward_mixed(bb, bank, x, [0] * 4), _own_forward(bb, [late], x, [0] * 4), **tol(bb)
+    )
+
+
 def test_every_image_under_every_adapter(bb: Backbone, arts: list[PromptArtifact]) -> None:
     x = _images(bb, 3, seed=3)
     bank = _bank(bb, arts)

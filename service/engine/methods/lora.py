@@ -107,6 +107,12 @@ class LoRAConfig(MethodConfig):
         return (self.lora_rank if self.lora_alpha is None else float(self.lora_alpha)) / self.lora_rank
 
 
+def lora_first_layer(backbone: Backbone, targets: list[str]) -> int:
+    """The last layer before any adapted module runs: the prefix up to it is the frozen backbone's own,
+    so training caches it and a mixed batch runs it once for every row."""
+    return max(0, min(backbone.weight_layer.get(t, backbone.pooled_index) for t in targets) - 1)
+
+
 def resolve_targets(backbone: Backbone, config: LoRAConfig) -> list[str]:
     """The modules `config` adapts on `backbone`, in model order; MethodError names one it cannot."""
     every = lora_targets(backbone)
@@ -194,7 +200,7 @@ class LoRA(PromptModule):
             p.requires_grad_("lora_" in name)
         self._copy = _Backbone(backbone.spec, model, backbone.device)
         self.model = model  # registered: its LoRA factors are this module's trainable parameters
-        self.first_layer = 0
+        self.first_layer = lora_first_layer(backbone, self.targets)
 
     @property
     def run_backbone(self) -> Backbone:
