@@ -171,12 +171,17 @@ def calibration_section(acc: dict[str, Any]) -> str:
     return md_table(["scope", "method", "this run, test %", "reference run, test %", "difference"], rows)
 
 
-def reference_budget_section(acc: dict[str, Any]) -> list[str]:
-    """One table per reference-budget scope (rows at another scope's val-chosen rate and layer)."""
+def _reference_scopes(acc: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The reference-budget rows by scope (rows at another scope's val-chosen rate and layer)."""
     scopes: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in acc.get("reference_budget") or []:
         scopes[r.get("scope", f"{r['backbone']}/{r['dataset']}")].append(r)
-    return [line for rows in scopes.values() for line in _reference_scope_section(rows)]
+    return scopes
+
+
+def reference_budget_section(acc: dict[str, Any]) -> list[str]:
+    """One table per reference-budget scope."""
+    return [line for rows in _reference_scopes(acc).values() for line in _reference_scope_section(rows)]
 
 
 def _reference_scope_section(rows: list[dict[str, Any]]) -> list[str]:
@@ -251,15 +256,14 @@ def _reference_scope_section(rows: list[dict[str, Any]]) -> list[str]:
 def method_guidance(acc: dict[str, Any]) -> list[str]:
     """Which servable method to pick, read off each reference-budget scope: the most accurate one, and
     the cheaper ones with what they give up (points of test accuracy) and save (training time)."""
-    scopes: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in acc.get("reference_budget") or []:
-        if r.get("servable"):
-            scopes[r.get("scope", f"{r['backbone']}/{r['dataset']}")].append(r)
     lines: list[str] = []
-    for scope, rows in scopes.items():
+    for scope, rows in _reference_scopes(acc).items():
         by: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for r in rows:
-            by[r["variant"]].append(r)
+            if r.get("servable"):
+                by[r["variant"]].append(r)
+        if not by:
+            continue
         test = {v: 100 * _stat(rs)[0] for v, rs in by.items()}
         secs = {v: _stat(rs, "train_seconds")[0] for v, rs in by.items()}
         best = max(test, key=lambda v: test[v])
