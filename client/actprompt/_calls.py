@@ -146,7 +146,9 @@ class Watch:
             "method": "GET",
             "url": f"/v1/jobs/{self.job_id}/events",
             "headers": headers,
-            "timeout": httpx.Timeout(60, read=90),
+            # (connect, read, write, pool) as a plain tuple: any httpx-compatible client takes it (Starlette's
+            # TestClient is built on httpx2, whose Timeout refuses httpx's), and read waits past the heartbeat
+            "timeout": (60.0, 90.0, 60.0, 60.0),
         }
 
     def receive(self, sse: ServerSentEvent) -> JobEvent:
