@@ -33,6 +33,7 @@ from service.domain.predict import PromptResolver
 from service.domain.tenants import Authenticator, resolve_admin_key
 from service.launch.engine import DatabasePromptSource
 from service.launch.front import EnginePredictor, serving_config
+from service.launch.heap import freeze_startup_heap, thaw
 from service.log import configure_logging
 from service.queue import InProcessQueue, create_queue
 from service.serving import metrics as serving_metrics
@@ -119,12 +120,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             stack.callback(queue.close)
         if not settings.admin_key:
             log.warning("no ACTPROMPT_ADMIN_KEY: admin endpoints answer 401")
+        frozen = freeze_startup_heap()  # start-up is done: its objects leave the collector's walk
+        stack.callback(thaw)
         log.info(
             "gateway started",
             extra={
                 "database": engine.url.render_as_string(hide_password=True),
                 "mode": "embedded" if settings.is_embedded else "celery",
                 "engine": settings.serving_engine_endpoint or "in-process",
+                "frozen_objects": frozen,
             },
         )
         yield

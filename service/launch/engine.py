@@ -66,6 +66,7 @@ def engine_main(
 
     from service.db.session import make_engine, make_session_factory
     from service.launch.front import serving_config
+    from service.launch.heap import freeze_startup_heap
     from service.log import configure_logging
     from service.serving.core import EngineCore
     from service.serving.engine_server import EngineServer
@@ -80,7 +81,14 @@ def engine_main(
     core = EngineCore(DatabasePromptSource(make_session_factory(db)), config)
 
     def on_ready() -> None:
-        log.info("engine process %d ready in %.2f s on %s", os.getpid(), time.monotonic() - t0, endpoint)
+        frozen = freeze_startup_heap()  # start-up is done: its objects leave the collector's walk
+        log.info(
+            "engine process %d ready in %.2f s on %s (%d objects frozen)",
+            os.getpid(),
+            time.monotonic() - t0,
+            endpoint,
+            frozen,
+        )
         if ready is not None:
             ready.set()
 
