@@ -5,10 +5,12 @@ from __future__ import annotations
 import http.server
 import io
 import json
+import struct
 import sys
 import tarfile
 import threading
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,6 +77,26 @@ def test_decode_rejects_garbage(data: bytes) -> None:
     with pytest.raises(ImageDecodeError) as info:
         decode_image(data)
     assert info.value.code == "invalid_image"
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A real 1x1 PNG whose header claims another size (Pillow reads the size from it alone)."""
+    raw = bytearray(png_bytes(5, size=(1, 1)))
+    ihdr = raw.index(b"IHDR")
+    raw[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    raw[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(raw[ihdr : ihdr + 17])))
+    return bytes(raw)
+
+
+@pytest.mark.parametrize(
+    "side",
+    [7_000, 10_000, 14_000],  # over our limit only; over Pillow's warning threshold; over its error one
+)
+def test_decode_refuses_an_image_bomb_from_its_header(side: int, recwarn: pytest.WarningsRecorder) -> None:
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(_png_claiming(side, side))
+    assert info.value.code == "invalid_image"
+    assert "exceeds" in str(info.value) or "decompression bomb" in str(info.value).lower()
 
 
 # --- class folders ------------------------------------------------------------------------------
