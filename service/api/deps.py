@@ -136,6 +136,11 @@ async def _rate_limit(
 
     The limiter never raises for its store: without Redis it limits per process (see serving.ratelimit).
     """
+    await enforce_rate_limit(limiter, tenant_id)
+
+
+async def enforce_rate_limit(limiter: RateLimiter | None, tenant_id: str) -> None:
+    """Take one of the tenant's tokens, or raise the 429 (shared by the dependency and the fast path)."""
     if limiter is None:
         return
     decision = await limiter.acquire(tenant_id)

@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.console import install_console
 from service.api.errors import install_error_handlers
+from service.api.fast_predict import FastPredict
 from service.api.observability import Metrics, RequestMiddleware
 from service.api.routes import (
     backbones,
@@ -163,6 +164,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         min_hold_s=quarter_budget_s,
         max_hold_s=settings.serving_queue_budget_ms / 1000,
     )
+    app.add_middleware(FastPredict, fastapi_app=app)  # innermost: inside the gate and the request metrics
     app.add_middleware(  # inside RequestMiddleware: a refusal is logged and counted like any answer
         LoadShedding,
         gate=app.state.front_gate,

@@ -22,7 +22,14 @@ from service.api.schemas.common import ERROR_RESPONSES
 from service.api.schemas.predict import LIST_FIELDS, PredictRequest, PredictResponse
 from service.domain import predict as predict_domain
 from service.domain.errors import InvalidInput
-from service.domain.predict import ImageInput, ImageURL, PromptResult, URLFetchPolicy
+from service.domain.predict import (
+    ImageInput,
+    ImageURL,
+    Predictor,
+    PromptResolver,
+    PromptResult,
+    URLFetchPolicy,
+)
 from service.settings import Settings
 
 router = APIRouter(route_class=CheckedRoute, tags=["predict"], responses=ERROR_RESPONSES)
@@ -30,6 +37,9 @@ router = APIRouter(route_class=CheckedRoute, tags=["predict"], responses=ERROR_R
 #: JSON bodies above this are parsed and base64-decoded in a thread: a 30 MiB body takes ~300 ms of CPU,
 #: which on the event loop would stall every other request; below it the thread hop costs more than it saves.
 _INLINE_BODY_BYTES = 64 << 10
+
+#: (prompt refs, images, top_k, whether `prompts` was used): a predict body, parsed and within limits
+Parsed = tuple[list[str], list[ImageInput], int, bool]
 
 
 @router.post(
@@ -63,8 +73,21 @@ async def predict(
         ),
     ] = None,
 ) -> Response:
+    parsed = await _parse(request, settings)
+    return await answer(parsed, tenant_id, settings, predictor, resolver, deadline_ms)
+
+
+async def answer(
+    parsed: Parsed,
+    tenant_id: str,
+    settings: Settings,
+    predictor: Predictor,
+    resolver: PromptResolver,
+    deadline_ms: float | None,
+) -> Response:
+    """The domain's predict for a parsed body, shaped as the JSON answer (the route and the fast path)."""
+    refs, images, top_k, several = parsed
     deadline = None if deadline_ms is None else time.time() + deadline_ms / 1000
-    refs, images, top_k, several = await _parse(request, settings)
     results = await predict_domain.predict(
         resolver,
         predictor,
@@ -116,7 +139,7 @@ def _image(i: int, image: str | bytes) -> ImageInput:
         ) from None
 
 
-def _validated(validate: Callable[[], PredictRequest]) -> tuple[list[str], list[ImageInput], int, bool]:
+def _validated(validate: Callable[[], PredictRequest]) -> Parsed:
     """Run the model's validation (its errors are the 422 of any body) and decode the images."""
     try:
         body = validate()
@@ -128,12 +151,12 @@ def _validated(validate: Callable[[], PredictRequest]) -> tuple[list[str], list[
     return refs, [_image(i, im) for i, im in enumerate(body.images)], body.top_k, body.prompts is not None
 
 
-def _parse_json(raw: bytes) -> tuple[list[str], list[ImageInput], int, bool]:
+def _parse_json(raw: bytes) -> Parsed:
     """Validation and base64 decoding of a JSON body (CPU-bound: big bodies come here in a thread)."""
     return _validated(lambda: PredictRequest.model_validate_json(raw))
 
 
-async def _parse_form(request: Request, settings: Settings) -> tuple[list[str], list[ImageInput], int, bool]:
+async def _parse_form(request: Request, settings: Settings) -> Parsed:
     """A multipart form, validated by the same model as a JSON body: file parts become `bytes`."""
     try:
         form = await request.form(
@@ -159,16 +182,22 @@ def too_many_images(settings: Settings) -> InvalidInput:
     )
 
 
-async def _parse(request: Request, settings: Settings) -> tuple[list[str], list[ImageInput], int, bool]:
+async def _parse(request: Request, settings: Settings) -> Parsed:
     """(prompt refs, images, top_k, whether `prompts` was used) from either body kind, with limits."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        refs, images, top_k, several = await _parse_form(request, settings)
-    else:
-        raw = await request.body()
-        if len(raw) > _INLINE_BODY_BYTES:
-            refs, images, top_k, several = await run_in_threadpool(_parse_json, raw)
-        else:
-            refs, images, top_k, several = _parse_json(raw)
+        return _within_limits(await _parse_form(request, settings), settings)
+    return await parse_json_body(await request.body(), settings)
+
+
+async def parse_json_body(raw: bytes, settings: Settings) -> Parsed:
+    """A JSON body, validated, base64-decoded (in a thread when big) and checked against the limits."""
+    if len(raw) > _INLINE_BODY_BYTES:
+        return _within_limits(await run_in_threadpool(_parse_json, raw), settings)
+    return _within_limits(_parse_json(raw), settings)
+
+
+def _within_limits(parsed: Parsed, settings: Settings) -> Parsed:
+    refs, images, top_k, several = parsed
     if len(images) > settings.max_images_per_request:
         raise too_many_images(settings)
     if not 1 <= top_k <= settings.max_top_k:
