@@ -44,6 +44,8 @@ ROUTE = next(
 
 
 class FastPredict:
+    """The fast path for ``POST /v1/predict`` (see the module's docstring for what it takes and leaves)."""
+
     def __init__(self, app: ASGIApp, *, fastapi_app: FastAPI) -> None:
         self.app = app
         self.fastapi_app = fastapi_app  # the app whose state, route and exception handlers this reuses
@@ -61,12 +63,13 @@ class FastPredict:
             return
         scope["route"] = ROUTE  # the request metrics label it as the route would
         state = app.state
+        deadline = predict_route.deadline_after(deadline_ms)
         try:
             tenant_id = str(principal.tenant_id)
             await enforce_rate_limit(state.rate_limiter, tenant_id)
             parsed = await predict_route.parse_json_body(await request.body(), state.settings)
             response = await predict_route.answer(
-                parsed, tenant_id, state.settings, state.predictor, state.prompt_resolver, deadline_ms
+                parsed, tenant_id, state.settings, state.predictor, state.prompt_resolver, deadline
             )
         except Exception as exc:
             response = await _handled(app, request, exc)

@@ -73,8 +73,14 @@ async def predict(
         ),
     ] = None,
 ) -> Response:
+    deadline = deadline_after(deadline_ms)  # counted from here: parsing a big body spends it too
     parsed = await _parse(request, settings)
-    return await answer(parsed, tenant_id, settings, predictor, resolver, deadline_ms)
+    return await answer(parsed, tenant_id, settings, predictor, resolver, deadline)
+
+
+def deadline_after(deadline_ms: float | None) -> float | None:
+    """The `time.time()` by which a request with `X-Request-Deadline-Ms` must be answered, if it has one."""
+    return None if deadline_ms is None else time.time() + deadline_ms / 1000
 
 
 async def answer(
@@ -83,11 +89,10 @@ async def answer(
     settings: Settings,
     predictor: Predictor,
     resolver: PromptResolver,
-    deadline_ms: float | None,
+    deadline: float | None,
 ) -> Response:
     """The domain's predict for a parsed body, shaped as the JSON answer (the route and the fast path)."""
     refs, images, top_k, several = parsed
-    deadline = None if deadline_ms is None else time.time() + deadline_ms / 1000
     results = await predict_domain.predict(
         resolver,
         predictor,
