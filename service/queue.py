@@ -69,8 +69,10 @@ class CeleryQueue:
 class InProcessQueue:
     """Embedded mode: one worker thread in the gateway runs jobs in order, plus the reaper between jobs.
 
-    At start it takes over every job left `queued`, `running` or `cancelling` by a previous run of this
-    process (the embedded mode is one process per database, so nobody else can hold those leases).
+    At start it takes over every job left `queued`, `running` or `cancelling` by a previous run, without
+    waiting for the leases to expire, except the leases of an embedded worker on this host whose process is
+    still alive: `serve --workers N` runs one per front, and a front started (or restarted) while another
+    runs a job must not run that job a second time.
     """
 
     def __init__(
@@ -79,7 +81,7 @@ class InProcessQueue:
         self.session_factory = session_factory
         self.settings = settings
         self.run_jobs = run_jobs
-        self.worker_id = f"embedded-{socket.gethostname()}-{os.getpid()}"
+        self.worker_id = embedded_worker_id(os.getpid())
         self._queue: stdlib_queue.Queue[str | None] = stdlib_queue.Queue()
         self._pending: set[str] = set()
         self._lock = threading.Lock()
@@ -116,7 +118,14 @@ class InProcessQueue:
         from service.domain.reaper import reap
 
         try:
-            reap(self.session_factory, self, self.settings, takeover=takeover, requeue_stale_queued=False)
+            reap(
+                self.session_factory,
+                self,
+                self.settings,
+                takeover=takeover,
+                requeue_stale_queued=False,
+                owner_alive=embedded_sibling_alive,
+            )
         except Exception:
             log.exception("reaper pass failed")
 
@@ -147,6 +156,31 @@ class InProcessQueue:
                 continue
             if outcome == RunOutcome.RETRY:
                 self.enqueue(job_id)
+
+
+def embedded_worker_id(pid: int) -> str:
+    """The lease owner an embedded worker writes: its host and process."""
+    return f"embedded-{socket.gethostname()}-{pid}"
+
+
+def embedded_sibling_alive(owner: str) -> bool:
+    """Whether `owner` is another embedded worker on this host whose process still exists.
+
+    A zombie or a reused pid reads as alive: its lease then expires as usual, which is safe, only slower.
+    """
+    prefix = embedded_worker_id(0)[:-1]
+    if not owner.startswith(prefix) or not owner[len(prefix) :].isdigit():
+        return False
+    pid = int(owner[len(prefix) :])
+    if pid == os.getpid():  # a previous run of this very process cannot be running anything now
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 def create_queue(settings: Settings, session_factory: sessionmaker[Session]) -> CeleryQueue | InProcessQueue:

@@ -8,6 +8,7 @@ number of attempts.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -44,9 +45,11 @@ def reap(
     now: datetime | None = None,
     takeover: bool = False,
     requeue_stale_queued: bool = True,
+    owner_alive: Callable[[str], bool] = lambda _owner: False,
 ) -> ReapReport:
-    """One pass. `takeover=True` (a single embedded process starting up) treats every lease as expired and
-    re-sends every queued job: nobody else can be running them."""
+    """One pass. `takeover=True` (an embedded front starting up) treats every lease as expired, except those
+    whose owner `owner_alive` says still runs (a sibling front of the same `serve`), and re-sends every queued
+    job; those leases are left to expire as usual, if their owner dies after all."""
     now = now or utcnow()
     report = ReapReport()
     to_send: list[str] = []
@@ -55,7 +58,10 @@ def reap(
         if takeover:
             held = lease.with_status((JobStatus.VALIDATING, JobStatus.RUNNING, JobStatus.CANCELLING))
             orphans = [
-                job for job in held if job.status != JobStatus.VALIDATING or job.lease_owner is not None
+                job
+                for job in held
+                if (job.status != JobStatus.VALIDATING or job.lease_owner is not None)
+                and not (job.lease_owner and owner_alive(job.lease_owner))
             ]
         else:
             orphans = lease.expired_leases(now)
