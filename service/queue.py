@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.processes import pid_alive
 from service.settings import Settings
 from workers.queues import TRAIN_TASK, train_queue
 
@@ -158,29 +159,27 @@ class InProcessQueue:
                 self.enqueue(job_id)
 
 
+def _embedded_prefix() -> str:
+    return f"embedded-{socket.gethostname()}-"
+
+
 def embedded_worker_id(pid: int) -> str:
     """The lease owner an embedded worker writes: its host and process."""
-    return f"embedded-{socket.gethostname()}-{pid}"
+    return f"{_embedded_prefix()}{pid}"
 
 
 def embedded_sibling_alive(owner: str) -> bool:
-    """Whether `owner` is another embedded worker on this host whose process still exists.
+    """Whether `owner` is another embedded worker on this host whose process still runs.
 
-    A zombie or a reused pid reads as alive: its lease then expires as usual, which is safe, only slower.
+    A reused pid reads as alive: that lease then expires as usual, which is safe, only slower.
     """
-    prefix = embedded_worker_id(0)[:-1]
-    if not owner.startswith(prefix) or not owner[len(prefix) :].isdigit():
+    prefix = _embedded_prefix()
+    pid = owner[len(prefix) :]
+    if not owner.startswith(prefix) or not pid.isdigit():
         return False
-    pid = int(owner[len(prefix) :])
-    if pid == os.getpid():  # a previous run of this very process cannot be running anything now
+    if int(pid) == os.getpid():  # a previous run of this very process cannot be running anything now
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
+    return pid_alive(int(pid))
 
 
 def create_queue(settings: Settings, session_factory: sessionmaker[Session]) -> CeleryQueue | InProcessQueue:

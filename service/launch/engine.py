@@ -15,13 +15,13 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.domain.errors import NotFound
 from service.domain.prompts import load_artifact_bytes
+from service.processes import pid_alive
 from service.serving.errors import PromptNotFoundError
 
 log = logging.getLogger("actprompt.engine")
@@ -105,17 +105,7 @@ def _exit_with_supervisor(pid: int) -> None:
     def alive() -> bool:
         if pid == parent and os.getppid() != parent:  # re-parented: the parent died
             return False
-        try:  # a killed process stays a zombie until its own parent reaps it: that is dead too
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            return state not in ("Z", "X")
-        except FileNotFoundError:
-            return False
-        except OSError:  # no /proc: ask the kernel whether the pid exists at all
-            try:
-                os.kill(pid, 0)
-            except (ProcessLookupError, PermissionError):
-                return False
-            return True
+        return pid_alive(pid)
 
     def watch() -> None:
         while alive():
