@@ -202,8 +202,9 @@ class FairQueue(Generic[T]):
             left = None if deadline is None else deadline - time.perf_counter()
             if left is not None and left <= 0:
                 return None
-            try:
-                await asyncio.wait_for(self._nonempty.wait(), left)
+            try:  # asyncio.timeout, not wait_for: no extra task per wait (the collector waits per request)
+                async with asyncio.timeout(left):
+                    await self._nonempty.wait()
             except TimeoutError:
                 return None
 

@@ -66,17 +66,14 @@ class EngineServer:
         log.info("engine listening on %s", self.endpoint)
         on_ready()
         try:
+            # one receiving task for the socket's life, cancelled by the stop: waiting on both per message
+            # (asyncio.wait) cost more of the event loop than the rest of a message's handling
+            receiving = asyncio.ensure_future(self._receive(sock))
             stopping = asyncio.ensure_future(stop.wait())
-            while not stop.is_set():
-                receiving = asyncio.ensure_future(sock.recv_multipart(copy=False))
-                done, _ = await asyncio.wait({receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                if receiving not in done:
-                    receiving.cancel()
-                    break
-                frames = receiving.result()
-                task = asyncio.ensure_future(self._handle(sock, frames))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+            await asyncio.wait({receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (receiving, stopping):
+                task.cancel()
+            await asyncio.gather(receiving, stopping, return_exceptions=True)
             log.info("engine draining %d requests in flight", len(self._tasks))
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -84,6 +81,14 @@ class EngineServer:
             await self.core.aclose()
             sock.close()
             ctx.term()
+
+    async def _receive(self, sock: zmq.asyncio.Socket) -> None:
+        """Each message is handled in a task of its own (its rows then meet every other front's)."""
+        while True:
+            frames = await sock.recv_multipart(copy=False)
+            task = asyncio.ensure_future(self._handle(sock, frames))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _handle(self, sock: zmq.asyncio.Socket, frames: list[Any]) -> None:
         identity, *body = frames

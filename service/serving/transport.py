@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgpack
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -33,18 +34,37 @@ from service.serving.errors import (
 __all__ = ["decode", "encode", "error_from_wire", "error_to_wire"]
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.uint8, torch.int64)}
+#: the dtypes numpy also has: their frames are viewed through numpy, a few microseconds cheaper per tensor
+#: than torch's own frombuffer/view/reshape (bfloat16, which numpy lacks, takes torch's way)
+_NUMPY_DTYPES = {
+    str(d): np.dtype(n)
+    for d, n in (
+        (torch.float32, "float32"),
+        (torch.float16, "float16"),
+        (torch.uint8, "uint8"),
+        (torch.int64, "int64"),
+    )
+}
 
 # A received frame is read-only and nobody writes into it, so torch's warning about that says nothing.
 # Filtered once here rather than with warnings.catch_warnings() around each frame, which cost tens of
 # microseconds per message on both sides of every predict.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 
 def encode(header: dict[str, Any], tensors: Sequence[Tensor] = ()) -> list[Any]:
     """Frames for one message; the tensor frames share memory with the (contiguous, CPU) tensors."""
-    parts = [t.detach().cpu().contiguous() for t in tensors]
+    parts = [_plain(t) for t in tensors]
     header = {**header, "tensors": [[str(t.dtype), list(t.shape)] for t in parts]}
     return [msgpack.packb(header), *(t.view(torch.uint8).numpy().data for t in parts)]
+
+
+def _plain(t: Tensor) -> Tensor:
+    """`t` as a contiguous CPU tensor outside autograd; the usual tensor already is one (no torch call)."""
+    if t.requires_grad or t.device.type != "cpu" or not t.is_contiguous():
+        return t.detach().cpu().contiguous()
+    return t
 
 
 def decode(frames: Sequence[Any]) -> tuple[dict[str, Any], list[Tensor]]:
@@ -53,6 +73,10 @@ def decode(frames: Sequence[Any]) -> tuple[dict[str, Any], list[Tensor]]:
     tensors = []
     for (dtype, shape), frame in zip(header.pop("tensors", []), frames[1:], strict=True):
         buf = _buffer(frame)
+        np_dtype = _NUMPY_DTYPES.get(dtype)
+        if np_dtype is not None:
+            tensors.append(torch.from_numpy(np.frombuffer(buf, dtype=np_dtype).reshape(shape)))
+            continue
         flat = torch.frombuffer(buf, dtype=torch.uint8) if len(buf) else torch.empty(0, dtype=torch.uint8)
         tensors.append(flat.view(_DTYPES[dtype]).reshape(shape))
     return header, tensors
