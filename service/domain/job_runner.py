@@ -315,8 +315,9 @@ class _JobRun:
     def _train(self) -> _Trained:
         from service.engine import BackboneError, pipeline
         from service.engine.method_search import AUTO
+        from service.engine.search_checkpoint import describe as describe_search
+        from service.engine.train import SEARCH, TrainConfig
         from service.engine.train import Checkpoint as EngineCheckpoint
-        from service.engine.train import TrainConfig
 
         job, hp = self.job, self.job.hyperparameters
         dataset = self._validate()
@@ -331,9 +332,10 @@ class _JobRun:
         data = pipeline.preprocess_splits(dataset, backbone)
         self.lease.check_stop()
         if resume is not None:
-            self.lease.event(
-                "log", f"resuming from the checkpoint after epoch {resume.epoch}", {"epoch": resume.epoch}
-            )
+            message = f"resuming from the checkpoint after epoch {resume.epoch}"
+            if resume.kind == SEARCH:  # epochs counted across the candidates
+                message += f" of the method search: {describe_search(resume)}"
+            self.lease.event("log", message, {"epoch": resume.epoch, "kind": resume.kind})
         options = dict(hp.get(METHOD_OPTIONS_KEY) or {})
         if job.method == AUTO:
             self.lease.event("log", "searching the method (auto): each candidate trained, chosen on val")

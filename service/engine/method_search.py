@@ -6,7 +6,8 @@ the most accurate at the reference budget. Rather than asking a user to know whi
 candidate at its own learning rate on the training split, scores it on the validation split and keeps
 one. The test split never decides: candidates train without it, and only the chosen module is
 evaluated on it. Every candidate's row (validation accuracy, trainable parameters, training seconds,
-per-image serving cost) is reported, so the choice can be checked.
+per-image serving cost) is reported, so the choice can be checked. The search checkpoints like one
+method's training does (`search_checkpoint`): a restarted search trains only what was not finished.
 """
 
 from __future__ import annotations
@@ -22,11 +23,18 @@ import torch
 from service.engine.artifacts import PromptArtifact
 from service.engine.errors import MethodError
 from service.engine.methods import get_method_class
-from service.engine.train import TrainConfig, TrainResult, evaluate
+from service.engine.search_checkpoint import (
+    FinishedCandidate,
+    RunningCandidate,
+    SearchProgress,
+    restore_search,
+    search_fingerprint,
+)
+from service.engine.train import Checkpoint, TrainConfig, TrainResult, artifact_metrics, evaluate
 
 if TYPE_CHECKING:
     from service.engine.backbones import Backbone
-    from service.engine.methods.base import PromptModule
+    from service.engine.methods.base import MethodConfig, PromptModule
     from service.engine.pipeline import PipelineCallbacks, PipelineResult, PreparedData
 
 #: The method name a job asks for to get the search.
@@ -158,15 +166,20 @@ def train_auto(
     config: TrainConfig | None = None,
     callbacks: PipelineCallbacks | None = None,
     on_candidate: Callable[[dict[str, Any]], None] | None = None,
+    resume: Checkpoint | None = None,
 ) -> PipelineResult:
     """Train every servable candidate on `data.train`, choose on `data.val`, evaluate the chosen on test.
 
     Args:
         config: the job's training config; each candidate replaces its learning rate with its own.
-        callbacks: progress, epochs, cancel and the layer probe, passed to each candidate's training
-            (no checkpoints: a restarted search starts over; `on_layer_selected` is not called, the
-            probe's layer belongs to the candidate, not to the job).
-        on_candidate: called with each candidate's row once it is trained (or skipped by the budget).
+        callbacks: progress, epochs, cancel and the layer probe, passed to each candidate's training;
+            `on_checkpoint` gets the search's own checkpoints (see `search_checkpoint`): after every
+            epoch of a candidate and once each candidate is finished. `on_layer_selected` is not
+            called: the probe's layer belongs to the candidate, not to the job.
+        on_candidate: called with each candidate's row once it is trained (or skipped by the budget);
+            not again for the candidates a resumed search found finished.
+        resume: a checkpoint of this same search: its finished candidates are not trained again and
+            keep their rows, the running one continues at its next epoch.
 
     Returns:
         The chosen candidate's result; its metrics carry `auto` = {candidates, chosen, prefer, ...}.
@@ -181,53 +194,87 @@ def train_auto(
             param="method",
         )
     cb = callbacks or PipelineCallbacks()
-    # a candidate reports its progress and can be stopped; it neither checkpoints nor is the choice
-    candidate_cb = replace(cb, on_checkpoint=None, on_layer_selected=None, on_candidate=None)
     base = config or TrainConfig()
+    fingerprint = search_fingerprint(backbone, data, opts, base)
+    running: RunningCandidate | None = None
+    if resume is None:
+        progress = SearchProgress(fingerprint)
+    else:
+        progress, running = restore_search(resume, fingerprint, backbone, data.classes)
     view = PreparedData(data.classes, data.train, data.val, None, data.report)  # no test: it never decides
-    rows: list[dict[str, Any]] = []
-    results: list[PipelineResult | None] = []
-    spent = 0.0
-    for cand in opts.servable_candidates():
+    for index, cand in enumerate(opts.servable_candidates()):
+        if index < len(progress.finished):
+            continue
         row: dict[str, Any] = {
             "method": cand.method,
             "label": cand.label,
             "learning_rate": cand.learning_rate,
         }
-        if opts.max_train_seconds is not None and rows and spent >= opts.max_train_seconds:
+        spent = sum(f.seconds for f in progress.finished)
+        if opts.max_train_seconds is not None and progress.finished and spent >= opts.max_train_seconds:
             row.update(skipped=f"training budget of {opts.max_train_seconds:g} s spent", val_accuracy=None)
-            rows.append(row)
-            results.append(None)
+            progress.finished.append(FinishedCandidate.of(row, None))
             if on_candidate is not None:
                 on_candidate(row)
             continue
+        resumed = running if running is not None and running.index == index else None
         trained = train_prompt(
             backbone,
             view,
             cand.method,
             prompt_layer=cand.prompt_layer,
+            layers=None if resumed is None else resumed.layers,  # the probe's layer, not probed again
             method_options=dict(cand.options),
             config=replace(base, learning_rate=cand.learning_rate),
-            callbacks=candidate_cb,
+            callbacks=_candidate_callbacks(cb, progress, index),
+            resume=None if resumed is None else resumed.checkpoint,
         )
-        seconds = float(trained.metrics["train_seconds"])
-        spent += seconds
         module = trained.result.module
         assert module is not None
         row.update(
             layers=list(trained.layers),
             val_accuracy=trained.accuracy("val"),
             trainable_params=int(trained.metrics["trainable_params"]),
-            train_seconds=round(seconds, 3),
+            train_seconds=round(float(trained.metrics["train_seconds"]), 3),
             serving_ms_per_image=serving_ms_per_image(module, data.val[0]),
         )
-        rows.append(row)
-        results.append(trained)
+        progress.finished.append(FinishedCandidate.of(row, trained))
+        if cb.on_checkpoint is not None:  # before the row is reported: a crash after it retrains nothing
+            cb.on_checkpoint(progress.checkpoint())
         if on_candidate is not None:
             on_candidate(row)
+    return _chosen_result(progress, opts, data)
+
+
+def _candidate_callbacks(cb: PipelineCallbacks, progress: SearchProgress, index: int) -> PipelineCallbacks:
+    """A candidate's callbacks: the job's progress and cancel; its per-epoch checkpoints become the
+    search's (with the layers it started on); it neither selects the job's layer nor is the choice."""
+    layers: list[int] = []
+
+    def on_start(method: str, method_config: MethodConfig, train_config: TrainConfig) -> None:
+        layers[:] = [int(i) for i in method_config.prompt_layers]
+        if cb.on_start is not None:
+            cb.on_start(method, method_config, train_config)
+
+    def on_checkpoint(ckpt: Checkpoint) -> None:
+        assert cb.on_checkpoint is not None
+        cb.on_checkpoint(progress.checkpoint(RunningCandidate(index, list(layers), ckpt)))
+
+    return replace(
+        cb,
+        on_start=on_start,
+        on_checkpoint=None if cb.on_checkpoint is None else on_checkpoint,
+        on_layer_selected=None,
+        on_candidate=None,
+    )
+
+
+def _chosen_result(progress: SearchProgress, opts: AutoConfig, data: PreparedData) -> PipelineResult:
+    """The chosen candidate on validation, evaluated on test, with every candidate's row in its metrics."""
+    rows = [f.row for f in progress.finished]
     chosen_row = choose(rows, opts.prefer, opts.tolerance)
     index = rows.index(chosen_row)
-    chosen = results[index]
+    chosen = progress.finished[index].result
     assert chosen is not None and chosen.result.module is not None
     for i, row in enumerate(rows):
         row["chosen"] = i == index
@@ -239,17 +286,11 @@ def train_auto(
         "prefer": opts.prefer,
         "tolerance": opts.tolerance,
         "max_train_seconds": opts.max_train_seconds,
-        "train_seconds": round(spent, 3),
+        "train_seconds": round(sum(f.seconds for f in progress.finished), 3),
         "candidates": rows,
     }
-    summary = {k: v for k, v in metrics.items() if k in ("val", "test")}
     artifact = PromptArtifact.from_module(
-        chosen.result.module,
-        classes=data.classes,
-        metrics={
-            "train_seconds": round(float(metrics["train_seconds"]), 3),
-            **{k: {m: v[m] for m in ("top1", "top5", "n")} for k, v in summary.items()},
-        },
+        chosen.result.module, classes=data.classes, metrics=artifact_metrics(metrics)
     )
     result = TrainResult(artifact=artifact, metrics=metrics, module=chosen.result.module)
     return replace(chosen, result=result)

@@ -240,10 +240,10 @@ def train_prompt(
         prompt_layer: what the user asked for (index, name, list, "all", "auto", None = recommended).
         layers: already resolved layers (a resumed job); skips the resolution and the auto probe.
         method: a registered method, or "auto" (see `method_search`: the candidates trained on train
-            and chosen on val; its options are `AutoConfig`'s; no checkpoints, `resume` is ignored).
+            and chosen on val; its options are `AutoConfig`'s; its checkpoints are the search's own).
         method_options: the method's own options (e.g. `prompt_shape`, `input_variant`); an option
             the method does not take is a MethodError naming it.
-        resume: a checkpoint of this same run.
+        resume: a checkpoint of this same run (for "auto", of this same search).
     """
     cb = callbacks or PipelineCallbacks()
     if method == AUTO:  # the method search: every servable candidate, chosen on validation
@@ -255,7 +255,13 @@ def train_prompt(
             )
         auto = AutoConfig.from_options(method_options)
         return train_auto(
-            backbone, data, auto=auto, config=config, callbacks=cb, on_candidate=cb.on_candidate
+            backbone,
+            data,
+            auto=auto,
+            config=config,
+            callbacks=cb,
+            on_candidate=cb.on_candidate,
+            resume=resume,
         )
     if layers is None:
         resolved = resolve_method_layers(backbone, method, prompt_layer, data, cb)

@@ -96,25 +96,47 @@ class EpochMetrics:
     seconds: float  # training time of this epoch (without validation)
 
 
+#: The checkpoint payload's layout; a payload from a newer layout is refused rather than misread.
+CHECKPOINT_VERSION = 1
+#: What a checkpoint continues: one method's training (`fit`) or a whole `method: "auto"` search
+#: (`search`, see `search_checkpoint`); payloads written before the tag existed are `fit`.
+FIT = "fit"
+SEARCH = "search"
+CHECKPOINT_KINDS = (FIT, SEARCH)
+
+
 @dataclass
 class Checkpoint:
-    """State after `epoch` completed epochs: enough to continue as if never interrupted."""
+    """State after `epoch` completed epochs: enough to continue as if never interrupted.
+
+    `kind` tags the payload, so a method search's checkpoint is never fed to `fit` nor the other way
+    round (both travel through the same callback and the same stored rows).
+    """
 
     epoch: int
     state: dict[str, Any]
+    kind: str = FIT
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
-        torch.save({"epoch": self.epoch, "state": self.state}, buf)
+        payload = {"version": CHECKPOINT_VERSION, "kind": self.kind, "epoch": self.epoch, "state": self.state}
+        torch.save(payload, buf)
         return buf.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Checkpoint:
         try:
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-            return cls(epoch=int(obj["epoch"]), state=dict(obj["state"]))
+            version, kind = int(obj.get("version", 1)), str(obj.get("kind", FIT))
+            ckpt = cls(epoch=int(obj["epoch"]), state=dict(obj["state"]), kind=kind)
         except Exception as exc:  # a truncated upload or another file: say so, do not crash the worker
             raise EngineError(f"unreadable checkpoint: {exc}", code="invalid_checkpoint") from None
+        if version > CHECKPOINT_VERSION or kind not in CHECKPOINT_KINDS:
+            raise EngineError(
+                f"checkpoint format {kind!r} v{version} is not one this version reads",
+                code="invalid_checkpoint",
+            )
+        return ckpt
 
 
 @dataclass
@@ -433,11 +455,11 @@ def fit(
                 module, data, classes=classes, batch_size=config.eval_batch_size, amp=use_amp
             )
     module.eval()
-    artifact = PromptArtifact.from_module(module, classes=classes, metrics=_artifact_metrics(metrics))
+    artifact = PromptArtifact.from_module(module, classes=classes, metrics=artifact_metrics(metrics))
     return TrainResult(artifact=artifact, metrics=metrics, module=module)
 
 
-def _artifact_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+def artifact_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """The summary an artifact carries (no per-class tables, no per-epoch history: kept small)."""
     out: dict[str, Any] = {"train_seconds": round(float(metrics["train_seconds"]), 3)}
     for split in ("val", "test"):
@@ -484,6 +506,11 @@ def _restore(
     fingerprint: dict[str, Any],
 ) -> int:
     """Load a checkpoint into fresh training objects; returns the epoch to continue at."""
+    if ckpt.kind != FIT:
+        raise MethodError(
+            f"a {ckpt.kind!r} checkpoint is not one method's training; cannot resume",
+            code="invalid_checkpoint",
+        )
     st = ckpt.state
     theirs = dict(st.get("fingerprint", {}))
     if isinstance(theirs.get("method_config"), Mapping) and isinstance(theirs.get("method"), str):

@@ -256,3 +256,53 @@ def test_a_prompt_version_conflict_fails_without_training_again(setup, monkeypat
     row = job(job_id)
     assert row.status == "failed" and row.error["code"] == "prompt_version_conflict"  # type: ignore[index]
     assert fits == [1] and row.attempts == 1  # trained once, not re-queued to train again
+
+
+def test_an_auto_job_resumes_its_search_without_training_a_finished_candidate_again(
+    setup, monkeypatch
+) -> None:
+    """Attempt 1 dies as the second candidate starts; attempt 2 resumes from the search's checkpoint."""
+    api, factory, submit, job = setup
+    import service.engine.train
+
+    fits: list[str] = []
+    real_fit = service.engine.train.fit
+    alive = [False]  # attempt 1's worker dies on its second fit
+
+    def fit(backbone, method, *args, **kwargs):
+        fits.append(method)
+        if len(fits) == 2 and not alive[0]:
+            raise RuntimeError("the worker died")
+        return real_fit(backbone, method, *args, **kwargs)
+
+    monkeypatch.setattr(service.engine.train, "fit", fit)
+    job_id = submit(method="auto", hyperparameters={"epochs": 2, "batch_size": 8})
+    assert run_job(job_id, session_factory=factory, worker_id="w1", settings=api.settings) == RunOutcome.RETRY
+    assert fits == ["activation", "deep_activation_norm"]
+    with factory() as s:
+        stored = list(s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)))
+    assert 0 < len(stored) <= api.settings.checkpoints_keep
+    alive[0] = True
+    fits.clear()
+    assert (
+        run_job(job_id, session_factory=factory, worker_id="w2", settings=api.settings)
+        == RunOutcome.SUCCEEDED
+    )
+    assert fits == ["deep_activation_norm", "lora"]  # not the activation candidate: it had finished
+    row = job(job_id)
+    assert row.status == "succeeded" and row.attempts == 2
+    with factory() as s:
+        events = list(s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
+    reported = [e.data for e in events if e.type == "method_search"]
+    table = row.metrics["auto"]["candidates"]  # type: ignore[index]
+    assert [r["method"] for r in reported] == [r["method"] for r in table]  # each reported once
+    # the finished candidate's row as attempt 1 reported it, its training seconds included
+    assert {k: v for k, v in table[0].items() if k != "chosen"} == reported[0]
+    resumed = [e.message for e in events if e.message.startswith("resuming from the checkpoint")]
+    assert resumed == [
+        "resuming from the checkpoint after epoch 2 of the method search: "
+        "1 candidate(s) finished (activation)"
+    ]
+    with factory() as s:
+        kept = list(s.scalars(select(Checkpoint.epoch).where(Checkpoint.job_id == job_id)))
+    assert len(kept) <= api.settings.checkpoints_keep and max(kept) == 3 * 2  # epochs across the candidates
