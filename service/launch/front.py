@@ -71,6 +71,7 @@ def serving_config(settings: Settings, *, cores: int = 1) -> ServingConfig:
         pin_fraction=settings.prompt_cache_pin_fraction,
         queue_budget_ms=settings.serving_queue_budget_ms,
         fair_quantum_rows=settings.serving_fair_quantum_rows,
+        traced_segments=settings.serving_traced_segments,
     )
 
 

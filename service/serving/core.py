@@ -69,6 +69,9 @@ class ServingConfig:
     fair_quantum_rows: int = 8
     #: passes that run at once, each on its own model thread (see service.serving.batcher); one on a GPU
     model_lanes: int = 1
+    #: run the backbone's segments as TorchScript traces where they reproduce the eager ones exactly
+    #: (`Backbone.trace_segments`: one GIL hold per segment instead of one per op)
+    traced_segments: bool = True
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,8 @@ class EngineCore:
         """Off the loop: weights and the preallocated slot table (no asyncio objects here)."""
         cfg = self.config
         backbone = create_backbone(spec, cfg.device)
+        if cfg.traced_segments:
+            backbone.trace_segments()
         per_slot = slot_bytes(backbone, cfg.max_classes)
         capacity = max(2, cfg.min_slots, min(cfg.max_slots, cfg.device_cache_bytes // per_slot))
         if capacity * per_slot > cfg.device_cache_bytes:

@@ -175,7 +175,8 @@ def test_several_prompts_share_the_prefix(
     x = _images(3, seed=7)
 
     async def run() -> None:
-        pred = EngineCore(_source(arts))
+        # eager segments: a module hook is how this test sees the stem run (a traced segment has none)
+        pred = EngineCore(_source(arts), ServingConfig(traced_segments=False))
         try:
             srv = await pred.server(resnet20_spec)
             seen: list[int] = []
