@@ -62,8 +62,8 @@ test: lint typecheck pytest
 test-quick: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not postgres and not redis"
 
-# BUDGET=full: the full budget of bench/GOALS.md (CPU-hours); default: ~105 min on a quiet 2-core CPU, plus
-# ~15 min for the serving frameworks side by side (bench/serving_peers.py, capped by PEERS_BUDGET_MINUTES)
+# BUDGET=full: the full budget of bench/GOALS.md (CPU-hours); default: ~110 min on a quiet 2-core CPU in all
+# (~65 min of accuracy, the rest training cost, serving, HTTP, the serving frameworks side by side and the fleet)
 bench: $(STAMP) $(PEERS_STAMP)
 	$(PY) -m bench.run_all $(if $(BUDGET),--budget $(BUDGET))
 

@@ -1,7 +1,7 @@
 """Run every benchmark and regenerate every published figure: ``python -m bench.run_all``.
 
 Budgets: ``--quick`` (every code path, minutes, into ``bench/results/quick/``), the default (sized for
-~105 min of a quiet 2-core CPU) and ``--budget full`` (the full budget; CPU-hours). Each part
+~110 min of a quiet 2-core CPU) and ``--budget full`` (the full budget; CPU-hours). Each part
 writes its JSON with ``provenance``; the accuracy part resumes at the same commit from its row cache.
 ``--only accuracy,cost,serving,http,peers,fleet`` reruns some parts (or ``--only resnet20_cifar/gtsrb`` some
 accuracy scopes) and merges into the files there, refusing to mix commits unless told.
@@ -66,11 +66,16 @@ def restore_keys(path: Path, saved: dict[str, Any]) -> None:
         write_json(path, {**doc, **missing})
 
 
+#: Results written by their own scripts, outside `make bench` (they take a server and a real job each), so
+#: a whole run keeps them.
+KEPT_FILES = ("api_lora_reference.json",)
+
+
 def clear_outputs(out: Path) -> None:
-    """A whole run starts from an empty results folder (the row cache aside), so no figure survives
-    from an earlier run or from a file this version no longer writes."""
+    """A whole run starts from an empty results folder (the row cache and `KEPT_FILES` aside), so no
+    figure survives from an earlier run or from a file this version no longer writes."""
     for path in sorted(out.iterdir()):
-        if path.is_file() and path.suffix in (".json", ".md", ".png"):
+        if path.is_file() and path.suffix in (".json", ".md", ".png") and path.name not in KEPT_FILES:
             path.unlink()
             log(f"removed stale {path.name}")
 
