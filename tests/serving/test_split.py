@@ -7,10 +7,12 @@ processes or stop the server run last.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -49,12 +51,21 @@ class Split:
     ) -> httpx.Response:
         """Prompt i of its own tenant, on a new connection (so either front may take it)."""
         key, pid = self.prompts[i]
-        with httpx.Client(base_url=self.server.url, timeout=timeout) as c:
+        with httpx.Client(base_url=self.server.url, timeout=timeout) as c, self.log_on_hang():
             return c.post(
                 "/v1/predict",
                 json={"prompt": pid, "images": images},
                 headers={"Authorization": f"Bearer {key}", **(headers or {})},
             )
+
+    @contextlib.contextmanager
+    def log_on_hang(self) -> Iterator[None]:
+        """A request that got no answer fails with the server's recent log (what every process was doing)."""
+        try:
+            yield
+        except (httpx.TimeoutException, subprocess.TimeoutExpired) as exc:
+            tail = self.server.log_path.read_text()[-6000:] if self.server.log_path.exists() else ""
+            raise AssertionError(f"{type(exc).__name__}: {exc}; the server's log ends:\n{tail}") from exc
 
     def metrics(self) -> str:
         return httpx.get(f"{self.server.url}/metrics", timeout=30).text
@@ -133,7 +144,8 @@ def _flood(split: Split, tenant: int, requests: int, images: int) -> list[tuple[
 
         def one(_: int) -> tuple[int, float, httpx.Response]:
             t0 = time.perf_counter()
-            r = c.post("/v1/predict", content=body, headers=headers)
+            with split.log_on_hang():
+                r = c.post("/v1/predict", content=body, headers=headers)
             return r.status_code, time.perf_counter() - t0, r
 
         with ThreadPoolExecutor(requests) as pool:
@@ -242,7 +254,8 @@ def test_shutdown_answers_the_requests_in_flight(split: Split) -> None:
     time.sleep(0.3)  # received and being decoded or computed
     split.server.proc.send_signal(signal.SIGTERM)
     t.join()
-    assert split.server.proc.wait(timeout=60) == 0
+    with split.log_on_hang():
+        assert split.server.proc.wait(timeout=60) == 0
     assert answer and answer[0].status_code == 200, answer
 
 
