@@ -143,7 +143,8 @@ REFERENCE_VARIANTS = ("linear", "vp_additive", "norm", "lora_r4", "full", "ap", 
 VIT_REFERENCE_VARIANTS = ("lora_r4", "deep_ap_norm", "deep_ap", "ap")
 
 #: Where the ImageNet MobileNetV2's grids start for the methods that move its pretrained weights or norm
-#: affines: lower than on the 32-px backbones (see the default plan).
+#: affines: lower than on the 32-px backbones. At the 32-px backbones' starting rates they wrecked the
+#: ImageNet features in 27 steps (full fine-tuning fell to 5.6 %, below the linear probe).
 MOBILENET_LR_CENTRES = (("full", 1e-4), ("norm", 1e-3), ("deep_ap_norm", 1e-3))
 
 
