@@ -178,6 +178,13 @@ class Settings(BaseSettings):
         description="A front that hears nothing from the engine (heartbeat) this long fails requests "
         "fast with 503 until it answers again.",
     )
+    serving_engine_reply_timeout_ms: float = Field(
+        gt=0,
+        default=60_000.0,
+        description="Ceiling on the engine's answer to one request, heartbeats or not: past it the front "
+        "answers 503 engine_timeout and logs an error (a fault, such as a pass that never returns; far "
+        "above the queue budget plus the longest pass).",
+    )
     serving_max_classes: int = Field(
         ge=1,
         default=100,

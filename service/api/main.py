@@ -57,7 +57,9 @@ async def build_predictor(
     on_overloaded = gate.engine_refused if gate else None
     if settings.serving_engine_endpoint:
         client = EngineClient(
-            settings.serving_engine_endpoint, timeout_s=settings.serving_engine_timeout_ms / 1000
+            settings.serving_engine_endpoint,
+            timeout_s=settings.serving_engine_timeout_ms / 1000,
+            reply_timeout_s=settings.serving_engine_reply_timeout_ms / 1000,
         )
         await client.start()
         if not await client.wait_alive(timeout_s=120):

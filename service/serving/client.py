@@ -7,6 +7,12 @@ noticed within milliseconds) or nothing, not even a heartbeat, has come back for
 is down every request in flight and every new one fails at once with :class:`EngineUnavailableError`
 (503, ``Retry-After``); nothing waits for an engine that may never answer. When the supervisor has
 restarted it, the socket reconnects by itself and the next heartbeat's answer marks it up again.
+
+An engine that answers heartbeats but never one request (a pass that does not return) is the case the
+heartbeat cannot see, so every call also has a ceiling, ``reply_timeout_s``: past it the request fails with
+:class:`EngineReplyTimeoutError` (503) and an error in the log, instead of holding its client, and a
+graceful shutdown, forever. The ceiling sits far above the engine's own bounds (its queue-wait budget plus
+the longest pass), so it only ever fires on a fault.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from service.engine import BackboneSpec
 from service.engine.preprocessing import Preprocessing
 from service.serving import metrics
 from service.serving.core import PromptPrediction
-from service.serving.errors import EngineUnavailableError
+from service.serving.errors import EngineReplyTimeoutError, EngineUnavailableError
 from service.serving.transport import decode, encode, error_from_wire
 
 log = logging.getLogger(__name__)
@@ -39,9 +45,17 @@ __all__ = ["EngineClient"]
 class EngineClient:
     """The engine process, seen from a front: the same async calls as an in-process engine."""
 
-    def __init__(self, endpoint: str, *, timeout_s: float = 2.0, heartbeat_s: float | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        timeout_s: float = 2.0,
+        heartbeat_s: float | None = None,
+        reply_timeout_s: float = 60.0,
+    ) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.reply_timeout_s = reply_timeout_s
         self.heartbeat_s = heartbeat_s if heartbeat_s is not None else timeout_s / 4
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Future[tuple[dict[str, Any], list[Tensor]]]] = {}
@@ -152,7 +166,23 @@ class EngineClient:
             except zmq.Again:  # no connection to hand it to (IMMEDIATE): the engine is gone
                 self._mark_down("the engine process is not connected")
                 raise EngineUnavailableError("the engine process is not connected; retry shortly") from None
-            reply, out = await fut
+            try:
+                async with asyncio.timeout(self.reply_timeout_s):
+                    reply, out = await fut
+            except TimeoutError:
+                metrics.ENGINE_REPLY_TIMEOUTS.labels(op=str(header.get("op"))).inc()
+                log.error(
+                    "no reply from the engine at %s to %s request %d within %.1f s (it still answers "
+                    "heartbeats): the request fails with 503; %d other requests are waiting",
+                    self.endpoint,
+                    header.get("op"),
+                    rid,
+                    self.reply_timeout_s,
+                    len(self._pending) - 1,
+                )
+                raise EngineReplyTimeoutError(
+                    f"the engine did not answer within {self.reply_timeout_s:.0f} s; retry shortly"
+                ) from None
         finally:
             self._pending.pop(rid, None)
         if "error" in reply:

@@ -17,6 +17,10 @@ op                    request                                      reply
 
 SIGTERM drains: the socket stops taking requests, the ones in flight finish and are answered, then the
 core closes.
+
+A request that stays in the engine past ``stall_s`` (far longer than any admitted request should take) is a
+fault the fronts can only time out on; the engine then logs, once per stall, the stacks of every thread and
+every task, so the log shows where it is stuck.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -44,11 +51,13 @@ __all__ = ["EngineServer"]
 class EngineServer:
     """Serves an :class:`EngineCore` to the fronts on ``endpoint`` (``ipc://...``)."""
 
-    def __init__(self, core: EngineCore, endpoint: str) -> None:
+    def __init__(self, core: EngineCore, endpoint: str, *, stall_s: float = 20.0) -> None:
         self.core = core
         self.endpoint = endpoint
+        self.stall_s = stall_s
         self._specs: dict[str, BackboneSpec] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._started: dict[asyncio.Task[None], tuple[str, float]] = {}  # request task -> (op, start)
 
     async def serve(self, on_ready: Callable[[], None] = lambda: None) -> None:
         """Answer until SIGTERM (or cancellation), then drain the requests in flight and close the core."""
@@ -70,6 +79,7 @@ class EngineServer:
             # (asyncio.wait) cost more of the event loop than the rest of a message's handling
             receiving = asyncio.ensure_future(self._receive(sock))
             stopping = asyncio.ensure_future(stop.wait())
+            watching = asyncio.ensure_future(self._watch_stalls())
             await asyncio.wait({receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
             for task in (receiving, stopping):
                 task.cancel()
@@ -77,6 +87,7 @@ class EngineServer:
             log.info("engine draining %d requests in flight", len(self._tasks))
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
+            watching.cancel()
         finally:
             await self.core.aclose()
             sock.close()
@@ -88,7 +99,32 @@ class EngineServer:
             frames = await sock.recv_multipart(copy=False)
             task = asyncio.ensure_future(self._handle(sock, frames))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._started[task] = ("", time.monotonic())
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._started.pop(task, None)
+
+    async def _watch_stalls(self) -> None:
+        """Log every thread's and task's stack when a request has been here past ``stall_s`` (once per
+        stalled request): the trace a hang leaves, where the fronts can only say they timed out."""
+        reported: set[asyncio.Task[None]] = set()
+        while True:
+            await asyncio.sleep(min(1.0, self.stall_s / 4))
+            now = time.monotonic()
+            stalled = [(t, op, now - t0) for t, (op, t0) in self._started.items() if now - t0 > self.stall_s]
+            reported &= set(self._started)
+            fresh = [s for s in stalled if s[0] not in reported]
+            if fresh:
+                reported.update(t for t, _, _ in fresh)
+                log.error(
+                    "engine: %d requests in flight longer than %.0f s (%s); stacks follow\n%s",
+                    len(stalled),
+                    self.stall_s,
+                    ", ".join(f"{op or '?'} {age:.0f} s" for _, op, age in stalled),
+                    _stacks(),
+                )
 
     async def _handle(self, sock: zmq.asyncio.Socket, frames: list[Any]) -> None:
         identity, *body = frames
@@ -97,6 +133,9 @@ class EngineServer:
         except Exception:  # not one of our fronts' messages: nobody to answer by id
             log.exception("undecodable message on %s", self.endpoint)
             return
+        task = asyncio.current_task()
+        if task in self._started:
+            self._started[task] = (str(header.get("op")), self._started[task][1])
         reply: dict[str, Any] = {"id": header.get("id"), "op": "reply"}
         out: list[torch.Tensor] = []
         try:
@@ -149,3 +188,26 @@ class EngineServer:
         else:
             raise ValueError(f"unknown op {op!r}")
         return []
+
+
+def _stacks() -> str:
+    """Every thread's Python stack, then every asyncio task's chain of awaits (where each is suspended)."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    parts = []
+    for ident, frame in sys._current_frames().items():
+        lines = []
+        f: Any = frame
+        while f is not None:
+            lines.append(f"  {f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}")
+            f = f.f_back
+        parts.append(f"--- thread {names.get(ident, ident)}\n" + "\n".join(reversed(lines)))
+    for task in asyncio.all_tasks():
+        lines = []
+        coro: Any = task.get_coro()
+        while coro is not None:
+            where: Any = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+            if where is not None:
+                lines.append(f"  {where.f_code.co_filename}:{where.f_lineno} {where.f_code.co_name}")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        parts.append(f"--- task {task.get_name()}\n" + "\n".join(lines))
+    return "\n".join(parts)

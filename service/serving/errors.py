@@ -63,3 +63,11 @@ class EngineUnavailableError(ServingError):
     def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class EngineReplyTimeoutError(EngineUnavailableError):
+    """The engine took longer than the front's ceiling to answer one request: the front gives up on it
+    (503 with ``Retry-After``) rather than hold the connection without bound; the engine is not marked
+    down, since its heartbeat still decides that."""
+
+    code = "engine_timeout"

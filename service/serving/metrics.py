@@ -17,6 +17,7 @@ __all__ = [
     "CACHE_HITS",
     "CACHE_LOAD_SECONDS",
     "CACHE_MISSES",
+    "ENGINE_REPLY_TIMEOUTS",
     "ENGINE_UP",
     "MODEL_SECONDS",
     "MODEL_THREADS",
@@ -93,6 +94,12 @@ ENGINE_UP = Gauge(
     "front: the pid label).",
     ["endpoint"],
     multiprocess_mode="liveall",
+)
+ENGINE_REPLY_TIMEOUTS = Counter(
+    "actprompt_serving_engine_reply_timeouts_total",
+    "Requests a front gave up on because the engine, still answering heartbeats, did not reply within "
+    "the ceiling (a fault: a pass that does not return).",
+    ["op"],
 )
 CACHE_HITS = Counter("actprompt_prompt_cache_hits_total", "Prompt cache hits.", ["tier"])
 CACHE_MISSES = Counter("actprompt_prompt_cache_misses_total", "Prompt cache misses.", ["tier"])
