@@ -103,16 +103,18 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log_path.read_text()[-2000:]}")
+                raise RuntimeError(f"server exited: {self.log_tail()}")
             try:
                 if probe() if probe else httpx.get(f"{self.url}{path}", timeout=2).status_code in (200, 405):
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
-        raise RuntimeError(
-            f"server did not become ready in {timeout:.0f} s: {self.log_path.read_text()[-2000:]}"
-        )
+        raise RuntimeError(f"server did not become ready in {timeout:.0f} s: {self.log_tail()}")
+
+    def log_tail(self, chars: int = 2000) -> str:
+        """The end of the server's log (all its processes write there); empty once stop() removed it."""
+        return self.log_path.read_text()[-chars:] if self.log_path.exists() else ""
 
     def _signal_group(self, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):

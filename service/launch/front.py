@@ -72,6 +72,7 @@ def serving_config(settings: Settings, *, cores: int = 1) -> ServingConfig:
         queue_budget_ms=settings.serving_queue_budget_ms,
         fair_quantum_rows=settings.serving_fair_quantum_rows,
         traced_segments=settings.serving_traced_segments,
+        optimised_segments=settings.serving_optimised_segments,
     )
 
 

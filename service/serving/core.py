@@ -72,6 +72,9 @@ class ServingConfig:
     #: run the backbone's segments as TorchScript traces where they reproduce the eager ones exactly
     #: (`Backbone.trace_segments`: one GIL hold per segment instead of one per op)
     traced_segments: bool = True
+    #: optimise the traces (`Backbone.trace_segments`: norms folded, channels-last on a CPU): fewer cycles
+    #: per row, outputs within 1e-4 of the eager ones instead of bit for bit
+    optimised_segments: bool = True
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,9 @@ class EngineCore:
         """Off the loop: weights and the preallocated slot table (no asyncio objects here)."""
         cfg = self.config
         backbone = create_backbone(spec, cfg.device)
-        if cfg.traced_segments:
+        # optimised traces if they stay within tolerance, else the exact ones (else eager)
+        optimised = cfg.traced_segments and cfg.optimised_segments and backbone.trace_segments(optimise=True)
+        if cfg.traced_segments and not optimised:
             backbone.trace_segments()
         per_slot = slot_bytes(backbone, cfg.max_classes)
         capacity = max(2, cfg.min_slots, min(cfg.max_slots, cfg.device_cache_bytes // per_slot))

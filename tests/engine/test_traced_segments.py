@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from service.engine import BackboneSpec, create_backbone
+from service.engine.backbones import OPTIMISED_TOLERANCE
 from service.engine.mixed_batch import PromptBank, forward_mixed
 
 SPECS = [
@@ -90,3 +91,68 @@ def test_the_mixed_batch_of_a_traced_backbone_matches_the_eager_one() -> None:
             bank.write(slot, art)
         out.append(forward_mixed(bb, bank, x, slots))
     assert torch.equal(out[0], out[1])
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.model)
+def test_optimised_traces_stay_within_tolerance_of_the_eager_pass(spec: BackboneSpec) -> None:
+    eager, optimised = create_backbone(spec), create_backbone(spec)
+    assert optimised.trace_segments(optimise=True)
+    gen = torch.Generator().manual_seed(1)
+    layer = eager.recommended_layer
+    for n in (1, 5):
+        x = torch.randn(n, 3, *eager.input_size, generator=gen)
+        delta = torch.randn(*eager.layers[layer].shape, generator=gen)
+
+        def add(i: int, h: torch.Tensor, delta: torch.Tensor = delta) -> torch.Tensor:
+            return h + delta if i == layer else h
+
+        with torch.inference_mode():
+            want = eager.run(x, 0, eager.pooled_index, layer_fn=add)
+            got = optimised.run(x, 0, optimised.pooled_index, layer_fn=add)
+        assert (got - want).abs().max() <= OPTIMISED_TOLERANCE * want.abs().max()
+
+
+def test_optimised_resnet_traces_fold_the_norms_and_run_channels_last() -> None:
+    bb = create_backbone(SPECS[0])
+    assert bb.trace_segments(optimise=True)
+    assert bb._traced is not None
+    # the residual stages are modules (the stem traces as a plain function, which freezing cannot take)
+    stages = [seg for seg in bb._traced[0] if isinstance(seg, torch.jit.ScriptModule)]
+    graphs = "".join(str(seg.graph) for seg in stages)
+    assert len(stages) >= 9 and "_fused_bn" in graphs
+    assert "batch_norm" not in graphs
+    weights = [
+        node.output().toIValue()
+        for seg in stages
+        for node in seg.graph.findAllNodes("prim::Constant")
+        if node.output().type().kind() == "TensorType"
+    ]
+    kernels = [w for w in weights if w.dim() == 4]
+    assert len(kernels) >= 18
+    assert all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in kernels)
+
+
+def test_optimising_leaves_the_eager_modules_as_they_were() -> None:
+    """The traces take a channels-last copy: training and norm-tune passes still run the modules as built."""
+    plain, optimised = create_backbone(SPECS[0]), create_backbone(SPECS[0])
+    assert optimised.trace_segments(optimise=True)
+    assert all(p.is_contiguous() for p in optimised.model.parameters())
+    assert optimised.parameter_fingerprint() == plain.parameter_fingerprint()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.enable_grad():  # the eager path
+        assert torch.equal(optimised.run(x, 0, optimised.pooled_index), plain.run(x, 0, plain.pooled_index))
+
+
+def test_an_optimised_trace_that_strays_past_the_tolerance_is_not_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bb = create_backbone(SPECS[0])
+    real_freeze = torch.jit.freeze
+
+    def off_by_more(module: Any, *args: Any, **kw: Any) -> Any:
+        frozen = real_freeze(module, *args, **kw)
+        return lambda h: frozen(h) * (1 + 10 * OPTIMISED_TOLERANCE)
+
+    monkeypatch.setattr(torch.jit, "freeze", off_by_more)
+    assert not bb.trace_segments(optimise=True)
+    assert bb._traced is None

@@ -368,3 +368,31 @@ def test_a_slot_write_goes_before_passes_that_come_after_it() -> None:
         return order
 
     assert asyncio.run(run()) == ["write", "pass"]
+
+
+@pytest.mark.parametrize("optimised", [True, False])
+def test_the_engine_serves_the_traces_its_config_asks_for(
+    resnet20_spec: BackboneSpec,
+    resnet20: Backbone,
+    make_artifact: Callable[..., PromptArtifact],
+    optimised: bool,
+) -> None:
+    """Optimised traces (channels-last, norms folded) by default, within 1e-5 of eager scoring; off, the
+    exact traces."""
+    arts = {"p": make_artifact(70, (8,), num_classes=5)}
+    x = _images(4, seed=9)
+
+    async def run() -> None:
+        core = EngineCore(_source(arts), ServingConfig(optimised_segments=optimised))
+        try:
+            srv = await core.server(resnet20_spec)
+            assert srv.backbone._traced is not None
+            assert srv.backbone._traced_channels_last is optimised
+            (out,) = await core.predict(resnet20_spec, ["p"], x)
+            torch.testing.assert_close(
+                out.probabilities, _reference(resnet20, arts["p"], x), atol=1e-5, rtol=0
+            )
+        finally:
+            await core.aclose()
+
+    asyncio.run(run())

@@ -60,11 +60,12 @@ class Split:
 
     @contextlib.contextmanager
     def log_on_hang(self) -> Iterator[None]:
-        """A request that got no answer fails with the server's recent log (what every process was doing)."""
+        """A request that got no answer fails with the server's recent log (what every process was doing;
+        an engine with a request stuck in it logs every thread's stack there)."""
         try:
             yield
         except (httpx.TimeoutException, subprocess.TimeoutExpired) as exc:
-            tail = self.server.log_path.read_text()[-6000:] if self.server.log_path.exists() else ""
+            tail = self.server.log_tail(20_000)
             raise AssertionError(f"{type(exc).__name__}: {exc}; the server's log ends:\n{tail}") from exc
 
     def metrics(self) -> str:
@@ -91,9 +92,9 @@ def split() -> Iterator[Split]:
     try:
         yield s
     finally:
-        log = s.server.log_path.read_text() if s.server.log_path.exists() else ""
+        log = s.server.log_tail(4000)
         s.server.stop()
-        print(log[-4000:])
+        print(log)
 
 
 def test_two_fronts_share_one_backbone_copy_in_the_engine(split: Split) -> None:
