@@ -158,6 +158,15 @@ class Settings(BaseSettings):
         description="Forward passes the engine runs at once, each on its own thread (one copy of the "
         "weights). 0: one per core on a CPU (torch then uses one thread in each), one on a GPU.",
     )
+    serving_model_nice: int = Field(
+        ge=0,
+        le=19,
+        default=0,
+        description="Added to the nice value of the engine's model threads (Linux): above 0 the forward "
+        "passes yield the CPU to latency-bound work on the same cores (the fronts' HTTP and refusals, the "
+        "engine's event loop). Measured on 2 cores at 2x/3x overload, 5: faster refusals but less goodput "
+        "(docs/SERVING.md), so 0 by default.",
+    )
     serving_traced_segments: bool = Field(
         default=True,
         description="Run the backbone's layers as TorchScript traces in passes that only add prompts between "

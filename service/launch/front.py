@@ -73,6 +73,7 @@ def serving_config(settings: Settings, *, cores: int = 1) -> ServingConfig:
         fair_quantum_rows=settings.serving_fair_quantum_rows,
         traced_segments=settings.serving_traced_segments,
         optimised_segments=settings.serving_optimised_segments,
+        model_nice=settings.serving_model_nice,
     )
 
 

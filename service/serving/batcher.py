@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -106,6 +108,7 @@ class MicroBatcher:
         fair_quantum: int = 8,
         on_pass: Callable[[int, float], None] | None = None,
         lanes: int = 1,
+        thread_nice: int = 0,
     ) -> None:
         if max_batch_rows < 1 or max_wait_ms < 0 or lanes < 1:
             raise ValueError("max_batch_rows and lanes must be >= 1 and max_wait_ms >= 0")
@@ -118,7 +121,12 @@ class MicroBatcher:
         self._own_executor = executor is None
         self.lanes = lanes
         # a thread per lane; the backbone keeps its per-call state per thread
-        self.executor = executor or ThreadPoolExecutor(max_workers=lanes, thread_name_prefix=f"model-{name}")
+        self.executor = executor or ThreadPoolExecutor(
+            max_workers=lanes,
+            thread_name_prefix=f"model-{name}",
+            initializer=_lower_thread_priority,
+            initargs=(thread_nice,),
+        )
         self._bank = _SharedOrAlone()
         self._queue: FairQueue[_Request] = FairQueue(quantum=fair_quantum)
         self._on_pass = on_pass  # (rows, seconds) of each pass: admission control learns its row cost
@@ -404,6 +412,16 @@ class _SharedOrAlone:
             async with self._changed:
                 self._alone = False
                 self._changed.notify_all()
+
+
+def _lower_thread_priority(nice: int) -> None:
+    """Raise this thread's nice value by ``nice`` (Linux keeps one per thread; elsewhere nothing happens)."""
+    if nice > 0 and hasattr(os, "setpriority"):
+        tid = threading.get_native_id()
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+        except OSError as exc:
+            log.warning("could not lower the model thread's priority by %d: %s", nice, exc)
 
 
 def _fail(requests: Sequence[_Request], exc: BaseException) -> None:

@@ -75,6 +75,9 @@ class ServingConfig:
     #: optimise the traces (`Backbone.trace_segments`: norms folded, channels-last on a CPU): fewer cycles
     #: per row, outputs within 1e-4 of the eager ones instead of bit for bit
     optimised_segments: bool = True
+    #: added to the model threads' nice value (Linux, per thread): > 0 lets the latency-bound work on the
+    #: same cores (the fronts' HTTP and refusals, the engine's event loop) take the CPU before the passes
+    model_nice: int = 0
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,7 @@ class EngineCore:
             fair_quantum=cfg.fair_quantum_rows,
             on_pass=admission.observe,
             lanes=cfg.model_lanes,
+            thread_nice=cfg.model_nice,
         )
         metrics.BACKBONES.labels(backbone=spec.model, device=str(backbone.device)).set(1)
         return _Server(backbone=backbone, table=table, policy=policy, batcher=batcher, admission=admission)

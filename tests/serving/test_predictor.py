@@ -396,3 +396,26 @@ def test_the_engine_serves_the_traces_its_config_asks_for(
             await core.aclose()
 
     asyncio.run(run())
+
+
+def test_model_threads_run_at_the_configured_lower_priority(resnet20_spec: BackboneSpec) -> None:
+    import os
+    import threading
+
+    def own_nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    async def run() -> None:
+        niced = EngineCore(_source({}), ServingConfig(model_nice=3))
+        plain = EngineCore(_source({}), ServingConfig())
+        try:
+            base = own_nice()
+            niced_srv, plain_srv = await niced.server(resnet20_spec), await plain.server(resnet20_spec)
+            assert await niced_srv.batcher.run_on_model_thread(own_nice) == min(19, base + 3)
+            assert await plain_srv.batcher.run_on_model_thread(own_nice) == base
+            assert own_nice() == base  # the event loop's thread keeps its priority
+        finally:
+            await niced.aclose()
+            await plain.aclose()
+
+    asyncio.run(run())
