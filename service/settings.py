@@ -170,8 +170,9 @@ class Settings(BaseSettings):
     serving_traced_segments: bool = Field(
         default=True,
         description="Run the backbone's layers as TorchScript traces in passes that only add prompts between "
-        "layers (used only where they reproduce the eager layers bit for bit; 1.2x the rows per second of "
-        "a small CNN on a 2-core CPU); off = eager PyTorch everywhere.",
+        "layers (used only where they reproduce the eager layers: bit for bit, or within 1e-4 when "
+        "optimised; 1.2x the rows per second of a small CNN on a 2-core CPU); off = eager PyTorch "
+        "everywhere.",
     )
     serving_optimised_segments: bool = Field(
         default=True,

@@ -69,8 +69,8 @@ class ServingConfig:
     fair_quantum_rows: int = 8
     #: passes that run at once, each on its own model thread (see service.serving.batcher); one on a GPU
     model_lanes: int = 1
-    #: run the backbone's segments as TorchScript traces where they reproduce the eager ones exactly
-    #: (`Backbone.trace_segments`: one GIL hold per segment instead of one per op)
+    #: run the backbone's segments as TorchScript traces where they reproduce the eager ones (exactly, or
+    #: within tolerance when optimised; `Backbone.trace_segments`: one GIL hold per segment, not per op)
     traced_segments: bool = True
     #: optimise the traces (`Backbone.trace_segments`: norms folded, channels-last on a CPU): fewer cycles
     #: per row, outputs within 1e-4 of the eager ones instead of bit for bit

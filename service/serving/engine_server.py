@@ -32,6 +32,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -56,8 +57,8 @@ class EngineServer:
         self.endpoint = endpoint
         self.stall_s = stall_s
         self._specs: dict[str, BackboneSpec] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._started: dict[asyncio.Task[None], tuple[str, float]] = {}  # request task -> (op, start)
+        #: the requests in flight: each one's task -> (op, when it arrived), for the drain and the stall watch
+        self._started: dict[asyncio.Task[None], tuple[str, float]] = {}
 
     async def serve(self, on_ready: Callable[[], None] = lambda: None) -> None:
         """Answer until SIGTERM (or cancellation), then drain the requests in flight and close the core."""
@@ -84,9 +85,9 @@ class EngineServer:
             for task in (receiving, stopping):
                 task.cancel()
             await asyncio.gather(receiving, stopping, return_exceptions=True)
-            log.info("engine draining %d requests in flight", len(self._tasks))
-            if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+            log.info("engine draining %d requests in flight", len(self._started))
+            if self._started:
+                await asyncio.gather(*self._started, return_exceptions=True)
             watching.cancel()
         finally:
             await self.core.aclose()
@@ -98,12 +99,10 @@ class EngineServer:
         while True:
             frames = await sock.recv_multipart(copy=False)
             task = asyncio.ensure_future(self._handle(sock, frames))
-            self._tasks.add(task)
             self._started[task] = ("", time.monotonic())
             task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
         self._started.pop(task, None)
 
     async def _watch_stalls(self) -> None:
@@ -194,13 +193,9 @@ def _stacks() -> str:
     """Every thread's Python stack, then every asyncio task's chain of awaits (where each is suspended)."""
     names = {t.ident: t.name for t in threading.enumerate()}
     parts = []
-    for ident, frame in sys._current_frames().items():
-        lines = []
-        f: Any = frame
-        while f is not None:
-            lines.append(f"  {f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}")
-            f = f.f_back
-        parts.append(f"--- thread {names.get(ident, ident)}\n" + "\n".join(reversed(lines)))
+    for ident, frame in sys._current_frames().items():  # one line per frame, no source: the dump stays short
+        lines = [f"  {f.filename}:{f.lineno} {f.name}" for f in traceback.extract_stack(frame)]
+        parts.append(f"--- thread {names.get(ident, ident)}\n" + "\n".join(lines))
     for task in asyncio.all_tasks():
         lines = []
         coro: Any = task.get_coro()

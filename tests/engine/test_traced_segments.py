@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,12 +25,12 @@ def _eager_and_traced(spec: BackboneSpec) -> tuple[Any, Any]:
     return eager, traced
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.model)
-def test_a_traced_pass_equals_the_eager_one_bit_for_bit(spec: BackboneSpec) -> None:
-    eager, traced = _eager_and_traced(spec)
-    gen = torch.Generator().manual_seed(0)
+def _prompted_passes(eager: Any, traced: Any, seed: int) -> Iterator[tuple[torch.Tensor, Any, Any]]:
+    """(images, eager features, traced features) of a pass with an activation prompt at the recommended
+    layer, for 1 and 5 images (sizes the trace never saw)."""
+    gen = torch.Generator().manual_seed(seed)
     layer = eager.recommended_layer
-    for n in (1, 5):  # sizes the trace never saw
+    for n in (1, 5):
         x = torch.randn(n, 3, *eager.input_size, generator=gen)
         delta = torch.randn(*eager.layers[layer].shape, generator=gen)
 
@@ -39,9 +40,17 @@ def test_a_traced_pass_equals_the_eager_one_bit_for_bit(spec: BackboneSpec) -> N
         with torch.inference_mode():
             want = eager.run(x, 0, eager.pooled_index, layer_fn=add)
             got = traced.run(x, 0, traced.pooled_index, layer_fn=add)
-            mid = traced.run(traced.run(x, 0, layer), layer, traced.pooled_index)  # a pass in two parts
+        yield x, want, got
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.model)
+def test_a_traced_pass_equals_the_eager_one_bit_for_bit(spec: BackboneSpec) -> None:
+    eager, traced = _eager_and_traced(spec)
+    layer = eager.recommended_layer
+    for x, want, got in _prompted_passes(eager, traced, seed=0):
         assert torch.equal(got, want)
         with torch.inference_mode():
+            mid = traced.run(traced.run(x, 0, layer), layer, traced.pooled_index)  # a pass in two parts
             assert torch.equal(mid, eager.run(x, 0, eager.pooled_index))
 
 
@@ -97,18 +106,7 @@ def test_the_mixed_batch_of_a_traced_backbone_matches_the_eager_one() -> None:
 def test_optimised_traces_stay_within_tolerance_of_the_eager_pass(spec: BackboneSpec) -> None:
     eager, optimised = create_backbone(spec), create_backbone(spec)
     assert optimised.trace_segments(optimise=True)
-    gen = torch.Generator().manual_seed(1)
-    layer = eager.recommended_layer
-    for n in (1, 5):
-        x = torch.randn(n, 3, *eager.input_size, generator=gen)
-        delta = torch.randn(*eager.layers[layer].shape, generator=gen)
-
-        def add(i: int, h: torch.Tensor, delta: torch.Tensor = delta) -> torch.Tensor:
-            return h + delta if i == layer else h
-
-        with torch.inference_mode():
-            want = eager.run(x, 0, eager.pooled_index, layer_fn=add)
-            got = optimised.run(x, 0, optimised.pooled_index, layer_fn=add)
+    for _, want, got in _prompted_passes(eager, optimised, seed=1):
         assert (got - want).abs().max() <= OPTIMISED_TOLERANCE * want.abs().max()
 
 

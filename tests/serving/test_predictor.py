@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import threading
 import time
@@ -399,9 +400,6 @@ def test_the_engine_serves_the_traces_its_config_asks_for(
 
 
 def test_model_threads_run_at_the_configured_lower_priority(resnet20_spec: BackboneSpec) -> None:
-    import os
-    import threading
-
     def own_nice() -> int:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
