@@ -38,7 +38,7 @@ import orjson
 import psutil
 
 from bench.common import REPO_ROOT, WEIGHTS_DIR, log, read_json, write_json
-from bench.openloop import build_request, cpu_share, run_open_loop, summarize
+from bench.openloop import build_request, cpu_share, generator_priority, run_open_loop, summarize
 from bench.provenance import code_identity, now, provenance
 from bench.serving_http import Server, _png, create_tenants
 from bench.synthetic import random_artifact
@@ -367,12 +367,13 @@ def closed_loop(
 def open_loop(
     target: Target, raw: list[bytes], rate: float, seconds: float, timeout: float, saturation: float
 ) -> dict[str, Any]:
-    with cpu_share() as share:
+    with generator_priority() as nice, cpu_share() as share:
         records, lateness, secs = run_open_loop(
             target.server.url, raw, rate=rate, seconds=seconds, timeout=timeout, seed=int(rate)
         )
     out = summarize(records, lateness, secs, saturation_rps=saturation)
     out["generator_cpu_cores"] = share["cores"]
+    out["generator_nice"] = nice
     return out
 
 

@@ -48,6 +48,10 @@ class TTLCache(Generic[K, V]):
         with self._lock:
             self._data[key] = value
 
+    def discard(self, key: K) -> None:
+        with self._lock:
+            self._data.pop(key, None)
+
     def discard_where(self, predicate: Callable[[K, V], bool]) -> int:
         """Drop every entry the predicate selects (explicit invalidation); returns how many."""
         with self._lock:

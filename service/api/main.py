@@ -100,6 +100,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.prompt_resolver = PromptResolver(
             session_factory, ttl_s=settings.prompt_resolve_cache_seconds
         )
+        app.state.prompt_resolver.start()
+        stack.push_async_callback(app.state.prompt_resolver.aclose)
         # on the loop that owns it
         app.state.predictor = await build_predictor(settings, session_factory, app.state.front_gate)
         stack.push_async_callback(app.state.predictor.aclose)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,6 +196,23 @@ def resolve_for_predict(session: Session, tenant_id: str, ref: str) -> PromptHan
         backbone_spec_hash=backbone.spec_hash,
         classes=list(prompt.classes),
     )
+
+
+def current_keys(session: Session, refs: Collection[tuple[str, str]]) -> dict[tuple[str, str], int | None]:
+    """(tenant, reference) -> the internal key it names now, or None where it names nothing: one query for
+    all. A key names an immutable version, so a handle read earlier is still right iff its key is this."""
+    parsed = {item: parse_ref(item[1]) for item in refs}
+    versions: dict[tuple[str, str], dict[int, int]] = {}
+    for tenant_id, prompt_id, version, key in PromptRepository.versions_of(
+        session, {pid for pid, _ in parsed.values()}
+    ):
+        versions.setdefault((tenant_id, prompt_id), {})[version] = key
+    out: dict[tuple[str, str], int | None] = {}
+    for (tenant_id, ref), (prompt_id, pinned) in parsed.items():
+        known = versions.get((tenant_id, prompt_id), {})
+        wanted = max(known, default=None) if pinned is None else pinned
+        out[(tenant_id, ref)] = known.get(wanted) if wanted is not None else None
+    return out
 
 
 def load_artifact_bytes(session: Session, key: int) -> bytes:

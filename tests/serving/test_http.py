@@ -203,6 +203,54 @@ def test_prompt_changes_reach_predict_within_the_resolve_ttl(make_gateway: Calla
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "prompt_not_found"
 
 
+def test_prompts_in_use_are_revalidated_off_the_request_path(make_gateway: Callable[..., Gateway]) -> None:
+    """References in use are checked ahead of expiry with one light query: renewed while they name the same
+    version (their requests then ask the database nothing after the TTL), dropped once they do not (a
+    deletion by another process is then seen before the TTL); idle ones are left to expire."""
+    from sqlalchemy import event
+
+    from service.domain.prompts import delete_prompt
+
+    gw = make_gateway(n_tenants=1, per_tenant=2, prompt_resolve_cache_seconds=30.0)
+    state = gw.client.app.state  # type: ignore[attr-defined]
+    resolver = state.prompt_resolver
+    clock = Clock()
+    resolver.cache.clock = clock
+    (_, p0), (_, p1) = gw.prompts
+    body = {"images": [png_b64(1)]}
+
+    def status(prompt: str) -> int:
+        return int(gw.predict(0, {**body, "prompt": prompt}).status_code)
+
+    assert status(p0) == 200 and status(p1) == 200  # read from the database at t = 0
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    tenant_id = gw.client.get("/v1/tenants", headers=admin).json()["data"][0]["id"]
+    with state.session_factory() as session:
+        delete_prompt(session, tenant_id, p1)  # another process deletes p1: this one is not told
+        session.commit()
+
+    statements: list[str] = []
+    engine = state.session_factory.kw["bind"]
+    listener = lambda *args: statements.append(args[2])  # noqa: E731 - (conn, cursor, statement, ...)
+    event.listen(engine, "before_cursor_execute", listener)
+    try:
+        clock.now += 20.0
+        assert status(p0) == 200 and status(p1) == 200  # within the TTL: from memory
+        assert gw.client.portal.call(resolver.revalidate) == 1  # type: ignore[union-attr]
+        assert len(statements) == 1 and "backbones" not in statements[0]  # one light query
+        assert status(p1) == 404  # dropped: the deletion is seen 10 s before the TTL
+        statements.clear()
+        clock.now += 25.0  # 45 s after p0 was read, 25 s after it was renewed
+        assert status(p0) == 200
+        assert not any("backbones" in s for s in statements)  # never resolved afresh
+        clock.now += 400.0  # idle past idle_s (and the TTL): not revalidated, left to expire
+        statements.clear()
+        assert gw.client.portal.call(resolver.revalidate) == 0  # type: ignore[union-attr]
+        assert statements == []
+    finally:
+        event.remove(engine, "before_cursor_execute", listener)
+
+
 class _Images(BaseHTTPRequestHandler):
     png = b""
 

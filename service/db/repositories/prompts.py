@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, undefer
 
@@ -72,3 +74,16 @@ class PromptRepository(TenantScopedRepository[Prompt]):
     @staticmethod
     def load_artifact(session: Session, key: int) -> bytes | None:
         return session.scalar(select(Prompt.artifact).where(Prompt.key == key))
+
+    @staticmethod
+    def versions_of(session: Session, prompt_ids: Collection[str]) -> list[tuple[str, str, int, int]]:
+        """(tenant_id, prompt_id, version, key) of every version of these prompts: light queries (no ORM
+        objects), 500 ids each (far below any database's limit on bound parameters)."""
+        ids = sorted(prompt_ids)
+        out: list[tuple[str, str, int, int]] = []
+        for i in range(0, len(ids), 500):
+            stmt = select(Prompt.tenant_id, Prompt.prompt_id, Prompt.version, Prompt.key).where(
+                Prompt.prompt_id.in_(ids[i : i + 500])
+            )
+            out.extend((t, p, v, k) for t, p, v, k in session.execute(stmt))
+        return out
