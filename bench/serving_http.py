@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
@@ -31,6 +31,9 @@ from PIL import Image
 from bench.serving import pct
 from bench.synthetic import random_artifact
 from service.engine import BackboneSpec, create_backbone
+
+if TYPE_CHECKING:
+    from bench.serving_peers import TreeCPU
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -363,15 +366,27 @@ def _batch_rows(url: str) -> tuple[float, float]:
 
 
 def sweep(
-    url: str, requests: list[Any], n_images: int, connections: list[int], seconds: float, *, metrics: bool
+    url: str,
+    requests: list[Any],
+    n_images: int,
+    connections: list[int],
+    seconds: float,
+    *,
+    metrics: bool,
+    cpu: TreeCPU | None = None,
 ) -> list[dict[str, Any]]:
-    """A closed-loop run per connection count: the throughput-latency curve of one configuration."""
+    """A closed-loop run per connection count: the throughput-latency curve of one configuration (with
+    ``cpu``, the server's busiest processes at each point)."""
     from bench.wrk import run_wrk
 
     points = []
     for c in connections:
         before = _batch_rows(url) if metrics else (0.0, 0.0)
+        cpu_before = cpu.snapshot() if cpu is not None else {}
+        t0 = time.perf_counter()
         res = run_wrk(url, "/v1/predict", requests, connections=c, seconds=seconds)
+        if cpu is not None:  # which process bounds a saturated server (e.g. one front with --workers 1)
+            res["busiest_processes"] = cpu.busiest(cpu_before, cpu.snapshot(), time.perf_counter() - t0)
         if metrics:
             after = _batch_rows(url)
             batches = after[1] - before[1]
@@ -443,10 +458,13 @@ def measure_gateway(
         pngs = [_png(i, (h, w)) for i in range(64)]
         out: dict[str, Any] = {"workers": workers, "production": production, "tenants": tenants}
         out["cold_warm"] = cold_and_warm(server, prompts, pngs[0])
+        from bench.serving_peers import TreeCPU  # here: serving_peers imports this module
+
+        cpu = TreeCPU(server.proc.pid)
         for enc in ("json", "multipart"):
             for n in IMAGES_PER_REQUEST:
                 reqs = prepared_requests(prompts, pngs, n, enc)
-                pts = sweep(server.url, reqs, n, conns, seconds, metrics=True)
+                pts = sweep(server.url, reqs, n, conns, seconds, metrics=True, cpu=cpu)
                 best = max(pts, key=lambda p: p["images_per_s"])
                 out[f"{enc}_{n}"] = {"curve": pts, "saturation": best}
                 log(
