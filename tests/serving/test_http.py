@@ -214,6 +214,7 @@ def test_prompts_in_use_are_revalidated_off_the_request_path(make_gateway: Calla
     gw = make_gateway(n_tenants=1, per_tenant=2, prompt_resolve_cache_seconds=30.0)
     state = gw.client.app.state  # type: ignore[attr-defined]
     resolver = state.prompt_resolver
+    gw.client.portal.call(resolver.aclose)  # type: ignore[union-attr]  # the test calls revalidate itself
     clock = Clock()
     resolver.cache.clock = clock
     (_, p0), (_, p1) = gw.prompts
