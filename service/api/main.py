@@ -97,6 +97,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.authenticator = Authenticator(
             session_factory, admin_key=settings.admin_key, ttl_s=settings.auth_cache_seconds
         )
+        app.state.authenticator.start()
+        stack.push_async_callback(app.state.authenticator.aclose)
         app.state.prompt_resolver = PromptResolver(
             session_factory, ttl_s=settings.prompt_resolve_cache_seconds
         )

@@ -9,10 +9,8 @@ handles and image bytes to the process's one :class:`Predictor` (implemented on 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -28,12 +26,10 @@ from service.domain.prompts import (
     resolve_for_predict,
 )
 from service.domain.prompts import delete_prompt as delete_stored
-from service.ttl_cache import TTLCache
+from service.revalidating_cache import RevalidatingCache
 
 if TYPE_CHECKING:
     import numpy as np
-
-log = logging.getLogger("actprompt.predict")
 
 
 @dataclass(frozen=True)
@@ -111,11 +107,10 @@ class PromptResolver:
     another process (a worker that finished training, another API process) within ``ttl_s``. A foreign or
     unknown reference is never cached: it costs a query each time, as before.
 
-    Revalidation ahead of expiry: every ``ttl_s / 2`` (:meth:`start`), the references used in the last
-    ``idle_s`` are checked in one light query and renewed while they name the same version, dropped when
-    not. So a prompt in use does not expire on a request's path, however rarely it is asked for: with a
-    thousand prompts over a Zipf mix, expiry alone sent hundreds of requests a second through a thread and
-    two queries each. References idle longer simply expire.
+    References in use are revalidated ahead of expiry (:class:`RevalidatingCache`, one light query for all:
+    a version is an immutable row, so a handle is still right while its reference names the same key).
+    Without that, in a mix of a thousand prompts most uses of the tail came after an expiry, each through a
+    thread and two queries.
     """
 
     def __init__(
@@ -123,30 +118,22 @@ class PromptResolver:
         session_factory: sessionmaker[Session],
         *,
         ttl_s: float,
-        idle_s: float = 300.0,
         max_entries: int = 50_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._factory = session_factory
-        # value: the handle and the clock time it was read (a renewal keeps the handle, not its age)
-        self.cache: TTLCache[tuple[str, str], tuple[PromptHandle, float]] = TTLCache(
-            ttl_s, max_entries=max_entries, clock=clock
+        self.cache: RevalidatingCache[tuple[str, str], PromptHandle] = RevalidatingCache(
+            ttl_s, self._still_named, name="prompt references", max_entries=max_entries, clock=clock
         )
-        self.idle_s = idle_s
-        self._used: dict[tuple[str, str], float] = {}  # reference -> when a request last used it
-        self._sweeper: asyncio.Task[None] | None = None
 
     def cached(self, tenant_id: str, refs: Sequence[str]) -> list[PromptHandle] | None:
         """Every handle from memory, or None when any one needs the database (no thread hop on a hit)."""
         out = []
-        now = self.cache.clock()
         for ref in refs:
-            item = (tenant_id, ref)
-            hit = self.cache.get(item)
-            if hit is None or now - hit[1] >= self.cache.ttl_s:  # the bound counts from the read
+            handle = self.cache.get((tenant_id, ref))
+            if handle is None:
                 return None
-            self._used[item] = now
-            out.append(hit[0])
+            out.append(handle)
         return out
 
     def resolve(self, tenant_id: str, refs: Sequence[str], *, several: bool = False) -> list[PromptHandle]:
@@ -158,19 +145,16 @@ class PromptResolver:
         def read(session: Session) -> list[PromptHandle]:
             out = []
             for i, ref in enumerate(refs):
-                known = self.cached(tenant_id, [ref])
-                if known is not None:
-                    out.append(known[0])
-                    continue
-                read_at = self.cache.clock()
-                try:
-                    handle = resolve_for_predict(session, tenant_id, ref)
-                except DomainError as exc:
-                    if several:
-                        exc.param = f"prompts[{i}]"
-                    raise
-                self.cache.put((tenant_id, ref), (handle, read_at))
-                self._used[(tenant_id, ref)] = read_at
+                handle = self.cache.get((tenant_id, ref))
+                if handle is None:
+                    read_at = self.cache.clock()
+                    try:
+                        handle = resolve_for_predict(session, tenant_id, ref)
+                    except DomainError as exc:
+                        if several:
+                            exc.param = f"prompts[{i}]"
+                        raise
+                    self.cache.put((tenant_id, ref), handle, read_at)
                 out.append(handle)
             return out
 
@@ -186,52 +170,25 @@ class PromptResolver:
             return hit
         return await asyncio.to_thread(self.resolve, tenant_id, refs, several=several)
 
+    def _still_named(self, held: Mapping[tuple[str, str], PromptHandle]) -> dict[tuple[str, str], bool]:
+        keys = retry_read(self._factory, lambda s: current_keys(s, held))
+        return {item: keys.get(item) == handle.key for item, handle in held.items()}
+
     def start(self) -> None:
-        """Revalidate in the background from now on (call on the event loop that serves the requests)."""
-        if self._sweeper is None and self.cache.ttl_s > 0:
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        """Revalidate the references in use from now on (on the event loop that serves the requests)."""
+        self.cache.start()
 
     async def aclose(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
-
-    async def _sweep(self) -> None:
-        while True:
-            await asyncio.sleep(self.cache.ttl_s / 2)
-            try:
-                await self.revalidate()
-            except Exception:  # the database is down: the entries expire at their TTL, as without this
-                log.warning("cached prompt references could not be revalidated", exc_info=True)
+        await self.cache.aclose()
 
     async def revalidate(self) -> int:
-        """Renew each recently used reference that still names the version its handle has; drop the others
-        (their next request resolves them afresh). Returns how many were renewed. The cache is updated on
-        the loop, after the query, so a :meth:`forget` meanwhile is not undone."""
-        now = self.cache.clock()
-        self._used = {item: t for item, t in self._used.items() if now - t < self.idle_s}
-        held = {item: hit for item in self._used if (hit := self.cache.get(item)) is not None}
-        if not held:
-            return 0
-        keys = await asyncio.to_thread(retry_read, self._factory, lambda s: current_keys(s, held))
-        renewed = 0
-        for item, key in keys.items():
-            hit = self.cache.get(item)
-            if hit is None or hit[0] is not held[item][0]:  # forgotten or replaced meanwhile
-                continue
-            if key == hit[0].key:
-                self.cache.put(item, (hit[0], now))
-                renewed += 1
-            else:
-                self.cache.discard(item)
-        return renewed
+        """Revalidate now (the background task does it every half TTL): how many were renewed."""
+        return await self.cache.revalidate()
 
     def forget(self, tenant_id: str, prompt_ref: str) -> None:
         """Drop every cached reference to this prompt (any version) of this tenant."""
         prompt_id, _ = parse_ref(prompt_ref, param="prompt_id")
-        self.cache.discard_where(lambda k, v: k[0] == tenant_id and v[0].prompt_id == prompt_id)
+        self.cache.discard_where(lambda k, h: k[0] == tenant_id and h.prompt_id == prompt_id)
 
 
 async def fetch_images(images: Sequence[ImageInput], policy: URLFetchPolicy) -> list[bytes]:

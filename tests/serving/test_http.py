@@ -140,9 +140,27 @@ class Clock:
         return self.now
 
 
+@contextlib.contextmanager
+def sql_statements(engine: Any) -> Iterator[list[str]]:
+    """Every SQL statement the engine runs meanwhile (SQLAlchemy's own event, no stand-in)."""
+    from sqlalchemy import event
+
+    statements: list[str] = []
+
+    def listener(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", listener)
+    try:
+        yield statements
+    finally:
+        event.remove(engine, "before_cursor_execute", listener)
+
+
 def test_revoked_key_stops_working_within_the_auth_cache_ttl(make_gateway: Callable[..., Gateway]) -> None:
     gw = make_gateway(n_tenants=1, per_tenant=1, auth_cache_seconds=30.0)
     state = gw.client.app.state  # type: ignore[attr-defined]
+    gw.client.portal.call(state.authenticator.aclose)  # type: ignore[union-attr]  # the plain TTL bound
     clock = Clock()
     state.authenticator.cache.clock = clock
     admin = {"Authorization": f"Bearer {ADMIN}"}
@@ -174,9 +192,52 @@ def test_revoked_key_stops_working_within_the_auth_cache_ttl(make_gateway: Calla
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
 
 
+def test_keys_in_use_are_revalidated_off_the_request_path(make_gateway: Callable[..., Gateway]) -> None:
+    """Keys in use are checked ahead of expiry in one query: renewed while active (their requests then read
+    no key after the TTL), dropped once revoked by another process (refused before the TTL)."""
+    from service.domain.tenants import revoke_key
+
+    gw = make_gateway(n_tenants=1, per_tenant=1, auth_cache_seconds=30.0)
+    state = gw.client.app.state  # type: ignore[attr-defined]
+    authenticator = state.authenticator
+    gw.client.portal.call(authenticator.aclose)  # type: ignore[union-attr]  # the test revalidates itself
+    clock = Clock()
+    authenticator.cache.clock = clock
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    body = {"prompt": gw.prompts[0][1], "images": [png_b64(1)]}
+    tenant_id = gw.client.get("/v1/tenants", headers=admin).json()["data"][0]["id"]
+    keys = [
+        gw.client.post(f"/v1/tenants/{tenant_id}/keys", json={"name": "k"}, headers=admin).json()
+        for _ in "ab"
+    ]
+    kept, revoked = ({"Authorization": f"Bearer {k['api_key']}"} for k in keys)
+
+    def status(headers: dict[str, str]) -> int:
+        return int(gw.client.post("/v1/predict", json=body, headers=headers).status_code)
+
+    assert status(kept) == 200 and status(revoked) == 200  # read from the database at t = 0
+    with state.session_factory() as session:
+        revoke_key(session, keys[1]["id"])  # by another process: this one is not told
+        session.commit()
+
+    with sql_statements(state.session_factory.kw["bind"]) as statements:
+        clock.now += 20.0
+        assert status(kept) == 200 and status(revoked) == 200  # within the TTL: from memory
+        statements.clear()
+        renewed = gw.client.portal.call(authenticator.cache.revalidate)  # type: ignore[union-attr]
+        assert renewed == 2  # the kept key and the fixture's own, used to import its prompts
+        assert len(statements) == 1 and "api_keys" in statements[0]  # one query for every key in use
+        assert status(revoked) == 401  # dropped: the revocation is seen 10 s before the TTL
+        statements.clear()
+        clock.now += 25.0  # 45 s after the kept key was read, 25 s after it was renewed
+        assert status(kept) == 200
+        assert not any("api_keys" in s for s in statements)  # never read afresh
+
+
 def test_prompt_changes_reach_predict_within_the_resolve_ttl(make_gateway: Callable[..., Gateway]) -> None:
     gw = make_gateway(n_tenants=1, per_tenant=2, prompt_resolve_cache_seconds=30.0)
     state = gw.client.app.state  # type: ignore[attr-defined]
+    gw.client.portal.call(state.prompt_resolver.aclose)  # type: ignore[union-attr]  # the plain TTL bound
     clock = Clock()
     state.prompt_resolver.cache.clock = clock
     (_, p0), (_, p1) = gw.prompts
@@ -207,8 +268,6 @@ def test_prompts_in_use_are_revalidated_off_the_request_path(make_gateway: Calla
     """References in use are checked ahead of expiry with one light query: renewed while they name the same
     version (their requests then ask the database nothing after the TTL), dropped once they do not (a
     deletion by another process is then seen before the TTL); idle ones are left to expire."""
-    from sqlalchemy import event
-
     from service.domain.prompts import delete_prompt
 
     gw = make_gateway(n_tenants=1, per_tenant=2, prompt_resolve_cache_seconds=30.0)
@@ -230,11 +289,7 @@ def test_prompts_in_use_are_revalidated_off_the_request_path(make_gateway: Calla
         delete_prompt(session, tenant_id, p1)  # another process deletes p1: this one is not told
         session.commit()
 
-    statements: list[str] = []
-    engine = state.session_factory.kw["bind"]
-    listener = lambda *args: statements.append(args[2])  # noqa: E731 - (conn, cursor, statement, ...)
-    event.listen(engine, "before_cursor_execute", listener)
-    try:
+    with sql_statements(state.session_factory.kw["bind"]) as statements:
         clock.now += 20.0
         assert status(p0) == 200 and status(p1) == 200  # within the TTL: from memory
         assert gw.client.portal.call(resolver.revalidate) == 1  # type: ignore[union-attr]
@@ -248,8 +303,6 @@ def test_prompts_in_use_are_revalidated_off_the_request_path(make_gateway: Calla
         statements.clear()
         assert gw.client.portal.call(resolver.revalidate) == 0  # type: ignore[union-attr]
         assert statements == []
-    finally:
-        event.remove(engine, "before_cursor_execute", listener)
 
 
 class _Images(BaseHTTPRequestHandler):
