@@ -76,6 +76,10 @@ class RevalidatingCache(Generic[K, V]):
     def discard_where(self, predicate: Callable[[K, V], bool]) -> int:
         return self._entries.discard_where(lambda k, v: predicate(k, v[0]))
 
+    def clear(self) -> None:
+        self._entries.clear()
+        self._used.clear()
+
     def __len__(self) -> int:
         return len(self._entries)
 
