@@ -94,3 +94,13 @@ def test_the_sweeper_revalidates_on_its_own_and_stops_when_closed() -> None:
 
     asyncio.run(run())
     assert calls[0] == {"a"}
+
+
+def test_the_batched_reads_split_their_in_lists_below_the_parameter_limit() -> None:
+    from service.db.repositories.base import IN_LIST_SIZE, in_lists
+
+    values = {f"k{i:04d}" for i in range(2 * IN_LIST_SIZE + 1)}
+    lists = list(in_lists(values))
+    assert [len(x) for x in lists] == [IN_LIST_SIZE, IN_LIST_SIZE, 1]
+    assert [v for x in lists for v in x] == sorted(values)
+    assert list(in_lists(set())) == []

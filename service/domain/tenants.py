@@ -134,6 +134,11 @@ def authenticate(session: Session, raw_key: str | None, *, admin_key: str | None
     key = ApiKeyRepository(session).find_active_by_hash(hash_key(raw_key))
     if key is None:
         raise Unauthorized("invalid or revoked API key")
+    return _principal(key)
+
+
+def _principal(key: ApiKey) -> Principal:
+    """Who calls with this stored (active) key."""
     return Principal(is_admin=False, tenant_id=key.tenant_id, key_id=key.id, scopes=_held(key))
 
 
@@ -189,10 +194,7 @@ class Authenticator:
 
         def read(session: Session) -> dict[str, Principal]:
             keys = ApiKeyRepository(session).find_active_by_hashes(held)
-            return {
-                k.key_hash: Principal(is_admin=False, tenant_id=k.tenant_id, key_id=k.id, scopes=_held(k))
-                for k in keys
-            }
+            return {k.key_hash: _principal(k) for k in keys}
 
         now = retry_read(self._factory, read)
         return {h: now.get(h) == principal for h, principal in held.items()}

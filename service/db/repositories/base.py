@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -12,6 +13,16 @@ from service.db.base import Base
 
 M = TypeVar("M", bound=Base)
 T = TypeVar("T")
+
+#: values per ``IN (...)`` list: far below any database's limit on bound parameters
+IN_LIST_SIZE = 500
+
+
+def in_lists(values: Collection[str]) -> Iterator[list[str]]:
+    """``values`` sorted, in lists of at most IN_LIST_SIZE: one ``IN (...)`` query each."""
+    ordered = sorted(values)
+    for i in range(0, len(ordered), IN_LIST_SIZE):
+        yield ordered[i : i + IN_LIST_SIZE]
 
 
 @dataclass

@@ -8,7 +8,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, undefer
 
 from service.db.models import Prompt
-from service.db.repositories.base import TenantScopedRepository
+from service.db.repositories.base import TenantScopedRepository, in_lists
 
 
 class PromptRepository(TenantScopedRepository[Prompt]):
@@ -78,12 +78,11 @@ class PromptRepository(TenantScopedRepository[Prompt]):
     @staticmethod
     def versions_of(session: Session, prompt_ids: Collection[str]) -> list[tuple[str, str, int, int]]:
         """(tenant_id, prompt_id, version, key) of every version of these prompts: light queries (no ORM
-        objects), 500 ids each (far below any database's limit on bound parameters)."""
-        ids = sorted(prompt_ids)
+        objects), one per IN list."""
         out: list[tuple[str, str, int, int]] = []
-        for i in range(0, len(ids), 500):
+        for ids in in_lists(prompt_ids):
             stmt = select(Prompt.tenant_id, Prompt.prompt_id, Prompt.version, Prompt.key).where(
-                Prompt.prompt_id.in_(ids[i : i + 500])
+                Prompt.prompt_id.in_(ids)
             )
             out.extend((t, p, v, k) for t, p, v, k in session.execute(stmt))
         return out
