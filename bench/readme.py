@@ -200,6 +200,7 @@ def peers_lines(serving: dict[str, Any]) -> list[str]:
                 over[k].get("refusal_p99_ms") or "—",
                 over[k].get("timeouts"),
                 over[k].get("conn_errors"),
+                _cores(over[k]),
             ]
             for k in factors
         ]
@@ -208,11 +209,27 @@ def peers_lines(serving: dict[str, Any]) -> list[str]:
             f"{over.get('saturation_rps', '?')} req/s; latency from the scheduled send):",
             "",
             md_table(
-                ["offered", "goodput ÷ saturation", "ok p99 ms", "503 p99 ms", "timeouts", "conn errors"],
+                [
+                    "offered",
+                    "goodput ÷ saturation",
+                    "ok p99 ms",
+                    "503 p99 ms",
+                    "timeouts",
+                    "conn errors",
+                    "cores: engine / fronts / generator",
+                ],
                 rows,
             ),
             "",
         ]
+        cost = over.get("front_cost")
+        if cost:
+            lines += [
+                "Front CPU per predict, fitted over these rates: "
+                f"{cost['front_ms_per_admitted']} ms admitted, {cost['front_ms_per_refused']} ms refused "
+                "(the cores a refusal takes from the engine).",
+                "",
+            ]
     soak = serving.get("soak") or {}
     if soak:
         lines += [
@@ -232,6 +249,14 @@ def peers_lines(serving: dict[str, Any]) -> list[str]:
             "",
         ]
     return lines
+
+
+def _cores(rate: dict[str, Any]) -> str:
+    """Cores the engine, the fronts and the load generator used at one overload rate ("—" if not measured)."""
+    used = rate.get("server_cores")
+    if not used:
+        return "—"
+    return f"{used.get('engine', 0):.2f} / {used.get('front', 0):.2f} / {rate.get('generator_cores', 0):.2f}"
 
 
 def update(out_dir: Path, readme: Path | None = None) -> bool:

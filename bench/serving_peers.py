@@ -467,12 +467,16 @@ def measure(target: Target, corpus: Corpus, plan: Plan, workloads: Sequence[str]
 def overload(target: Target, corpus: Corpus, plan: Plan, saturation_rps: float) -> dict[str, Any]:
     """Open-loop arrivals at multiples of the one-image saturation (requests/s); one prompt."""
     raw = target.raw_requests([0] * 16, corpus.b64, 1)
+    cpu = TreeCPU(target.server.proc.pid)
     out: dict[str, Any] = {}
     for f in OVERLOAD_FACTORS:
         key = f"x{f:g}"
+        before, t0 = cpu.snapshot(), time.perf_counter()
         res = open_loop(
             target, raw, f * saturation_rps, plan.overload_seconds, plan.overload_timeout, saturation_rps
         )
+        res["wall_s"] = round(time.perf_counter() - t0, 3)
+        res["server_cores"] = server_cores(before, cpu.snapshot(), res["wall_s"])
         res["factor"] = f
         out[key] = res
         log(
@@ -484,6 +488,36 @@ def overload(target: Target, corpus: Corpus, plan: Plan, saturation_rps: float) 
         )
         target.drain(corpus.b64[0])  # the next rate starts on an empty queue
     return out
+
+
+def server_cores(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], seconds: float
+) -> dict[str, float]:
+    """Cores each role of the server (engine, fronts, supervisor) used between two snapshots."""
+    used: dict[str, float] = {}
+    for p in TreeCPU.busiest(before, after, seconds, n=len(after)):
+        used[p["role"]] = round(used.get(p["role"], 0.0) + p["cores"], 3)
+    return used
+
+
+def front_cost(rates: dict[str, dict[str, Any]]) -> dict[str, float] | None:
+    """Front CPU per admitted and per refused predict: the fronts' CPU seconds at each overload rate, fitted
+    (least squares, no intercept) on that rate's admitted and refused counts. What a refusal takes from the
+    cores the engine needs; None with fewer than two rates that refused something."""
+    rows = [
+        (r["ok"], r["refused"], r["server_cores"].get("front", 0.0) * r["wall_s"])
+        for r in rates.values()
+        if "server_cores" in r
+    ]
+    if sum(1 for _, refused, _ in rows if refused) < 2:
+        return None
+    counts = np.array([[ok, refused] for ok, refused, _ in rows], dtype=float)
+    used = np.array([c for _, _, c in rows], dtype=float)
+    (admitted, refused), *_ = np.linalg.lstsq(counts, used, rcond=None)
+    return {
+        "front_ms_per_admitted": round(1000 * admitted, 3),
+        "front_ms_per_refused": round(1000 * refused, 3),
+    }
 
 
 # --- the run ------------------------------------------------------------------------------------------
@@ -585,6 +619,9 @@ def run(
         for k, v in ap["overload"].items():
             over[k]["generator_lateness_p99_ms"] = v["generator_lateness_p99_ms"]
             over[k]["refused_without_retry_after"] = v["refused_without_retry_after"]
+            over[k]["server_cores"] = v["server_cores"]
+            over[k]["generator_cores"] = v["generator_cpu_cores"]
+        over["front_cost"] = front_cost(ap["overload"])
         over["saturation_rps"] = ap["one_prompt_1"]["rps"]
         over["provenance"] = prov
         doc["overload"] = over

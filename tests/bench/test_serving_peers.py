@@ -54,6 +54,8 @@ def test_peers_are_measured_side_by_side_and_other_keys_survive(tmp_path: Path) 
     assert set(over) >= {"x0.5", "x1", "x1.5", "x2", "x3", "provenance"}
     for k in ("x0.5", "x1", "x1.5", "x2", "x3"):
         assert set(serving_peers.OVERLOAD_KEYS) <= set(over[k]) and over[k]["goodput_ratio"] > 0
+        assert over[k]["server_cores"]["engine"] > 0 and over[k]["server_cores"]["front"] > 0
+    assert "front_cost" in over
     measured = {g: ok for g, _, _, ok in goal_checks(doc)}
     assert measured["many prompts: actprompt ÷ litserve_gather"] is not None
     assert (tmp_path / "peers" / "serving_peers.png").stat().st_size > 0
@@ -76,3 +78,19 @@ def test_a_server_that_gives_other_answers_is_not_measured(tmp_path: Path) -> No
             serving_peers.check_top1(target, corpus)
     finally:
         target.server.stop()
+
+
+def test_front_cost_recovers_what_an_admitted_and_a_refused_predict_cost() -> None:
+    """Fronts that spend 1.1 ms per admitted and 0.2 ms per refused predict, seen at three rates."""
+    rates = {
+        key: {
+            "ok": ok,
+            "refused": refused,
+            "wall_s": 10.0,
+            "server_cores": {"front": (1.1 * ok + 0.2 * refused) / 1e4},
+        }
+        for key, ok, refused in (("x1", 6000, 500), ("x2", 5000, 10000), ("x3", 4000, 20000))
+    }
+    assert serving_peers.front_cost(rates) == {"front_ms_per_admitted": 1.1, "front_ms_per_refused": 0.2}
+    only_one = {"x0.5": {**rates["x1"], "refused": 0}, "x3": rates["x3"]}
+    assert serving_peers.front_cost(only_one) is None  # one rate with refusals cannot separate the two costs
