@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -9,6 +10,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
 
 from service.api.console import install_console
 from service.api.errors import install_error_handlers
@@ -148,10 +150,23 @@ def _cached_tenant(app: FastAPI, raw_key: str) -> str | None:
     return principal.tenant_id if principal is not None else None
 
 
+class GatedFastAPI(FastAPI):
+    """FastAPI behind the front's load-shedding gate: a predict is admitted or refused before any
+    middleware, routing or FastAPI's own telemetry runs, so a refusal costs none of them."""
+
+    shedding: LoadShedding | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.shedding is None:
+            await super().__call__(scope, receive, send)
+        else:
+            await self.shedding(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = resolve_admin_key(settings or get_settings())
     configure_logging(settings.log_level, json_lines=settings.log_json)
-    app = FastAPI(
+    app = GatedFastAPI(
         title="actprompt",
         version="0.1.0",
         summary="Activation prompts for frozen vision backbones, trained and served per tenant.",
@@ -170,11 +185,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         min_hold_s=quarter_budget_s,
         max_hold_s=settings.serving_queue_budget_ms / 1000,
     )
-    app.add_middleware(FastPredict, fastapi_app=app)  # innermost: inside the gate and the request metrics
-    app.add_middleware(  # inside RequestMiddleware: a refusal is logged and counted like any answer
-        LoadShedding,
+    app.add_middleware(FastPredict, fastapi_app=app)  # innermost: inside the request metrics
+    app.shedding = LoadShedding(  # outermost: in front of FastAPI itself
+        functools.partial(FastAPI.__call__, app),
         gate=app.state.front_gate,
         tenant_of=lambda raw_key: _cached_tenant(app, raw_key),
+        count_refusal=lambda: app.state.metrics.requests.labels("POST", "/v1/predict", "503").inc(),
     )
     app.add_middleware(
         RequestMiddleware,

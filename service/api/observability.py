@@ -78,6 +78,11 @@ class Metrics:
         self.jobs_registry.register(collector)
 
 
+def request_id_of(sent: bytes | None) -> str:
+    """The request's id: the client's X-Request-ID (up to 64 characters), else a new one."""
+    return (sent or b"").decode("latin-1")[:64] or uuid.uuid4().hex
+
+
 class RequestMiddleware:
     """Pure ASGI (streams pass through): 413 above the body limit, X-Request-ID, access log, metrics."""
 
@@ -95,7 +100,7 @@ class RequestMiddleware:
         start = time.perf_counter()
         limit = self.max_body_bytes(scope.get("path", ""))  # per path: file uploads are larger
         headers = dict(scope.get("headers") or [])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        request_id = request_id_of(headers.get(b"x-request-id"))
         status = 500
         received = 0
 

@@ -1,9 +1,13 @@
-"""The front's load-shedding gate as pure ASGI middleware: a predict is refused before its body is read.
+"""The front's load-shedding gate, in front of the whole app: a predict is refused before its body is read.
 
-Pure ASGI rather than a FastAPI dependency because FastAPI reads the body before it solves dependencies,
-and reading (then parsing and decoding) the body is the cost this gate exists to skip. The refusal is the
-API's usual typed error: 503 ``overloaded`` with ``Retry-After``; the server discards the unread body and
-keeps the connection.
+Pure ASGI, and outside FastAPI's own middleware, the request middleware and routing: FastAPI reads the body
+before it solves dependencies, and reading, parsing and decoding the body is the cost this gate exists to
+skip; past saturation most predicts are refused, so each layer a refusal passes through is taken from the
+cores the engine needs. A refusal is therefore written here, whole: the API's usual typed error, 503
+``overloaded`` with ``Retry-After`` and ``X-Request-ID``; the server discards the unread body and keeps the
+connection. It is counted in ``actprompt_http_requests`` like any answer (``count_refusal``), and logged
+at most once a second, with the refusals since the last such line, instead of once per request: an
+overloaded server must not also flood its log.
 
 A refusal is sent after a short pause (``pause_s``, 10 ms by default): a client that ignores
 ``Retry-After`` and re-sends at once would otherwise turn each connection into a loop of refusals that
@@ -15,16 +19,21 @@ take.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import time
+from collections import Counter
 from collections.abc import Callable
 
-from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api.deps import bearer_token
-from service.api.errors import error_response, retry_after_header
-from service.serving.front_gate import FrontGate
+from service.api.errors import retry_after_header
+from service.api.observability import request_id_of
+from service.serving.front_gate import FrontGate, Shed
 
 __all__ = ["SHED_PATHS", "LoadShedding"]
+
+log = logging.getLogger("actprompt.access")
 
 #: the routes whose work goes to the engine
 SHED_PATHS = frozenset({"/v1/predict"})
@@ -37,31 +46,74 @@ class LoadShedding:
         *,
         gate: FrontGate,
         tenant_of: Callable[[str], str | None],
+        count_refusal: Callable[[], None] = lambda: None,
         pause_s: float = 0.01,
+        log_every_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.app = app
         self.gate = gate
         self.tenant_of = tenant_of  # a key's tenant when this process already knows it, else None
+        self.count_refusal = count_refusal
         self.pause_s = pause_s
+        self.log_every_s = log_every_s
+        self._clock = clock
+        self._unlogged: Counter[str] = Counter()  # refusals by reason since the last log line
+        self._log_at = 0.0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not _is_predict(scope):
             await self.app(scope, receive, send)
             return
-        token = bearer_token(Request(scope))
+        token, sent_id = _token_and_request_id(scope)
         tenant = self.tenant_of(token) if token else None
         shed = self.gate.enter(tenant)
-        if shed is not None:
-            retry_after = {"Retry-After": retry_after_header(shed.retry_after_s)}
-            refusal = error_response(503, "overloaded", shed.message, None, retry_after)
-            if self.pause_s:
-                await asyncio.sleep(self.pause_s)
-            await refusal(scope, receive, send)
+        if shed is None:
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                self.gate.leave(tenant)
             return
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.gate.leave(tenant)
+        if self.pause_s:
+            await asyncio.sleep(self.pause_s)
+        await _send_refusal(send, shed, request_id_of(sent_id))
+        self.count_refusal()
+        self._note(shed.reason)
+
+    def _note(self, reason: str) -> None:
+        self._unlogged[reason] += 1
+        now = self._clock()
+        if now >= self._log_at:
+            log.info("predicts refused", extra={"status": 503, "refused": dict(self._unlogged)})
+            self._unlogged.clear()
+            self._log_at = now + self.log_every_s
+
+
+async def _send_refusal(send: Send, shed: Shed, request_id: str) -> None:
+    body = json.dumps(
+        {"error": {"code": "overloaded", "message": shed.message, "param": None}}, separators=(",", ":")
+    ).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", retry_after_header(shed.retry_after_s).encode()),
+        (b"x-request-id", request_id.encode("latin-1")),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _token_and_request_id(scope: Scope) -> tuple[str | None, bytes | None]:
+    """The bearer token (as `deps.bearer_token` reads it) and the client's X-Request-ID, from raw headers."""
+    token: str | None = None
+    sent_id: bytes | None = None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, rest = value.decode("latin-1").partition(" ")
+            token = (rest.strip() or None) if scheme.lower() == "bearer" else None
+        elif name == b"x-request-id":
+            sent_id = value
+    return token, sent_id
 
 
 def _is_predict(scope: Scope) -> bool:

@@ -4,6 +4,7 @@ just refused the tenant; the engine's refusal reaches the gate through the predi
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -137,6 +138,23 @@ def test_a_held_tenant_is_refused_before_its_body_is_read(make_gateway: Callable
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
 
 
+def _sample(metrics_text: str, series: str) -> float:
+    """One series' value in a /metrics page (0 when absent)."""
+    for line in metrics_text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def test_a_full_front_refuses_predicts_before_reading_them(make_gateway: Callable[..., Gateway]) -> None:
     gw = make_gateway(n_tenants=1, per_tenant=1, serving_front_max_in_flight=2)
     t, p = gw.prompts[0]
@@ -146,13 +164,27 @@ def test_a_full_front_refuses_predicts_before_reading_them(make_gateway: Callabl
     tenant = gw.client.app.state.authenticator.cached(gw.tenants[t]["Authorization"].removeprefix("Bearer "))
     for _ in range(2):  # two of this tenant's predicts in progress elsewhere in this process
         assert gate.enter(tenant.tenant_id) is None
-    r = gw.client.post(
-        "/v1/predict", content=b"{not json", headers={**gw.tenants[t], "Content-Type": "application/json"}
-    )
-    assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded" and "Retry-After" in r.headers
+    shed_before = _sample(gw.client.get("/metrics").text, 'actprompt_serving_shed_total{reason="front_full"}')
+    sent = {**gw.tenants[t], "Content-Type": "application/json", "X-Request-ID": "req-42"}
+    access, records = logging.getLogger("actprompt.access"), _Records()
+    access.addHandler(records)
+    access.setLevel(logging.INFO)
+    try:
+        refusals = [gw.client.post("/v1/predict", content=b"{not json", headers=sent) for _ in range(3)]
+    finally:
+        access.removeHandler(records)
+        access.setLevel(logging.NOTSET)
+    for r in refusals:  # the API's typed error, whole, though written before any middleware
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text
+        assert r.json()["error"]["code"] == "overloaded" and r.json()["error"]["param"] is None
+        assert "refused before reading the request" in r.json()["error"]["message"]
+        assert r.headers["X-Request-ID"] == "req-42" and r.headers["content-type"] == "application/json"
+    logged = [rec for rec in records.records if rec.getMessage() == "predicts refused"]
+    assert len(logged) == 1 and logged[0].refused == {"front_full": 1}  # the other two: within the second
     assert gw.client.get("/v1/prompts", headers=gw.tenants[t]).status_code == 200  # only predicts are gated
     for _ in range(2):
         gate.leave(tenant.tenant_id)
     assert gw.predict(t, {"prompt": p, "images": [png_b64(1)]}).status_code == 200
     text = gw.client.get("/metrics").text
-    assert 'actprompt_serving_shed_total{reason="front_full"}' in text
+    assert _sample(text, 'actprompt_serving_shed_total{reason="front_full"}') == shed_before + 3
+    assert _sample(text, 'actprompt_http_requests_total{method="POST",route="/v1/predict",status="503"}') == 3
