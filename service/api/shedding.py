@@ -9,11 +9,11 @@ connection. It is counted in ``actprompt_http_requests`` like any answer (``coun
 at most once a second, with the refusals since the last such line, instead of once per request: an
 overloaded server must not also flood its log.
 
-A refusal is sent after a short pause (``pause_s``, 10 ms by default): a client that ignores
-``Retry-After`` and re-sends at once would otherwise turn each connection into a loop of refusals that
-takes a core away from the requests being served. The pause is an idle timer on the event loop; it
-caps such a connection at about a hundred refusals a second and stays far inside the 50 ms a refusal may
-take.
+A connection refused again within ``repeat_window_s`` (50 ms) of its last refusal gets its refusal after a
+short pause (``pause_s``, 10 ms): a client that ignores ``Retry-After`` and re-sends at once would otherwise
+turn its connection into a loop of refusals that takes a core away from the requests being served. The
+pause is an idle timer on the event loop; it caps such a connection at about a hundred refusals a second.
+Any other refusal, the first on a connection or one that comes after a while, is sent at once.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
+from cachetools import TTLCache
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.errors import retry_after_header
@@ -48,8 +50,11 @@ class LoadShedding:
         tenant_of: Callable[[str], str | None],
         count_refusal: Callable[[], None] = lambda: None,
         pause_s: float = 0.01,
+        repeat_window_s: float = 0.05,
         log_every_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        max_connections: int = 65_536,
     ) -> None:
         self.app = app
         self.gate = gate
@@ -58,6 +63,9 @@ class LoadShedding:
         self.pause_s = pause_s
         self.log_every_s = log_every_s
         self._clock = clock
+        self._sleep = sleep
+        # connections (client address and port) refused in the last repeat_window_s
+        self._just_refused: TTLCache[Any, bool] = TTLCache(max_connections, repeat_window_s, timer=clock)
         self._unlogged: Counter[str] = Counter()  # refusals by reason since the last log line
         self._log_at = 0.0
 
@@ -74,8 +82,12 @@ class LoadShedding:
             finally:
                 self.gate.leave(tenant)
             return
-        if self.pause_s:
-            await asyncio.sleep(self.pause_s)
+        client = scope.get("client")
+        connection = tuple(client) if client else None  # unknown: treated as just refused
+        if self.pause_s and (connection is None or connection in self._just_refused):
+            await self._sleep(self.pause_s)
+        if connection is not None:
+            self._just_refused[connection] = True
         await _send_refusal(send, shed, request_id_of(sent_id))
         self.count_refusal()
         self._note(shed.reason)

@@ -188,3 +188,47 @@ def test_a_full_front_refuses_predicts_before_reading_them(make_gateway: Callabl
     text = gw.client.get("/metrics").text
     assert _sample(text, 'actprompt_serving_shed_total{reason="front_full"}') == shed_before + 3
     assert _sample(text, 'actprompt_http_requests_total{method="POST",route="/v1/predict",status="503"}') == 3
+
+
+def test_only_a_connection_that_comes_straight_back_waits_for_its_refusal() -> None:
+    """A client that ignores Retry-After and re-sends at once gets its next refusals after a pause; the first
+    refusal on a connection, another connection's, and one that comes after a while are sent at once."""
+    from service.api.shedding import LoadShedding
+
+    clock = Clock()
+    gate = FrontGate(max_in_flight=1)
+    assert gate.enter(None) is None  # the only place is taken: every predict is refused
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("a refused predict must not reach the app")
+
+    shedding = LoadShedding(app, gate=gate, tenant_of=lambda _: None, clock=clock, sleep=sleep)
+
+    def refuse(client: tuple[str, int]) -> bool:
+        """Send one predict on `client`'s connection; whether its refusal waited."""
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/predict", "headers": [], "client": client}
+        before = len(slept)
+        asyncio.run(shedding(scope, receive, send))  # type: ignore[arg-type]
+        assert sent[0]["status"] == 503
+        return len(slept) > before
+
+    a, b = ("10.0.0.1", 5000), ("10.0.0.2", 5000)
+    assert not refuse(a)  # first refusal on this connection: at once
+    clock.now += 0.001
+    assert refuse(a) and refuse(a)  # straight back, twice: each waits
+    assert not refuse(b)  # another connection is not held up by a's loop
+    clock.now += 0.2
+    assert not refuse(a)  # back after a while: at once again
+    assert slept == [0.01, 0.01]
