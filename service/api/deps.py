@@ -56,7 +56,12 @@ SessionDep = Annotated[Session, Depends(_session)]
 
 def bearer_token(request: Request) -> str | None:
     """The `Authorization: Bearer <key>` token of a request, if any."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token_of_authorization(request.headers.get("authorization", ""))
+
+
+def token_of_authorization(value: str) -> str | None:
+    """The token of an `Authorization` header's value when its scheme is Bearer, else None."""
+    scheme, _, token = value.partition(" ")
     return (token.strip() or None) if scheme.lower() == "bearer" else None
 
 

@@ -29,6 +29,7 @@ from typing import Any
 from cachetools import TTLCache
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.api.deps import token_of_authorization
 from service.api.errors import retry_after_header
 from service.api.observability import request_id_of
 from service.serving.front_gate import FrontGate, Shed
@@ -116,13 +117,12 @@ async def _send_refusal(send: Send, shed: Shed, request_id: str) -> None:
 
 
 def _token_and_request_id(scope: Scope) -> tuple[str | None, bytes | None]:
-    """The bearer token (as `deps.bearer_token` reads it) and the client's X-Request-ID, from raw headers."""
+    """The bearer token and the client's X-Request-ID, from the raw headers (no Request object)."""
     token: str | None = None
     sent_id: bytes | None = None
     for name, value in scope["headers"]:
         if name == b"authorization":
-            scheme, _, rest = value.decode("latin-1").partition(" ")
-            token = (rest.strip() or None) if scheme.lower() == "bearer" else None
+            token = token_of_authorization(value.decode("latin-1"))
         elif name == b"x-request-id":
             sent_id = value
     return token, sent_id

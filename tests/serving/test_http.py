@@ -140,13 +140,10 @@ class Clock:
         return self.now
 
 
-DATABASES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-
-
-@contextlib.contextmanager
-def database_url(kind: str) -> Iterator[dict[str, str]]:
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
     """Gateway overrides for the database: the fixture's own SQLite file, or a fresh PostgreSQL database."""
-    if kind == "sqlite":
+    if request.param == "sqlite":
         yield {}
         return
     from service.db.migrate import upgrade
@@ -209,20 +206,14 @@ def test_revoked_key_stops_working_within_the_auth_cache_ttl(make_gateway: Calla
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
 
 
-@pytest.mark.parametrize("database", DATABASES)
 def test_keys_in_use_are_revalidated_off_the_request_path(
-    make_gateway: Callable[..., Gateway], database: str
+    database: dict[str, str], make_gateway: Callable[..., Gateway]
 ) -> None:
-    with database_url(database) as db:
-        _keys_in_use_are_revalidated(make_gateway, db)
-
-
-def _keys_in_use_are_revalidated(make_gateway: Callable[..., Gateway], db: dict[str, str]) -> None:
     """Keys in use are checked ahead of expiry in one query: renewed while active (their requests then read
     no key after the TTL), dropped once revoked by another process (refused before the TTL)."""
     from service.domain.tenants import revoke_key
 
-    gw = make_gateway(n_tenants=1, per_tenant=1, auth_cache_seconds=30.0, **db)
+    gw = make_gateway(n_tenants=1, per_tenant=1, auth_cache_seconds=30.0, **database)
     state = gw.client.app.state  # type: ignore[attr-defined]
     authenticator = state.authenticator
     gw.client.portal.call(authenticator.aclose)  # type: ignore[union-attr]  # the test revalidates itself
@@ -289,21 +280,15 @@ def test_prompt_changes_reach_predict_within_the_resolve_ttl(make_gateway: Calla
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "prompt_not_found"
 
 
-@pytest.mark.parametrize("database", DATABASES)
 def test_prompts_in_use_are_revalidated_off_the_request_path(
-    make_gateway: Callable[..., Gateway], database: str
+    database: dict[str, str], make_gateway: Callable[..., Gateway]
 ) -> None:
-    with database_url(database) as db:
-        _prompts_in_use_are_revalidated(make_gateway, db)
-
-
-def _prompts_in_use_are_revalidated(make_gateway: Callable[..., Gateway], db: dict[str, str]) -> None:
     """References in use are checked ahead of expiry with one light query: renewed while they name the same
     version (their requests then ask the database nothing after the TTL), dropped once they do not (a
     deletion by another process is then seen before the TTL); idle ones are left to expire."""
     from service.domain.prompts import delete_prompt
 
-    gw = make_gateway(n_tenants=1, per_tenant=2, prompt_resolve_cache_seconds=30.0, **db)
+    gw = make_gateway(n_tenants=1, per_tenant=2, prompt_resolve_cache_seconds=30.0, **database)
     state = gw.client.app.state  # type: ignore[attr-defined]
     resolver = state.prompt_resolver
     gw.client.portal.call(resolver.aclose)  # type: ignore[union-attr]  # the test calls revalidate itself
