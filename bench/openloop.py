@@ -105,10 +105,16 @@ class _Connection(asyncio.Protocol):
 
 @dataclass
 class _Pool:
+    """Keep-alive connections, the last one freed reused first; one idle longer than ``idle_expiry_s`` is
+    closed instead (as httpx and HAProxy do): a server closes idle connections after its keep-alive timeout
+    (uvicorn: 5 s), and a request written just as that close arrives is lost to a race that only a client
+    which expires its idle connections first avoids."""
+
     host: str
     port: int
     max_connections: int
-    idle: list[_Connection] = field(default_factory=list)
+    idle_expiry_s: float = 2.0
+    idle: list[tuple[_Connection, float]] = field(default_factory=list)  # (connection, when it was freed)
     open: int = 0
     slots: asyncio.Semaphore | None = None
 
@@ -116,10 +122,12 @@ class _Pool:
         if self.slots is None:
             self.slots = asyncio.Semaphore(self.max_connections)
         await self.slots.acquire()
+        now = time.monotonic()
         while self.idle:
-            conn = self.idle.pop()
-            if conn.alive:
+            conn, freed = self.idle.pop()
+            if conn.alive and now - freed <= self.idle_expiry_s:
                 return conn
+            conn.close()
             self.open -= 1
         try:
             _, conn = await asyncio.get_running_loop().create_connection(_Connection, self.host, self.port)
@@ -131,7 +139,7 @@ class _Pool:
 
     def put(self, conn: _Connection) -> None:
         if conn.alive:
-            self.idle.append(conn)
+            self.idle.append((conn, time.monotonic()))
         else:
             self.open -= 1
         assert self.slots is not None
@@ -147,9 +155,10 @@ async def _run(
     timeout: float,
     max_connections: int,
     seed: int,
+    idle_expiry_s: float,
 ) -> tuple[list[Record], list[float], float]:
     parts = urlsplit(url)
-    pool = _Pool(parts.hostname or "127.0.0.1", parts.port or 80, max_connections)
+    pool = _Pool(parts.hostname or "127.0.0.1", parts.port or 80, max_connections, idle_expiry_s)
     records: list[Record] = []
     lateness: list[float] = []
     rng = random.Random(seed)
@@ -196,7 +205,7 @@ async def _run(
         due += rng.expovariate(rate)
     if tasks:
         await asyncio.wait(tasks)
-    for conn in pool.idle:
+    for conn, _ in pool.idle:
         conn.close()
     return records, lateness, seconds
 
@@ -210,6 +219,7 @@ def run_open_loop(
     timeout: float = 10.0,
     max_connections: int = 4096,
     seed: int = 0,
+    idle_expiry_s: float = 2.0,
 ) -> tuple[list[Record], list[float], float]:
     """Poisson arrivals at `rate`/s for `seconds`, cycling `requests`; (records, lateness s, seconds).
 
@@ -231,6 +241,7 @@ def run_open_loop(
             timeout=timeout,
             max_connections=max_connections,
             seed=seed,
+            idle_expiry_s=idle_expiry_s,
         )
     )
 

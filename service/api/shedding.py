@@ -24,6 +24,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from cachetools import TTLCache
@@ -34,12 +35,21 @@ from service.api.errors import retry_after_header
 from service.api.observability import request_id_of
 from service.serving.front_gate import FrontGate, Shed
 
-__all__ = ["SHED_PATHS", "LoadShedding"]
+__all__ = ["SHED_PATHS", "LoadShedding", "Refusal"]
 
 log = logging.getLogger("actprompt.access")
 
 #: the routes whose work goes to the engine
 SHED_PATHS = frozenset({"/v1/predict"})
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A refused predict's whole answer (a 503), and how long to hold it back first."""
+
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    pause_s: float
 
 
 class LoadShedding:
@@ -83,15 +93,42 @@ class LoadShedding:
             finally:
                 self.gate.leave(tenant)
             return
+        refusal = self._refusing(scope, shed, sent_id)
+        if refusal.pause_s:
+            await self._sleep(refusal.pause_s)
+        await send({"type": "http.response.start", "status": 503, "headers": refusal.headers})
+        await send({"type": "http.response.body", "body": refusal.body})
+
+    def refusal(self, scope: Scope) -> Refusal | None:
+        """The answer to a predict that the gate refuses now, counted and logged as sent; None for anything
+        else (no place is taken: an admitted predict goes through ``__call__`` as usual).
+
+        For a server that can answer before it builds the request's ASGI task (``SheddingHttpToolsProtocol``).
+        """
+        if not _is_predict(scope):
+            return None
+        token, sent_id = _token_and_request_id(scope)
+        shed = self.gate.refusal(self.tenant_of(token) if token else None)
+        return None if shed is None else self._refusing(scope, shed, sent_id)
+
+    def _refusing(self, scope: Scope, shed: Shed, sent_id: bytes | None) -> Refusal:
         client = scope.get("client")
         connection = tuple(client) if client else None  # unknown: treated as just refused
-        if self.pause_s and (connection is None or connection in self._just_refused):
-            await self._sleep(self.pause_s)
+        pause = self.pause_s if connection is None or connection in self._just_refused else 0.0
         if connection is not None:
             self._just_refused[connection] = True
-        await _send_refusal(send, shed, request_id_of(sent_id))
         self.count_refusal()
         self._note(shed.reason)
+        body = json.dumps(
+            {"error": {"code": "overloaded", "message": shed.message, "param": None}}, separators=(",", ":")
+        ).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", retry_after_header(shed.retry_after_s).encode()),
+            (b"x-request-id", request_id_of(sent_id).encode("latin-1")),
+        ]
+        return Refusal(headers, body, pause)
 
     def _note(self, reason: str) -> None:
         self._unlogged[reason] += 1
@@ -100,20 +137,6 @@ class LoadShedding:
             log.info("predicts refused", extra={"status": 503, "refused": dict(self._unlogged)})
             self._unlogged.clear()
             self._log_at = now + self.log_every_s
-
-
-async def _send_refusal(send: Send, shed: Shed, request_id: str) -> None:
-    body = json.dumps(
-        {"error": {"code": "overloaded", "message": shed.message, "param": None}}, separators=(",", ":")
-    ).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"retry-after", retry_after_header(shed.retry_after_s).encode()),
-        (b"x-request-id", request_id.encode("latin-1")),
-    ]
-    await send({"type": "http.response.start", "status": 503, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 def _token_and_request_id(scope: Scope) -> tuple[str | None, bytes | None]:

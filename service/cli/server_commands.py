@@ -103,7 +103,13 @@ def _serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     # Open SSE streams would hold a graceful shutdown until their jobs end: give them 10 s.
-    options: dict[str, object] = {"log_config": None, "access_log": False, "timeout_graceful_shutdown": 10}
+    # Refused predicts are answered by the HTTP protocol itself, before any ASGI task (shedding_protocol).
+    options: dict[str, object] = {
+        "log_config": None,
+        "access_log": False,
+        "timeout_graceful_shutdown": 10,
+        "http": "service.api.shedding_protocol:SheddingHttpToolsProtocol",
+    }
     if single:
         import uvicorn
 

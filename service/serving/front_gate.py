@@ -81,6 +81,14 @@ class FrontGate:
 
     def enter(self, tenant: str | None) -> Shed | None:
         """Take a place for one predict (``leave`` gives it back), or the reason it is refused now."""
+        shed = self.refusal(tenant)
+        if shed is None:
+            self.in_flight += 1
+            self._held[tenant] = self._held.get(tenant, 0) + 1
+        return shed
+
+    def refusal(self, tenant: str | None) -> Shed | None:
+        """Why this tenant's predict would be refused now (counted as shed), or None; takes no place."""
         if tenant is not None and self._closed_until:
             until = self._closed_until.get(tenant)
             if until is not None:
@@ -102,8 +110,6 @@ class FrontGate:
                     f"this server process has {self.in_flight} predicts in progress, {held} of them yours",
                     1.0,
                 )
-        self.in_flight += 1
-        self._held[tenant] = held + 1
         return None
 
     def leave(self, tenant: str | None) -> None:

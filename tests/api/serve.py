@@ -26,13 +26,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_in_thread(app: Any) -> Iterator[int]:
-    """`app` under a real uvicorn (HTTP/1.1 keep-alive, pipelining, disconnects) in a daemon thread;
-    yields its port once it serves, and stops it on exit."""
+def serve_in_thread(app: Any, **options: Any) -> Iterator[int]:
+    """`app` under a real uvicorn (HTTP/1.1 keep-alive, pipelining, disconnects) in a daemon thread, with
+    uvicorn's ``options``; yields its port once it serves, and stops it on exit."""
     import uvicorn
 
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", **options))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

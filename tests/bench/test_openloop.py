@@ -11,10 +11,13 @@ import pytest
 
 from bench.openloop import build_request, generator_priority, run_open_loop, summarize
 
+ACCEPTED: list[object] = []  # one entry per connection the test server accepted
+
 
 async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Answers by the body's first byte: o = 200, d = 200 after 0.1 s, r = 503 + Retry-After, e = 500,
-    s = never, c = close."""
+    """Counts the connection in ACCEPTED, then answers by the body's first byte: o = 200, d = 200 after
+    0.1 s, r = 503 + Retry-After, e = 500, s = never, c = close."""
+    ACCEPTED.append(writer)
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -125,6 +128,24 @@ def test_latency_counts_the_wait_for_a_connection(server: int) -> None:
     assert s["ok"] == len(records) >= 8
     assert s["ok_p99_ms"] > 2 * 100 * 0.9  # the last ones waited for the ones before them
     assert max(r.done - r.sent for r in records) < 0.5  # each took ~0.1 s once sent
+
+
+@pytest.mark.parametrize(("expiry_s", "fresh"), [(10.0, False), (0.002, True)])
+def test_an_idle_connection_is_reused_only_within_its_expiry(
+    server: int, expiry_s: float, fresh: bool
+) -> None:
+    """A server closes idle keep-alive connections after a while; the generator must not write a request on
+    one as that happens, so it drops its own idle connections first (here: 2 ms, against ~100 ms between
+    requests)."""
+    url = f"http://127.0.0.1:{server}"
+    before = len(ACCEPTED)
+    records, _, _ = run_open_loop(
+        url, [build_request("x", "/p", b"o")], rate=10.0, seconds=1.0, idle_expiry_s=expiry_s, seed=4
+    )
+    assert len(records) >= 4 and all(r.outcome == "ok" for r in records)
+    opened = len(ACCEPTED) - before
+    # reused: one connection (two if arrivals overlapped); expired: nearly one per request
+    assert (opened >= len(records) - 2) if fresh else (opened <= 2), (opened, len(records))
 
 
 def test_the_generator_runs_at_raised_priority_and_gives_it_back() -> None:
