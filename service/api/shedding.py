@@ -41,6 +41,8 @@ log = logging.getLogger("actprompt.access")
 
 #: the routes whose work goes to the engine
 SHED_PATHS = frozenset({"/v1/predict"})
+#: the scope key under which the gate keeps a request's (tenant, X-Request-ID) once it has read them
+_CALLER = "actprompt.caller"
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,7 @@ class LoadShedding:
         if not _is_predict(scope):
             await self.app(scope, receive, send)
             return
-        token, sent_id = _token_and_request_id(scope)
-        tenant = self.tenant_of(token) if token else None
+        tenant, sent_id = self._caller(scope)
         shed = self.gate.enter(tenant)
         if shed is None:
             try:
@@ -107,9 +108,21 @@ class LoadShedding:
         """
         if not _is_predict(scope):
             return None
-        token, sent_id = _token_and_request_id(scope)
-        shed = self.gate.refusal(self.tenant_of(token) if token else None)
+        tenant, sent_id = self._caller(scope)
+        shed = self.gate.refusal(tenant)
         return None if shed is None else self._refusing(scope, shed, sent_id)
+
+    def _caller(self, scope: Scope) -> tuple[str | None, bytes | None]:
+        """The caller's tenant (None: a key this process does not know yet) and X-Request-ID. A known tenant
+        is kept in the scope, so that a predict the protocol let through is not looked up again."""
+        known = scope.get(_CALLER)
+        if known is not None:
+            return known
+        token, sent_id = _token_and_request_id(scope)
+        tenant = self.tenant_of(token) if token else None
+        if tenant is not None:
+            scope[_CALLER] = (tenant, sent_id)
+        return tenant, sent_id
 
     def _refusing(self, scope: Scope, shed: Shed, sent_id: bytes | None) -> Refusal:
         client = scope.get("client")

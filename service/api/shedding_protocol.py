@@ -17,6 +17,7 @@ fields); ``tests/serving/test_shedding_protocol.py`` pins the behaviour that rel
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
@@ -29,14 +30,14 @@ _STATUS_LINE = b"HTTP/1.1 503 Service Unavailable\r\n"
 
 
 class SheddingHttpToolsProtocol(HttpToolsProtocol):
-    _shedding: LoadShedding | bool | None = False  # False: not looked up yet on this connection
+    @functools.cached_property
+    def _shedding(self) -> LoadShedding | None:
+        """The app's gate, looked up once per connection."""
+        return shedding_of(self.app)
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
-        if self._shedding is False:
-            self._shedding = shedding_of(self.app)
-        shedding = self._shedding
         scope: Any = cycle.scope  # uvicorn's typed scope is the mapping Starlette's gate reads
-        refusal = shedding.refusal(scope) if isinstance(shedding, LoadShedding) else None
+        refusal = self._shedding.refusal(scope) if self._shedding is not None else None
         if refusal is None:
             super()._start_asgi_task(cycle, app)
         elif refusal.pause_s:

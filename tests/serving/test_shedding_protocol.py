@@ -32,7 +32,12 @@ class GatedApp:
 
     def __init__(self, gate: FrontGate) -> None:
         self.calls: list[str] = []
-        self.shedding = LoadShedding(self._inner, gate=gate, tenant_of=lambda _: None)
+        self.tenant_lookups: list[str] = []
+        self.shedding = LoadShedding(self._inner, gate=gate, tenant_of=self._tenant_of)
+
+    def _tenant_of(self, token: str) -> str | None:
+        self.tenant_lookups.append(token)
+        return "t1" if token == "known" else None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
@@ -139,6 +144,20 @@ def test_a_refusal_on_a_closing_connection_says_so_and_closes_it(full: tuple[Gat
         (refused,) = got.read(1)
         assert sock.recv(1) == b""  # closed by the server
     assert refused["status"] == 503 and refused["headers"]["connection"] == "close"
+
+
+def test_an_admitted_predicts_caller_is_looked_up_once() -> None:
+    """The protocol asks the gate, then the app's gate admits the predict: one tenant lookup between them."""
+    app = GatedApp(FrontGate(max_in_flight=4))
+    head = PREDICT % b"d1" + b"Authorization: Bearer known\r\n"
+    with serve_in_thread(app, http=SheddingHttpToolsProtocol) as port:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        with sock:
+            sock.sendall(head + b"Content-Length: %d\r\n\r\n" % len(BODY) + BODY)
+            (answer,) = Responses(sock).read(1)
+    assert answer["status"] == 200 and answer["body"] == b"ok /v1/predict"
+    assert app.tenant_lookups == ["known"]
+    assert app.shedding.gate.in_flight == 0  # its place was taken once and given back
 
 
 def test_the_gate_is_found_under_uvicorns_middleware() -> None:
